@@ -451,9 +451,13 @@ class RunDir:
         from safetensors.torch import save_file
 
         tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=".ckpt-"))
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "adapter.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        write_json_atomic(tmp / "state.json", {"step": step, **(extra or {})})
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "adapter.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            write_json_atomic(tmp / "state.json", {"step": step, **(extra or {})})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         old = self.path / ".ckpt-old"
         shutil.rmtree(old, ignore_errors=True)
         if self.ckpt.exists():
@@ -476,7 +480,7 @@ class RunDir:
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A NaN or inf loss: training stops and the last good checkpoint stays on disk."""
 
 
 def check_finite(loss: torch.Tensor, step: int, run: RunDir | None = None) -> None:

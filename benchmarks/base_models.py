@@ -73,6 +73,22 @@ def main():
             print(f"{label:36s} {m['reward']:8.3f} {m['quality']:8.3f} {m['distance']:9.4f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
+    Path(args.out).with_suffix(".md").write_text(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    """The README table: one block per world."""
+    lines = []
+    for name, r in results.items():
+        if name == "machine":
+            continue
+        lines += [f"**{name}** — base models built from scratch in {r['build_seconds']} s; {r['samples']} samples "
+                  "(the 1000-step teacher row uses " + ("all" if name == "toy2d" else "100") + ")", "",
+                  "| model | reward | quality | distance to data |", "|---|---|---|---|"]
+        lines += [f"| {label} | {m['reward']:.3f} | {m['quality']:.3f} | {m['distance']:.4f} |"
+                  for label, m in r["rows"].items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
