@@ -253,6 +253,8 @@ class World(Protocol):
     shape: tuple[int, ...]  # one sample x_0
     schedule: Schedule
 
+    accelerator: Any  # accelerate.Accelerator: backward, clip_grad_norm_, prepare(optimizer), is_main_process
+
     def denoiser(self, role: str, lora_rank: int = 16, train_full: bool = False) -> Denoiser: ...
     def conditions(self, n: int, generator: torch.Generator) -> Cond: ...
     def eval_conditions(self, n: int) -> Cond: ...
@@ -262,6 +264,21 @@ class World(Protocol):
     def metrics(self, x0: torch.Tensor, cond: Cond, split: str = "base") -> dict[str, float]: ...
     def plot_samples(self, panels: dict[str, tuple[torch.Tensor, Cond]], path: str | Path) -> None: ...
     def save_adapter(self, denoiser: Denoiser, path: str | Path) -> None: ...
+
+
+def load_world(model: str, **kw) -> World:
+    """`--model` of every method script: a toy world name (toy2d, mnist) or a diffusers checkpoint (local folder
+    or hub id) for the full backend. The only place that tells the two worlds apart."""
+    import toy
+
+    if model in toy.WORLDS:
+        return toy.load_world(model, **kw)
+    try:
+        import full
+    except ImportError as e:
+        raise ValueError(f"unknown model {model!r}: not a toy world {sorted(toy.WORLDS)}, and the full backend "
+                         f"for diffusers checkpoints cannot be imported ({e}); install it with pip install -e '.[full]'")
+    return full.load_world(model, **kw)
 
 
 def cond_index(cond: Cond, idx) -> Cond:
@@ -359,10 +376,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
-    """The random stream of one update is a function of (seed, step) alone, so a resumed run draws exactly
-    what an uninterrupted one would without saving generator state."""
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+def step_generator(seed: int, step: int, rank: int = 0, device="cpu") -> torch.Generator:
+    """The random stream of one update is a function of (seed, step, rank) alone, so a resumed run draws
+    exactly what an uninterrupted one would without saving generator state, and each data-parallel rank
+    (accelerator.process_index) draws its own batch."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step + rank * 7_919_000_003)
 
 
 def arg(default, help: str, **kw):

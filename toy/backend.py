@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
+import functools
 from pathlib import Path
 
 import torch
@@ -105,6 +106,14 @@ class ToyWorld(abc.ABC):
         sampler = sampler or default_sampler
         common.make_kernel(sampler, self.schedule)  # validates the name
         return ToyDenoiser(net.eval(), sampler, timesteps or default_times, lora_rank, train_full)
+
+    @functools.cached_property
+    def accelerator(self):
+        """The same accelerate API the full backend uses (backward, clip_grad_norm_, prepare, is_main_process),
+        here on one CPU process, so a method's training loop is written once for both worlds."""
+        from accelerate import Accelerator
+
+        return Accelerator(cpu=True)
 
     def conditions(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(0, self.num_classes, (n,), generator=generator)
