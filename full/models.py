@@ -1,0 +1,286 @@
+"""Loading SD1.5 / SDXL-class checkpoints with the real diffusers API, and validating them against the methods' MDPs.
+
+* `PipelineParts`: VAE, text encoder(s), tokenizer(s) and scheduler of `spec.base`, loaded component by component
+  with `from_pretrained(base, subfolder=...)` so a missing part is named in the error.
+* `load_unet(spec, role)`: the UNet of a role — the base's, another pipeline's (SDXL-Turbo, SD-Turbo), a bare UNet
+  folder, or a single state-dict file loaded into the base architecture (DMD2's `dmd2_sdxl_4step_unet_fp16.bin`) —
+  with a distillation LoRA (LCM-LoRA, DMD2 LoRA) fused first through `pipeline.load_lora_weights` + `fuse_lora`.
+* `role_sampler`: the MDP kernel and grid of a role, checked against its scheduler: an SDXL-Turbo checkpoint
+  (EulerAncestralDiscreteScheduler, "trailing") is the `euler_ancestral` MDP; DMD2 / LCM (LCMScheduler) is
+  `x0_renoise` at [999, 749, 499, 249]; a multi-step teacher is sampled with DDIM whatever its scheduler; anything
+  else is an error that says how to fix the spec.
+* `schedule_name`: the scheduler config's betas must be one of common.SCHEDULES, eps-prediction, T = 1000.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import common
+
+from .spec import ModelSpec, RoleSpec, looks_like_hub_id
+
+# scheduler class -> the MDP kernel it samples (DESIGN.md section 3)
+FEW_STEP_SCHEDULERS = {
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",  # SDXL-Turbo (trailing)
+    "LCMScheduler": "x0_renoise",  # DMD2, LCM, LCM-LoRA
+    "TCDScheduler": "x0_renoise",  # TCD with gamma = 0 is the same x0-renoise chain
+}
+SAMPLER_SCHEDULERS = {"euler_ancestral": {"EulerAncestralDiscreteScheduler"},
+                      "x0_renoise": {"LCMScheduler", "TCDScheduler"}}
+DEFAULT_TIMESTEPS = {"teacher": common.few_step_timesteps(25), "student": common.few_step_timesteps(4),
+                     "generator": common.few_step_timesteps(1)}
+PIPELINES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd15"}
+
+
+class ModelError(ValueError):
+    """A checkpoint or spec that cannot be used, with what is missing or wrong."""
+
+
+def _local(source: str, what: str) -> Path | None:
+    """The local folder of `source`, None for a hub id, or an error naming the missing path."""
+    p = Path(source).expanduser()
+    if p.exists():
+        return p
+    if looks_like_hub_id(source):
+        return None
+    raise ModelError(f"{what} {source!r} does not exist (neither a local path nor a hub id like 'org/name')")
+
+
+def _from_pretrained(cls, source: str, what: str, **kw):
+    try:
+        return cls.from_pretrained(source, **kw)
+    except (OSError, EnvironmentError, ValueError) as e:
+        sub = f"/{kw['subfolder']}" if kw.get("subfolder") else ""
+        raise ModelError(f"cannot load {what} from {source}{sub}: {e}") from e
+
+
+def read_model_index(base: str, what: str = "base pipeline") -> dict:
+    local = _local(base, what)
+    if local is None:
+        from diffusers import DiffusionPipeline
+
+        try:
+            return DiffusionPipeline.load_config(base)
+        except Exception as e:
+            raise ModelError(f"cannot read model_index.json of {what} {base!r}: {e}") from e
+    index = local / "model_index.json"
+    if not index.is_file():
+        raise ModelError(f"{what} {base!r} lacks model_index.json: it is not a diffusers pipeline folder "
+                         f"(found {sorted(x.name for x in local.iterdir())[:12]})")
+    return json.loads(index.read_text())
+
+
+def _require_parts(base: str, index: dict, parts: list[str]) -> None:
+    missing = [p for p in parts if not index.get(p) or index[p][0] is None]
+    local = _local(base, "base pipeline")
+    if local is not None:
+        missing += [p for p in parts if p not in missing and not (local / p).is_dir()]
+    if missing:
+        raise ModelError(f"pipeline {base!r} lacks {', '.join(m + '/' for m in missing)} "
+                         f"(the full backend needs {', '.join(parts)})")
+
+
+def schedule_name(config: dict, where: str) -> str:
+    """The common.Schedule name of a scheduler config, or an error saying what does not match."""
+    if config.get("num_train_timesteps", 1000) != common.T:
+        raise ModelError(f"{where}: num_train_timesteps={config['num_train_timesteps']}, the methods assume {common.T}")
+    pred = config.get("prediction_type", "epsilon")
+    if pred != "epsilon":
+        raise ModelError(f"{where}: prediction_type={pred!r}; the methods are written for eps-prediction models "
+                         "(SD2.x-768 and other v-prediction checkpoints are not supported)")
+    if config.get("trained_betas") is not None or config.get("rescale_betas_zero_snr"):
+        raise ModelError(f"{where}: custom trained_betas / zero-SNR rescaling is not supported")
+    for name, kw in common.SCHEDULES.items():
+        if config.get("beta_schedule", "linear") == kw["beta_schedule"] and all(
+                abs(config.get(k, kw[k]) - kw[k]) < 1e-9 for k in ("beta_start", "beta_end") if k in kw):
+            return name
+    raise ModelError(f"{where}: beta schedule {config.get('beta_schedule')!r} ({config.get('beta_start')}, "
+                     f"{config.get('beta_end')}) is none of {sorted(common.SCHEDULES)}")
+
+
+def role_sampler(role: str, scheduler, sampler: str | None = None, timesteps: list[int] | None = None,
+                 where: str = "") -> tuple[str, list[int]]:
+    """(sampler, timesteps) of a role, checked against its scheduler (a scheduler that does not match the MDP is
+    an error). The teacher is a multi-step eps-model: DDIM with eta is exact for it whatever scheduler it ships."""
+    cls = type(scheduler).__name__
+    where = where or f"role {role}"
+    if sampler is None:
+        if role == "teacher":
+            sampler = "ddim"
+        elif cls in FEW_STEP_SCHEDULERS:
+            sampler = FEW_STEP_SCHEDULERS[cls]
+        elif role == "generator":
+            sampler = "x0_renoise"  # one step: every sampler gives x0 = f(noise); no re-noising is involved
+        else:
+            raise ModelError(
+                f"{where}: scheduler {cls} is not a few-step sampler; a {role} needs EulerAncestralDiscreteScheduler "
+                "('trailing', SDXL-Turbo) or LCMScheduler (DMD2, LCM). For SDXL-DMD2 set \"scheduler\": "
+                "\"LCMScheduler\" in the role, or name \"sampler\" explicitly")
+    if sampler not in common.KERNELS:
+        raise ModelError(f"{where}: unknown sampler {sampler!r}; choose one of {sorted(common.KERNELS)}")
+    timesteps = list(timesteps) if timesteps else list(DEFAULT_TIMESTEPS[role])
+    if sampler in SAMPLER_SCHEDULERS and len(timesteps) > 1:  # one step: x0 = f(noise), no scheduler involved
+        if cls not in SAMPLER_SCHEDULERS[sampler]:
+            raise ModelError(f"{where}: the {sampler} MDP does not match the checkpoint's scheduler {cls} (it samples "
+                             f"with {', '.join(sorted(SAMPLER_SCHEDULERS[sampler]))}); fix \"scheduler\" or \"sampler\" "
+                             "in the model spec")
+        spacing = scheduler.config.get("timestep_spacing", "leading")
+        if sampler == "euler_ancestral" and spacing != "trailing":
+            raise ModelError(f"{where}: EulerAncestralDiscreteScheduler with timestep_spacing={spacing!r}; the "
+                             "euler_ancestral MDP starts at sigma_max at t=999 ('trailing', as SDXL-Turbo ships it). "
+                             "Set \"scheduler_config\": {\"timestep_spacing\": \"trailing\"}")
+    if any(not 0 <= t < common.T for t in timesteps) or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        raise ModelError(f"{where}: timesteps {timesteps} must be strictly decreasing within [0, {common.T - 1}]")
+    return sampler, timesteps
+
+
+@dataclass
+class PipelineParts:
+    """The non-UNet components of `spec.base` and the facts the world needs about them."""
+
+    kind: str  # "sdxl" | "sd15"
+    pipeline_class: Any
+    index: dict
+    vae: Any
+    text_encoders: list
+    tokenizers: list
+    scheduler: Any
+    force_zeros_for_empty_prompt: bool
+
+
+def load_parts(spec: ModelSpec) -> PipelineParts:
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    index = read_model_index(spec.base)
+    cls_name = index.get("_class_name", "")
+    if cls_name not in PIPELINES:
+        raise ModelError(f"pipeline {spec.base!r} is a {cls_name or 'pipeline of unknown class'}; the full backend "
+                         f"supports {sorted(PIPELINES)}")
+    kind = PIPELINES[cls_name]
+    text_parts = ["text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if kind == "sdxl" else [])
+    _require_parts(spec.base, index, ["unet", "vae", "scheduler", *text_parts])
+    kw = dict(revision=spec.revision)
+    if spec.vae:
+        local = _local(spec.vae, "VAE")
+        sub = "vae" if local is not None and (local / "vae").is_dir() else None
+        vae = _from_pretrained(diffusers.AutoencoderKL, spec.vae, "the VAE", subfolder=sub)
+    else:
+        vae = _from_pretrained(diffusers.AutoencoderKL, spec.base, "the VAE", subfolder="vae", variant=spec.variant, **kw)
+    encoders = [_from_pretrained(CLIPTextModel, spec.base, "text_encoder", subfolder="text_encoder",
+                                 variant=spec.variant, **kw)]
+    tokenizers = [_from_pretrained(CLIPTokenizer, spec.base, "tokenizer", subfolder="tokenizer", **kw)]
+    if kind == "sdxl":
+        encoders.append(_from_pretrained(CLIPTextModelWithProjection, spec.base, "text_encoder_2",
+                                         subfolder="text_encoder_2", variant=spec.variant, **kw))
+        tokenizers.append(_from_pretrained(CLIPTokenizer, spec.base, "tokenizer_2", subfolder="tokenizer_2", **kw))
+    sched_cls = getattr(diffusers, index["scheduler"][1])
+    scheduler = _from_pretrained(sched_cls, spec.base, "the scheduler", subfolder="scheduler", **kw)
+    return PipelineParts(kind, getattr(diffusers, cls_name), index, vae, encoders, tokenizers, scheduler,
+                         bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")))
+
+
+def role_scheduler(spec: ModelSpec, role: RoleSpec, parts: PipelineParts):
+    """The role's scheduler: its own pipeline's (when its UNet comes from one) or the base's, optionally replaced
+    by another class from the same config (DMD2: LCMScheduler over SDXL base's config)."""
+    import diffusers
+
+    scheduler = parts.scheduler
+    if role.unet and role.unet_file is None:
+        local = _local(role.unet, "UNet source")
+        if local is None or (local / "model_index.json").is_file():
+            index = read_model_index(role.unet, "UNet source pipeline") if local is not None else None
+            if index is None:
+                try:
+                    index = diffusers.DiffusionPipeline.load_config(role.unet)
+                except Exception:
+                    index = None
+            if index and index.get("scheduler"):
+                cls = getattr(diffusers, index["scheduler"][1])
+                scheduler = _from_pretrained(cls, role.unet, "the scheduler", subfolder="scheduler")
+    if role.scheduler:
+        if not hasattr(diffusers, role.scheduler):
+            raise ModelError(f"unknown diffusers scheduler class {role.scheduler!r}")
+        scheduler = getattr(diffusers, role.scheduler).from_config(scheduler.config, **role.scheduler_config)
+    elif role.scheduler_config:
+        scheduler = type(scheduler).from_config(scheduler.config, **role.scheduler_config)
+    return scheduler
+
+
+def load_unet(spec: ModelSpec, role: RoleSpec, parts: PipelineParts, where: str):
+    """The role's UNet (fp32 on the CPU; the world casts and moves it), with its distillation LoRA fused."""
+    from diffusers import UNet2DConditionModel
+
+    kw = dict(variant=spec.variant)
+    if role.unet is None:
+        unet = _from_pretrained(UNet2DConditionModel, spec.base, f"the UNet of {where}", subfolder="unet",
+                                revision=spec.revision, **kw)
+    elif role.unet_file:
+        unet = _from_pretrained(UNet2DConditionModel, spec.base, f"the UNet of {where}", subfolder="unet",
+                                revision=spec.revision, **kw)
+        unet.load_state_dict(_read_state_dict(role.unet, role.unet_file, where))
+    else:
+        local = _local(role.unet, f"UNet source of {where}")
+        sub = role.unet_subfolder
+        if sub is None and (local is None or (local / "unet").is_dir() or (local / "model_index.json").exists()):
+            sub = "unet"
+        if local is not None and not (local / (sub or "") / "config.json").is_file():
+            raise ModelError(f"UNet source {role.unet!r} of {where} lacks {(sub + '/') if sub else ''}config.json: "
+                             "expected a pipeline folder with unet/ or a UNet folder")
+        unet = _from_pretrained(UNet2DConditionModel, role.unet, f"the UNet of {where}", subfolder=sub, **kw)
+    unet = unet.float()
+    if role.lora:
+        unet = fuse_lora(unet, role, parts, where)
+    return unet.requires_grad_(False).eval()
+
+
+def read_unet_config(spec: ModelSpec) -> dict:
+    from diffusers import UNet2DConditionModel
+
+    try:
+        return UNet2DConditionModel.load_config(spec.base, subfolder="unet", revision=spec.revision)
+    except Exception as e:
+        raise ModelError(f"cannot read unet/config.json of {spec.base}: {e}") from e
+
+
+def _read_state_dict(source: str, filename: str, where: str) -> dict[str, torch.Tensor]:
+    local = _local(source, f"UNet weights of {where}")
+    if local is None:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(source, filename))
+        except Exception as e:
+            raise ModelError(f"cannot download {filename} from {source} for {where}: {e}") from e
+    else:
+        path = local / filename if local.is_dir() else local
+    if not path.is_file():
+        raise ModelError(f"UNet weights file {path} of {where} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def fuse_lora(unet, role: RoleSpec, parts: PipelineParts, where: str):
+    """Fuse a distillation LoRA into the UNet weights the way a user does it with the pipeline API."""
+    pipe = parts.pipeline_class(vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0],
+                                unet=unet, scheduler=parts.scheduler,
+                                **({"text_encoder_2": parts.text_encoders[1], "tokenizer_2": parts.tokenizers[1]}
+                                   if parts.kind == "sdxl" else
+                                   {"safety_checker": None, "feature_extractor": None,
+                                    "requires_safety_checker": False}))
+    _local(role.lora, f"LoRA of {where}")
+    try:
+        pipe.load_lora_weights(role.lora, weight_name=role.lora_weight_name, adapter_name="distill")
+    except Exception as e:
+        raise ModelError(f"cannot load the LoRA {role.lora!r} of {where}: {e}") from e
+    pipe.fuse_lora(lora_scale=role.lora_scale, adapter_names=["distill"])
+    pipe.unload_lora_weights()
+    return pipe.unet

@@ -1,0 +1,159 @@
+"""The model spec: what `--model` names for the full backend.
+
+`--model` is either a diffusers pipeline (local folder or hub id; every role comes from it and the sampler from
+its scheduler) or a JSON/YAML file describing one run's models and data:
+
+    {
+      "name": "sdxl-dmd2",
+      "base": "stabilityai/stable-diffusion-xl-base-1.0",        # VAE, text encoders, tokenizers, scheduler
+      "roles": {                                                 # role -> where its UNet comes from
+        "student":   {"unet": "tianweiy/DMD2", "unet_file": "dmd2_sdxl_4step_unet_fp16.bin",
+                      "scheduler": "LCMScheduler"},              # -> the x0_renoise MDP at [999, 749, 499, 249]
+        "teacher":   {},                                         # the base UNet, DDIM on a 25-step grid
+        "generator": {"unet": "tianweiy/DMD2", "unet_file": "dmd2_sdxl_1step_unet_fp16.bin",
+                      "scheduler": "LCMScheduler", "timesteps": [399]}
+      },
+      "reward": "pickscore", "quality": "aesthetic", "eval_rewards": ["clip"],
+      "prompts": "prompts/pickapic_train.txt", "eval_prompts": "prompts/pickapic_test.txt",
+      "data": {"target": {"folder": "data/pokemon"}}, "pairs": {"dataset": "yuvalkirstain/pickapic_v2"},
+      "resolution": 1024, "dtype": "bf16", "gradient_checkpointing": true
+    }
+
+Relative paths in a spec file are resolved against the file's folder. Every key is documented on the dataclass
+fields below; unknown keys are an error (a typo must not silently fall back to a default)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("teacher", "student", "generator")
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class RoleSpec:
+    unet: str | None = None  # pipeline folder / hub id (its unet/ is used) or a bare UNet folder; default: base
+    unet_subfolder: str | None = None  # override the subfolder inside `unet`
+    unet_file: str | None = None  # a single state-dict file inside `unet` loaded into the base UNet (DMD2)
+    lora: str | None = None  # a distillation LoRA (LCM-LoRA, DMD2 LoRA) fused into the UNet before ours
+    lora_weight_name: str | None = None
+    lora_scale: float = 1.0
+    scheduler: str | None = None  # diffusers scheduler class to use instead of the checkpoint's (e.g. LCMScheduler)
+    scheduler_config: dict = field(default_factory=dict)  # overrides of its config (e.g. timestep_spacing)
+    sampler: str | None = None  # MDP kernel; default: derived from the scheduler class
+    timesteps: list[int] | None = None  # sampling grid; default: 25-step (teacher), 4-step (student), [999]
+
+
+@dataclass
+class ModelSpec:
+    base: str  # pipeline folder or hub id: VAE, text encoder(s), tokenizer(s), scheduler and the default UNet
+    name: str = ""
+    revision: str | None = None
+    variant: str | None = None  # e.g. "fp16" weight files
+    roles: dict[str, RoleSpec] = field(default_factory=dict)
+    vae: str | None = None  # another VAE, e.g. madebyollin/sdxl-vae-fp16-fix (fp16-safe)
+    resolution: int | None = None  # image side; default: the UNet's sample_size x the VAE factor
+    dtype: str = "fp32"  # weights of the frozen parts and the autocast dtype (LoRA weights stay fp32)
+    gradient_checkpointing: bool = False  # UNet (and VAE decoder for reward gradients)
+    adam_8bit: bool = False  # swap the methods' torch AdamW for bitsandbytes' AdamW8bit in accelerator.prepare
+    reward: Any = "clip"  # training reward: name or {"name": ..., "model": ..., "processor": ...}
+    quality: Any = "clip"  # the reward reported as "quality" in metrics
+    eval_rewards: list = field(default_factory=list)  # further rewards reported by metrics() and evaluate.py
+    prompts: Any = None  # training prompts: file (.txt/.json/.jsonl/.csv) or list; default: a built-in list
+    eval_prompts: Any = None  # evaluation prompts; default: the training prompts
+    data: dict = field(default_factory=dict)  # split -> image-caption source (world.data)
+    pairs: Any = None  # preference-pair source (world.preference_pairs)
+    precompute_embeddings: bool = False  # encode every prompt at start-up, then free the text encoders
+    negative_prompt: str = ""  # the null condition for CFG (SDXL: zeros when "" and force_zeros_for_empty_prompt)
+    seed: int = 0  # seed of the VAE / data draws that are not per-update
+
+    @property
+    def mixed_precision(self) -> str:
+        return {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[self.dtype]
+
+
+def looks_like_hub_id(s: str) -> bool:
+    return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", s)) and not s.startswith((".", "/")) and not Path(s).exists()
+
+
+def resolve(value, root: Path | None):
+    """A relative path in a spec file is relative to the file; hub ids and absolute paths stay as they are."""
+    if root is None or not isinstance(value, str) or looks_like_hub_id(value) or Path(value).is_absolute():
+        return value
+    cand = root / value
+    return str(cand) if cand.exists() or "/" in value or "." in value else value
+
+
+def _build(cls, d: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(names)}")
+    return cls(**d)
+
+
+def from_dict(d: dict, root: Path | None = None, where: str = "model spec") -> ModelSpec:
+    d = dict(d)
+    if "base" not in d:
+        raise ValueError(f"{where}: 'base' (a diffusers pipeline folder or hub id) is required")
+    roles = {}
+    for role, r in (d.pop("roles", None) or {}).items():
+        if role not in ROLES:
+            raise ValueError(f"{where}: unknown role {role!r}; roles are {list(ROLES)}")
+        r = dict(r or {})
+        for k in ("unet", "lora"):
+            if r.get(k):
+                r[k] = resolve(r[k], root)
+        roles[role] = _build(RoleSpec, r, f"{where}, role {role}")
+    for k in ("base", "vae", "prompts", "eval_prompts"):
+        if isinstance(d.get(k), str):
+            d[k] = resolve(d[k], root)
+    for k in ("reward", "quality"):
+        d[k] = _resolve_reward(d.get(k, "clip"), root)
+    d["eval_rewards"] = [_resolve_reward(r, root) for r in d.get("eval_rewards", [])]
+    d["data"] = {s: _resolve_source(v, root) for s, v in (d.get("data") or {}).items()}
+    if d.get("pairs"):
+        d["pairs"] = _resolve_source(d["pairs"], root)
+    spec = _build(ModelSpec, {**d, "roles": roles}, where)
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"{where}: dtype {spec.dtype!r} is not one of {list(DTYPES)}")
+    return spec
+
+
+def _resolve_reward(r, root):
+    if not isinstance(r, dict):
+        return r
+    return {k: (resolve(v, root) if k in ("model", "processor", "head", "med_config") else v) for k, v in r.items()}
+
+
+def _resolve_source(v, root):
+    if isinstance(v, str):
+        v = {"folder": v} if not looks_like_hub_id(v) else {"dataset": v}
+    return {k: (resolve(x, root) if k in ("folder", "file") else x) for k, x in v.items()}
+
+
+def load_spec(model: str, **overrides) -> ModelSpec:
+    """`--model` -> ModelSpec. A .json/.yaml/.yml file is a spec; anything else is a pipeline folder / hub id."""
+    path = Path(model).expanduser()
+    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"model spec file {model!r} does not exist")
+        text = path.read_text()
+        if path.suffix.lower() == ".json":
+            d = json.loads(text)
+        else:
+            try:
+                import yaml
+            except ImportError as e:
+                raise ImportError("YAML model specs need PyYAML (pip install pyyaml); or write the spec as JSON") from e
+            d = yaml.safe_load(text)
+        if not isinstance(d, dict):
+            raise ValueError(f"model spec {model!r} must hold a mapping, got {type(d).__name__}")
+        d = {**d, **overrides}
+        d.setdefault("name", path.stem)
+        return from_dict(d, path.parent.resolve(), f"model spec {model}")
+    return from_dict({"base": model, "name": Path(model).name or model, **overrides})
