@@ -462,16 +462,19 @@ class RunDir:
     def metrics(self, m: dict) -> None:
         write_json_atomic(self.path / "metrics.json", m)
 
-    def save_checkpoint(self, step: int, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+    def save_checkpoint(self, step: int, tensors: dict[str, torch.Tensor],
+                        optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer],
                         extra: dict | None = None) -> None:
         """Write checkpoint/ atomically: a new folder is filled, then swapped in with os.replace, so a run
-        killed mid-save keeps its previous checkpoint."""
+        killed mid-save keeps its previous checkpoint. `optimizer` may be a dict {name: optimizer} for methods
+        that train two networks (Diff-Instruct++: generator and TA); each goes to optimizer-<name>.pt."""
         from safetensors.torch import save_file
 
         tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=".ckpt-"))
         try:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "adapter.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            for name, opt in _named_optimizers(optimizer).items():
+                torch.save(opt.state_dict(), tmp / name)
             write_json_atomic(tmp / "state.json", {"step": step, **(extra or {})})
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -483,8 +486,9 @@ class RunDir:
         os.replace(tmp, self.ckpt)
         shutil.rmtree(old, ignore_errors=True)
 
-    def load_checkpoint(self, optimizer: torch.optim.Optimizer | None = None):
-        """-> (step, tensors, extra) of the last checkpoint, or (0, None, {}) when there is none."""
+    def load_checkpoint(self, optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None = None):
+        """-> (step, tensors, extra) of the last checkpoint, or (0, None, {}) when there is none. `optimizer`:
+        one optimizer or the same {name: optimizer} dict that was saved."""
         from safetensors.torch import load_file
 
         state = self.ckpt / "state.json"
@@ -493,8 +497,16 @@ class RunDir:
         extra = json.loads(state.read_text())
         tensors = load_file(str(self.ckpt / "adapter.safetensors"))
         if optimizer is not None:
-            optimizer.load_state_dict(torch.load(self.ckpt / "optimizer.pt", weights_only=True))
+            for name, opt in _named_optimizers(optimizer).items():
+                opt.load_state_dict(torch.load(self.ckpt / name, weights_only=True))
         return extra.pop("step"), tensors, extra
+
+
+def _named_optimizers(optimizer) -> dict[str, torch.optim.Optimizer]:
+    """{file name: optimizer}: optimizer.pt for one optimizer, optimizer-<name>.pt for each of a dict."""
+    if isinstance(optimizer, dict):
+        return {f"optimizer-{name}.pt": opt for name, opt in optimizer.items()}
+    return {"optimizer.pt": optimizer}
 
 
 class NonFiniteLoss(RuntimeError):
