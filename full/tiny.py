@@ -161,11 +161,12 @@ def save_tiny_setup(out: str | Path, kind: str = "sdxl", scheduler: str = "lcm",
     save_tiny_aesthetic_head(out / "aesthetic_head.pth")
     (out / "prompts.txt").write_text("a red cube\na blue sphere\na green cone\na small house\n")
     (out / "eval_prompts.txt").write_text("a yellow star\na purple ring\n")
-    for name, prompts in (("target", ["a red cube in pokemon style", "a blue sphere in pokemon style",
+    for name, prompts in (("base", ["a red cube", "a blue sphere", "a green cone"]),
+                          ("target", ["a red cube in pokemon style", "a blue sphere in pokemon style",
                                       "a green cone in pokemon style"]), ("concept", [None] * 3)):
         (out / name).mkdir(exist_ok=True)
         for i, text in enumerate(prompts):
-            _png(out / name / f"{i}.png", seed=(10 if name == "target" else 20) + i)
+            _png(out / name / f"{i}.png", seed={"base": 0, "target": 10, "concept": 20}[name] + i)
             if text:
                 (out / name / f"{i}.txt").write_text(text)
     (out / "pairs").mkdir(exist_ok=True)
@@ -182,7 +183,7 @@ def save_tiny_setup(out: str | Path, kind: str = "sdxl", scheduler: str = "lcm",
         "quality": {"name": "aesthetic", "model": "clip", "head": "aesthetic_head.pth"},
         "eval_rewards": [{"name": "clip", "model": "clip"}],
         "prompts": "prompts.txt", "eval_prompts": "eval_prompts.txt",
-        "data": {"target": {"folder": "target"},
+        "data": {"base": {"folder": "base"}, "target": {"folder": "target"},
                  "concept": {"folder": "concept", "prompt": "a photo of sks cube", "class_prompt": "a photo of a cube"}},
         "pairs": {"folder": "pairs"}, **spec_overrides,
     }

@@ -201,7 +201,8 @@ class FullWorld:
         self.schedule = common.Schedule(models.schedule_name(self.parts.scheduler.config, f"scheduler of {spec.base}"))
         for role in spec.roles:  # every role's scheduler must match (fails now, not after an hour of training)
             self._role_scheduler(role)
-        self.accelerator = _accelerator_class()(mixed_precision=spec.mixed_precision, adam_8bit=spec.adam_8bit)
+        self.accelerator = _accelerator_class()(mixed_precision=spec.mixed_precision, adam_8bit=spec.adam_8bit,
+                                                cpu=not torch.cuda.is_available())  # cpu: gloo under torchrun
         self.device, self.dtype = self.accelerator.device, TORCH_DTYPES[spec.dtype]
         vae = self.parts.vae
         # fp16-safe VAE: SDXL's original VAE overflows in fp16 (config.force_upcast): keep it in fp32 then, as the

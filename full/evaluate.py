@@ -1,0 +1,119 @@
+"""Sample a prompt set with fixed seeds through the diffusers pipeline and score it with the paper's metrics.
+
+    python -m full.evaluate --model full/specs/sdxl_dmd2.json --lora runs/pso-online-dmd2/adapter \
+        --prompts data/pickapic_test_prompts.txt --out runs/eval-dmd2
+
+For each model (the base role, then each --lora / fully fine-tuned --unet folder) every prompt i is sampled from the
+seed `seed + i` with the role's own scheduler and grid (SDXL-Turbo: Euler ancestral, DMD2: LCMScheduler at
+[999, 749, 499, 249], a teacher: --steps with --guidance), exactly as a user of the pipeline would; the same noise
+for every model. The scores are every reward the spec names (reward, quality, eval_rewards: PickScore, CLIP score,
+LAION aesthetic, ImageReward as in PSO Table 1 / DI++ Table 2), averaged over prompts. Writes results.json,
+table.md and samples.png (the first prompts, one row per model) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import common
+
+
+def sample_latents(world, pipe, prompts: list[str], seed: int, timesteps: list[int], sampler: str, guidance: float,
+                   batch: int = 4) -> torch.Tensor:
+    """Latents of `prompts`, prompt i from torch.Generator().manual_seed(seed + i)."""
+    out = []
+    for k in range(0, len(prompts), batch):
+        chunk = prompts[k:k + batch]
+        gens = [torch.Generator().manual_seed(seed + k + j) for j in range(len(chunk))]
+        kw = dict(num_inference_steps=len(timesteps))
+        if sampler == "x0_renoise":  # LCMScheduler takes the exact grid, e.g. [999, 749, 499, 249] or DMD2's [399]
+            kw = dict(timesteps=list(timesteps))
+        image_kw = dict(height=world.resolution, width=world.resolution)
+        with torch.no_grad():
+            res = pipe(prompt=chunk, guidance_scale=guidance, generator=gens, output_type="latent", **kw, **image_kw)
+        out.append(res.images.float())
+    return torch.cat(out)
+
+
+def score(world, x0: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    from .rewards import reward_name
+
+    cond = world.encode(prompts)
+    m = world.metrics(x0, cond)
+    names = {"reward": reward_name(world.spec.reward), "quality": reward_name(world.spec.quality)}
+    out = {}
+    for k, v in m.items():
+        if k == "distance":
+            continue
+        out[names.get(k, k)] = v
+    return out
+
+
+def evaluate(model: str, loras: list[str], prompts_src: str | None, n: int, seed: int, role: str, guidance: float,
+             steps: int | None, out: str, batch: int = 4) -> dict:
+    from . import load_world
+    from .data import load_prompts
+
+    world = load_world(model)
+    prompts = (load_prompts(prompts_src) if prompts_src else world.eval_prompts)[:n]
+    den = world.denoiser(role)  # only for its sampler and grid (the spec's, validated)
+    timesteps = common.few_step_timesteps(steps) if steps else den.timesteps
+    pipe = world.pipeline(role)
+    results, panels = {}, {}
+    for name, lora in [("base", None)] + [(Path(p).parent.name + "/" + Path(p).name, p) for p in loras]:
+        unet_dir = Path(lora) / "unet" if lora else None
+        if unet_dir is not None and unet_dir.is_dir():  # a fully fine-tuned UNet
+            from diffusers import UNet2DConditionModel
+
+            tuned = world.pipeline(role)
+            tuned.unet = UNet2DConditionModel.from_pretrained(unet_dir).to(world.device, world.dtype)
+            x0 = sample_latents(world, tuned, prompts, seed, timesteps, den.sampler, guidance, batch)
+        elif lora:
+            pipe.load_lora_weights(lora, adapter_name="tuned")
+            x0 = sample_latents(world, pipe, prompts, seed, timesteps, den.sampler, guidance, batch)
+            pipe.unload_lora_weights()
+        else:
+            x0 = sample_latents(world, pipe, prompts, seed, timesteps, den.sampler, guidance, batch)
+        results[name] = score(world, x0, prompts)
+        panels[name] = (x0, world.encode(prompts))
+        print(name, "  ".join(f"{k} {v:.4f}" for k, v in results[name].items()), flush=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model, "role": role, "sampler": den.sampler, "timesteps": timesteps, "guidance": guidance,
+            "prompts": len(prompts), "seed": seed}
+    common.write_json_atomic(out / "results.json", {"setup": meta, "results": results})
+    (out / "table.md").write_text(table(results, meta))
+    world.plot_samples(panels, out / "samples.png")
+    return results
+
+
+def table(results: dict, meta: dict) -> str:
+    cols = list(next(iter(results.values())))
+    lines = [f"{meta['prompts']} prompts, {meta['sampler']} at {meta['timesteps']}, guidance {meta['guidance']}, "
+             f"seeds {meta['seed']}..{meta['seed'] + meta['prompts'] - 1}", "",
+             "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {name} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |" for name, r in results.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model spec or checkpoint")
+    p.add_argument("--lora", nargs="*", default=[], help="adapter folders written by the methods (world.save_adapter)")
+    p.add_argument("--prompts", help="prompt file (default: the spec's eval_prompts)")
+    p.add_argument("-n", type=int, default=500, help="number of prompts (PSO: 500 Pick-a-Pic test, 1632 Parti)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--role", default="student", choices=["student", "generator", "teacher"])
+    p.add_argument("--guidance", type=float, default=0.0, help="CFG scale (0/1: off, as few-step models are run)")
+    p.add_argument("--steps", type=int, default=0, help="sampling steps (0: the role's grid; e.g. 1 for SDXL-Turbo 1-step)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--out", default="runs/eval")
+    a = p.parse_args(argv)
+    return evaluate(a.model, a.lora, a.prompts, a.n, a.seed, a.role, a.guidance, a.steps or None, a.out, a.batch)
+
+
+if __name__ == "__main__":
+    main()

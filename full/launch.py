@@ -1,0 +1,178 @@
+"""Launchers: one named setting per method and paper experiment -> `accelerate launch <method>.py --model <spec> ...`.
+
+    python -m full.launch --list
+    python -m full.launch pso-offline-dmd2 --num-processes 8             # 8 GPUs, DDP, the paper's global batch 64
+    python -m full.launch pso-online-turbo --model my_spec.json --dry-run  # print the command only
+    python -m full.launch dipp-sd-turbo -- --steps 100 --out runs/try     # anything after -- goes to the method
+    bash full/launchers/pso_offline_dmd2.sh --num-processes 8             # the same, one script per setting
+
+Each setting names the method script, its model spec (full/specs/*.json; `--model` replaces it) and the paper's
+hyperparameters. The paper's batch is global: it is split over the processes (`--batch` of every method is per
+process, each rank drawing its own rows from `common.step_generator(seed, step, rank)`), so the number of processes
+must divide it. `--launcher torchrun` runs the same command with torchrun (what the CPU multi-process test uses;
+accelerate's CPU mode cannot start several processes on one machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = Path(__file__).resolve().parent / "specs"
+
+
+@dataclass
+class Setting:
+    script: str  # method script at the repository root
+    spec: str  # model spec in full/specs
+    args: list[str]  # the paper's hyperparameters
+    batch: int  # global batch (split over processes)
+    source: str  # where the numbers come from
+    extra: list[str] = field(default_factory=list)
+
+
+PSO_APP_B1 = "PSO App. B.1: LoRA r=16 (DMD2, Turbo) / 32 (LCM), N=4, beta 50 offline / 5 online, lr 1e-5"
+SETTINGS = {
+    # --- PSO (pso.py): human preference tuning, Pick-a-Pic v2 (offline, Eq. 6) / PickScore-labelled pairs (online, Eq. 7)
+    "pso-offline-dmd2": Setting("pso.py", "sdxl_dmd2.json", ["--variant", "offline", "--beta", "50", "--lr", "1e-5",
+                                "--lora-rank", "16", "--steps", "5000"], 64, PSO_APP_B1 + ", batch 64, 5k steps"),
+    "pso-online-dmd2": Setting("pso.py", "sdxl_dmd2.json", ["--variant", "online", "--beta", "5", "--lr", "1e-5",
+                               "--lora-rank", "16", "--steps", "20000"], 32, PSO_APP_B1 + ", batch 32, 20k steps"),
+    "pso-offline-turbo": Setting("pso.py", "sdxl_turbo.json", ["--variant", "offline", "--beta", "50", "--lr", "1e-5",
+                                 "--lora-rank", "16", "--steps", "5000", "--sampler", "euler_ancestral"], 64,
+                                 PSO_APP_B1 + ", batch 64, 5k steps"),
+    "pso-online-turbo": Setting("pso.py", "sdxl_turbo.json", ["--variant", "online", "--beta", "5", "--lr", "1e-5",
+                                "--lora-rank", "16", "--steps", "20000", "--sampler", "euler_ancestral"], 32,
+                                PSO_APP_B1 + ", batch 32, 20k steps"),
+    "pso-offline-lcm": Setting("pso.py", "sdxl_lcm.json", ["--variant", "offline", "--beta", "50", "--lr", "1e-5",
+                               "--lora-rank", "32", "--steps", "5000"], 64, PSO_APP_B1 + ", batch 64, 5k steps"),
+    "pso-online-lcm": Setting("pso.py", "sdxl_lcm.json", ["--variant", "online", "--beta", "5", "--lr", "1e-5",
+                              "--lora-rank", "32", "--steps", "20000"], 32, PSO_APP_B1 + ", batch 32, 20k steps"),
+    # style transfer (Pokemon) and concept customization (DreamBooth) on SDXL-Turbo
+    "pso-style-turbo": Setting("pso.py", "sdxl_turbo.json", ["--variant", "pso", "--beta", "50", "--lr", "1e-5",
+                               "--lora-rank", "16", "--steps", "3000", "--sampler", "euler_ancestral"], 8,
+                               "PSO App. B.2: Eq. 5 on Pokemon, r=16, beta 50, batch 8, lr 1e-5, 3k steps"),
+    "pso-customize-turbo": Setting("pso.py", "sdxl_turbo.json", ["--variant", "customize", "--beta", "5", "--lr", "5e-5",
+                                   "--lora-rank", "16", "--steps", "1000", "--sampler", "euler_ancestral"], 4,
+                                   "PSO App. B.3: Eq. 6 variant + prior preservation, r=16, beta 5, lr 5e-5, batch 4, "
+                                   "1k steps"),
+    # --- Diffusion-Sharpening (sharpening.py) on SDXL: full UNet as in the paper, AdamW betas (0, 0.99)
+    "sharpening-sft-sdxl": Setting("sharpening.py", "sdxl_base.json", ["--variant", "sft", "--n", "3", "--m", "3",
+                                   "--lr", "5e-6", "--adam-beta1", "0", "--adam-beta2", "0.99", "--full-finetune",
+                                   "--eval-cfg", "5"], 8,
+                                   "Sharpening App. A.3: lr 5e-6, AdamW (0, 0.99), batch 8, n=m=3, CFG 5 at eval"),
+    "sharpening-rlhf-sdxl": Setting("sharpening.py", "sdxl_base.json", ["--variant", "rlhf", "--n", "3", "--m", "3",
+                                    "--lr", "5e-6", "--adam-beta1", "0", "--adam-beta2", "0.99", "--full-finetune",
+                                    "--beta", "2500", "--eval-cfg", "5"], 8,
+                                    "Sharpening App. A.3 + official code: beta 2500, batch 8, n=m=3"),
+    # --- Diff-Instruct++ (diff_instruct_pp.py): one-step generators, ImageReward, Adam (0, 0.999), lr 5e-6
+    "dipp-sd-turbo": Setting("diff_instruct_pp.py", "sd_turbo_dipp.json", ["--variant", "dipp", "--reward-scale", "100",
+                             "--cfg-scale", "4.5", "--lr", "5e-6", "--ta-lr", "5e-6", "--adam-beta1", "0",
+                             "--adam-beta2", "0.999", "--train-full", "--ta-lora-rank", "64"], 256,
+                             "DI++ Sec. 5 / App. A.3: alpha_rew 100 (SD1.5 range 100-1000), CFG reward 4.5, lr 5e-6, "
+                             "Adam (0, 0.999), batch 256; TA as a LoRA (DESIGN.md section 6)"),
+    "dipp-sdxl-dmd2": Setting("diff_instruct_pp.py", "sdxl_dmd2_dipp.json", ["--variant", "dipp", "--reward-scale", "100",
+                              "--cfg-scale", "4.5", "--lr", "5e-6", "--ta-lr", "5e-6", "--adam-beta1", "0",
+                              "--adam-beta2", "0.999", "--lora-rank", "64", "--ta-lora-rank", "64"], 256,
+                              "DI++ hyperparameters on the DMD2 1-step SDXL generator, LoRA generator"),
+    "di-pretrain-sd21": Setting("diff_instruct_pp.py", "sd_turbo_dipp.json", ["--variant", "di", "--reward-scale", "0",
+                                "--cfg-scale", "4.5", "--lr", "5e-6", "--ta-lr", "5e-6", "--adam-beta1", "0",
+                                "--adam-beta2", "0.999", "--train-full"], 1024,
+                                "DI++ App. A.3 pre-training stage (Diff-Instruct): batch 1024, CFG 4.5, no reward"),
+}
+
+
+def per_process_batch(setting: Setting, num_processes: int) -> int:
+    if num_processes < 1 or setting.batch % num_processes:
+        raise ValueError(f"{num_processes} processes do not divide the global batch {setting.batch}; choose a divisor "
+                         "(or pass --batch to the method after --)")
+    return setting.batch // num_processes
+
+
+def method_argv(name: str, model: str | None = None, num_processes: int = 1, extra: list[str] = ()) -> tuple[Path, list[str]]:
+    """(script path, argv) of a setting: --model, the paper's arguments, the per-process batch, then `extra`
+    (later flags win in argparse, so `extra` overrides anything)."""
+    if name not in SETTINGS:
+        raise ValueError(f"unknown launcher setting {name!r}; choose one of {sorted(SETTINGS)}")
+    s = SETTINGS[name]
+    model = model or str(SPECS / s.spec)
+    batch = [] if "--batch" in extra else ["--batch", str(per_process_batch(s, num_processes))]
+    argv = ["--model", model, *s.args, *batch, "--out", f"runs/{name}", *extra]
+    return ROOT / s.script, argv
+
+
+def mixed_precision_of(model: str) -> str:
+    if model.endswith((".json", ".yaml", ".yml")) and Path(model).is_file():
+        d = json.loads(Path(model).read_text()) if model.endswith(".json") else {}
+        return {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}.get(d.get("dtype", "fp32"), "no")
+    return "no"
+
+
+def command(name: str, num_processes: int = 1, launcher: str = "accelerate", model: str | None = None,
+            extra: list[str] = (), port: int = 29500) -> list[str]:
+    script, argv = method_argv(name, model, num_processes, list(extra))
+    model = argv[1]
+    if launcher == "accelerate":
+        head = ["accelerate", "launch", "--num_processes", str(num_processes), "--num_machines", "1",
+                "--mixed_precision", mixed_precision_of(model), "--dynamo_backend", "no",
+                "--main_process_port", str(port)]
+        if num_processes > 1:
+            head.append("--multi_gpu")
+    elif launcher == "torchrun":
+        head = ["torchrun", "--nproc_per_node", str(num_processes), "--master_port", str(port)]
+    elif launcher == "python":
+        if num_processes != 1:
+            raise ValueError("--launcher python runs one process; use accelerate or torchrun for more")
+        head = [sys.executable]
+    else:
+        raise ValueError(f"unknown launcher {launcher!r}; choose accelerate, torchrun or python")
+    return [*head, str(script), *argv]
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("setting", nargs="?", help="a paper setting (see --list)")
+    p.add_argument("--list", action="store_true", help="list the settings and their sources")
+    p.add_argument("--model", help="a model spec or checkpoint replacing the setting's spec")
+    p.add_argument("--num-processes", type=int, default=1, help="processes (GPUs); the global batch is split over them")
+    p.add_argument("--launcher", default="accelerate", choices=["accelerate", "torchrun", "python"])
+    p.add_argument("--port", type=int, default=29500, help="rendezvous port")
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    a = p.parse_args(argv)
+    if a.list or not a.setting:
+        for name, s in SETTINGS.items():
+            print(f"{name:22s} {s.script:20s} {s.spec:22s} batch {s.batch:4d}  {s.source}")
+        return 0
+    try:
+        cmd = command(a.setting, a.num_processes, a.launcher, a.model, extra, a.port)
+    except ValueError as e:
+        p.error(str(e))
+    print(shlex.join(cmd), flush=True)
+    if a.dry_run:
+        return 0
+    env = {**os.environ}
+    if a.launcher == "torchrun" and not _has_cuda():
+        env["ACCELERATE_USE_CPU"] = "1"
+    return subprocess.call(cmd, cwd=ROOT, env=env)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
