@@ -230,8 +230,8 @@ def load_unet(spec: ModelSpec, role: RoleSpec, parts: PipelineParts, where: str)
         if sub is None and (local is None or (local / "unet").is_dir() or (local / "model_index.json").exists()):
             sub = "unet"
         if local is not None and not (local / (sub or "") / "config.json").is_file():
-            raise ModelError(f"UNet source {role.unet!r} of {where} lacks {(sub + '/') if sub else ''}config.json: "
-                             "expected a pipeline folder with unet/ or a UNet folder")
+            looked = f"{sub}/config.json" if sub else "unet/config.json (a pipeline) or config.json (a bare UNet)"
+            raise ModelError(f"UNet source {role.unet!r} of {where} lacks {looked}")
         unet = _from_pretrained(UNet2DConditionModel, role.unet, f"the UNet of {where}", subfolder=sub, **kw)
     unet = unet.float()
     if role.lora:

@@ -173,11 +173,12 @@ class FullDenoiser:
         if self.train_full:
             self.unet.load_state_dict(state)
             return
-        expected = set(self.adapter_state())
-        unexpected, missing = sorted(set(state) - expected), sorted(expected - set(state))
-        if unexpected or missing:
-            raise ValueError(f"adapter state does not fit this UNet's LoRA: unexpected {unexpected[:3]}, "
-                             f"missing {missing[:3]} (a different lora_rank or checkpoint?)")
+        expected = self.adapter_state()
+        unexpected, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
+        shapes = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+        if unexpected or missing or shapes:
+            raise ValueError(f"adapter state does not fit this UNet's LoRA: unexpected {unexpected[:3]}, missing "
+                             f"{missing[:3]}, other shapes {shapes[:3]} (a different lora_rank or checkpoint?)")
         set_peft_model_state_dict(self.unet, {k: v.to(self.device) for k, v in state.items()})
 
     def train(self, mode: bool = True):
