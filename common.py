@@ -410,7 +410,7 @@ def parse_config(cls, argv: Sequence[str] | None = None, description: str | None
 
 def write_json_atomic(path: str | Path, obj) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: data-parallel ranks may write at once
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
 
