@@ -57,13 +57,15 @@ def load_prompts(source) -> list[str]:
             prompts = [_caption(json.loads(line), f"{path} line {i + 1}")
                        for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
         elif suffix in (".csv", ".tsv"):
-            import pandas as pd
+            import csv
 
-            df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
-            col = next((c for c in ("prompt", "caption", "text") if c in df.columns), None)
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+            columns = list(rows[0]) if rows else []
+            col = next((c for c in ("prompt", "caption", "text") if c in columns), None)
             if col is None:
-                raise DataError(f"{path} has no 'prompt', 'caption' or 'text' column (columns: {list(df.columns)})")
-            prompts = [str(p) for p in df[col]]
+                raise DataError(f"{path} has no 'prompt', 'caption' or 'text' column (columns: {columns})")
+            prompts = [str(r[col]) for r in rows]
         else:
             raise DataError(f"prompt file {path} must be .txt, .json, .jsonl, .csv or .tsv")
     prompts = [p for p in prompts if p]
