@@ -69,7 +69,8 @@ class ModelSpec:
     pairs: Any = None  # preference-pair source (world.preference_pairs)
     precompute_embeddings: bool = False  # encode every prompt at start-up, then free the text encoders
     negative_prompt: str = ""  # the null condition for CFG (SDXL: zeros when "" and force_zeros_for_empty_prompt)
-    seed: int = 0  # seed of the VAE / data draws that are not per-update
+    seed: int = 0  # seed of the LoRA initialisation (the same on every rank and every run)
+    decode_batch: int = 4  # images per VAE decode in metrics / figures (1024^2 decodes are memory-heavy)
 
     @property
     def mixed_precision(self) -> str:

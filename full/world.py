@@ -192,8 +192,6 @@ class FullDenoiser:
 class FullWorld:
     """common.World for SD1.5 / SDXL-class diffusers checkpoints; built by full.load_world from a ModelSpec."""
 
-    decode_batch = 8  # VAE decodes per chunk in metrics / figures
-
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.name = spec.name or Path(spec.base).name
@@ -439,10 +437,10 @@ class FullWorld:
                  **{reward_name(r): reward_name(r) for r in self.spec.eval_rewards}}
         scores = {k: [] for k in names}
         texts = self.prompt_texts(cond)
-        for k in range(0, len(x0), self.decode_batch):
-            images = self.decode(x0[k:k + self.decode_batch])
+        for k in range(0, len(x0), self.spec.decode_batch):
+            images = self.decode(x0[k:k + self.spec.decode_batch])
             for key, which in names.items():
-                scores[key].append(self.reward_model(which)(images, texts[k:k + self.decode_batch]).float().cpu())
+                scores[key].append(self.reward_model(which)(images, texts[k:k + self.spec.decode_batch]).float().cpu())
         out = {k: float(torch.cat(v).mean()) for k, v in scores.items()}
         out["distance"] = self._distance(x0, split)
         return out
