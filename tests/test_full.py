@@ -402,3 +402,12 @@ def test_launcher_rejects_a_batch_the_processes_do_not_divide():
         launch.method_argv("pso-offline-dmd2", num_processes=3)
     _, argv = launch.method_argv("pso-offline-dmd2", num_processes=3, extra=["--batch", "5"])
     assert argv[argv.index("--batch") + 1] == "5"
+
+
+def test_preference_pairs_from_a_pairs_file_path_and_a_yaml_spec(xl_spec, xl):
+    """pso.py --pairs FILE hands the path to world.preference_pairs; specs may also be YAML."""
+    win, lose, cond = xl.preference_pairs(2, torch.Generator().manual_seed(1), path=xl_spec.parent / "pairs" / "pairs.jsonl")
+    assert win.shape == (2, *xl.shape) and set(xl.prompt_texts(cond)) <= {"a red cube", "a blue sphere", "a small house"}
+    yaml = pytest.importorskip("yaml")
+    (xl_spec.parent / "spec.yaml").write_text(yaml.safe_dump(json.loads(xl_spec.read_text())))
+    assert load_spec(str(xl_spec.parent / "spec.yaml")) == load_spec(str(xl_spec))
