@@ -13,7 +13,6 @@ table.md and samples.png (the first prompts, one row per model) to --out.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch

@@ -15,7 +15,6 @@ accelerate's CPU mode cannot start several processes on one machine).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -117,10 +116,13 @@ def method_argv(name: str, model: str | None = None, num_processes: int = 1, ext
 
 
 def mixed_precision_of(model: str) -> str:
-    if model.endswith((".json", ".yaml", ".yml")) and Path(model).is_file():
-        d = json.loads(Path(model).read_text()) if model.endswith(".json") else {}
-        return {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}.get(d.get("dtype", "fp32"), "no")
-    return "no"
+    """accelerate's --mixed_precision from the spec's dtype (a plain checkpoint runs in fp32)."""
+    from .spec import load_spec
+
+    try:
+        return load_spec(model).mixed_precision
+    except (OSError, ValueError, ImportError):
+        return "no"
 
 
 def command(name: str, num_processes: int = 1, launcher: str = "accelerate", model: str | None = None,

@@ -296,8 +296,7 @@ class FullWorld:
             chunk = todo[k:k + batch]
             out = self._encoder_pipe.encode_prompt([self._texts[i] for i in chunk], device=self.device,
                                                    num_images_per_prompt=1, do_classifier_free_guidance=False)
-            embeds = out[0] if self.kind == "sd15" else out[0]
-            pooled = out[2] if self.kind == "sdxl" else None
+            embeds, pooled = out[0], (out[2] if self.kind == "sdxl" else None)
             for j, i in enumerate(chunk):
                 self._embeds[i] = (embeds[j].cpu(),) + ((pooled[j].cpu(),) if pooled is not None else ())
 
@@ -305,8 +304,7 @@ class FullWorld:
     def _null_embeds(self) -> tuple[torch.Tensor, ...]:
         """The unconditional embedding for CFG, as the pipelines make it (SDXL: zeros for an empty negative)."""
         if self.kind == "sdxl" and self.parts.force_zeros_for_empty_prompt and not self.spec.negative_prompt:
-            some = self._embeds.get(0) or self._embed_rows([self._id(self.prompts[0])])
-            return tuple(torch.zeros_like(e) for e in some)
+            return tuple(torch.zeros_like(e) for e in self._embed_rows([self._id(self.prompts[0])]))
         return self._embed_rows([self._id(self.spec.negative_prompt)])
 
     def _embed_rows(self, ids: list[int]):
