@@ -255,7 +255,11 @@ class World(Protocol):
 
     accelerator: Any  # accelerate.Accelerator: backward, clip_grad_norm_, prepare(optimizer), is_main_process
 
-    def denoiser(self, role: str, lora_rank: int = 16, train_full: bool = False) -> Denoiser: ...
+    def denoiser(self, role: str, lora_rank: int = 16, train_full: bool = False, sampler: str | None = None,
+                 timesteps: list[int] | None = None) -> Denoiser:
+        """`sampler` overrides the role's MDP kernel (e.g. "euler_ancestral" for the SDXL-Turbo MDP) and
+        `timesteps` its grid; the method reads them back from `denoiser.sampler` / `.timesteps`. Methods call the
+        denoiser with an int t or a per-row [B] integer tensor t (several timesteps in one batched call)."""
     def conditions(self, n: int, generator: torch.Generator) -> Cond: ...
     def eval_conditions(self, n: int) -> Cond: ...
     def null_condition(self, n: int) -> Cond: ...
@@ -264,6 +268,19 @@ class World(Protocol):
     def metrics(self, x0: torch.Tensor, cond: Cond, split: str = "base") -> dict[str, float]: ...
     def plot_samples(self, panels: dict[str, tuple[torch.Tensor, Cond]], path: str | Path) -> None: ...
     def save_adapter(self, denoiser: Denoiser, path: str | Path) -> None: ...
+
+    def preference_pairs(self, n: int, generator: torch.Generator, path: str | Path | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, Cond]:
+        """n offline preference pairs (x_win, x_lose, cond) in model space (latents in the full world), the
+        preferred image first (PSO Eq. 6, Alg. 3; Pick-a-Pic in the paper). Without `path`, the world's own pairs
+        (toys: two real samples of one condition ranked by `reward`; full: its preference dataset). With `path`,
+        rows drawn from a stored pairs file of (win, lose, cond) rows; a row with a missing or malformed image or
+        label raises ValueError naming the file and the row (the format is the world's; toys: toy/pairs.py)."""
+
+    def concept_images(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, Cond, Cond]:
+        """Customization (PSO App. B.3, DreamBooth): (x0 [n, ...] the few concept images in model space, their
+        condition, e.g. "a photo of [V] dog", the class condition, e.g. "a photo of a dog", used to sample the
+        reference / prior-preservation images from the frozen model)."""
 
 
 def load_world(model: str, **kw) -> World:
@@ -299,6 +316,13 @@ def cond_cat(conds: Sequence[Cond]) -> Cond:
     if isinstance(conds[0], dict):
         return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
     return torch.cat(list(conds))
+
+
+def cond_to(cond: Cond, device) -> Cond:
+    """Move a condition (tensor or dict of tensors) to a device."""
+    if isinstance(cond, dict):
+        return {k: v.to(device) for k, v in cond.items()}
+    return cond.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------

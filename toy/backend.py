@@ -128,3 +128,29 @@ class ToyWorld(abc.ABC):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file(denoiser.adapter_state(), str(path / "adapter.safetensors"))
+
+    concept_label = 0  # customization: the class whose target-split samples play the concept images
+
+    def preference_pairs(self, n: int, generator: torch.Generator, path: str | Path | None = None):
+        """World.preference_pairs: two real samples of one condition ranked by the reward, the preferred first
+        (as Pick-a-Pic ranks two images of one prompt); or n rows drawn from a stored pairs file (toy/pairs.py)."""
+        if path is not None:
+            cache = self.__dict__.setdefault("_pairs_files", {})
+            if str(path) not in cache:
+                from .pairs import load_pairs
+
+                cache[str(path)] = load_pairs(path, self.shape, self.num_classes)
+            win, lose, cond = cache[str(path)]
+            i = torch.randint(0, len(cond), (n,), generator=generator)
+            return win[i], lose[i], cond[i]
+        cond = self.conditions(n, generator)
+        a, b = self.data_for(cond, generator), self.data_for(cond, generator)
+        with torch.no_grad():
+            a_wins = (self.reward(a, cond) >= self.reward(b, cond)).view(-1, *[1] * len(self.shape))
+        return torch.where(a_wins, a, b), torch.where(a_wins, b, a), cond
+
+    def concept_images(self, n: int, generator: torch.Generator):
+        """World.concept_images: n target-split samples of class `concept_label`. The toys have no spare
+        identifier token, so the concept condition and the class condition are the same label."""
+        cond = torch.full((n,), self.concept_label, dtype=torch.long)
+        return self.data_for(cond, generator, split="target"), cond, cond.clone()
