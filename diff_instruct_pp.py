@@ -11,27 +11,37 @@ TA ("teaching assistant") eps_psi: a LoRA on the reference network, so `with ta.
 (no second copy), trained on generator samples to follow the generator's diffused score. Scores: s = -eps/sigma_t.
 
 What is implemented (equation -> function):
-  (3.3)        objective  L(theta) = E_c[ -alpha_rew E r(g_theta(z,c), c) + int w(t) KL(p_theta,t || p_ref,t) dt ]
-               with the time integral taken against pi(t):  int ... dt := E_{t ~ pi} w(t) KL_t      -> (not computed;
+  (3.3)        objective  L(theta) = E_c[ -alpha_rew E r(g_theta(z,c), c) + int w(t) KL(p_theta,t || p_ref,t) dt ],
+               the time integral taken against pi(t): int ... dt := sum_t pi(t) w(t) KL_t   (not computed here;
                tests/test_diff_instruct_pp.py evaluates it in closed form in a Gaussian world)
   (3.4)        its gradient  E[ -alpha_rew grad_x r . dx_0/dtheta + w(t) (s_theta,t - s_ref,t)(x_t) . dx_t/dtheta ],
                s_theta,t estimated by the TA's score s_psi                                        -> generator_pseudo_loss
-  (3.5), Thm 3.4  CFG = an implicit reward: eps_cfg = eps_ref(null) + omega (eps_ref(c) - eps_ref(null)); using it as
-               the reference is DI++ with r_cfg at scale omega - 1                                    -> common.eps_cfg
-  (3.7)-(3.9)  pseudo-loss  L_G = -alpha_rew r(x_0, c) + w(t) < sg[s_psi(x_t) - s_ref^cfg(x_t)], x_t >  -> generator_pseudo_loss
-  Alg. 1 step 1  TA update: denoising score matching of eps_psi on sg(x_0) (the reference's own eps-loss)  -> ta_loss
-  pi(t)        uniform integers on [0.02 T, 0.98 T] (as DMD2 / SiD)                                         -> sample_t
-  w(t)         "snr_inv": w = sigma_t^2 / alpha_t^2 (default), "unit": w = 1                               -> ikl_weight
+  (3.5), Thm 3.4  CFG = an implicit reward: eps_cfg = eps_ref(null) + omega (eps_ref(c) - eps_ref(null)); using it
+               as the reference is DI++ with r_cfg at scale omega - 1                                -> common.eps_cfg
+  (3.7)-(3.9)  pseudo-loss  L_G = -alpha_rew r(x_0, c) + w(t) < sg[s_psi(x_t) - s_ref^cfg(x_t)], x_t >
+                                                                                                    -> generator_pseudo_loss
+  Alg. 1 step 1  TA update: the reference's own eps-loss for eps_psi on sg(x_0) (DSM, (2.2))             -> ta_loss
+  pi(t)        "lognormal" (default, paper App. C / (C.5)): ln sigma_VE ~ N(-2, 2^2) with sigma_VE(t) =
+               sqrt((1 - alpha_bar_t) / alpha_bar_t), rounded to the nearest t, on [0, 999]; "uniform" on
+               [t_min, t_max] (DESIGN section 6; DMD2 / SiD use [20, 980])                   -> time_density, sample_t
+  w(t)         "unit" (default): w = 1; "snr_inv": w = sigma_t^2 / alpha_t^2                          -> ikl_weight
 
-Why w = sigma^2/alpha^2 ("snr_inv"): with it, the IKL part of the gradient on x_0 at one t is exactly
-x0_hat_psi(x_t) - x0_hat_ref(x_t), the difference of the two models' clean-sample predictions (the variance-
-exploding scale x/alpha turns it into Diff-Instruct's sigma^2 weighting; DMD uses the same direction, then
-normalises it per sample). Every t then pulls in x_0 units: high-noise levels move mass between modes, low-noise
-levels sharpen. "unit" (w = 1) weighs low noise levels by alpha/sigma (up to ~7x) and high ones by ~0.07x.
-tests/test_diff_instruct_pp.py checks, for both weightings, in a Gaussian world where every score is analytic
-and the generator is affine in z, that the theta-gradient of the pseudo-loss equals the gradient of the
-objective (3.3) computed in closed form (Theorem 3.2; this also checks that the term through d p_theta,t / d theta
-vanishes, App. B.2), and Theorem 3.4 in a class-conditional Gaussian-mixture world.
+The weighting. At one t the IKL part of the gradient on x_0 is alpha_t w(t) (s_psi - s_ref)(x_t) =
+alpha_t^2 w(t) / sigma_t^2 * (x0_hat_psi - x0_hat_ref)(x_t). With "snr_inv" it is the plain difference of the two
+models' clean-sample predictions (Diff-Instruct's sigma^2 weighting in the variance-exploding scale; DMD's direction
+before its per-sample normalisation); with "unit" it is that difference times SNR(t), so low noise levels, where
+the KL between two sharp distributions lives, dominate. The paper sets the generator weighting to the constant 1
+(App. A.2, App. C table), in its EDM parametrisation; which quantity the constant multiplies is in the equations
+the paper copy lost, so both readings are offered. Why "unit" + "lognormal" is the default, measured on toy2d
+(modes of std 0.05, reward = height): with "snr_inv" the pull on a sample whose mode is shifted by delta is at
+most delta at every t, so a reward gradient alpha_rew shifts modes by about alpha_rew and the reward is gained
+by sliding samples off the data (quality 0.87 -> 0.74 for +0.07 reward at alpha_rew = 0.1, uniform pi); with
+"unit" and the log-normal pi (about half its mass at sigma_VE <= 0.14, where the modes are resolved) shifts are
+held back and the reward first rises at nearly constant quality (benchmarks/results/diff_instruct_pp.md).
+tests/test_diff_instruct_pp.py checks, for both weightings and both time densities, in a Gaussian world where
+every score is analytic and the generator is affine in z, that the theta-gradient of the pseudo-loss equals the
+gradient of (3.3) computed in closed form (Theorem 3.2; this also checks that the term through d p_theta,t /
+d theta vanishes, App. B.2), and Theorem 3.4 in a class-conditional Gaussian-mixture world.
 
 Variants (--variant):
   dipp  DI++ alignment of the world's one-step generator with --reward-scale (alpha_rew) and --cfg-scale (omega).
@@ -45,7 +55,7 @@ NFEs (network evaluations) per update, with K = --ta-steps and batch B (every on
   generator step: 1 generator (with grad) + 1 TA + 1 reference (2 with omega != 1: conditional and null) = 3 | 4
   TA steps:       K TA (with grad); the first reuses the generator step's sample x_0 (detached), each further
                   one draws fresh samples, 1 generator call (no grad) each:                           K + (K - 1)
-  total 2K + 2 (omega = 1) or 2K + 3 (omega != 1); the default K = 1 with omega = 1 gives 4. This is the
+  total 2K + 2 (omega = 1) or 2K + 3 (omega != 1); the default K = 2 with omega = 1 gives 6. This is the
   minimum: no sample or reference prediction is computed twice. The reward model is not counted.
 
 Differences from the paper (and why):
@@ -53,8 +63,12 @@ Differences from the paper (and why):
     code does, where the paper's Alg. 1 lists the TA step first with its own samples. Reusing the sample saves one
     generator call per update and the generator is never scored by a TA that was just fitted to its own batch.
   * The paper's EDM parametrisation (data prediction, log-normal sigma, weighting (C.8)-(C.9)) is rewritten in
-    the DDPM eps / alpha_bar parametrisation every model here uses; the generator weighting of App. C was lost
-    from the paper copy, so w(t) is our documented choice above, tested for the gradient identity.
+    the DDPM eps / alpha_bar parametrisation every model here uses: the log-normal is put on the VE noise level
+    of each discrete t. Its truncation [0.01, 156.6] becomes the schedule's own range [0.029, 14.6] (SDXL
+    schedule), so the mass below 0.029 (about 31%) lands on t = 0. The generator weighting of App. C was lost
+    from the paper copy: w(t) is our documented choice above, tested for the gradient identity.
+  * DESIGN.md section 6 suggests pi uniform on [0.02 T, 0.98 T]; it is one flag away (--time-density uniform
+    --t-min 20 --t-max 980), not the default, for the reason measured above.
   * No EMA of the generator (the paper uses a decay of 0.95 in alignment: an average over ~20 updates); we report
     the raw generator.
   * LoRA adapters on generator and TA by default (the paper fine-tunes every weight: --train-full,
@@ -83,18 +97,21 @@ class Config:
                               "reference network (no reward)", choices=["dipp", "di"])
     steps: int = common.arg(400, "generator updates")
     batch: int = common.arg(256, "samples per update (paper: 256 in alignment)")
-    reward_scale: float = common.arg(1.0, "alpha_rew, weight of the explicit reward (paper: 1-10 PixArt, 100-1000 "
+    reward_scale: float = common.arg(3.0, "alpha_rew, weight of the explicit reward (paper: 1-10 PixArt, 100-1000 "
                                      "SD1.5; per-world scale, see docstring)")
     cfg_scale: float = common.arg(1.0, "omega, CFG scale of the reference = implicit reward at scale omega-1 "
                                   "(Thm 3.4; paper 1.5-4.5)")
-    ta_steps: int = common.arg(1, "K_TA: TA updates per generator update (Alg. 1 alternates one and one)")
+    ta_steps: int = common.arg(2, "K_TA: TA updates per generator update (Alg. 1 alternates one and one; "
+                               "DMD2 uses 5)")
     ta_warmup: int = common.arg(0, "TA-only updates on generator samples before alignment starts (not in the paper)")
-    weighting: str = common.arg("snr_inv", "w(t): snr_inv = sigma^2/alpha^2 (IKL gradient on x_0 = x0_hat_psi - "
-                                "x0_hat_ref), unit = 1", choices=["snr_inv", "unit"])
-    t_min: int = common.arg(20, "pi(t): smallest timestep (0.02 T)")
-    t_max: int = common.arg(980, "pi(t): largest timestep (0.98 T)")
-    lr: float = common.arg(1e-3, "generator learning rate (paper 5e-6 on full networks; toy LoRA scale)")
-    ta_lr: float = common.arg(1e-3, "TA learning rate (paper 5e-6)")
+    weighting: str = common.arg("unit", "w(t): unit = 1 (paper's constant), snr_inv = sigma^2/alpha^2 (IKL "
+                                "gradient on x_0 = x0_hat_psi - x0_hat_ref)", choices=["unit", "snr_inv"])
+    time_density: str = common.arg("lognormal", "pi(t): lognormal (paper App. C: ln sigma_VE ~ N(-2, 2^2)) or "
+                                   "uniform on [t_min, t_max] (DMD2 / SiD: 20..980)", choices=["lognormal", "uniform"])
+    t_min: int = common.arg(0, "pi(t): smallest timestep")
+    t_max: int = common.arg(999, "pi(t): largest timestep")
+    lr: float = common.arg(3e-4, "generator learning rate (paper 5e-6 on full networks; toy LoRA scale)")
+    ta_lr: float = common.arg(3e-3, "TA learning rate (paper 5e-6; the TA must track the generator)")
     adam_beta1: float = common.arg(0.0, "Adam beta1 for both optimizers (paper 0)")
     adam_beta2: float = common.arg(0.999, "Adam beta2 for both optimizers (paper 0.999)")
     max_grad_norm: float = common.arg(10.0, "gradient-norm clip of each update (0 = off)")
@@ -112,9 +129,28 @@ class Config:
 # ---------------------------------------------------------------------------------------------------
 # Losses and the quantities they need
 # ---------------------------------------------------------------------------------------------------
-def sample_t(n: int, generator: torch.Generator, t_min: int, t_max: int) -> torch.Tensor:
-    # t ~ pi(t) = U{t_min, ..., t_max}  (DESIGN section 6: uniform on [0.02 T, 0.98 T])
-    return torch.randint(t_min, t_max + 1, (n,), generator=generator)
+def time_density(sched: common.Schedule, kind: str, t_min: int, t_max: int) -> torch.Tensor:
+    """pi(t) as probabilities over t = 0..T-1 [T], zero outside [t_min, t_max]."""
+    t = torch.arange(common.T)
+    if kind == "uniform":
+        # pi(t) = U{t_min, ..., t_max}  (DESIGN section 6: uniform on [0.02 T, 0.98 T], as DMD2 / SiD)
+        pi = torch.ones(common.T, dtype=torch.float64)
+    elif kind == "lognormal":
+        # paper App. C (EDM, (C.5)): ln sigma ~ N(-2, 2^2) for the variance-exploding noise level
+        # sigma(t) = sqrt((1 - alpha_bar_t) / alpha_bar_t), each sigma rounded to the nearest discrete t
+        log_sigma = (1 / sched.alphas_cumprod.double() - 1).sqrt().log()
+        edges = torch.cat([log_sigma[:1] - 50, (log_sigma[1:] + log_sigma[:-1]) / 2, log_sigma[-1:] + 50])
+        cdf = torch.distributions.Normal(-2.0, 2.0).cdf(edges)
+        pi = cdf[1:] - cdf[:-1]
+    else:
+        raise ValueError(f"unknown time density {kind!r}; choose 'uniform' or 'lognormal'")
+    pi = torch.where((t >= t_min) & (t <= t_max), pi, torch.zeros_like(pi))
+    return pi / pi.sum()
+
+
+def sample_t(n: int, generator: torch.Generator, pi: torch.Tensor) -> torch.Tensor:
+    # t ~ pi(t)
+    return torch.multinomial(pi, n, replacement=True, generator=generator)
 
 
 def ikl_weight(sched: common.Schedule, t: torch.Tensor, kind: str, like: torch.Tensor) -> torch.Tensor:
@@ -202,6 +238,7 @@ def train(cfg: Config) -> dict:
     if len(generator.timesteps) != 1:
         raise ValueError(f"Diff-Instruct++ trains a one-step generator; this one samples on {generator.timesteps}")
     kernel = common.make_kernel(generator.sampler, sched)
+    pi = time_density(sched, cfg.time_density, cfg.t_min, cfg.t_max)
     # TA diffusion eps_psi = a LoRA on the reference; `with ta.frozen():` is the reference eps_ref
     ta = world.denoiser("teacher", lora_rank=cfg.ta_lora_rank, train_full=cfg.ta_train_full)
     adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=0.0)
@@ -230,7 +267,7 @@ def train(cfg: Config) -> dict:
 
     def ta_update(x0: torch.Tensor, cond, gen: torch.Generator, step: int) -> float:
         # one TA step on a detached generator sample: t ~ pi, x_t = alpha_t sg(x_0) + sigma_t eps
-        t = sample_t(len(x0), gen, cfg.t_min, cfg.t_max)
+        t = sample_t(len(x0), gen, pi)
         eps = torch.randn(x0.shape, generator=gen).to(x0.device)
         with acc.autocast():
             loss = ta_loss(ta(common.add_noise(sched, x0.detach(), eps, t), t, cond), eps)
@@ -261,7 +298,7 @@ def train(cfg: Config) -> dict:
 
         # ---- generator step: (3.7)-(3.9) --------------------------------------------------------------
         x0, cond = draw(gen, grad=True)  # 1 NFE, carries the generator graph
-        t = sample_t(cfg.batch, gen, cfg.t_min, cfg.t_max)
+        t = sample_t(cfg.batch, gen, pi)
         eps = torch.randn(x0.shape, generator=gen).to(x0.device)
         # x_t = alpha_t g_theta(z, c) + sigma_t eps
         x_t = common.add_noise(sched, x0, eps, t)

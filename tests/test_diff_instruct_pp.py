@@ -10,7 +10,8 @@ import common
 import diff_instruct_pp as dipp
 
 SCHED = common.Schedule("scaled_linear")
-T_GRID = torch.arange(20, 981)  # the support of pi(t) the script ships (Config.t_min, t_max)
+PI_UNIFORM = dipp.time_density(SCHED, "uniform", 20, 980)  # the script's default pi(t)
+DENSITIES = {"uniform": PI_UNIFORM, "lognormal": dipp.time_density(SCHED, "lognormal", 0, 999)}
 
 
 def alpha_sigma(t):
@@ -63,20 +64,22 @@ def generator_params():
     return mu, a
 
 
-def objective(mu, a, reward_scale, weighting):
-    """(3.3) in closed form: -alpha_rew E r(x_0) + mean_{t in supp pi} w(t) KL(p_theta,t || p_ref,t)."""
+def objective(mu, a, reward_scale, weighting, pi):
+    """(3.3) in closed form: -alpha_rew E r(x_0) + sum_t pi(t) w(t) KL(p_theta,t || p_ref,t)."""
     cov = a @ a.T
     expected_reward = B_REW @ mu - 0.5 * (mu @ Q_REW @ mu + torch.trace(Q_REW @ cov))
-    al, si = alpha_sigma(T_GRID)
+    support = torch.nonzero(pi).squeeze(1)
+    al, si = alpha_sigma(support)
     eye = torch.eye(D, dtype=torch.float64)
     var_t = lambda c: al[:, :, None] ** 2 * c + si[:, :, None] ** 2 * eye  # alpha^2 C + sigma^2 I, [N, d, d]
     kl = gaussian_kl(al * mu, var_t(cov), al * M_REF, var_t(S_REF))
-    w = dipp.ikl_weight(SCHED, T_GRID, weighting, torch.zeros(len(T_GRID), 1)).double().squeeze(1)
-    return -reward_scale * expected_reward + (w * kl).mean()
+    w = dipp.ikl_weight(SCHED, support, weighting, torch.zeros(len(support), 1)).double().squeeze(1)
+    return -reward_scale * expected_reward + (pi[support] * w * kl).sum()
 
 
-def pseudo_loss_gradient(mu, a, reward_scale, weighting, z, eps, t):
-    """theta-gradient of the script's pseudo-loss (3.7)-(3.9) with the exact generator score in place of the TA."""
+def pseudo_loss_gradient(mu, a, reward_scale, weighting, z, eps, t, row_weight=None):
+    """theta-gradient of the script's pseudo-loss (3.7)-(3.9) with the exact generator score in place of the TA,
+    averaged over rows (or summed with `row_weight`)."""
     x0 = mu + z @ a.T
     al, si = alpha_sigma(t)
     x_t = al * x0 + si * eps
@@ -87,22 +90,26 @@ def pseudo_loss_gradient(mu, a, reward_scale, weighting, z, eps, t):
     score_ref = gaussian_score(x_t.detach(), al * M_REF, cov_ref)
     w = dipp.ikl_weight(SCHED, t, weighting, x_t).double()
     loss, _ = dipp.generator_pseudo_loss(x_t, score_theta, score_ref, w, reward(x0), reward_scale)
-    return torch.autograd.grad(loss.mean(), (mu, a))
+    loss = loss.mean() if row_weight is None else (row_weight * loss).sum()
+    return torch.autograd.grad(loss, (mu, a))
 
 
+@pytest.mark.parametrize("density", ["uniform", "lognormal"])
 @pytest.mark.parametrize("weighting", ["snr_inv", "unit"])
 @pytest.mark.parametrize("reward_scale", [0.0, 0.7])
-def test_pseudo_loss_gradient_is_ikl_gradient(weighting, reward_scale):
-    """Theorem 3.2 + Lemma B.1: E grad_theta L_G = grad_theta [-alpha_rew E r + int w KL dt], exactly. The
+def test_pseudo_loss_gradient_is_ikl_gradient(weighting, reward_scale, density):
+    """Theorem 3.2 + Lemma B.1: E grad_theta L_G = grad_theta [-alpha_rew E r + int w KL dpi], exactly. The
     expectation over (z, eps) is taken with moment-matched draws (exact for this degree-2 integrand) and the one
-    over t by summing over every t in the support of pi, so the only error is floating point."""
+    over t by summing over every t in the support of pi with weight pi(t), so the only error is floating point."""
+    pi = DENSITIES[density]
     mu, a = generator_params()
-    exact = torch.autograd.grad(objective(mu, a, reward_scale, weighting), (mu, a))
+    exact = torch.autograd.grad(objective(mu, a, reward_scale, weighting, pi), (mu, a))
     n = 8
-    u = moment_matched_normals(len(T_GRID), n, 2 * D, seed=1)
+    support = torch.nonzero(pi).squeeze(1)
+    u = moment_matched_normals(len(support), n, 2 * D, seed=1)
     z, eps = u[..., :D].reshape(-1, D), u[..., D:].reshape(-1, D)
-    t = T_GRID.repeat_interleave(n)
-    estimate = pseudo_loss_gradient(mu, a, reward_scale, weighting, z, eps, t)
+    t = support.repeat_interleave(n)
+    estimate = pseudo_loss_gradient(mu, a, reward_scale, weighting, z, eps, t, row_weight=pi[t] / n)
     for g_exact, g_est in zip(exact, estimate):
         assert g_exact.abs().max() > 1e-2  # the comparison is not between two zeros
         torch.testing.assert_close(g_est, g_exact, rtol=1e-6, atol=1e-9)
@@ -112,12 +119,13 @@ def test_pseudo_loss_gradient_monte_carlo_with_t_drawn_from_pi():
     """The estimator the training loop uses (t ~ pi, z and eps plain normal draws) agrees with the closed-form
     gradient within 4 standard errors (estimated from 32 independent chunks) and within 3% of its norm."""
     mu, a = generator_params()
-    exact = torch.cat([g.flatten() for g in torch.autograd.grad(objective(mu, a, 0.7, "snr_inv"), (mu, a))])
+    exact = torch.cat([g.flatten() for g in torch.autograd.grad(objective(mu, a, 0.7, "snr_inv", PI_UNIFORM),
+                                                                (mu, a))])
     gen = torch.Generator().manual_seed(3)
     chunks = []
     for _ in range(32):
         n = 4096
-        t = dipp.sample_t(n, gen, 20, 980)
+        t = dipp.sample_t(n, gen, PI_UNIFORM)
         z = torch.randn(n, D, generator=gen, dtype=torch.float64)
         eps = torch.randn(n, D, generator=gen, dtype=torch.float64)
         chunks.append(torch.cat([g.flatten() for g in pseudo_loss_gradient(mu, a, 0.7, "snr_inv", z, eps, t)]))
@@ -141,10 +149,22 @@ def test_snr_inv_weighting_makes_the_ikl_pull_the_x0_prediction_difference():
 
 
 def test_pi_t_covers_its_support_uniformly():
-    t = dipp.sample_t(200_000, torch.Generator().manual_seed(0), 20, 980)
+    t = dipp.sample_t(200_000, torch.Generator().manual_seed(0), PI_UNIFORM)
     assert t.min() == 20 and t.max() == 980
     counts = torch.bincount(t - 20, minlength=961).double()
     assert (counts - counts.mean()).abs().max() < 6 * counts.mean().sqrt()
+
+
+def test_lognormal_pi_t_is_the_papers_noise_level_distribution():
+    """App. C: ln sigma ~ N(-2, 2^2) for sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t), rounded to the nearest t:
+    P(sigma(t) <= s) = Phi((ln s + 2) / 2) up to the width of one t bin."""
+    pi = DENSITIES["lognormal"]
+    sigma = (1 / SCHED.alphas_cumprod.double() - 1).sqrt()
+    for s in (0.1, 0.5, 1.0, 3.0):
+        k = int(torch.searchsorted(sigma, torch.tensor(s, dtype=torch.float64)))  # first t with sigma(t) >= s
+        phi = 0.5 * (1 + math.erf((math.log(s) + 2.0) / (2.0 * math.sqrt(2))))
+        assert pi[: k - 1].sum() <= phi <= pi[: k + 1].sum()  # sigma(k-1) < s <= sigma(k)
+    assert math.isclose(float(pi.sum()), 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,7 +202,7 @@ def mixture_setup(n, seed):
     mu = torch.tensor([[0.6, 0.1], [-0.2, -0.5]], dtype=torch.float64, requires_grad=True)  # per class
     a = torch.tensor([[[0.3, 0.0], [0.1, 0.2]], [[0.25, -0.05], [0.0, 0.4]]], dtype=torch.float64, requires_grad=True)
     z, eps = (torch.randn(n, D, generator=g, dtype=torch.float64) for _ in range(2))
-    t = dipp.sample_t(n, g, 20, 980)
+    t = dipp.sample_t(n, g, PI_UNIFORM)
     return cond, mu, a, z, eps, t
 
 
@@ -253,9 +273,10 @@ def tiny(monkeypatch, toy2d_tiny):
 
 
 @pytest.mark.parametrize("kw, nfe", [
-    (dict(variant="dipp", reward_scale=0.1), 4),  # 2K + 2 with K = 1, omega = 1
+    (dict(variant="dipp", reward_scale=0.1, ta_steps=1), 4),  # 2K + 2 with K = 1, omega = 1
     (dict(variant="dipp", reward_scale=0.1, cfg_scale=2.0, ta_steps=2), 7),  # 2K + 3
-    (dict(variant="di", cfg_scale=1.5, weighting="unit", ta_warmup=2), 5),
+    (dict(variant="di", cfg_scale=1.5, ta_steps=1, ta_warmup=2, weighting="snr_inv", time_density="uniform",
+          t_min=20, t_max=980), 5),
 ])
 def test_each_variant_runs_end_to_end_and_writes_its_outputs(tmp_path, tiny, kw, nfe):
     metrics = dipp.train(tiny_cfg(tmp_path, **kw))
