@@ -1,0 +1,296 @@
+"""sharpening.py: trajectory choice, roll-outs vs diffusers' DDIM, Eq. 9 / 11 on hand-computed tensors, NFEs,
+end-to-end runs of both variants on the tiny toy worlds, resume identity, NaN stop and bad input."""
+import csv
+import json
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+from safetensors.torch import load_file
+
+import common
+import sharpening
+
+SDXL = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+TINY = dict(batch=4, steps=2, eval_every=1, eval_samples=8, final_samples=16, save_every=1)
+
+
+def read_log(out):
+    with open(out / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def tiny_world(monkeypatch, toy2d_tiny):
+    monkeypatch.setattr(common, "load_world", lambda name: toy2d_tiny)
+    return toy2d_tiny
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trajectory scores and the per-condition choice (Eq. 8)
+# ---------------------------------------------------------------------------------------------------
+def test_chosen_trajectory_is_the_per_condition_argmax_of_summed_rewards():
+    # m = 3 states, B = 2 conditions, n = 3 candidates each (rows condition-major: c0 c0 c0 c1 c1 c1)
+    rewards = torch.tensor([[1.0, 5.0, 0.0, -1.0, -2.0, -3.0],
+                            [1.0, -4.0, 0.5, -1.0, -2.0, 2.5],
+                            [1.0, 0.0, 0.8, -1.0, -2.0, -3.0]])
+    scores = sharpening.trajectory_scores(rewards)  # sums: [3, 1, 1.3, -3, -6, -3.5]
+    assert torch.allclose(scores, torch.tensor([3.0, 1.0, 1.3, -3.0, -6.0, -3.5]))
+    best, worst = sharpening.choose_best_worst(scores, n=3)
+    assert best.tolist() == [0, 3] and worst.tolist() == [1, 4]
+    # the best state of a single step (row 1: reward 5) does not win: the sum over the trajectory decides
+    assert rewards[0].argmax() == 1
+    # a pooled argmax over the batch (the official code) would train only condition 0's row 0
+    assert scores.argmax() == 0 and 3 in best.tolist()
+
+
+def test_one_candidate_is_its_own_best():
+    best, worst = sharpening.choose_best_worst(torch.tensor([0.3, -2.0, 7.0]), n=1)
+    assert best.tolist() == worst.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_rollout_reproduces_diffusers_ddim_from_the_same_start(toy2d_tiny, eta):
+    world = toy2d_tiny
+    den = world.denoiser("teacher")
+    ref = DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False, **SDXL)
+    ref.set_timesteps(25)
+    grid = den.timesteps
+    assert grid == ref.timesteps.tolist()  # the teacher's grid is diffusers' 25-step trailing DDIM grid
+    times = grid[18:22]  # m = 4 states from t = 279
+    cond = torch.tensor([0, 1, 2, 0, 1, 2])
+    x_t = common.add_noise(world.schedule, world.data_for(cond, torch.Generator().manual_seed(1)),
+                           torch.randn(6, 2), times[0])
+    kernel = common.make_kernel("ddim", world.schedule, eta)
+    states, eps_pred, rewards = sharpening.sharpening_rollout(den, kernel, x_t, cond, times, world.reward,
+                                                              torch.Generator().manual_seed(3), grad=False)
+    assert len(states) == len(eps_pred) == 4 and rewards.shape == (4, 6)
+    x, g = x_t, torch.Generator().manual_seed(3)
+    for k, t in enumerate(times):
+        with torch.no_grad():
+            eps = den(x, t, cond)
+        out = ref.step(eps, t, x, eta=eta, variance_noise=torch.randn(x.shape, generator=g))
+        assert torch.allclose(states[k], x, atol=1e-5), f"state at t={t}"
+        # each state is scored by the reward of diffusers' pred_original_sample (the one-step x0 estimate)
+        assert torch.allclose(rewards[k], world.reward(out.pred_original_sample, cond), atol=1e-5)
+        x = out.prev_sample
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses (Eq. 9, 10, 11)
+# ---------------------------------------------------------------------------------------------------
+def test_sft_loss_is_the_summed_eps_mse_of_the_best_trajectory():
+    eps = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    eps_pred = [torch.tensor([[1.0, 1.0], [0.0, 0.0]]), torch.tensor([[3.0, 0.0], [1.0, 2.0]])]
+    # per-dimension means: row 0: (0 + 1)/2 + (4 + 0)/2 = 2.5; row 1: (0 + 4)/2 + (1 + 0)/2 = 2.5
+    assert sharpening.sft_loss(eps_pred, eps, "mean").item() == pytest.approx(2.5)
+    assert sharpening.sft_loss(eps_pred, eps, "sum").item() == pytest.approx(5.0)
+    # one state (m = 1) is the standard denoising loss of diffusers' training scripts
+    assert sharpening.sft_loss(eps_pred[:1], eps).item() == pytest.approx(F.mse_loss(eps_pred[0], eps).item())
+
+
+def test_x0_targets_take_every_state_back_to_its_x0(toy2d_tiny):
+    world, den = toy2d_tiny, toy2d_tiny.denoiser("teacher")
+    cond, eps = torch.tensor([0, 1, 2, 2]), torch.randn(4, 2)
+    x0 = world.data_for(cond, torch.Generator().manual_seed(0))
+    times = den.timesteps[5:8]
+    x_t = common.add_noise(world.schedule, x0, eps, times[0])
+    states, _, _ = sharpening.sharpening_rollout(den, common.make_kernel("ddim", world.schedule, 0.0), x_t, cond,
+                                                 times, world.reward, None, grad=False)
+    noise = sharpening.eps_targets(world.schedule, states, times, x0, eps, "noise")
+    x0_targets = sharpening.eps_targets(world.schedule, states, times, x0, eps, "x0")
+    assert all(torch.equal(e, eps) for e in noise)
+    assert torch.allclose(x0_targets[0], eps, atol=1e-5)  # the first state is the forward-diffused x_0 itself
+    for s, e, t in zip(states, x0_targets, times):
+        assert torch.allclose(common.add_noise(world.schedule, x0, e, t), s, atol=1e-5)
+    assert not torch.allclose(x0_targets[2], eps, atol=1e-3)  # below the start the DDIM steps left the line
+
+
+def test_rlhf_loss_equals_hand_computed_value():
+    mse_w, mse_l = torch.tensor([0.30, 0.10]), torch.tensor([0.50, 0.40])
+    ref_w, ref_l = torch.tensor([0.32, 0.12]), torch.tensor([0.48, 0.35])
+    r_w, r_l, beta = torch.tensor([2.0, 1.0]), torch.tensor([-1.0, 0.5]), 10.0
+    loss, logit = sharpening.rlhf_loss(mse_w, mse_l, ref_w, ref_l, r_w, r_l, beta)
+    # row 0: 10 [(0.32 - 0.30) - (0.48 - 0.50)] = 0.4; row 1: 10 [(0.12 - 0.10) - (0.35 - 0.40)] = 0.7
+    assert torch.allclose(logit, torch.tensor([0.4, 0.7]))
+    row0 = math.log(1 + math.exp(-0.4)) - 3.0  # -log sigma(0.4) - (R_w - R_l)
+    row1 = math.log(1 + math.exp(-0.7)) - 0.5
+    assert loss.item() == pytest.approx((row0 + row1) / 2, abs=1e-6)
+
+
+def test_rlhf_gradient_does_not_depend_on_the_reward_gap():
+    torch.manual_seed(0)
+    theta = torch.randn(4, requires_grad=True)
+    x_w, x_l, eps_w, eps_l = torch.randn(4, 4, 3).unbind(0)  # 4 rows of 3 dimensions each
+
+    def grad(r_w, r_l):
+        eps_theta = lambda x: torch.tanh(theta[:3] * x + theta[3])  # a differentiable toy eps_theta
+        mse = lambda e, target: ((e - target) ** 2).mean(1)
+        loss, _ = sharpening.rlhf_loss(mse(eps_theta(x_w), eps_w), mse(eps_theta(x_l), eps_l),
+                                       mse(0.9 * x_w, eps_w), mse(0.9 * x_l, eps_l), r_w, r_l, beta=5.0)
+        (g,) = torch.autograd.grad(loss, theta)
+        return loss.detach(), g
+
+    loss_a, g_a = grad(torch.zeros(4), torch.zeros(4))
+    loss_b, g_b = grad(torch.tensor([3.0, 1.0, 9.0, 0.5], requires_grad=True), torch.tensor([-2.0, 0.0, 1.0, 0.4]))
+    assert torch.equal(g_a, g_b) and g_a.abs().sum() > 0
+    assert loss_b.item() == pytest.approx(loss_a.item() - (5 + 1 + 8 + 0.1) / 4, abs=1e-5)  # only the value moves
+
+
+def test_rlhf_with_one_state_is_diffusion_dpo():
+    # Wallace et al. (Diffusion-DPO): -log sigma(-beta (||e_w - e_theta(x_w)||^2 - ||e_w - e_ref(x_w)||^2
+    #                                                 - (||e_l - e_theta(x_l)||^2 - ||e_l - e_ref(x_l)||^2)))
+    g = torch.Generator().manual_seed(0)
+    e_w, e_l, th_w, th_l, ref_w, ref_l = torch.randn(6, 5, 8, generator=g).unbind(0)
+    sq = lambda a, b: ((a - b) ** 2).mean(1)
+    beta = 0.7
+    dpo = -F.logsigmoid(-beta * (sq(e_w, th_w) - sq(e_w, ref_w) - (sq(e_l, th_l) - sq(e_l, ref_l)))).mean()
+    m = sharpening.trajectory_mse
+    loss, _ = sharpening.rlhf_loss(m([th_w], e_w), m([th_l], e_l), m([ref_w], e_w), m([ref_l], e_l),
+                                   torch.zeros(5), torch.zeros(5), beta)
+    assert loss.item() == pytest.approx(dpo.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# NFEs and the two ways of getting the policy's predictions
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant,n,m,recompute,expected", [
+    ("sft", 3, 3, False, 9),  # n m
+    ("sft", 2, 4, False, 8),
+    ("sft", 3, 3, True, 12),  # n m + m
+    ("rlhf", 3, 3, False, 90),  # n K + n m + 2 m, K = 25
+    ("rlhf", 2, 4, False, 66),
+    ("rlhf", 3, 3, True, 96),  # n K + n m + 4 m
+])
+def test_measured_nfe_per_update_is_the_documented_minimum(tmp_path, tiny_world, variant, n, m, recompute, expected):
+    sharpening.train(sharpening.Config(variant=variant, n=n, m=m, recompute=recompute, out=str(tmp_path),
+                                       **{**TINY, "steps": 1}))
+    assert [float(r["nfe"]) for r in read_log(tmp_path)] == [expected]
+
+
+@pytest.mark.parametrize("variant", ["sft", "rlhf"])
+def test_recomputing_the_chosen_predictions_gives_the_same_loss_and_gradient(tmp_path, tiny_world, variant):
+    rows = []
+    for recompute in (False, True):
+        out = tmp_path / str(recompute)
+        sharpening.train(sharpening.Config(variant=variant, recompute=recompute, out=str(out), **{**TINY, "steps": 1}))
+        rows.append(read_log(out)[0])
+    stored, recomputed = rows
+    assert float(recomputed["nfe"]) > float(stored["nfe"])
+    for key in ("loss", "grad_norm", "score_best"):  # grad_norm: the norm of the same gradient before clipping
+        assert float(stored[key]) == pytest.approx(float(recomputed[key]), rel=1e-5), key
+
+
+def test_sft_data_top_keeps_the_highest_reward_pairs(toy2d_tiny):
+    cfg = sharpening.Config(batch=10, data_top=0.25)
+    x0, cond = sharpening.sft_data(toy2d_tiny, cfg, torch.Generator().manual_seed(0))
+    pool, pool_cond = toy2d_tiny.data(40, torch.Generator().manual_seed(0))
+    keep = toy2d_tiny.reward(pool, pool_cond).topk(10).indices.sort().values
+    assert torch.equal(x0, pool[keep]) and torch.equal(cond, pool_cond[keep])
+    assert toy2d_tiny.reward(x0, cond).min() >= toy2d_tiny.reward(pool, pool_cond).median()
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end on the tiny worlds: outputs, resume, NaN, bad input
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world_name", ["toy2d_tiny", "mnist_tiny"])
+@pytest.mark.parametrize("variant", ["sft", "rlhf"])
+def test_each_variant_runs_end_to_end_and_writes_its_outputs(tmp_path, monkeypatch, request, world_name, variant):
+    world = request.getfixturevalue(world_name)
+    monkeypatch.setattr(common, "load_world", lambda name: world)
+    cfg = ["--variant", variant, "--out", str(tmp_path), "--batch", "3", "--steps", "2", "--eval-every", "1",
+           "--eval-samples", "4", "--final-samples", "12", "--m", "2"]
+    metrics = sharpening.main(cfg)
+    for name in ("config.json", "log.csv", "metrics.json", "samples.png", "curves.png",
+                 "adapter/adapter.safetensors", "checkpoint/adapter.safetensors"):
+        assert (tmp_path / name).exists(), name
+    for key in ("reward_base", "reward_tuned", "quality_base", "quality_tuned", "distance_tuned", "seconds"):
+        assert math.isfinite(metrics[key]), key
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    rows = read_log(tmp_path)
+    assert [r["step"] for r in rows] == ["1", "2"] and all(r["eval_reward"] for r in rows)
+    assert {"loss", "reward", "nfe", "seconds"} <= rows[0].keys()
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("variant", ["sft", "rlhf"])
+def test_resume_continues_to_the_same_final_adapter(tmp_path, tiny_world, monkeypatch, variant):
+    cfg = dict(variant=variant, **{**TINY, "steps": 4, "save_every": 2})
+    sharpening.train(sharpening.Config(out=str(tmp_path / "straight"), **cfg))
+    # interrupted run: killed during update 3, after the checkpoint of update 2
+    loss_fn = getattr(sharpening, f"{variant}_loss")
+    calls = []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Crash("killed")
+        return loss_fn(*a, **k)
+
+    monkeypatch.setattr(sharpening, f"{variant}_loss", dying)
+    with pytest.raises(Crash):
+        sharpening.train(sharpening.Config(out=str(tmp_path / "cut"), **cfg))
+    monkeypatch.setattr(sharpening, f"{variant}_loss", loss_fn)
+    sharpening.train(sharpening.Config(out=str(tmp_path / "cut"), resume=True, **cfg))
+    a = (tmp_path / "straight" / "adapter" / "adapter.safetensors").read_bytes()
+    b = (tmp_path / "cut" / "adapter" / "adapter.safetensors").read_bytes()
+    assert a == b  # bit-identical
+    straight, cut = read_log(tmp_path / "straight"), read_log(tmp_path / "cut")
+    assert [r["step"] for r in cut] == ["1", "2", "3", "4"]
+    assert [r["loss"] for r in cut] == [r["loss"] for r in straight]
+
+
+@pytest.mark.parametrize("variant", ["sft", "rlhf"])
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, tiny_world, monkeypatch, variant):
+    loss_fn = getattr(sharpening, f"{variant}_loss")
+    calls = []
+
+    def nan_at_3(*a, **k):
+        calls.append(1)
+        out = loss_fn(*a, **k)
+        if len(calls) < 3:
+            return out
+        return (out[0] * float("nan"), out[1]) if isinstance(out, tuple) else out * float("nan")
+
+    monkeypatch.setattr(sharpening, f"{variant}_loss", nan_at_3)
+    with pytest.raises(common.NonFiniteLoss, match="update 3.*last good checkpoint"):
+        sharpening.train(sharpening.Config(variant=variant, out=str(tmp_path), **{**TINY, "steps": 5}))
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert [r["step"] for r in read_log(tmp_path)] == ["1", "2"]
+
+
+def test_non_finite_rewards_stop_the_run(tmp_path, tiny_world, monkeypatch):
+    monkeypatch.setattr(tiny_world, "reward", lambda x0, cond: torch.full((len(x0),), float("nan")))
+    with pytest.raises(common.NonFiniteLoss, match="reward returned non-finite"):
+        sharpening.train(sharpening.Config(out=str(tmp_path), **TINY))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(variant="rlhf", n=1), "needs --n >= 2"),
+    (dict(m=26), "--m 26 needs 26 grid times"),
+    (dict(m=4, start_t=79), "--m 4 states need 3 sampler steps below --start-t 79, but only 1"),
+    (dict(start_t=500), "--start-t 500 is not a time of the sampler grid"),
+    (dict(n=0), "--n must be >= 1"),
+    (dict(m=0), "--m must be >= 1"),
+    (dict(data_top=0.0), "--data-top"),
+])
+def test_bad_input_gets_a_clear_error_and_keeps_saved_files(tmp_path, tiny_world, overrides, message):
+    sharpening.train(sharpening.Config(out=str(tmp_path), **{**TINY, "steps": 1}))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sharpening.train(sharpening.Config(out=str(tmp_path), **{**TINY, "steps": 1}, **overrides))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert (tmp_path / "checkpoint" / "adapter.safetensors").exists()
+
+
+def test_resuming_a_different_experiment_is_refused(tmp_path, tiny_world):
+    sharpening.train(sharpening.Config(out=str(tmp_path), **TINY))
+    with pytest.raises(ValueError, match="variant was 'sft', now 'rlhf'"):
+        sharpening.train(sharpening.Config(out=str(tmp_path), variant="rlhf", resume=True, **TINY))
+    assert json.loads((tmp_path / "config.json").read_text())["variant"] == "sft"
