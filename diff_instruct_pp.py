@@ -15,11 +15,11 @@ What is implemented (equation -> function):
                the time integral taken against pi(t): int ... dt := sum_t pi(t) w(t) KL_t   (not computed here;
                tests/test_diff_instruct_pp.py evaluates it in closed form in a Gaussian world)
   (3.4)        its gradient  E[ -alpha_rew grad_x r . dx_0/dtheta + w(t) (s_theta,t - s_ref,t)(x_t) . dx_t/dtheta ],
-               s_theta,t estimated by the TA's score s_psi                                        -> generator_pseudo_loss
+               s_theta,t estimated by the TA's score s_psi                                   -> generator_pseudo_loss
   (3.5), Thm 3.4  CFG = an implicit reward: eps_cfg = eps_ref(null) + omega (eps_ref(c) - eps_ref(null)); using it
                as the reference is DI++ with r_cfg at scale omega - 1                                -> common.eps_cfg
   (3.7)-(3.9)  pseudo-loss  L_G = -alpha_rew r(x_0, c) + w(t) < sg[s_psi(x_t) - s_ref^cfg(x_t)], x_t >
-                                                                                                    -> generator_pseudo_loss
+                                                                                             -> generator_pseudo_loss
   Alg. 1 step 1  TA update: the reference's own eps-loss for eps_psi on sg(x_0) (DSM, (2.2))             -> ta_loss
   pi(t)        "lognormal" (default, paper App. C / (C.5)): ln sigma_VE ~ N(-2, 2^2) with sigma_VE(t) =
                sqrt((1 - alpha_bar_t) / alpha_bar_t), rounded to the nearest t, on [0, 999]; "uniform" on
@@ -195,6 +195,13 @@ def generate(generator, kernel: common.Kernel, z: torch.Tensor, cond) -> torch.T
     return kernel.x0(x, generator(kernel.net_input(x, t), t, cond), t)
 
 
+@torch.no_grad()
+def generate_in_chunks(generator, kernel: common.Kernel, z: torch.Tensor, cond, chunk: int) -> torch.Tensor:
+    """Evaluation samples, `chunk` at a time (the training batch: what fits in memory)."""
+    return torch.cat([generate(generator, kernel, z[i:i + chunk], common.cond_index(cond, slice(i, i + chunk)))
+                      for i in range(0, len(z), chunk)])
+
+
 def check_reward_is_differentiable(world, x0: torch.Tensor, cond) -> None:
     """DI++ back-propagates through the reward: fail early and clearly if it cannot."""
     probe = x0.detach().clone().requires_grad_(True)
@@ -214,7 +221,8 @@ def check_reward_is_differentiable(world, x0: torch.Tensor, cond) -> None:
 def train(cfg: Config) -> dict:
     timer = common.Timer()
     if cfg.variant == "di" and cfg.reward_scale != 0:
-        print(f"[diff_instruct_pp] variant di is Diff-Instruct: --reward-scale {cfg.reward_scale} is ignored (set to 0)")
+        print(f"[diff_instruct_pp] variant di is Diff-Instruct: --reward-scale {cfg.reward_scale} is ignored "
+              "(set to 0)")
         cfg = dataclasses.replace(cfg, reward_scale=0.0)
     for name in ("steps", "batch", "ta_steps", "eval_samples", "save_every"):
         if getattr(cfg, name) < 1:
@@ -247,12 +255,14 @@ def train(cfg: Config) -> dict:
     optimizers = {"generator": opt_g, "ta": opt_ta}
 
     # base generator, fixed evaluation seeds (the same noise for base and tuned)
-    eval_cond = world.eval_conditions(cfg.eval_samples)
-    eval_z = torch.randn(cfg.eval_samples, *world.shape, generator=torch.Generator().manual_seed(2**31 - 1 - cfg.seed))
-    with torch.no_grad(), generator.frozen():
-        x0_base = generate(generator, kernel, eval_z, eval_cond)
+    dev = acc.device
+    eval_cond = common.cond_to(world.eval_conditions(cfg.eval_samples), dev)
+    eval_z = torch.randn(cfg.eval_samples, *world.shape,
+                         generator=torch.Generator().manual_seed(2**31 - 1 - cfg.seed)).to(dev)
+    with generator.frozen():
+        x0_base = generate_in_chunks(generator, kernel, eval_z, eval_cond, cfg.batch)
     if cfg.reward_scale > 0:
-        check_reward_is_differentiable(world, x0_base[: min(8, len(x0_base))], common.cond_index(eval_cond, slice(0, 8)))
+        check_reward_is_differentiable(world, x0_base[:8], common.cond_index(eval_cond, slice(0, 8)))
 
     start = 0
     if cfg.resume:
@@ -267,8 +277,8 @@ def train(cfg: Config) -> dict:
 
     def ta_update(x0: torch.Tensor, cond, gen: torch.Generator, step: int) -> float:
         # one TA step on a detached generator sample: t ~ pi, x_t = alpha_t sg(x_0) + sigma_t eps
-        t = sample_t(len(x0), gen, pi)
-        eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+        t = sample_t(len(x0), gen, pi).to(dev)
+        eps = torch.randn(x0.shape, generator=gen).to(dev)
         with acc.autocast():
             loss = ta_loss(ta(common.add_noise(sched, x0.detach(), eps, t), t, cond), eps)
         common.check_finite(loss, step, run)
@@ -280,8 +290,8 @@ def train(cfg: Config) -> dict:
         return loss.item()
 
     def draw(gen: torch.Generator, grad: bool):
-        cond = world.conditions(cfg.batch, gen)
-        z = torch.randn(cfg.batch, *world.shape, generator=gen).to(acc.device)
+        cond = common.cond_to(world.conditions(cfg.batch, gen), dev)
+        z = torch.randn(cfg.batch, *world.shape, generator=gen).to(dev)
         with torch.set_grad_enabled(grad), acc.autocast():
             return generate(generator, kernel, z, cond), cond
 
@@ -298,8 +308,8 @@ def train(cfg: Config) -> dict:
 
         # ---- generator step: (3.7)-(3.9) --------------------------------------------------------------
         x0, cond = draw(gen, grad=True)  # 1 NFE, carries the generator graph
-        t = sample_t(cfg.batch, gen, pi)
-        eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+        t = sample_t(cfg.batch, gen, pi).to(dev)
+        eps = torch.randn(x0.shape, generator=gen).to(dev)
         # x_t = alpha_t g_theta(z, c) + sigma_t eps
         x_t = common.add_noise(sched, x0, eps, t)
         _, sigma = sched.alpha_sigma(t, x_t)
@@ -308,14 +318,14 @@ def train(cfg: Config) -> dict:
             with ta.frozen():
                 if cfg.cfg_scale != 1.0:  # conditional and null in one batch: 2 NFEs
                     both = ta(torch.cat([x_t.detach()] * 2), torch.cat([t, t]),
-                              common.cond_cat([cond, world.null_condition(cfg.batch)]))
+                              common.cond_cat([cond, common.cond_to(world.null_condition(cfg.batch), dev)]))
                     eps_c, eps_null = both.chunk(2)
                     # eps_cfg = eps_ref(null) + omega (eps_ref(c) - eps_ref(null))   (3.5, Thm 3.4)
                     eps_ref = common.eps_cfg(eps_c, eps_null, cfg.cfg_scale)
                 else:
                     eps_ref = ta(x_t.detach(), t, cond)  # 1 NFE
         with acc.autocast():
-            reward = world.reward(x0, cond) if cfg.reward_scale > 0 else torch.zeros(cfg.batch, device=x0.device)
+            reward = world.reward(x0, cond) if cfg.reward_scale > 0 else torch.zeros(cfg.batch, device=dev)
             loss, ikl_grad = generator_pseudo_loss(
                 x_t, score_from_eps(eps_ta.float(), sigma), score_from_eps(eps_ref.float(), sigma),
                 ikl_weight(sched, t, cfg.weighting, x_t), reward, cfg.reward_scale)
@@ -348,16 +358,16 @@ def train(cfg: Config) -> dict:
                   f"ta_loss {row['ta_loss']:.4f}  ikl_pull {pull:.4f}  {row['seconds'] * 1e3:.0f} ms")
 
     # ---- evaluation: base vs tuned from the same seeds ------------------------------------------------
-    with torch.no_grad():
-        x0_tuned = generate(generator, kernel, eval_z, eval_cond)
+    x0_tuned = generate_in_chunks(generator, kernel, eval_z, eval_cond, cfg.batch)
     base, tuned = world.metrics(x0_base, eval_cond), world.metrics(x0_tuned, eval_cond)
     metrics = {f"{k}_base": v for k, v in base.items()} | {f"{k}_tuned": v for k, v in tuned.items()}
     metrics |= dict(seconds=timer(), updates=cfg.steps, nfe_per_update=nfe, reward_scale=cfg.reward_scale,
                     cfg_scale=cfg.cfg_scale, variant=cfg.variant)
     if acc.is_main_process:
         run.metrics(metrics)
-        world.plot_samples({"base generator": (x0_base, eval_cond),
-                            f"DI++ (alpha_rew={cfg.reward_scale:g}, omega={cfg.cfg_scale:g})": (x0_tuned, eval_cond)},
+        base_name, name = ("base generator", "DI++") if cfg.variant == "dipp" else ("reference at t=999", "DI")
+        world.plot_samples({base_name: (x0_base, eval_cond),
+                            f"{name} (alpha_rew={cfg.reward_scale:g}, omega={cfg.cfg_scale:g})": (x0_tuned, eval_cond)},
                            run.path / "samples.png")
         plot_curves(run.read_log(), run.path / "curves.png")
         world.save_adapter(generator, run.path / "adapter")
