@@ -39,11 +39,11 @@ timestep = 1; a call on 2B rows = 2) and logged as `nfe`; tests check measured =
   pso        4(S-1) = 12:  roll-out S-1 (policy, graph kept) + frozen on its states S-1
                            + policy and frozen on the forward-diffused target S-1 each
   offline    4(S-1) = 12:  policy + frozen on 2(S-1) forward-diffused states (4 with --one-timestep);
-                           --offline-pairs target adds S frozen calls to draw the reference (no grad) = 15
+                           --offline-pairs target adds the model's 4 frozen sampling calls (no grad) = 16
   online     4S-2   = 14:  two roll-outs of S steps (2(S-1) policy calls keep their graph, the last step runs
                            without grad) + frozen on the 2(S-1) stored states
   customize  2(S-1) = 6:   policy on 2(S-1) states, no reference model (2 with --one-timestep); plus, once,
-                           S per reference image to sample them from the frozen model (logged as setup_nfe)
+                           4 (the model's grid) per reference image, sampled from the frozen model (setup_nfe)
   naive      S      = 4:   policy on the target at every grid time (t_1 included: nothing makes it special here)
 These are the minimum: nothing is evaluated twice. In particular the policy predictions on the model's own
 trajectories are not recomputed: the roll-out runs with grad on detached states, and the same predictions give
@@ -66,7 +66,8 @@ Where this differs from the paper / the official code (and why):
      Diffusion-DPO writes the logit with a factor 1/2: its beta equals 2 x ours.
   5. Customize: the official DreamBooth script weights the eps-error by sigma^-2 (an x0-space error), draws one
      grid timestep per pair, and uses a hinge loss relu(1 - beta * logit) when eps_pre is dropped; we follow the
-     paper (Eq. 6 form, log-sigmoid, sum over steps; `--one-timestep` gives the one-timestep form).
+     paper by default (Eq. 6 form, log-sigmoid, sum over steps); `--hinge` and `--one-timestep` give the official
+     choices.
   6. Eq. 5 has no official trainer either. The training grid can be denser than the sampling grid
      (`--train-steps 8`): with the model's own 4-step grid the deterministic last step (t_1 = 249 -> x_0) is never
      trained, and on a sharp toy that step snaps samples back to the old modes (DESIGN.md section 7).
@@ -126,6 +127,8 @@ class Config:
                                     choices=["preference", "target"])
     pairs: str = common.arg("", "offline: a stored pairs file (.jsonl / .safetensors / .pt rows of win, lose, cond); "
                             "overrides --offline-pairs")
+    hinge: bool = common.arg(False, "relu(1 - beta * margin) instead of -log sigmoid: the official customization "
+                             "script's loss when eps_pre is dropped (bounded: no push past margin 1 / beta)")
     concept_images: int = common.arg(5, "customize: number of concept images (DreamBooth: 3-5)")
     reference_images: int = common.arg(64, "customize: reference images sampled once from the frozen model")
     prior_weight: float = common.arg(1.0, "customize: lambda of the prior-preservation eps-MSE on the references")
@@ -157,16 +160,19 @@ def eps_log_ratio(eps, eps_theta, eps_pre, reduce="mean"):
     return -common.reduce_dims(err, reduce)
 
 
-def pso_loss(log_ratio_target, log_ratio_reference, beta, per_step=False, clamp=0.0):
+def pso_loss(log_ratio_target, log_ratio_reference, beta, per_step=False, clamp=0.0, hinge=False):
     """Eq. 1 on trajectories (Eq. 3, 5, 6, 7): -log sigmoid(beta sum_n (r^target_n - r^reference_n)).
 
     Inputs are [B, S-1] per-transition log-ratios log p_theta / p_pre. `per_step`: the official online code's
-    mean_n -log sigmoid(beta (r^target_n - r^reference_n)); `clamp`: D3PO's ratio clamp to [1 - c, 1 + c].
+    mean_n -log sigmoid(beta (r^target_n - r^reference_n)); `clamp`: D3PO's ratio clamp to [1 - c, 1 + c];
+    `hinge`: relu(1 - beta margin), the official customization script's loss (no push past margin 1 / beta).
     Returns (loss, margin [B]) with margin = sum_n (r^target_n - r^reference_n), the implicit reward gap / beta."""
     if clamp:
         lo, hi = math.log(1 - clamp), math.log(1 + clamp)
         log_ratio_target, log_ratio_reference = log_ratio_target.clamp(lo, hi), log_ratio_reference.clamp(lo, hi)
     margin = log_ratio_target - log_ratio_reference
+    if hinge:
+        return F.relu(1 - beta * margin.sum(1)).mean(), margin.sum(1)
     if per_step:
         return -F.logsigmoid(beta * margin).mean(1).mean(), margin.sum(1)
     # L = -E log sigmoid(beta sum_n [log p_theta/p_pre (target_n) - log p_theta/p_pre (reference_n)])
@@ -277,6 +283,7 @@ def validate(cfg: Config) -> None:
         (cfg.train_steps == 0 or cfg.train_steps >= 2,
          f"--train-steps must be 0 (the model's grid) or >= 2 (one stochastic transition), got {cfg.train_steps}"),
         (0 <= cfg.clamp_ratio < 1, f"--clamp-ratio must be in [0, 1), got {cfg.clamp_ratio}"),
+        (not (cfg.hinge and cfg.per_step_loss), "--hinge and --per-step-loss are two different losses; pick one"),
         (not cfg.pairs or cfg.variant == "offline", "--pairs is a file of offline pairs: use it with --variant offline"),
         (not cfg.pairs or Path(cfg.pairs).is_file(), f"--pairs file {cfg.pairs!r} does not exist"),
         (not cfg.one_timestep or cfg.variant in ("offline", "customize"),
@@ -422,7 +429,7 @@ def _train(cfg: Config, world=None):
                                                        use_reference=cfg.variant != "customize",
                                                        eps=torch.cat([eps, eps], 1))
                     lr_target, lr_reference = lr_both[: cfg.batch], lr_both[cfg.batch:]
-                loss, margin = pso_loss(lr_target, lr_reference, beta, cfg.per_step_loss, cfg.clamp_ratio)
+                loss, margin = pso_loss(lr_target, lr_reference, beta, cfg.per_step_loss, cfg.clamp_ratio, cfg.hinge)
                 if cfg.variant == "customize":
                     # App. B.3: + lambda * prior preservation, the eps-MSE on the reference images (= -r^reference)
                     prior = -lr_reference.mean()

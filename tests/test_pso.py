@@ -126,6 +126,8 @@ def test_eq11_and_the_loss_on_hand_computed_numbers():
     assert torch.allclose(loss, F.softplus(torch.tensor(-0.4))) and torch.allclose(margin, torch.tensor([0.2]))
     per_step, _ = pso.pso_loss(r_t, r_r, beta=2.0, per_step=True)
     assert torch.allclose(per_step, F.softplus(torch.tensor(-0.2)))
+    hinge, _ = pso.pso_loss(r_t, r_r, beta=2.0, hinge=True)
+    assert torch.allclose(hinge, torch.tensor(0.6))  # relu(1 - 2 * 0.2)
     clamped, _ = pso.pso_loss(torch.tensor([[1.0]]), torch.tensor([[-1.0]]), beta=1.0, clamp=0.1)
     assert torch.allclose(clamped, F.softplus(-torch.tensor(math.log(1.1) - math.log(0.9))))
 
