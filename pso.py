@@ -210,7 +210,7 @@ def predict(net, xs, times, cond):
     b = xs[0].shape[0]
     x = torch.cat(xs)
     t = torch.cat([torch.full((b,), int(t_), dtype=torch.long, device=x.device) for t_ in times])
-    return net(x, t, common.cond_cat([cond] * len(xs))).view(len(xs), *xs[0].shape)
+    return net(x, t, common.cond_cat([cond] * len(xs))).reshape(len(xs), *xs[0].shape)
 
 
 def sample_trajectory(net, kernel, noise, cond, times, generator, grad_steps: int) -> common.Trajectory:
