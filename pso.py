@@ -567,11 +567,15 @@ def main(argv=None) -> dict:
     cfg = common.parse_config(Config, argv, description=__doc__.split("\n\n")[0])
     metrics = train(cfg)
     keys = ["reward", "quality", "distance"]
-    print(f"{'model':14s}" + "".join(f"{k:>10s}" for k in keys))
-    for name in ("base", "naive", "tuned", "base_1step", "tuned_1step"):
-        suffix = name.replace("_1step", "") + ("_1step" if name.endswith("_1step") else "")
-        if f"quality_{suffix}" in metrics:
-            print(f"{name:14s}" + "".join(f"{metrics.get(f'{k}_{suffix}', float('nan')):10.3f}" for k in keys))
+    split = metrics["eval_split"]
+    print(f"scored against the {split} split" + (" (last column: quality against the base data)"
+                                                 if split == "target" else ""))
+    print(f"{'model':14s}" + "".join(f"{k:>10s}" for k in keys) + ("   q(base)" if split == "target" else ""))
+    for name in ("base", "naive", "tuned", "base_1step", "naive_1step", "tuned_1step"):
+        if f"quality_{name}" in metrics:
+            extra = metrics.get(f"quality_{name}_on_base_split")
+            print(f"{name:14s}" + "".join(f"{metrics[f'{k}_{name}']:10.3f}" for k in keys)
+                  + (f"{extra:10.3f}" if extra is not None else ""))
     print(f"{metrics['seconds']:.1f} s, {metrics['nfe_per_update']:g} NFE per update; wrote "
           f"{cfg.out or f'runs/pso-{cfg.variant}-{Path(cfg.model).name}'}")
     return metrics
