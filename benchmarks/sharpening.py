@@ -9,6 +9,9 @@
    seconds per update; the reward of fixed-seed samples every --eval-every updates (the reward curve).
 2. Ablation (Tables 2 and 3 of the paper, toy2d): n in {2, 3, 4, 8} at m = 3 (n = 1 is the baseline row for
    SFT) and m in {1, 2, 3, 4, 8} at n = 3, final reward and quality.
+3. Extras (--extras, toy2d): the options docs/sharpening.md discusses (--target x0, --no-same-noise, and the two
+   halves of SFT sharpening: the choice among n noises alone, the m states alone).
+Sections run by separate calls are merged into the same JSON.
 
 Writes benchmarks/results/sharpening.json, sharpening.md (the tables) and sharpening.curves-<world>.png (reward
 and loss curves, mean over seeds, shaded min-max). Every run keeps its folder under runs/bench-sharpening/."""
@@ -33,6 +36,15 @@ BASELINE = {"sft": dict(n=1, m=1), "rlhf": dict(n=2, m=1)}
 BASELINE_NAME = {"sft": "standard fine-tuning (n=1, m=1)", "rlhf": "Diffusion-DPO (n=2, m=1)"}
 ABLATION_N = [1, 2, 3, 4, 8]
 ABLATION_M = [1, 2, 3, 4, 8]
+EXTRAS = {  # name -> (variant, overrides): the options the docs discuss, measured
+    "sft sharpening, --target x0": ("sft", dict(n=3, m=3, target="x0")),
+    "sft n=1 m=3 (states only)": ("sft", dict(n=1, m=3)),
+    "sft n=1 m=3 (states only), --target x0": ("sft", dict(n=1, m=3, target="x0")),
+    "sft n=3 m=1 (choice only)": ("sft", dict(n=3, m=1)),
+    "rlhf sharpening, --no-same-noise": ("rlhf", dict(n=3, m=3, same_noise=False)),
+    "rlhf Diffusion-DPO, --no-same-noise": ("rlhf", dict(n=2, m=1, same_noise=False)),
+    "rlhf sharpening, --target x0": ("rlhf", dict(n=3, m=3, target="x0")),
+}
 
 
 def run_one(world: str, variant: str, label: str, seed: int, steps: int, overrides: dict, args) -> dict:
@@ -89,7 +101,8 @@ def plot_curves(world: str, main: dict, path: Path) -> None:
             smooth = torch.nn.functional.avg_pool1d(loss[:, None], k, stride=1)[:, 0]
             axes[1, col].plot(range(k, loss.shape[1] + 1), smooth.mean(0), color=color, label=name)
         axes[0, col].set(title=f"{world} {variant}: reward of fixed-seed samples", xlabel="update")
-        axes[1, col].set(title=f"{world} {variant}: " + ("-log sigma(logit) of Eq. 11" if variant == "rlhf" else "Eq. 9 loss per state")
+        what = "-log sigma(logit) of Eq. 11" if variant == "rlhf" else "Eq. 9 loss per state"
+        axes[1, col].set(title=f"{world} {variant}: {what}"
                           + " (moving average)", xlabel="update")
         axes[0, col].legend(fontsize=8)
         axes[1, col].legend(fontsize=8)
@@ -99,13 +112,18 @@ def plot_curves(world: str, main: dict, path: Path) -> None:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}. Command: `{results['command']}`.", ""]
+    lines = [f"Machine: {results['machine']}. Commands: " + ", ".join(f"`{c}`" for c in results["commands"]) + ".",
+             ""]
     for world, r in results["worlds"].items():
         lines += [f"**{world}**: {r['steps']} updates, seeds {r['seeds']}, mean ± std over seeds; rewards and "
-                  f"quality of {r['final_samples']} fixed-seed 25-step DDIM samples, base model vs tuned.", "",
+                  f"quality of {r['final_samples']} fixed-seed 25-step DDIM samples, base model vs tuned"
+                  + (f"; options {r['common']}" if r.get("common") else "")
+                  + (f"; load average {r['load_average_at_start']} when the last call on this world started (2 "
+                     "cores shared by several engineers: CPU seconds are the comparable cost)"
+                     if "load_average_at_start" in r else "") + ".", "",
                   "| variant | method | NFE / update | reward base | reward tuned | quality tuned | distance tuned "
                   "| CPU s / run |", "|---|---|---|---|---|---|---|---|"]
-        for variant, by in r["main"].items():
+        for variant, by in r.get("main", {}).items():
             for label in ("baseline", "sharpening"):
                 s = by[label]["summary"]
                 name = "sharpening (n=3, m=3)" if label == "sharpening" else BASELINE_NAME[variant]
@@ -114,6 +132,15 @@ def markdown(results: dict) -> str:
                              f"{s['quality_tuned']:.3f} ± {s['quality_tuned_std']:.3f} | "
                              f"{s['distance_tuned']:.3f} | {s['cpu_seconds']:.1f} |")
         lines.append("")
+        if r.get("extras"):
+            lines += [f"{world}, options (same updates and seeds):", "",
+                      "| run | NFE / update | reward tuned | quality tuned | distance tuned |", "|---|---|---|---|---|"]
+            for name, e in r["extras"].items():
+                s = e["summary"]
+                lines.append(f"| {name} | {s['nfe_per_update']:.0f} | {s['reward_tuned']:.3f} ± "
+                             f"{s['reward_tuned_std']:.3f} | {s['quality_tuned']:.3f} ± {s['quality_tuned_std']:.3f} "
+                             f"| {s['distance_tuned']:.3f} |")
+            lines.append("")
         for variant, abl in r.get("ablation", {}).items():
             for what in ("n", "m"):
                 rows = abl[what]
@@ -138,6 +165,10 @@ def main():
     p.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
                    help="the n / m ablation (toy2d only)")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--main", action=argparse.BooleanOptionalAction, default=True,
+                   help="the main comparison (sharpening vs baseline, reward curves)")
+    p.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
+                   help="the option rows of EXTRAS (toy2d only), with --seeds")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--final-samples", type=int, default=1000)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -153,17 +184,26 @@ def main():
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     results.update(machine=f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-                           f"torch {torch.__version__}, load average at start {os.getloadavg()[0]:.1f}",
-                   command="python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT))
-                                                 if Path(sys.argv[0]).is_absolute() else sys.argv[0]] + sys.argv[1:]))
+                           f"torch {torch.__version__}",
+                   )
+    command = "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(ROOT))] + sys.argv[1:])
+    earlier = results.pop("commands", [results.pop("command")] if "command" in results else [])
+    results["commands"] = [c for c in earlier if c != command] + [command]
     results.setdefault("worlds", {})
+    out.parent.mkdir(parents=True, exist_ok=True)
     for world in args.world:
-        r = {"steps": steps, "seeds": args.seeds, "final_samples": args.final_samples, "main": {}}
-        for variant in args.variants:
-            r["main"][variant] = {}
-            for label, over in (("sharpening", dict(n=3, m=3)), ("baseline", BASELINE[variant])):
-                runs = [run_one(world, variant, label, s, steps, over, args) for s in args.seeds]
-                r["main"][variant][label] = {"overrides": over, "summary": summarize(runs), "runs": runs}
+        r = results["worlds"].get(world, {})
+        if r.get("steps", steps) != steps:
+            r = {}  # sections measured at another number of updates are not comparable: start this world again
+        r.update(steps=steps, seeds=args.seeds, final_samples=args.final_samples, common=args.common,
+                 load_average_at_start=round(os.getloadavg()[0], 1))
+        if args.main:
+            r["main"] = {}
+            for variant in args.variants:
+                r["main"][variant] = {}
+                for label, over in (("sharpening", dict(n=3, m=3)), ("baseline", BASELINE[variant])):
+                    runs = [run_one(world, variant, label, s, steps, over, args) for s in args.seeds]
+                    r["main"][variant][label] = {"overrides": over, "summary": summarize(runs), "runs": runs}
         if args.ablation and world == "toy2d":
             r["ablation"] = {}
             for variant in args.variants:
@@ -173,13 +213,25 @@ def main():
                         over = dict(n=v, m=3) if what == "n" else dict(n=3, m=v)
                         if variant == "rlhf" and over["n"] < 2:
                             continue
-                        runs = [run_one(world, variant, f"{what}{v}", s, steps, over, args) for s in args.ablation_seeds]
+                        runs = [run_one(world, variant, f"{what}{v}", s, steps, over, args)
+                                for s in args.ablation_seeds]
                         abl[what][v] = summarize(runs)
                 r["ablation"][variant] = abl
+        if args.extras and world == "toy2d":
+            r["extras"] = {}
+            for name, (variant, over) in EXTRAS.items():
+                if variant in args.variants:
+                    label = "x-" + "-".join(f"{k}{v}" for k, v in over.items())
+                    runs = [run_one(world, variant, label, s, steps, over, args) for s in args.seeds]
+                    r["extras"][name] = {"variant": variant, "overrides": over, "summary": summarize(runs)}
+        if out.exists():  # another call may have written other worlds meanwhile: keep them
+            latest = json.loads(out.read_text())
+            results["worlds"] = {**results["worlds"], **latest.get("worlds", {})}
+            results["commands"] = [c for c in latest.get("commands", []) if c not in results["commands"]] + \
+                results["commands"]
         results["worlds"][world] = r
-        if set(args.variants) == {"sft", "rlhf"}:
+        if args.main and set(args.variants) == {"sft", "rlhf"}:
             plot_curves(world, r["main"], out.with_name(f"sharpening.curves-{world}.png"))
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
         out.with_suffix(".md").write_text(markdown(results))
     print(markdown(results))

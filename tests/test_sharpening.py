@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
-from safetensors.torch import load_file
 
 import common
 import sharpening
