@@ -472,8 +472,8 @@ def _train(cfg: Config, world=None):
                "eval_samples": cfg.eval_samples}
     for name, x in (("base", x_base), ("tuned", x_tuned)):
         metrics.update({f"{k}_{name}": v for k, v in world.metrics(x, eval_cond, split).items()})
-    for name, frozen in (("base", True), ("tuned", False)):
-        x1 = draw(den, kernel, world, eval_cond, one_step, seed, frozen=frozen)
+    x1_tuned = draw(den, kernel, world, eval_cond, one_step, seed)
+    for name, x1 in (("base", draw(den, kernel, world, eval_cond, one_step, seed, frozen=True)), ("tuned", x1_tuned)):
         metrics.update({f"{k}_{name}_1step": v for k, v in world.metrics(x1, eval_cond, split).items()})
     if split == "target":  # quality against the old data too: the base model's own quality is the reference, and
         # (toy2d) a sample near a mode of either split is sharp, so the two shares add up to a sharpness score
@@ -497,7 +497,7 @@ def _train(cfg: Config, world=None):
         metrics["quality_naive_on_base_split"] = world.metrics(x_naive, eval_cond, "base")["quality"]
         panels[f"naive, {len(den.timesteps)} steps"] = (x_naive, eval_cond)
     panels[f"{cfg.variant}, {len(den.timesteps)} steps"] = (x_tuned, eval_cond)
-    panels[f"{cfg.variant}, 1 step"] = (draw(den, kernel, world, eval_cond, one_step, seed), eval_cond)
+    panels[f"{cfg.variant}, 1 step"] = (x1_tuned, eval_cond)
     metrics.update(seconds_train=train_seconds, seconds=timer(),
                    seconds_per_update=train_seconds / max(1, cfg.steps - start))
     if main:
