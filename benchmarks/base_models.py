@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -57,32 +58,39 @@ def main():
     p.add_argument("--out", default="benchmarks/results/base_models.json")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                          f"torch {torch.__version__}"}
+    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+               f"torch {torch.__version__}")
+    out = Path(args.out)
+    # one world at a time may be re-measured: keep the other worlds' rows
+    results = json.loads(out.read_text()) if out.exists() else {}
     for name in args.world:
+        load_at_start = round(os.getloadavg()[0], 2)  # other processes on the machine slow the build
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             world = toy.load_world(name, cache=args.cache or tmp, progress=False)
             build = time.perf_counter() - start
             n = args.samples or (4000 if name == "toy2d" else 500)
             rows = evaluate(world, n, teacher_1000_n=n if name == "toy2d" else 100)
-        results[name] = {"build_seconds": round(build, 1), "samples": n, "rows": rows}
+        results[name] = {"build_seconds": round(build, 1), "samples": n, "rows": rows, "machine": machine,
+                         "load_average_at_start": load_at_start, "date": time.strftime("%Y-%m-%d")}
         print(f"\n{name}: base models built in {build:.1f} s ({'cached' if args.cache else 'from scratch'})")
         print(f"{'model':36s} {'reward':>8s} {'quality':>8s} {'distance':>9s}")
         for label, m in rows.items():
             print(f"{label:36s} {m['reward']:8.3f} {m['quality']:8.3f} {m['distance']:9.4f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    Path(args.out).with_suffix(".md").write_text(markdown(results))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(markdown(results))
 
 
 def markdown(results: dict) -> str:
     """The README table: one block per world."""
     lines = []
     for name, r in results.items():
-        if name == "machine":
+        if not isinstance(r, dict) or "rows" not in r:
             continue
-        lines += [f"**{name}** — base models built from scratch in {r['build_seconds']} s; {r['samples']} samples "
+        when = ", ".join(f"{k} {r[k]}" for k in ("machine", "date", "load_average_at_start") if k in r)
+        lines += [f"**{name}** — base models built from scratch in {r['build_seconds']} s"
+                  + (f" ({when.replace('_', ' ')})" if when else "") + f"; {r['samples']} samples "
                   "(the 1000-step teacher row uses " + ("all" if name == "toy2d" else "100") + ")", "",
                   "| model | reward | quality | distance to data |", "|---|---|---|---|"]
         lines += [f"| {label} | {m['reward']:.3f} | {m['quality']:.3f} | {m['distance']:.4f} |"
