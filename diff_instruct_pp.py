@@ -21,23 +21,27 @@ What is implemented (equation -> function):
   (3.7)-(3.9)  pseudo-loss  L_G = -alpha_rew r(x_0, c) + w(t) < sg[s_psi(x_t) - s_ref^cfg(x_t)], x_t >
                                                                                              -> generator_pseudo_loss
   Alg. 1 step 1  TA update: the reference's own eps-loss for eps_psi on sg(x_0) (DSM, (2.2))             -> ta_loss
-  pi(t)        "lognormal" (default, paper App. C / (C.5)): ln sigma_VE ~ N(-2, 2^2) with sigma_VE(t) =
-               sqrt((1 - alpha_bar_t) / alpha_bar_t), rounded to the nearest t, on [0, 999]; "uniform" on
-               [t_min, t_max] (DESIGN section 6; DMD2 / SiD use [20, 980])                   -> time_density, sample_t
-  w(t)         "unit" (default): w = 1; "snr_inv": w = sigma_t^2 / alpha_t^2                          -> ikl_weight
+  pi(t)        "uniform" (default) on [t_min, t_max] = [20, 980] (DESIGN section 6; DMD2 / SiD); "lognormal":
+               the paper's App. C / (C.5), ln sigma_VE ~ N(-2, 2^2) with sigma_VE(t) = sqrt((1 - alpha_bar_t) /
+               alpha_bar_t), rounded to the nearest t (use it with --t-min 0 --t-max 999) -> time_density, sample_t
+  w(t)         "snr_inv" (default): w = sigma_t^2 / alpha_t^2; "unit": w = 1                           -> ikl_weight
 
 The weighting. At one t the IKL part of the gradient on x_0 is alpha_t w(t) (s_psi - s_ref)(x_t) =
 alpha_t^2 w(t) / sigma_t^2 * (x0_hat_psi - x0_hat_ref)(x_t). With "snr_inv" it is the plain difference of the two
 models' clean-sample predictions (Diff-Instruct's sigma^2 weighting in the variance-exploding scale; DMD's direction
-before its per-sample normalisation); with "unit" it is that difference times SNR(t), so low noise levels, where
-the KL between two sharp distributions lives, dominate. The paper sets the generator weighting to the constant 1
-(App. A.2, App. C table), in its EDM parametrisation; which quantity the constant multiplies is in the equations
-the paper copy lost, so both readings are offered. Why "unit" + "lognormal" is the default, measured on toy2d
-(modes of std 0.05, reward = height): with "snr_inv" the pull on a sample whose mode is shifted by delta is at
-most delta at every t, so a reward gradient alpha_rew shifts modes by about alpha_rew and the reward is gained
-by sliding samples off the data (quality 0.87 -> 0.74 for +0.07 reward at alpha_rew = 0.1, uniform pi); with
-"unit" and the log-normal pi (about half its mass at sigma_VE <= 0.14, where the modes are resolved) shifts are
-held back and the reward first rises at nearly constant quality (benchmarks/results/diff_instruct_pp.md).
+before its per-sample normalisation): every noise level pulls in x_0 units and none amplifies the networks' errors.
+With "unit" it is that difference times SNR(t), so low noise levels dominate, as in the KL between two sharp
+distributions. The paper sets the generator weighting to the constant 1 (App. A.2, App. C table) in its EDM
+parametrisation; which quantity the constant multiplies is in the equations the paper copy lost, so both readings
+are offered. Measured (benchmarks/results/diff_instruct_pp.md): on MNIST, "unit" with the paper's log-normal pi
+(half its mass at sigma_VE <= 0.14, a third on t = 0) turns plain Diff-Instruct into a collapse (quality 0.78 ->
+0.10 in 150 updates; the logged ikl_pull is ~400 against ~10: most likely the TA's and the reference's
+pixel-level errors at the lowest noise levels, amplified by alpha/sigma ~ 34, dominate the pull), while "snr_inv"
+with uniform pi improves the generator (0.78 -> 0.98). On
+toy2d (2D modes of std 0.05, narrower than the smallest noise level sigma_VE(20) = 0.14 of the uniform pi)
+"snr_inv" resists a shift delta of a mode with a pull of at most delta, so the reward is partly gained by sliding
+samples off the modes; "unit" + log-normal, which sees the modes' width, trades better there (reward 0.44 at
+quality 0.65 against 0.38 at 0.30). The default is the one that is stable on both.
 tests/test_diff_instruct_pp.py checks, for both weightings and both time densities, in a Gaussian world where
 every score is analytic and the generator is affine in z, that the theta-gradient of the pseudo-loss equals the
 gradient of (3.3) computed in closed form (Theorem 3.2; this also checks that the term through d p_theta,t /
@@ -63,12 +67,11 @@ Differences from the paper (and why):
     code does, where the paper's Alg. 1 lists the TA step first with its own samples. Reusing the sample saves one
     generator call per update and the generator is never scored by a TA that was just fitted to its own batch.
   * The paper's EDM parametrisation (data prediction, log-normal sigma, weighting (C.8)-(C.9)) is rewritten in
-    the DDPM eps / alpha_bar parametrisation every model here uses: the log-normal is put on the VE noise level
-    of each discrete t. Its truncation [0.01, 156.6] becomes the schedule's own range [0.029, 14.6] (SDXL
-    schedule), so the mass below 0.029 (about 31%) lands on t = 0. The generator weighting of App. C was lost
-    from the paper copy: w(t) is our documented choice above, tested for the gradient identity.
-  * DESIGN.md section 6 suggests pi uniform on [0.02 T, 0.98 T]; it is one flag away (--time-density uniform
-    --t-min 20 --t-max 980), not the default, for the reason measured above.
+    the DDPM eps / alpha_bar parametrisation every model here uses. The paper's log-normal pi is the default of
+    neither weighting here (measured above): with --time-density lognormal it is put on the VE noise level of each
+    discrete t, and its truncation [0.01, 156.6] becomes the schedule's own range [0.029, 14.6] (SDXL schedule),
+    so the mass below 0.029 (about 31%) lands on t = 0. The generator weighting of App. C was lost from the paper
+    copy: w(t) is our documented choice above, tested for the gradient identity.
   * No EMA of the generator (the paper uses a decay of 0.95 in alignment: an average over ~20 updates); we report
     the raw generator.
   * LoRA adapters on generator and TA by default (the paper fine-tunes every weight: --train-full,
@@ -97,20 +100,21 @@ class Config:
                               "reference network (no reward)", choices=["dipp", "di"])
     steps: int = common.arg(400, "generator updates")
     batch: int = common.arg(256, "samples per update (paper: 256 in alignment)")
-    reward_scale: float = common.arg(3.0, "alpha_rew, weight of the explicit reward (paper: 1-10 PixArt, 100-1000 "
+    reward_scale: float = common.arg(0.1, "alpha_rew, weight of the explicit reward (paper: 1-10 PixArt, 100-1000 "
                                      "SD1.5; per-world scale, see docstring)")
     cfg_scale: float = common.arg(1.0, "omega, CFG scale of the reference = implicit reward at scale omega-1 "
                                   "(Thm 3.4; paper 1.5-4.5)")
     ta_steps: int = common.arg(2, "K_TA: TA updates per generator update (Alg. 1 alternates one and one; "
                                "DMD2 uses 5)")
     ta_warmup: int = common.arg(0, "TA-only updates on generator samples before alignment starts (not in the paper)")
-    weighting: str = common.arg("unit", "w(t): unit = 1 (paper's constant), snr_inv = sigma^2/alpha^2 (IKL "
-                                "gradient on x_0 = x0_hat_psi - x0_hat_ref)", choices=["unit", "snr_inv"])
-    time_density: str = common.arg("lognormal", "pi(t): lognormal (paper App. C: ln sigma_VE ~ N(-2, 2^2)) or "
-                                   "uniform on [t_min, t_max] (DMD2 / SiD: 20..980)", choices=["lognormal", "uniform"])
-    t_min: int = common.arg(0, "pi(t): smallest timestep")
-    t_max: int = common.arg(999, "pi(t): largest timestep")
-    lr: float = common.arg(3e-4, "generator learning rate (paper 5e-6 on full networks; toy LoRA scale)")
+    weighting: str = common.arg("snr_inv", "w(t): snr_inv = sigma^2/alpha^2 (IKL gradient on x_0 = x0_hat_psi - "
+                                "x0_hat_ref), unit = 1", choices=["snr_inv", "unit"])
+    time_density: str = common.arg("uniform", "pi(t): uniform on [t_min, t_max] (DMD2 / SiD) or lognormal (paper "
+                                   "App. C: ln sigma_VE ~ N(-2, 2^2); use --t-min 0 --t-max 999)",
+                                   choices=["uniform", "lognormal"])
+    t_min: int = common.arg(20, "pi(t): smallest timestep (0.02 T)")
+    t_max: int = common.arg(980, "pi(t): largest timestep (0.98 T)")
+    lr: float = common.arg(1e-4, "generator learning rate (paper 5e-6 on full networks; toy LoRA scale)")
     ta_lr: float = common.arg(3e-3, "TA learning rate (paper 5e-6; the TA must track the generator)")
     adam_beta1: float = common.arg(0.0, "Adam beta1 for both optimizers (paper 0)")
     adam_beta2: float = common.arg(0.999, "Adam beta2 for both optimizers (paper 0.999)")
