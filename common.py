@@ -381,6 +381,24 @@ def rollout(
     return Trajectory(states, eps_list, stds, list(times), nfe)
 
 
+class CountingDenoiser:
+    """Wraps a Denoiser and counts the rows it evaluates, so the NFEs a method logs are measured, not assumed:
+    nfe(B) = rows / B network evaluations per condition (one call on B rows at one timestep = 1)."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.rows = denoiser, 0
+
+    def __call__(self, x_t, t, cond):
+        self.rows += x_t.shape[0]
+        return self.denoiser(x_t, t, cond)
+
+    def frozen(self):
+        return self.denoiser.frozen()
+
+    def nfe(self, batch: int) -> float:
+        return self.rows / batch
+
+
 def eps_cfg(eps_cond: torch.Tensor, eps_null: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance: eps_null + w (eps_cond - eps_null) (w = 1 is the plain conditional model)."""
     return eps_null + scale * (eps_cond - eps_null)

@@ -187,21 +187,7 @@ def naive_loss(eps, eps_theta, reduce="mean"):
 # ---------------------------------------------------------------------------------------------------
 # Network calls (counted) and the MDP roll-out
 # ---------------------------------------------------------------------------------------------------
-class CountingDenoiser:
-    """Wraps a Denoiser and counts network evaluations in rows; nfe(B) = rows / B (evaluations per pair)."""
-
-    def __init__(self, denoiser):
-        self.denoiser, self.rows = denoiser, 0
-
-    def __call__(self, x_t, t, cond):
-        self.rows += x_t.shape[0]
-        return self.denoiser(x_t, t, cond)
-
-    def frozen(self):
-        return self.denoiser.frozen()
-
-    def nfe(self, batch: int) -> float:
-        return self.rows / batch
+CountingDenoiser = common.CountingDenoiser  # counts rows evaluated: nfe(B) = rows / B
 
 
 def predict(net, xs, times, cond):

@@ -145,18 +145,7 @@ class Config:
 # ---------------------------------------------------------------------------------------------------
 # Roll-outs, scores and choices (Eq. 6, 8)
 # ---------------------------------------------------------------------------------------------------
-class CountingDenoiser:
-    """Wraps a Denoiser and counts the rows it evaluates, so log.csv's NFEs are measured."""
-
-    def __init__(self, denoiser):
-        self.denoiser, self.rows = denoiser, 0
-
-    def __call__(self, x_t, t, cond):
-        self.rows += x_t.shape[0]
-        return self.denoiser(x_t, t, cond)
-
-    def frozen(self):
-        return self.denoiser.frozen()
+CountingDenoiser = common.CountingDenoiser  # counts rows evaluated, so log.csv's NFEs are measured
 
 
 def sharpening_rollout(denoiser, kernel, x_t, cond, times, reward, generator, grad=True):
