@@ -88,9 +88,10 @@ def markdown(results: dict) -> str:
     for name, r in results.items():
         if not isinstance(r, dict) or "rows" not in r:
             continue
-        when = ", ".join(f"{k} {r[k]}" for k in ("machine", "date", "load_average_at_start") if k in r)
+        when = ", ".join(f"{k.replace('_', ' ')} {r[k]}" for k in ("machine", "date", "load_average_at_start")
+                         if k in r)
         lines += [f"**{name}** — base models built from scratch in {r['build_seconds']} s"
-                  + (f" ({when.replace('_', ' ')})" if when else "") + f"; {r['samples']} samples "
+                  + (f" ({when})" if when else "") + f"; {r['samples']} samples "
                   "(the 1000-step teacher row uses " + ("all" if name == "toy2d" else "100") + ")", "",
                   "| model | reward | quality | distance to data |", "|---|---|---|---|"]
         lines += [f"| {label} | {m['reward']:.3f} | {m['quality']:.3f} | {m['distance']:.4f} |"

@@ -64,8 +64,9 @@ SETTINGS = {
     # --- Diffusion-Sharpening (sharpening.py) on SDXL: full UNet as in the paper, AdamW betas (0, 0.99)
     "sharpening-sft-sdxl": Setting("sharpening.py", "sdxl_base.json", ["--variant", "sft", "--n", "3", "--m", "3",
                                    "--lr", "5e-6", "--adam-beta1", "0", "--adam-beta2", "0.99", "--full-finetune",
-                                   "--eval-cfg", "5", "--recompute"], 8,
+                                   "--eval-cfg", "5", "--recompute", "--data-top", "1"], 8,
                                    "Sharpening App. A.3: lr 5e-6, AdamW (0, 0.99), batch 8, n=m=3, CFG 5 at eval; "
+                                   "--data-top 1: the data set is already curated (the 0.5 default is the toys'); "
                                    "--recompute keeps graphs for the chosen trajectory only (SDXL memory)"),
     "sharpening-rlhf-sdxl": Setting("sharpening.py", "sdxl_base.json", ["--variant", "rlhf", "--n", "3", "--m", "3",
                                     "--lr", "5e-6", "--adam-beta1", "0", "--adam-beta2", "0.99", "--full-finetune",
