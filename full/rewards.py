@@ -15,6 +15,7 @@ local copies. Text embeddings are cached per prompt (prompts repeat across updat
 """
 from __future__ import annotations
 
+import abc
 import json
 from pathlib import Path
 
@@ -48,11 +49,13 @@ def differentiable_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, s
     return (x - mean) / std
 
 
-class Reward(nn.Module):
+class Reward(nn.Module, abc.ABC):
+    """The one reward interface: reward(images in [-1, 1], prompts) -> [B] scores, differentiable in images."""
+
     name = ""
 
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
 
 
 class CLIPReward(Reward):

@@ -264,7 +264,7 @@ def test_aesthetic_reward_is_the_laion_head_on_normalised_clip_image_embeddings(
     emb = CLIPModel.from_pretrained(clip_dir).get_image_features(pixel_values=rewards.differentiable_preprocess(images, 32))
     emb = getattr(emb, "pooler_output", emb)
     head = rewards.AestheticHead(16)
-    head.load_state_dict(torch.load(head_path))
+    head.load_state_dict(torch.load(head_path, weights_only=True))
     expected = head.eval()(torch.nn.functional.normalize(emb, dim=-1)).squeeze(-1)
     assert torch.allclose(r(images, ["x", "y"]), expected, atol=1e-5)
     with pytest.raises(ValueError, match="does not fit a 16-dim CLIP embedding"):
