@@ -35,3 +35,12 @@ def toy2d():
     import toy
 
     return toy.load_world("toy2d", progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny diffusers models are overhead-bound: one intra-op thread is faster and immune to a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
