@@ -395,6 +395,9 @@ class CountingDenoiser:
     def frozen(self):
         return self.denoiser.frozen()
 
+    def __getattr__(self, name):  # timesteps, sampler, ...: everything else is the wrapped denoiser's
+        return getattr(self.__dict__["denoiser"], name)
+
     def nfe(self, batch: int) -> float:
         return self.rows / batch
 

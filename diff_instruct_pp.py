@@ -60,7 +60,8 @@ NFEs (network evaluations) per update, with K = --ta-steps and batch B (every on
   TA steps:       K TA (with grad); the first reuses the generator step's sample x_0 (detached), each further
                   one draws fresh samples, 1 generator call (no grad) each:                           K + (K - 1)
   total 2K + 2 (omega = 1) or 2K + 3 (omega != 1); the default K = 2 with omega = 1 gives 6. This is the
-  minimum: no sample or reference prediction is computed twice. The reward model is not counted.
+  minimum: no sample or reference prediction is computed twice. The reward model is not counted. log.csv's `nfe`
+  is counted by common.CountingDenoiser around the generator and the TA; nfe_per_update states the minimum.
 
 Differences from the paper (and why):
   * The order inside an update is generator step, then TA steps on the generator's (detached) sample, as DMD2's
@@ -206,6 +207,12 @@ def generate_in_chunks(generator, kernel: common.Kernel, z: torch.Tensor, cond, 
                       for i in range(0, len(z), chunk)])
 
 
+def nfe_per_update(cfg: Config) -> int:
+    """The docstring's NFE count per update (K = --ta-steps): 2K + 2, or 2K + 3 with a CFG reference. log.csv's
+    `nfe` column is the counted value; tests and benchmarks/report.py compare the two."""
+    return 2 * cfg.ta_steps + 2 + (cfg.cfg_scale != 1.0)
+
+
 def check_reward_is_differentiable(world, x0: torch.Tensor, cond) -> None:
     """DI++ back-propagates through the reward: fail early and clearly if it cannot."""
     probe = x0.detach().clone().requires_grad_(True)
@@ -253,6 +260,8 @@ def train(cfg: Config) -> dict:
     pi = time_density(sched, cfg.time_density, cfg.t_min, cfg.t_max)
     # TA diffusion eps_psi = a LoRA on the reference; `with ta.frozen():` is the reference eps_ref
     ta = world.denoiser("teacher", lora_rank=cfg.ta_lora_rank, train_full=cfg.ta_train_full)
+    # every network call of an update goes through a counter, so log.csv's nfe is measured, not assumed
+    g_net, ta_net = common.CountingDenoiser(generator), common.CountingDenoiser(ta)
     adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=0.0)
     opt_g = acc.prepare(torch.optim.AdamW(generator.trainable_parameters(), lr=cfg.lr, **adam))
     opt_ta = acc.prepare(torch.optim.AdamW(ta.trainable_parameters(), lr=cfg.ta_lr, **adam))
@@ -284,7 +293,7 @@ def train(cfg: Config) -> dict:
         t = sample_t(len(x0), gen, pi).to(dev)
         eps = torch.randn(x0.shape, generator=gen).to(dev)
         with acc.autocast():
-            loss = ta_loss(ta(common.add_noise(sched, x0.detach(), eps, t), t, cond), eps)
+            loss = ta_loss(ta_net(common.add_noise(sched, x0.detach(), eps, t), t, cond), eps)
         common.check_finite(loss, step, run)
         opt_ta.zero_grad(set_to_none=True)
         acc.backward(loss)
@@ -297,7 +306,7 @@ def train(cfg: Config) -> dict:
         cond = common.cond_to(world.conditions(cfg.batch, gen), dev)
         z = torch.randn(cfg.batch, *world.shape, generator=gen).to(dev)
         with torch.set_grad_enabled(grad), acc.autocast():
-            return generate(generator, kernel, z, cond), cond
+            return generate(g_net, kernel, z, cond), cond
 
     # optional TA warm-up (step index < 0 keeps its random streams apart from the updates')
     if start == 0:
@@ -305,10 +314,10 @@ def train(cfg: Config) -> dict:
             gen = common.step_generator(cfg.seed, step, acc.process_index)
             ta_update(*draw(gen, grad=False), gen, step)
 
-    nfe = 2 * cfg.ta_steps + 2 + (cfg.cfg_scale != 1.0)
     for step in range(start + 1, cfg.steps + 1):
         t0 = common.Timer()
         gen = common.step_generator(cfg.seed, step, acc.process_index)
+        g_net.rows = ta_net.rows = 0
 
         # ---- generator step: (3.7)-(3.9) --------------------------------------------------------------
         x0, cond = draw(gen, grad=True)  # 1 NFE, carries the generator graph
@@ -318,16 +327,16 @@ def train(cfg: Config) -> dict:
         x_t = common.add_noise(sched, x0, eps, t)
         _, sigma = sched.alpha_sigma(t, x_t)
         with torch.no_grad(), acc.autocast():
-            eps_ta = ta(x_t.detach(), t, cond)  # 1 NFE
-            with ta.frozen():
+            eps_ta = ta_net(x_t.detach(), t, cond)  # 1 NFE
+            with ta_net.frozen():
                 if cfg.cfg_scale != 1.0:  # conditional and null in one batch: 2 NFEs
-                    both = ta(torch.cat([x_t.detach()] * 2), torch.cat([t, t]),
+                    both = ta_net(torch.cat([x_t.detach()] * 2), torch.cat([t, t]),
                               common.cond_cat([cond, common.cond_to(world.null_condition(cfg.batch), dev)]))
                     eps_c, eps_null = both.chunk(2)
                     # eps_cfg = eps_ref(null) + omega (eps_ref(c) - eps_ref(null))   (3.5, Thm 3.4)
                     eps_ref = common.eps_cfg(eps_c, eps_null, cfg.cfg_scale)
                 else:
-                    eps_ref = ta(x_t.detach(), t, cond)  # 1 NFE
+                    eps_ref = ta_net(x_t.detach(), t, cond)  # 1 NFE
         with acc.autocast():
             reward = world.reward(x0, cond) if cfg.reward_scale > 0 else torch.zeros(cfg.batch, device=dev)
             loss, ikl_grad = generator_pseudo_loss(
@@ -349,6 +358,7 @@ def train(cfg: Config) -> dict:
         # the IKL pull on x_0: alpha_t w(t) (s_psi - s_ref), per-sample norm (x0_hat_psi - x0_hat_ref for snr_inv)
         alpha, _ = sched.alpha_sigma(t, x_t)
         pull = (alpha * ikl_grad).flatten(1).norm(dim=1).mean().item()
+        nfe = (g_net.rows + ta_net.rows) / cfg.batch  # measured; nfe_per_update(cfg) states the minimum
         row = dict(step=step, loss=loss.item(), reward=reward.detach().float().mean().item(), nfe=nfe,
                    seconds=t0(), ta_loss=sum(ta_losses) / len(ta_losses), ikl_pull=pull)
         if acc.is_main_process:
@@ -356,7 +366,7 @@ def train(cfg: Config) -> dict:
             if step % cfg.save_every == 0 or step == cfg.steps:
                 tensors = {**{f"generator.{k}": v for k, v in generator.adapter_state().items()},
                            **{f"ta.{k}": v for k, v in ta.adapter_state().items()}}
-                run.save_checkpoint(step, tensors, optimizers, {"nfe_per_update": nfe})
+                run.save_checkpoint(step, tensors, optimizers, {"nfe_per_update": nfe_per_update(cfg)})
         if step % max(1, cfg.steps // 10) == 0:
             print(f"update {step:5d}  loss {row['loss']:+.4f}  reward {row['reward']:+.4f}  "
                   f"ta_loss {row['ta_loss']:.4f}  ikl_pull {pull:.4f}  {row['seconds'] * 1e3:.0f} ms")
@@ -365,8 +375,8 @@ def train(cfg: Config) -> dict:
     x0_tuned = generate_in_chunks(generator, kernel, eval_z, eval_cond, cfg.batch)
     base, tuned = world.metrics(x0_base, eval_cond), world.metrics(x0_tuned, eval_cond)
     metrics = {f"{k}_base": v for k, v in base.items()} | {f"{k}_tuned": v for k, v in tuned.items()}
-    metrics |= dict(seconds=timer(), updates=cfg.steps, nfe_per_update=nfe, reward_scale=cfg.reward_scale,
-                    cfg_scale=cfg.cfg_scale, variant=cfg.variant)
+    metrics |= dict(seconds=timer(), updates=cfg.steps, nfe_per_update=nfe_per_update(cfg),
+                    reward_scale=cfg.reward_scale, cfg_scale=cfg.cfg_scale, variant=cfg.variant)
     if acc.is_main_process:
         run.metrics(metrics)
         base_name, name = ("base generator", "DI++") if cfg.variant == "dipp" else ("reference at t=999", "DI")

@@ -285,6 +285,15 @@ def sft_data(world, cfg: Config, generator: torch.Generator):
     return x0, cond
 
 
+def nfe_per_update(cfg: Config, K: int) -> int:
+    """The docstring's NFE count per condition and update (K = the sampler grid). log.csv's `nfe` column is the
+    counted value; tests and benchmarks/report.py compare the two."""
+    n, m, extra = cfg.n, cfg.m, cfg.m if cfg.recompute else 0
+    if cfg.variant == "sft":
+        return n * m + extra
+    return n * K + n * m + 2 * m + 2 * extra
+
+
 @torch.no_grad()
 def evaluate(world, denoiser, kernel, grid, noise, cond, cfg_scale: float, split: str = "base"):
     """Deterministic DDIM samples on the full grid (same noise for base and tuned) and the world's metrics."""
@@ -435,7 +444,7 @@ def train(cfg: Config) -> dict:
         x_tuned, m_tuned = evaluate(world, den, eval_kernel, grid, final_noise, final_cond, cfg.eval_cfg)
         log = run.read_log()
         result = {f"{k}_{which}": v for which, mm in (("base", m_base), ("tuned", m_tuned)) for k, v in mm.items()}
-        result.update(steps=cfg.steps, nfe_per_update=float(log[-1]["nfe"]) if log else 0.0,
+        result.update(steps=cfg.steps, nfe_per_update=nfe_per_update(cfg, len(grid)),
                       seconds_per_update=sum(float(r["seconds"]) for r in log) / max(len(log), 1),
                       seconds=timer())
         world.plot_samples({"base (25 DDIM steps)": (x_base, final_cond),

@@ -165,9 +165,10 @@ def test_rlhf_with_one_state_is_diffusion_dpo():
     ("rlhf", 3, 3, True, 96),  # n K + n m + 4 m
 ])
 def test_measured_nfe_per_update_is_the_documented_minimum(tmp_path, tiny_world, variant, n, m, recompute, expected):
-    sharpening.train(sharpening.Config(variant=variant, n=n, m=m, recompute=recompute, out=str(tmp_path),
-                                       **{**TINY, "steps": 1}))
-    assert [float(r["nfe"]) for r in read_log(tmp_path)] == [expected]
+    cfg = sharpening.Config(variant=variant, n=n, m=m, recompute=recompute, out=str(tmp_path), **{**TINY, "steps": 1})
+    metrics = sharpening.train(cfg)
+    assert [float(r["nfe"]) for r in read_log(tmp_path)] == [expected]  # counted
+    assert metrics["nfe_per_update"] == sharpening.nfe_per_update(cfg, 25) == expected  # stated
 
 
 @pytest.mark.parametrize("variant", ["sft", "rlhf"])
