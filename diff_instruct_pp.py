@@ -331,7 +331,7 @@ def train(cfg: Config) -> dict:
             with ta_net.frozen():
                 if cfg.cfg_scale != 1.0:  # conditional and null in one batch: 2 NFEs
                     both = ta_net(torch.cat([x_t.detach()] * 2), torch.cat([t, t]),
-                              common.cond_cat([cond, common.cond_to(world.null_condition(cfg.batch), dev)]))
+                                  common.cond_cat([cond, common.cond_to(world.null_condition(cfg.batch), dev)]))
                     eps_c, eps_null = both.chunk(2)
                     # eps_cfg = eps_ref(null) + omega (eps_ref(c) - eps_ref(null))   (3.5, Thm 3.4)
                     eps_ref = common.eps_cfg(eps_c, eps_null, cfg.cfg_scale)

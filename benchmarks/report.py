@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # full/ and the method scripts, also without `pip install -e .`
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -119,7 +120,6 @@ TIMING_KEYS = ("seconds", "wall")  # metrics that measure time, not results: exc
 def child(argv: list[str]) -> None:
     """`report.py --child <script> <args...>`: run a method's main in this process, then record peak GPU memory."""
     script, args = argv[0], argv[1:]
-    sys.path.insert(0, str(ROOT))
     method = importlib.import_module(Path(script).stem)
     method.main(args)
     import torch
@@ -345,12 +345,15 @@ def plot_curves(world: str, records: list[dict], path: Path) -> None:
                 curves.append(pts)
             steps = np.array([s for s, _ in curves[0]])
             ys = np.array([[v for _, v in c] for c in curves])
+            if key == "reward" and not ys.any():  # DI++ with alpha_rew = 0 does not evaluate the reward
+                ax.plot([], [], lw=1.2, label=f"{label}: reward not computed")
+                continue
             if key == "reward" and ys.shape[1] >= 20:
                 kernel = np.ones(20) / 20
                 ys = np.stack([np.convolve(y, kernel, mode="valid") for y in ys])
                 steps = steps[19:]
-            ax.plot(steps, ys.mean(0), lw=1.2, label=label)
-            ax.fill_between(steps, ys.min(0), ys.max(0), alpha=0.2)
+            (line,) = ax.plot(steps, ys.mean(0), lw=1.2, label=label)
+            ax.fill_between(steps, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
         what = "fixed-seed samples" if method != "DI++" else "training batch (20-update mean)"
         ax.set(title=f"{method} ({world}): reward of {what}", xlabel="update")
         ax.legend(fontsize=7)
@@ -382,7 +385,7 @@ def plot_samples(world: str, records: list[dict], path: Path) -> None:
         ax.imshow(mpimg.imread(p))
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=110)  # MNIST digits stay legible
     plt.close(fig)
 
 
@@ -419,10 +422,21 @@ def main(argv=None) -> dict:
                    "cuda: the paper's global batch, which may not fit one GPU)")
     p.add_argument("--resume", action="store_true", help="reuse run folders that finished the same command "
                    "(an interrupted report goes on where it stopped; timings are then the earlier ones)")
+    p.add_argument("--replot", action="store_true", help="only rewrite the table and figures of --world from "
+                   "report.json and its run folders")
     p.add_argument("--smoke", action="store_true", help="2 updates and a few samples per run (plumbing only)")
     p.add_argument("--results", default=str(RESULTS), help="where report.json / .md / .png go")
     p.add_argument("--runs", default=str(ROOT / "runs" / "report"), help="run folders go to RUNS/<world>/")
     a = p.parse_args(argv)
+    if a.replot:  # the tables and figures again from report.json and the run folders, nothing is run
+        path = Path(a.results) / "report.json"
+        result = json.loads(path.read_text())[a.world]
+        records = []
+        for r in result["runs"]:
+            with open(Path(r["out"]) / "log.csv") as f:
+                records.append({**r, "log": list(csv.DictReader(f))})
+        write_outputs(a.world, result, records, Path(a.results))
+        return result
     if a.world == "cuda":
         import torch
 
@@ -460,11 +474,15 @@ def main(argv=None) -> dict:
     everything = json.loads(path.read_text()) if path.exists() else {}
     everything[a.world] = result
     path.write_text(json.dumps(everything, indent=2, default=str))
-    (results / f"report.{a.world}.md").write_text(markdown(a.world, result))
-    plot_curves(a.world, records, results / f"report.{a.world}.curves.png")
-    plot_samples(a.world, records, results / f"report.{a.world}.samples.png")
-    print(markdown(a.world, result))
+    write_outputs(a.world, result, records, results)
     return result
+
+
+def write_outputs(world: str, result: dict, records: list[dict], results: Path) -> None:
+    (results / f"report.{world}.md").write_text(markdown(world, result))
+    plot_curves(world, records, results / f"report.{world}.curves.png")
+    plot_samples(world, records, results / f"report.{world}.samples.png")
+    print(markdown(world, result))
 
 
 if __name__ == "__main__":
