@@ -411,7 +411,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", default="toy2d", choices=["toy2d", "mnist", "tiny", "cuda"])
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (toys), 0 (tiny, cuda)")
-    p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="runs at a time")
+    p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: 2 on the CPU, 1 on a GPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--no-repeat", action="store_true", help="skip the determinism re-run of the first seed")
     p.add_argument("--only", nargs="*", default=None, help="rows whose method or label contains one of these")
@@ -444,6 +444,7 @@ def main(argv=None) -> dict:
             raise SystemExit("--world cuda needs a CUDA GPU (torch.cuda.is_available() is False); on the CPU use "
                              "--world tiny for the full backend on tiny random pipelines")
     seeds = a.seeds or ([0] if a.world in ("tiny", "cuda") else [0, 1, 2])
+    a.jobs = a.jobs or (1 if a.world == "cuda" else max(1, min(2, os.cpu_count() or 1)))
     steps = a.steps or (20 if a.world == "cuda" else None)
     results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
