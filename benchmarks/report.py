@@ -1,7 +1,7 @@
 """The side-by-side report: every method and variant on the same world, seeds and machine, in one table.
 
     python benchmarks/report.py --world toy2d        # about 6 min on 2 idle cores (3 seeds + a determinism re-run)
-    python benchmarks/report.py --world mnist        # about 45 min on 2 idle cores
+    python benchmarks/report.py --world mnist        # about 35 min on 2 idle cores
     python benchmarks/report.py --world tiny         # tiny random diffusers pipelines on the CPU (plumbing and cost)
     python benchmarks/report.py --world cuda         # the launcher settings on real checkpoints, on a CUDA GPU
     python benchmarks/update_readme.py               # then copy the tables into README.md
