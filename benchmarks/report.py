@@ -310,13 +310,15 @@ def markdown(world: str, result: dict) -> str:
             f"{_ms(r['distance_base'])} → {_ms(r['distance_tuned'])} ({r['eval_split']}) | {nfe} | "
             f"{r['s_per_update']:.3f} | {r['peak_rss_mib']:.0f} |"
             + (f" {r['peak_gpu_gib']:.2f} |" if gpu else "") + f" {det} |")
-    checks = [f"NFEs: counted == stated in every update of every run: "
-              f"{'yes' if all(r['nfe_ok'] for r in rows) else 'NO (' + ', '.join(r['label'] for r in rows if not r['nfe_ok']) + ')'}."]
+    off = [r["label"] for r in rows if not r["nfe_ok"]]
+    checks = ["NFEs: counted == stated in every update of every run: "
+              + ("yes." if not off else f"NO ({', '.join(off)}).")]
     det = [r for r in rows if r["determinism"] is not None]
     if det:
         same = all(r["determinism"] == "identical" for r in det)
         checks.append(f"Determinism: seed {det[0]['seeds'][0]} of every row run twice: metrics.json (timings "
-                      f"excluded) and every log.csv column but `seconds` {'identical in all ' + str(len(det)) + ' rows' if same else 'DIFFER in some rows (table)'}.")
+                      "excluded) and every log.csv column but `seconds` "
+                      + (f"identical in all {len(det)} rows." if same else "DIFFER in some rows (table)."))
     lines += ["", *checks, "",
               f"Figures: `benchmarks/results/report.{world}.curves.png` (reward during training), "
               f"`benchmarks/results/report.{world}.samples.png` (base vs tuned, seed {seeds[0] if seeds else 0}). "
