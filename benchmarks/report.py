@@ -432,7 +432,11 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.replot:  # the tables and figures again from report.json and the run folders, nothing is run
         path = Path(a.results) / "report.json"
-        result = json.loads(path.read_text())[a.world]
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        if a.world not in saved:
+            raise SystemExit(f"--replot: {path} holds no {a.world} report; run `python benchmarks/report.py "
+                             f"--world {a.world}` first")
+        result = saved[a.world]
         records = []
         for r in result["runs"]:
             with open(Path(r["out"]) / "log.csv") as f:
