@@ -135,11 +135,7 @@ def run_one(cmd: list[str], out: Path, threads: int, env_extra: dict, resume: bo
     With `resume`, a run folder that already finished this very command is read instead of run again."""
     done = out / "report_run.json"
     if resume and done.exists() and json.loads(done.read_text())["command"] == "python " + shlex.join(cmd):
-        record = json.loads(done.read_text())
-        record["metrics"] = json.loads((out / "metrics.json").read_text())
-        with open(out / "log.csv") as f:
-            record["log"] = list(csv.DictReader(f))
-        return record
+        return {**json.loads(done.read_text()), **read_run(out)}
     done.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **env_extra}
@@ -158,10 +154,16 @@ def run_one(cmd: list[str], out: Path, threads: int, env_extra: dict, resume: bo
     if gpu.exists():
         record.update(json.loads(gpu.read_text()))
     done.write_text(json.dumps(record))  # written last: its presence means the run finished
-    record["metrics"] = json.loads((out / "metrics.json").read_text())
-    with open(out / "log.csv") as f:
-        record["log"] = list(csv.DictReader(f))
-    return record
+    return {**record, **read_run(out)}
+
+
+def read_run(out: Path, metrics: bool = True) -> dict:
+    """What a finished run folder holds for the report: metrics.json and the rows of log.csv."""
+    with open(Path(out) / "log.csv") as f:
+        run = {"log": list(csv.DictReader(f))}
+    if metrics:
+        run["metrics"] = json.loads((Path(out) / "metrics.json").read_text())
+    return run
 
 
 def same_results(a: dict, b: dict) -> list[str]:
@@ -437,10 +439,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--replot: {path} holds no {a.world} report; run `python benchmarks/report.py "
                              f"--world {a.world}` first")
         result = saved[a.world]
-        records = []
-        for r in result["runs"]:
-            with open(Path(r["out"]) / "log.csv") as f:
-                records.append({**r, "log": list(csv.DictReader(f))})
+        records = [{**r, **read_run(r["out"], metrics=False)} for r in result["runs"]]
         write_outputs(a.world, result, records, Path(a.results))
         return result
     if a.world == "cuda":
