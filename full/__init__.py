@@ -22,4 +22,12 @@ def load_world(model: str, **overrides):
     return FullWorld(load_spec(model, **overrides))
 
 
-__all__ = ["load_world", "load_spec", "ModelSpec", "ModelError"]
+def register() -> None:
+    """Entry point (pyproject.toml, group fewstep_finetune.worlds): every `--model` no other backend takes (a
+    checkpoint folder, a hub id or a model spec) comes here; load_spec says what is wrong with it."""
+    import common
+
+    common.register_world("full", lambda model: True, load_world, priority=0)
+
+
+__all__ = ["load_world", "load_spec", "ModelSpec", "ModelError", "register"]

@@ -90,3 +90,10 @@ def _write(path: Path, weights, spec) -> None:
     os.close(fd)
     save_file(flat, tmp, metadata={"spec": json.dumps(spec)})
     os.replace(tmp, path)  # atomic: a killed build never leaves a half-written cache file
+
+
+def register() -> None:
+    """Entry point (pyproject.toml, group fewstep_finetune.worlds): `--model toy2d | mnist` goes to this backend."""
+    import common
+
+    common.register_world("toy", lambda model: model in WORLDS, load_world, priority=10)
