@@ -157,6 +157,11 @@ class FullDenoiser:
         finally:
             self._frozen = False
 
+    @property
+    def module(self) -> torch.nn.Module:
+        """The trained module (accelerator.accumulate(module))."""
+        return self.unet
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
 
@@ -194,6 +199,7 @@ class FullWorld:
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
+        self.decode_batch = spec.decode_batch  # common.World: the most rows of one sampling / evaluation call
         self.name = spec.name or Path(spec.base).name
         self.parts = models.load_parts(spec)
         self.kind = self.parts.kind

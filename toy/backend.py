@@ -54,6 +54,11 @@ class ToyDenoiser:
         finally:
             self._frozen = False
 
+    @property
+    def module(self) -> nn.Module:
+        """The trained module (accelerator.accumulate(module))."""
+        return self.net
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.net.parameters() if p.requires_grad]
 
@@ -82,6 +87,7 @@ class ToyWorld(abc.ABC):
     name: str
     shape: tuple[int, ...]
     num_classes: int
+    decode_batch = 4096  # rows per sampling / evaluation call: the toy nets are small
     roles = {  # role -> (sampler, timesteps)
         "teacher": ("ddim", common.few_step_timesteps(25)),
         "student": ("x0_renoise", common.few_step_timesteps(4)),
