@@ -5,6 +5,7 @@ DIR/metrics.json. The method scripts (pso.py, sharpening.py, diff_instruct_pp.py
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -24,7 +25,9 @@ class Config:
 def main(cfg: Config) -> dict:
     timer = common.Timer()
     world = toy.load_world(cfg.model)
-    run = common.RunDir(cfg.out or f"runs/base-{cfg.model}", cfg)
+    out = Path(cfg.out or f"runs/base-{cfg.model}")
+    out.mkdir(parents=True, exist_ok=True)
+    common.write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
     cond = world.eval_conditions(cfg.samples)
     noise = torch.randn(cfg.samples, *world.shape, generator=gen)
@@ -36,11 +39,11 @@ def main(cfg: Config) -> dict:
         kernel = common.make_kernel(sampler, world.schedule, eta)
         panels[label] = (common.sample(den, kernel, noise, cond, den.timesteps, gen), cond)
     metrics = {label: world.metrics(x0, c) for label, (x0, c) in panels.items()}
-    world.plot_samples(panels, run.path / "samples.png")
-    run.metrics({**metrics, "seconds": timer()})
+    world.plot_samples(panels, out / "samples.png")
+    common.write_json_atomic(out / "metrics.json", {**metrics, "seconds": timer()})
     for label, m in metrics.items():
         print(f"{label:24s} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
-    print(f"wrote {run.path / 'samples.png'}")
+    print(f"wrote {out / 'samples.png'}")
     return metrics
 
 
