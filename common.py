@@ -77,6 +77,18 @@ class Schedule:
         a = self.alpha_bar(t, like)
         return a.sqrt(), (1 - a).sqrt()
 
+    prediction = "epsilon"  # the network's output; FlowSchedule's is the velocity
+
+    def x0_from_pred(self, x_t, eps, t):
+        return x0_from_eps(self, x_t, eps, t)
+
+    def eps_from_pred(self, x_t, eps, t):
+        return eps
+
+    def pred_target(self, x0, eps, t):
+        """What the network regresses on: eps."""
+        return eps
+
 
 def few_step_timesteps(n: int, t_max: int = T) -> list[int]:
     """t_n = n*T/N - 1 for n = N..1 ("trailing" spacing): N=4 -> [999, 749, 499, 249] (DESIGN section 3)."""
@@ -194,7 +206,97 @@ class DDIM(Kernel):
         return mean, std * torch.ones_like(x)
 
 
-KERNELS = {k.name: k for k in (X0Renoise, EulerAncestral, DDIM)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flow matching (SD3 / FLUX / SANA-class models; DESIGN.md section 10)
+# ---------------------------------------------------------------------------------------------------
+class FlowSchedule:
+    """x_t = (1 - sigma_t) x_0 + sigma_t eps, the network predicts the velocity v = eps - x_0.
+
+    Integer time t = 0..T-1 is diffusers' FlowMatchEulerDiscreteScheduler training timestep t + 1, so
+    sigma_t = shift * s / (1 + (shift - 1) * s) with s = (t + 1) / T (the scheduler's static shift; SD3: 3.0,
+    FLUX's resolution-dependent shift is a shift value too); t = -1 is the clean sample (sigma = 0). Conversions
+    (for a prediction v at x_t): x0_hat = x_t - sigma v, eps_hat = x_t + (1 - sigma) v, score = -eps_hat / sigma.
+    `alpha_sigma` returns (1 - sigma_t, sigma_t), so add_noise and the forward process read the same as DDPM's."""
+
+    prediction = "flow"
+
+    def __init__(self, shift: float = 1.0):
+        if not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"flow shift must be a finite number > 0, got {shift!r}")
+        self.name, self.shift = f"flow(shift={shift:g})", float(shift)
+        s = torch.arange(1, T + 1, dtype=torch.float32) / T  # the scheduler's float32 sigmas before the shift
+        self.sigmas = self.shift * s / (1 + (self.shift - 1) * s)
+
+    def sigma(self, t, like: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        s = torch.where(t < 0, torch.zeros((), dtype=torch.float32), self.sigmas[t.clamp(min=0).cpu()])
+        if like is not None:
+            s = s.to(like.device)
+            if s.ndim == 1:
+                s = s.reshape(-1, *([1] * (like.ndim - 1)))
+        return s
+
+    def alpha_sigma(self, t, like: torch.Tensor | None = None):
+        s = self.sigma(t, like)
+        return 1 - s, s
+
+    def alpha_bar(self, t, like=None):
+        raise TypeError("a flow-matching schedule has no alpha_bar: use alpha_sigma (1 - sigma, sigma) and the "
+                        "flow kernels (flow_x0_renoise, flow_sde)")
+
+    # conversions of the network's prediction (velocity) -------------------------------------------------
+    def x0_from_pred(self, x_t, v, t):
+        return x_t - self.sigma(t, x_t) * v
+
+    def eps_from_pred(self, x_t, v, t):
+        return x_t + (1 - self.sigma(t, x_t)) * v
+
+    def pred_target(self, x0, eps, t):
+        """What the network regresses on (the flow-matching loss): v = eps - x_0."""
+        return eps - x0
+
+
+class FlowKernel(Kernel):
+    """A sampler of a flow model as an MDP; the prediction passed to step / x0 is the velocity."""
+
+    def x0(self, x, v, t):
+        return self.sched.x0_from_pred(x, v, t)
+
+
+class FlowX0Renoise(FlowKernel):
+    """Few-step distilled flow models (x0-renoise in the flow parametrisation): mean = (1 - sigma') x0_hat,
+    std = sigma'; the last step (sigma' = 0) is deterministic."""
+
+    name = "flow_x0_renoise"
+
+    def step(self, x, v, t, t_next):
+        s_next = self.sched.sigma(t_next, x)
+        return (1 - s_next) * self.x0(x, v, t), s_next * torch.ones_like(x)
+
+
+class FlowSDE(FlowKernel):
+    """A stochastic Euler step whose marginals are the ODE's (the SDE form Flow-GRPO samples with log-probs):
+    dx = [v - g^2/2 * score] dt + g dw, score = -eps_hat / sigma, g = eta sqrt(sigma / (1 - sigma)). With
+    dt = sigma' - sigma < 0: mean = x + (v + g^2 / (2 sigma) eps_hat) dt, std = g sqrt(-dt). eta = 0 is
+    FlowMatchEulerDiscreteScheduler.step (x + dt v). At sigma = 1 the factor sigma / (1 - sigma) is taken at the
+    schedule's largest sigma below 1 (as Flow-GRPO's code does); the last step (sigma' = 0) is deterministic."""
+
+    name = "flow_sde"
+
+    def step(self, x, v, t, t_next):
+        s, s_next = self.sched.sigma(t, x), self.sched.sigma(t_next, x)
+        dt = s_next - s
+        below_one = self.sched.sigmas[self.sched.sigmas < 1].max().to(s.device)
+        g2 = self.eta**2 * torch.where(s < 1, s, below_one) / (1 - torch.where(s < 1, s, below_one))
+        g2 = torch.where(s_next > 0, g2, torch.zeros_like(g2))
+        eps_hat = self.sched.eps_from_pred(x, v, t)
+        mean = x + (v + g2 / (2 * s) * eps_hat) * dt
+        return mean, (g2 * (-dt)).sqrt() * torch.ones_like(x)
+
+
+KERNELS = {k.name: k for k in (X0Renoise, EulerAncestral, DDIM, FlowX0Renoise, FlowSDE)}
 
 
 def make_kernel(name: str, sched: Schedule, eta: float = 1.0) -> Kernel:

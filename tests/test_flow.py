@@ -1,0 +1,114 @@
+"""Flow-matching math of common.py (DESIGN.md section 10): the shifted sigmas and the Euler step are diffusers'
+FlowMatchEulerDiscreteScheduler's, and the MDP kernels have the right Gaussian policies in a linear-Gaussian world
+where the velocity is known in closed form."""
+import math
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+import common
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_sigmas_are_the_schedulers_training_sigmas(shift):
+    sched = common.FlowSchedule(shift)
+    ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    # the scheduler holds its training sigmas from timestep 1000 down to 1; ours are indexed t = timestep - 1
+    assert torch.equal(sched.sigma(torch.arange(999, -1, -1)), ref.sigmas[:1000].float())
+    assert float(sched.sigma(-1)) == 0.0 and float(sched.sigma(999)) == 1.0
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_deterministic_flow_step_is_the_schedulers_euler_step(shift):
+    sched = common.FlowSchedule(shift)
+    kernel = common.make_kernel("flow_sde", sched, eta=0.0)
+    times = [999, 749, 499, 249]
+    ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    ref.set_timesteps(sigmas=[(t + 1) / 1000 for t in times])  # the scheduler shifts them as ours are shifted
+    assert torch.allclose(ref.sigmas[:-1], sched.sigma(torch.tensor(times)), atol=0, rtol=0)
+    x = torch.randn(3, 4, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    for k, (t, t_next) in enumerate(zip(times, times[1:] + [-1])):
+        v = torch.randn(x.shape, generator=g)
+        expected = ref.step(v, ref.timesteps[k], x).prev_sample
+        mean, std = kernel.step(x, v, t, t_next)
+        assert torch.allclose(mean, expected, atol=1e-6) and float(std.abs().max()) == 0.0
+        x = expected
+
+
+def gaussian_world(mu=1.5, s=0.4):
+    """x_0 ~ N(mu, s^2) per dimension: the exact velocity E[eps - x_0 | x_t] of the flow x_t = (1-sig) x_0 + sig eps."""
+
+    def velocity(x, sig):
+        var = (1 - sig) ** 2 * s**2 + sig**2
+        r = x - (1 - sig) * mu
+        return sig / var * r - (mu + (1 - sig) * s**2 / var * r)
+
+    return mu, s, velocity
+
+
+def test_flow_conversions_agree_with_the_closed_form():
+    sched = common.FlowSchedule(3.0)
+    mu, s, velocity = gaussian_world()
+    t = 600
+    sig = float(sched.sigma(t))
+    x0, eps = torch.randn(50000) * s + mu, torch.randn(50000)
+    x_t = common.add_noise(sched, x0[:, None], eps[:, None], t)
+    assert torch.allclose(x_t[:, 0], (1 - sig) * x0 + sig * eps)
+    v = velocity(x_t, sig)
+    # x0_hat(x_t) = E[x_0 | x_t] and eps_hat = E[eps | x_t]: their errors are orthogonal to x_t (least squares)
+    for est, truth in ((sched.x0_from_pred(x_t, v, t), x0), (sched.eps_from_pred(x_t, v, t), eps)):
+        err = est[:, 0] - truth
+        assert abs(float(err.mean())) < 0.01 and abs(float((err * (x_t[:, 0] - x_t.mean())).mean())) < 0.01
+    assert torch.equal(sched.pred_target(x0, eps, t), eps - x0)
+
+
+def test_flow_sde_keeps_the_marginals_and_its_eta_zero_limit_is_the_ode():
+    """From x ~ p_1 = N(0, 1), 400 SDE steps with the exact velocity end at N(mu, s^2): the stochastic step has the
+    ODE's marginals. A kernel without the score correction (mean = x + v dt, the same noise) would not."""
+    sched = common.FlowSchedule(1.0)
+    mu, s, velocity = gaussian_world()
+    times = [round(999 * (1 - k / 400)) for k in range(400)] + [-1]
+    times = sorted(set(times), reverse=True)
+    g = torch.Generator().manual_seed(0)
+    for eta, tol in ((0.0, 0.02), (0.7, 0.03)):
+        kernel = common.make_kernel("flow_sde", sched, eta=eta)
+        x = torch.randn(40000, 1, generator=g)
+        for t, t_next in zip(times[:-1], times[1:]):
+            mean, std = kernel.step(x, velocity(x, sched.sigma(t, x)), t, t_next)
+            x = mean + std * torch.randn(x.shape, generator=g)
+        assert abs(float(x.mean()) - mu) < tol and abs(float(x.std()) - s) < tol, (eta, float(x.mean()), float(x.std()))
+    # the same chain without the -g^2/2 score term in the drift drifts off the marginals
+    x = torch.randn(40000, 1, generator=g)
+    for t, t_next in zip(times[:-1], times[1:]):
+        sig, sig_next = float(sched.sigma(t)), float(sched.sigma(t_next))
+        g2 = 0.49 * min(sig, 0.999) / (1 - min(sig, 0.999)) if sig_next > 0 else 0.0
+        x = x + velocity(x, sig) * (sig_next - sig) + math.sqrt(g2 * (sig - sig_next)) * torch.randn(x.shape,
+                                                                                                     generator=g)
+    assert abs(float(x.std()) - s) > 0.1
+
+
+def test_flow_x0_renoise_policy_and_its_deterministic_last_step():
+    sched = common.FlowSchedule(3.0)
+    kernel = common.make_kernel("flow_x0_renoise", sched)
+    mu, s, velocity = gaussian_world()
+    x = torch.randn(6, 2)
+    v = velocity(x, 1.0)
+    mean, std = kernel.step(x, v, 999, 499)
+    sig_next = float(sched.sigma(499))
+    assert torch.allclose(mean, (1 - sig_next) * (x - v)) and torch.allclose(std, torch.full_like(x, sig_next))
+    # the Gaussian log-prob of a transition is the closed form
+    x_next = mean + std * torch.randn(x.shape)
+    lp = common.gaussian_log_prob(x_next, mean, std)
+    closed = (-((x_next - mean) ** 2) / (2 * sig_next**2) - math.log(sig_next) - 0.5 * math.log(2 * math.pi)).sum(1)
+    assert torch.allclose(lp, closed)
+    mean0, std0 = kernel.step(x, v, 249, -1)
+    assert torch.allclose(mean0, x - float(sched.sigma(249)) * v) and float(std0.max()) == 0.0
+
+
+def test_flow_schedule_refuses_ddpm_only_use():
+    with pytest.raises(TypeError, match="no alpha_bar"):
+        common.make_kernel("ddim", common.FlowSchedule(1.0)).step(torch.zeros(1, 2), torch.zeros(1, 2), 999, 499)
+    with pytest.raises(ValueError, match="shift must be a finite number > 0"):
+        common.FlowSchedule(0.0)
