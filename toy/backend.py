@@ -129,6 +129,11 @@ class ToyWorld(abc.ABC):
     def make_net(self) -> nn.Module:
         """A fresh, randomly initialised eps-network of this world."""
 
+    def base_model_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """{role: {weight name: shape}} of every base model this world needs (what a cache file must hold)."""
+        net = {k: tuple(v.shape) for k, v in self.make_net().state_dict().items()}
+        return {role: net for role in self.roles}
+
     def denoiser(self, role: str, lora_rank: int = 16, train_full: bool = False,
                  sampler: str | None = None, timesteps: list[int] | None = None) -> ToyDenoiser:
         if role not in self.roles:

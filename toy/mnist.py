@@ -78,8 +78,14 @@ class MNIST(ToyWorld):
         self.images, self.labels, self.source = load_digits(mnist_path)
         self.by_digit = [torch.nonzero(self.labels == d).squeeze(1) for d in range(10)]
         self.classifier = DigitClassifier().eval().requires_grad_(False)
-        if weights is not None and "classifier" in weights:
+        if weights is not None:
+            if "classifier" not in weights:  # a random classifier would give a random reward
+                raise ValueError(f"MNIST base models lack the classifier (found {sorted(weights)})")
             self.classifier.load_state_dict(weights["classifier"])
+
+    def base_model_shapes(self):
+        return {**super().base_model_shapes(),
+                "classifier": {k: tuple(v.shape) for k, v in self.classifier.state_dict().items()}}
 
     def make_net(self):
         return TinyUNet(self.num_classes)
