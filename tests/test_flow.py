@@ -112,3 +112,17 @@ def test_flow_schedule_refuses_ddpm_only_use():
         common.make_kernel("ddim", common.FlowSchedule(1.0)).step(torch.zeros(1, 2), torch.zeros(1, 2), 999, 499)
     with pytest.raises(ValueError, match="shift must be a finite number > 0"):
         common.FlowSchedule(0.0)
+
+
+def test_flow2d_base_models_are_flow_models_on_the_shared_interface():
+    import toy
+
+    world = toy.load_world("flow2d", budget="tiny", progress=False)
+    assert isinstance(world.schedule, common.FlowSchedule) and world.schedule.prediction == "flow"
+    for role, sampler in (("teacher", "flow_sde"), ("student", "flow_x0_renoise"), ("generator", "flow_x0_renoise")):
+        den = world.denoiser(role)
+        assert den.sampler == sampler
+        kernel = common.make_kernel(den.sampler, world.schedule, eta=0.0)
+        cond = world.eval_conditions(16)
+        x0 = common.sample(den, kernel, torch.randn(16, 2), cond, den.timesteps, torch.Generator().manual_seed(0))
+        assert x0.shape == (16, 2) and torch.isfinite(x0).all()

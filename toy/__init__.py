@@ -24,11 +24,18 @@ from safetensors.torch import save
 from .backend import state_mismatch
 from .mnist import MNIST
 from .pretrain import Budget, build_base_models
+from .flow2d import Flow2D
 from .toy2d import Toy2D
 
-WORLDS = {"toy2d": Toy2D, "mnist": MNIST}
+WORLDS = {"toy2d": Toy2D, "mnist": MNIST, "flow2d": Flow2D}
 BUDGETS = {
     "toy2d": {
+        "full": Budget(teacher_steps=3000, batch=512, lr=2e-3, pairs=8000, ode_steps=25, distill_steps=2000,
+                       generator_steps=500),
+        "tiny": Budget(teacher_steps=60, batch=128, lr=2e-3, pairs=256, ode_steps=4, distill_steps=30,
+                       generator_steps=10),
+    },
+    "flow2d": {  # toy2d's budget (the same data and nets, a flow parametrisation)
         "full": Budget(teacher_steps=3000, batch=512, lr=2e-3, pairs=8000, ode_steps=25, distill_steps=2000,
                        generator_steps=500),
         "tiny": Budget(teacher_steps=60, batch=128, lr=2e-3, pairs=256, ode_steps=4, distill_steps=30,

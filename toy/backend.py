@@ -115,6 +115,7 @@ class ToyWorld(abc.ABC):
     shape: tuple[int, ...]
     num_classes: int
     decode_batch = 4096  # the most rows a sampling / evaluation / reward call puts through a net at once
+    ode_sampler = "ddim"  # the teacher's deterministic sampler (eta = 0) that the student is distilled from
     roles = {  # role -> (sampler, timesteps)
         "teacher": ("ddim", common.few_step_timesteps(25)),
         "student": ("x0_renoise", common.few_step_timesteps(4)),

@@ -70,7 +70,8 @@ def train_teacher(world, budget: Budget, gen: torch.Generator, progress=True):
         c = torch.where(torch.rand(len(c), generator=gen) < 0.1, world.null_condition(len(c)), c)  # CFG dropout
         t = torch.randint(0, common.T, (len(c),), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
-        return F.mse_loss(net(common.add_noise(sched, x0, eps, t), t, c), eps)  # DDPM eps-loss
+        # DDPM eps-loss, or the flow-matching loss (target v = eps - x_0) in a flow world: sched.pred_target
+        return F.mse_loss(net(common.add_noise(sched, x0, eps, t), t, c), sched.pred_target(x0, eps, t))
 
     return _fit(net, loss_fn, budget.teacher_steps, budget.lr, f"{world.name}: teacher", budget.ema, progress)
 
@@ -79,7 +80,7 @@ def train_teacher(world, budget: Budget, gen: torch.Generator, progress=True):
 def teacher_ode_pairs(world, teacher, times, budget: Budget, gen, progress=True, chunk=1000):
     """{t_n: (x_{t_n}, c, x_0 = DDIM-ODE_teacher(x_{t_n}))}."""
     sched = world.schedule
-    kernel = common.make_kernel("ddim", sched, eta=0.0)
+    kernel = common.make_kernel(world.ode_sampler, sched, eta=0.0)  # deterministic DDIM / flow Euler
     call = lambda x, t, c: teacher(x, torch.as_tensor(t).expand(len(x)), c)
     pairs = {}
     for t_n in tqdm(times, desc=f"{world.name}: teacher ODE pairs", disable=not progress):
@@ -106,8 +107,8 @@ def distill(world, init, pairs, steps, budget: Budget, gen, desc, progress=True)
 
     def loss_fn(step):
         i = torch.randint(0, len(c), (budget.batch,), generator=gen)
-        eps = net(x_t[i], t[i], c[i])
-        return F.mse_loss(common.x0_from_eps(sched, x_t[i], eps, t[i]), x0[i])
+        eps = net(x_t[i], t[i], c[i])  # the prediction: eps, or the velocity in a flow world
+        return F.mse_loss(sched.x0_from_pred(x_t[i], eps, t[i]), x0[i])
 
     return _fit(net, loss_fn, steps, budget.lr * 0.5, desc, budget.ema, progress)
 
