@@ -310,8 +310,9 @@ def test_world_preference_pairs_are_the_vae_latents_of_the_winner_and_loser(xl):
     win, lose, cond = xl.preference_pairs(4, torch.Generator().manual_seed(0))
     assert win.shape == lose.shape == (4, *xl.shape) and not torch.equal(win, lose)
     texts = xl.prompt_texts(cond)
-    j = xl._pairs(None).rows.index(next(r for r in xl._pairs(None).rows if r[3] == texts[0]))
-    w, _ = xl._pairs(None).images(j, xl.resolution)
+    pairs = xl._pairs(None)
+    j = pairs.captions().index(texts[0])
+    w, _ = pairs.images(j, xl.resolution)
     assert torch.allclose(win[0], xl.encode_images(w[None])[0], atol=1e-5)
 
 
@@ -324,10 +325,10 @@ def test_a_data_row_that_cannot_be_decoded_is_named(tmp_path):
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     pairs = data_lib.PreferencePairs({"folder": str(tmp_path)})
     pairs.images(0, 8)
-    with pytest.raises(data_lib.DataError, match=r"row 1 of .*pairs.jsonl \(rejected image\): cannot decode"):
+    with pytest.raises(data_lib.DataError, match=r"pair 1 \('bad'\) of .*pairs.jsonl \(rejected image\) \(.*broken.png\): cannot decode"):
         pairs.images(1, 8)
     (tmp_path / "pairs.jsonl").write_text('{"caption": "x", "jpg_0": "a.png", "label_0": 1}\n')
-    with pytest.raises(data_lib.DataError, match="row 0 of .*lacks jpg_0/jpg_1"):
+    with pytest.raises(data_lib.DataError, match="rows of .*pairs.jsonl lack jpg_0/jpg_1.*found \\['caption', 'jpg_0', 'label_0'\\]"):
         data_lib.PreferencePairs({"folder": str(tmp_path)})
     (tmp_path / "pairs.jsonl").write_text('{"caption": "x", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 0.5}\n')
     with pytest.raises(data_lib.DataError, match="no untied pair"):
