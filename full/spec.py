@@ -83,10 +83,15 @@ def looks_like_hub_id(s: str) -> bool:
     return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", s)) and not s.startswith((".", "/")) and not Path(s).exists()
 
 
-def resolve(value, root: Path | None):
-    """A relative path in a spec file is relative to the file; hub ids and absolute paths stay as they are."""
-    if root is None or not isinstance(value, str) or looks_like_hub_id(value) or Path(value).is_absolute():
+def resolve(value, root: Path | None, path: bool = False):
+    """A relative path in a spec file is relative to the file; hub ids and absolute paths stay as they are.
+    path=True: the key only takes a path (prompt files, data folders), so 'data/x.txt' is never a hub id."""
+    if root is None or not isinstance(value, str) or Path(value).is_absolute():
         return value
+    if looks_like_hub_id(value) and not path:
+        return value
+    if path:
+        return str(root / value)
     cand = root / value
     return str(cand) if cand.exists() or "/" in value or "." in value else value
 
@@ -119,7 +124,7 @@ def from_dict(d: dict, root: Path | None = None, where: str = "model spec") -> M
         roles[role] = _build(RoleSpec, r, f"{where}, role {role}")
     for k in ("base", "vae", "prompts", "eval_prompts"):
         if isinstance(d.get(k), str):
-            d[k] = resolve(d[k], root)
+            d[k] = resolve(d[k], root, path=k in ("prompts", "eval_prompts"))
     for k in ("reward", "quality"):
         d[k] = _resolve_reward(d.get(k, "clip"), root)
     d["eval_rewards"] = [_resolve_reward(r, root) for r in d.get("eval_rewards", [])]
@@ -143,7 +148,10 @@ def _resolve_reward(r, root):
 def _resolve_source(v, root):
     if isinstance(v, str):
         v = {"folder": v} if not looks_like_hub_id(v) else {"dataset": v}
-    return {k: (resolve(x, root) if k in ("folder", "file") else x) for k, x in v.items()}
+    if not isinstance(v, dict):
+        raise ValueError(f"a data source must be a folder path or a mapping ({{\"folder\": ...}} or {{\"dataset\": "
+                         f"...}}), found {v!r:.100}")
+    return {k: (resolve(x, root, path=True) if k in ("folder", "file") else x) for k, x in v.items()}
 
 
 def load_spec(model: str, **overrides) -> ModelSpec:
