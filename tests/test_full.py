@@ -13,7 +13,7 @@ import torch
 import common
 import full
 from full import data as data_lib
-from full import launch, models, rewards, tiny
+from full import defaults, launch, models, rewards, tiny
 from full.spec import load_spec
 
 
@@ -383,10 +383,16 @@ def test_every_launcher_setting_is_a_valid_method_command(name):
     import importlib
 
     s = launch.SETTINGS[name]
-    script, argv = launch.method_argv(name, num_processes=2 if s.batch % 2 == 0 else 1)
-    method = importlib.import_module(script.stem)
-    cfg = common.parse_config(method.Config, argv)  # every flag exists in the method's CLI
-    assert cfg.batch * (2 if s.batch % 2 == 0 else 1) == s.batch
+    procs = 2 if s.batch % 2 == 0 else 1
+    method_name, variant = launch.method_variant(s)
+    for gpu in (24, 80):
+        script, argv = launch.method_argv(name, num_processes=procs, gpu_memory=gpu)
+        method = importlib.import_module(script.stem)
+        cfg = common.parse_config(method.Config, argv)  # every flag exists in the method's CLI
+        micro, steps = launch.per_process_batch(s, procs, gpu)
+        assert cfg.batch == micro <= defaults.MICRO_BATCH[(method_name, variant)][gpu == 80]
+        assert micro * steps * procs == s.batch  # the paper's global batch, by accumulation
+        assert getattr(cfg, "gradient_accumulation_steps", steps) == steps
     assert load_spec(cfg.model).base  # the spec file parses
     cmd = launch.command(name, num_processes=4, launcher="accelerate")
     assert cmd[:2] == ["accelerate", "launch"] and "--multi_gpu" in cmd and cmd[cmd.index("--num_processes") + 1] == "4"
