@@ -414,3 +414,28 @@ def test_adam_8bit_without_bitsandbytes_is_a_clear_error(xl_spec, fresh_accelera
     den = world.denoiser("student", lora_rank=4)
     with pytest.raises(ImportError, match=r"adam_8bit.*pip install bitsandbytes"):
         world.accelerator.prepare(torch.optim.AdamW(den.trainable_parameters(), lr=1e-4))
+
+
+# --------------------------------------------------------------------------------------------- prepare_data
+def test_prepare_data_writes_what_the_loaders_read_and_check_names_the_missing_files(tmp_path, xl_spec, capsys):
+    from full import prepare_data
+
+    parquet = _pairs_parquet(tmp_path / "p.parquet", 6)
+    base = ["--dataset", "parquet", "--data-files", str(parquet)]
+    prepare_data.main(["prompts", str(tmp_path / "data" / "prompts.txt"), *base, "--unique", "--limit", "4"])
+    assert data_lib.load_prompts(str(tmp_path / "data" / "prompts.txt")) == [f"prompt {i}" for i in range(4)]
+    prepare_data.main(["pairs", str(tmp_path / "data" / "pairs"), *base])
+    pairs = data_lib.PreferencePairs({"folder": str(tmp_path / "data" / "pairs"), "cache_dir": str(tmp_path / "c")})
+    assert len(pairs) == 4 and pairs.ties == 2
+    assert torch.equal(pairs.images(1, 16)[0], data_lib.to_tensor(_png_bytes(3), 16, ""))  # label 0: jpg_1 wins
+    prepare_data.main(["images", str(tmp_path / "data" / "dog"), *base, "--image-column", "jpg_0", "--caption",
+                       "a photo of sks dog", "--limit", "2"])
+    ds = data_lib.ImageCaptions({"folder": str(tmp_path / "data" / "dog"), "cache_dir": str(tmp_path / "c")})
+    assert ds.captions() == ["a photo of sks dog"] * 2
+    spec = write_spec(xl_spec, "needs_data.json", prompts=str(tmp_path / "data" / "pickapic_train_prompts.txt"),
+                      eval_prompts=str(tmp_path / "data" / "prompts.txt"))
+    capsys.readouterr()
+    assert prepare_data.main(["check", str(spec)]) == 1
+    out = capsys.readouterr().out
+    assert "MISSING prompts" in out and "--dataset yuvalkirstain/pickapic_v2 --split train" in out
+    assert "ok      eval_prompts" in out
