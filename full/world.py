@@ -2,16 +2,20 @@
 
 * `FullDenoiser`: eps = unet(x_t, t, prompt embeddings [, SDXL pooled embeds + add_time_ids]) with a peft LoRA on
   to_q / to_k / to_v / to_out.0 (`unet.add_adapter`); `frozen()` disables the adapter, so the pre-trained model
-  costs no memory. Frozen weights live in the spec's dtype, LoRA weights in fp32 (diffusers' `cast_training_params`),
-  the forward runs under autocast; inputs follow the caller's device and come back on it.
-* `FullAccelerator`: accelerate's Accelerator whose `backward` also averages the LoRA gradients over the
-  data-parallel ranks (one flat all-reduce). The methods prepare only their optimizers, not the UNets, so DDP's
-  wrapper never sees the models; this does its job (DDP also broadcasts rank 0's initial weights: so do we), and it
-  works whatever number of forward passes, frozen passes and backward calls an update makes.
-  `adam_8bit` makes `prepare` swap a torch Adam/AdamW for bitsandbytes' AdamW8bit with the same hyperparameters.
+  costs no memory. UNets are loaded in the weight dtype (torch_dtype), the trainable weights cast to fp32 with
+  diffusers' `cast_training_params`, the forward runs under autocast; inputs follow the caller's device and come
+  back on it. `module` is the UNet after `accelerator.prepare` (DDP with several processes), as diffusers' training
+  examples do: the calls that can carry a gradient go through it, so DDP averages the gradients in the backward
+  pass (and `accelerator.accumulate(module)` skips the sync between micro-batches); no-grad and frozen calls use the
+  plain UNet. `adapter_state()` copies to the CPU.
+* `FullAccelerator`: accelerate's Accelerator; `adam_8bit` makes `prepare` swap a torch Adam/AdamW for
+  bitsandbytes' AdamW8bit with the same hyperparameters. Its mixed precision is the spec's dtype, or accelerate's
+  configuration when the spec names none (`accelerate launch --mixed_precision bf16`).
 * `FullWorld`: prompts -> cached embeddings (condition dicts with a `prompt_id` row so a reward can find the text),
-  VAE encode / decode, rewards on decoded images, image-caption data, preference pairs and concept images as
-  latents, metrics, figures, and LoRA export in the diffusers format (`pipe.load_lora_weights(dir)` loads it).
+  VAE encode / decode (outside the caller's autocast, in the VAE's dtype), rewards on decoded images in chunks of
+  `decode_batch`, image-caption data, preference pairs and concept images as latents (a bounded latent cache),
+  metrics, figures, LoRA export in the diffusers format (`pipe.load_lora_weights(dir)` loads it), and the paper's
+  defaults for a run on a checkpoint (`method_defaults`).
 """
 from __future__ import annotations
 
