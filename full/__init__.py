@@ -6,8 +6,9 @@ and accelerate, behind the same World / Denoiser interface as toy/.
 
 Modules: spec (the model-spec format), models (loading and validation), world (FullDenoiser, FullWorld,
 FullAccelerator), rewards (PickScore, CLIP score, LAION aesthetic, ImageReward), data (prompt lists, image-caption
-sets, preference pairs), tiny (random tiny pipelines for tests), evaluate (paper metrics table), bench (CUDA
-s/update and peak memory), launch (paper settings -> accelerate launch).
+sets, preference pairs, through `datasets`), prepare_data (writes the data files a spec names), defaults (the
+paper's settings and per-GPU batches), tiny (random tiny pipelines for tests), evaluate (paper metrics table),
+bench (CUDA s/update and peak memory), launch (paper settings -> accelerate launch).
 """
 from __future__ import annotations
 

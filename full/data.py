@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .spec import looks_like_hub_id
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DEFAULT_PROMPTS = [  # a small built-in list so a checkpoint runs with no prompt file
     "a photo of a red fox in a snowy forest", "an astronaut riding a horse on the moon, digital art",
@@ -87,6 +89,8 @@ def to_tensor(image, resolution: int, where: str) -> torch.Tensor:
     """A path, bytes or PIL image -> [3, R, R] in [-1, 1]: RGB, bicubic resize of the short side, centre crop."""
     from PIL import Image
 
+    if isinstance(image, (str, Path)):
+        where = f"{where} ({image})"
     try:
         if isinstance(image, (str, Path)):
             image = Image.open(image)
@@ -108,33 +112,82 @@ def to_tensor(image, resolution: int, where: str) -> torch.Tensor:
     return x / 127.5 - 1
 
 
-def _hub_dataset(source: dict):
+def _datasets():
     try:
         import datasets
     except ImportError as e:
-        raise ImportError(f"the data source {source} needs the datasets package: pip install datasets") from e
-    kw = {k: v for k, v in source.items() if k in ("name", "revision", "data_files", "streaming")}
-    return datasets.load_dataset(source["dataset"], split=source.get("split", "train"), **kw)
+        raise ImportError("data sets and preference pairs are read with the datasets package: pip install datasets "
+                          "(it is in the [full] extra)") from e
+    return datasets
+
+
+SOURCE_KEYS = ("name", "revision", "data_files", "data_dir", "cache_dir")
+
+
+def _hub_dataset(source: dict):
+    """A map-style `datasets` split: memory-mapped Arrow files on disk, so rows cost no RAM until they are read."""
+    datasets = _datasets()
+    if source.get("streaming"):
+        raise DataError(f"data source {source}: \"streaming\" is not supported (rows are drawn at random, which needs "
+                        "a map-style data set; it is memory-mapped from disk, so its size does not cost RAM)")
+    kw = {k: v for k, v in source.items() if k in SOURCE_KEYS}
+    try:
+        return datasets.load_dataset(source["dataset"], split=source.get("split", "train"), **kw)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+        raise DataError(f"cannot load the data set {source['dataset']!r} (split {source.get('split', 'train')!r}): "
+                        f"{type(e).__name__}: {e}") from e
+
+
+def _json_rows(path: Path, cache_dir=None):
+    """A .jsonl file as a map-style `datasets` table (Arrow cache on disk, not a list in RAM)."""
+    datasets = _datasets()
+    try:
+        return datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
+    except Exception as e:  # datasets wraps the JSON parser's error in its own; name the file
+        raise DataError(f"{path} is not a JSON-lines file of objects (one {{...}} per line): "
+                        f"{type(e).__name__}: {e}") from e
+
+
+def _lazy_images(ds, column: str):
+    """The column's images as stored (bytes / path dicts), not decoded to PIL for every row access."""
+    datasets = _datasets()
+    if isinstance(ds.features.get(column), datasets.Image):
+        ds = ds.cast_column(column, datasets.Image(decode=False))
+    return ds
+
+
+def _first(columns, names, where, what):
+    col = next((c for c in names if c in columns), None)
+    if col is None:
+        raise DataError(f"{where} has no {what} column: expected one of {list(names)}, found {sorted(columns)}")
+    return col
 
 
 class ImageCaptions:
-    """An image-caption set (world.data): rows of (image, caption), images decoded on demand."""
+    """An image-caption set (world.data): rows of (image, caption), images decoded on demand. A `datasets` source
+    (a hub id, or a folder with metadata.jsonl) stays on disk: memory does not grow with the number of rows."""
 
     def __init__(self, source: dict):
         self.source = source
+        self.ds, self.rows = None, None
         if "folder" in source:
             folder = Path(source["folder"]).expanduser()
             if not folder.is_dir():
                 raise FileNotFoundError(f"image folder {folder} does not exist")
             meta = folder / "metadata.jsonl"
+            self.where = str(folder)
             if meta.is_file():
-                rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
-                self.rows = [(folder / r["file_name"], _caption(r, f"{meta} line {i + 1}")) for i, r in enumerate(rows)]
+                ds = _json_rows(meta, source.get("cache_dir"))
+                if "file_name" not in ds.column_names:
+                    raise DataError(f"{meta} rows need a 'file_name' field, found {sorted(ds.column_names)}")
+                self._image_col, self._root = "file_name", folder
+                self._caption_col = _first(ds.column_names, ("text", "caption", "prompt"), str(meta), "caption")
+                self.ds, self.where = ds, str(meta)
             else:
                 images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
                 default = source.get("prompt")
                 self.rows = []
-                for p in images:
+                for p in images:  # a DreamBooth / style folder: a handful of files
                     txt = p.with_suffix(".txt")
                     if txt.is_file():
                         self.rows.append((p, txt.read_text().strip()))
@@ -143,29 +196,47 @@ class ImageCaptions:
                     else:
                         raise DataError(f"{p} has no caption: add {txt.name}, a metadata.jsonl, or a \"prompt\" "
                                         "for the whole folder in the spec")
-            self.where = str(folder)
         elif "dataset" in source:
             ds = _hub_dataset(source)
-            img, cap = source.get("image_column", "image"), source.get("caption_column", "text")
-            self.rows = [(row[img], str(row[cap])) for row in ds]
             self.where = source["dataset"]
+            self._image_col = _first(ds.column_names, (source.get("image_column", "image"),), self.where, "image")
+            self._caption_col = _first(ds.column_names, (source.get("caption_column", "text"),), self.where, "caption")
+            self._root = None
+            self.ds = _lazy_images(ds.select_columns([self._image_col, self._caption_col]), self._image_col)
         else:
             raise DataError(f"an image-caption source needs 'folder' or 'dataset': {source}")
-        if not self.rows:
+        if self.ds is not None:
+            self._cap_ds = self.ds.select_columns([self._caption_col])
+            self._img_ds = self.ds.select_columns([self._image_col])
+        if len(self) == 0:
             raise DataError(f"image-caption source {self.where} is empty")
 
     def __len__(self):
-        return len(self.rows)
+        return len(self.rows) if self.rows is not None else len(self.ds)
 
     def caption(self, i: int) -> str:
-        return self.rows[i][1]
+        if self.rows is not None:
+            return self.rows[i][1]
+        return str(self._cap_ds[i][self._caption_col])
+
+    def captions(self) -> list[str]:
+        if self.rows is not None:
+            return [r[1] for r in self.rows]
+        return [str(c) for c in self._cap_ds[self._caption_col]]
 
     def image(self, i: int, resolution: int) -> torch.Tensor:
-        return to_tensor(self.rows[i][0], resolution, f"row {i} of {self.where}")
+        if self.rows is not None:
+            return to_tensor(self.rows[i][0], resolution, f"row {i} of {self.where}")
+        img = self._img_ds[i][self._image_col]
+        if self._root is not None:
+            img = self._root / img
+        return to_tensor(img, resolution, f"row {i} of {self.where}")
 
 
 class PreferencePairs:
-    """Pick-a-Pic-style (caption, image 0, image 1, label_0) rows with ties dropped; yields (winner, loser)."""
+    """Pick-a-Pic-style (caption, image 0, image 1, label_0) rows with ties dropped (`Dataset.filter`); yields
+    (winner, loser). The rows stay in the data set's Arrow files (memory-mapped): only drawn rows are read, so
+    memory does not grow with the number of pairs (Pick-a-Pic v2 train is ~1M pairs)."""
 
     def __init__(self, source: dict):
         self.source = source
@@ -174,47 +245,104 @@ class PreferencePairs:
             path = folder / source.get("file", "pairs.jsonl") if folder.is_dir() else folder
             if not path.is_file():
                 raise FileNotFoundError(f"preference pairs file {path} does not exist")
-            rows = []
-            for i, line in enumerate(path.read_text().splitlines()):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"line {i + 1} of {path} is not JSON: {e}") from e
-            base = path.parent
-            self.where = str(path)
-            get = lambda r, k: base / r[k] if isinstance(r[k], str) else r[k]  # noqa: E731
+            ds, self.where, self._root = _json_rows(path, source.get("cache_dir")), str(path), path.parent
         elif "dataset" in source:
-            rows = _hub_dataset(source)
-            self.where = source["dataset"]
-            get = lambda r, k: r[k]  # noqa: E731
+            ds, self.where, self._root = _hub_dataset(source), source["dataset"], None
         else:
             raise DataError(f"a preference-pair source needs 'folder' or 'dataset': {source}")
-        self.rows, self.ties = [], 0
-        for i, r in enumerate(rows):
-            k0 = "jpg_0" if "jpg_0" in r else "image_0"
-            k1 = "jpg_1" if "jpg_1" in r else "image_1"
-            if k0 not in r or k1 not in r or "label_0" not in r:
-                raise DataError(f"row {i} of {self.where} lacks jpg_0/jpg_1 (or image_0/image_1) or label_0: "
-                                f"{sorted(r)}")
-            label = float(r["label_0"])
-            if label == 0.5:  # a tie: no preference to learn from (PSO App. B.1)
-                self.ties += 1
-                continue
-            if label not in (0.0, 1.0):
-                raise DataError(f"row {i} of {self.where}: label_0={label} (expected 1, 0 or 0.5 for a tie)")
-            win, lose = (k0, k1) if label == 1.0 else (k1, k0)
-            self.rows.append((i, get(r, win), get(r, lose), _caption(r, f"row {i} of {self.where}")))
-        if not self.rows:
+        cols = ds.column_names
+        k0 = "jpg_0" if "jpg_0" in cols else "image_0"
+        k1 = "jpg_1" if "jpg_1" in cols else "image_1"
+        if k0 not in cols or k1 not in cols or "label_0" not in cols:
+            raise DataError(f"the rows of {self.where} lack jpg_0/jpg_1 (or image_0/image_1) or label_0: "
+                            f"found {sorted(cols)}")
+        self._cap = _first(cols, ("caption", "prompt", "text"), self.where, "caption")
+        where, total = self.where, len(ds)
+
+        def untied(labels, indices):
+            keep = []
+            for raw, i in zip(labels, indices):
+                try:
+                    label = float(raw)
+                except (TypeError, ValueError):
+                    label = None
+                if label not in (0.0, 0.5, 1.0):
+                    raise DataError(f"row {i} of {where}: label_0={raw!r} (expected 1, 0 or 0.5 for a tie)")
+                keep.append(label != 0.5)  # a tie: no preference to learn from (PSO App. B.1)
+            return keep
+
+        ds = ds.select_columns([self._cap, k0, k1, "label_0"])
+        ds = ds.filter(untied, input_columns=["label_0"], with_indices=True, batched=True, desc="dropping ties")
+        self.ties = total - len(ds)
+        if len(ds) == 0:
             raise DataError(f"preference pairs {self.where} hold no untied pair ({self.ties} ties dropped)")
+        self._captions = ds.select_columns([self._cap])
+        root, cap = self._root, self._cap
+
+        def winner_first(batch):  # rows -> (caption, preferred image, rejected image), nothing decoded yet
+            def at(x):
+                return root / x if root is not None and isinstance(x, str) else x
+
+            first = [float(label) == 1.0 for label in batch["label_0"]]
+            return {"caption": [str(c) for c in batch[cap]],
+                    "win": [at(a if f else b) for a, b, f in zip(batch[k0], batch[k1], first)],
+                    "lose": [at(b if f else a) for a, b, f in zip(batch[k0], batch[k1], first)]}
+
+        self.ds = ds.with_transform(winner_first)
 
     def __len__(self):
-        return len(self.rows)
+        return len(self.ds)
 
     def caption(self, j: int) -> str:
-        return self.rows[j][3]
+        return str(self._captions[j][self._cap])
+
+    def captions(self) -> list[str]:
+        return [str(c) for c in self._captions[self._cap]]
 
     def images(self, j: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-        i, win, lose, _ = self.rows[j]
-        return (to_tensor(win, resolution, f"row {i} of {self.where} (preferred image)"),
-                to_tensor(lose, resolution, f"row {i} of {self.where} (rejected image)"))
+        row = self.ds[j]
+        where = f"pair {j} ({row['caption']!r:.60}) of {self.where}"
+        return (to_tensor(row["win"], resolution, f"{where} (preferred image)"),
+                to_tensor(row["lose"], resolution, f"{where} (rejected image)"))
+
+
+def check_paths(spec) -> None:
+    """Every local file or folder a model spec names must exist: checked before any model is loaded or
+    downloaded, with the spec key and (for the shipped specs' data/ files) the command that writes it."""
+    missing = []
+
+    def need(key, value, kind="file"):
+        if not isinstance(value, (str, Path)):
+            return
+        p = Path(value).expanduser()
+        if not p.is_absolute() and looks_like_hub_id(str(value)):
+            return
+        ok = p.is_file() if kind == "file" else p.is_dir() if kind == "folder" else p.exists()
+        if not ok:
+            missing.append(f"{key}: {value} ({'no such ' + kind if not p.exists() else 'not a ' + kind})")
+
+    need("prompts", spec.prompts)
+    need("eval_prompts", spec.eval_prompts)
+    for split, src in (spec.data or {}).items():
+        if isinstance(src, dict) and "folder" in src:
+            need(f"data.{split}.folder", src["folder"], "folder")
+    if isinstance(spec.pairs, dict) and "folder" in spec.pairs:
+        need("pairs.folder", spec.pairs["folder"], "path")
+    for key, r in [("reward", spec.reward), ("quality", spec.quality)] + [
+            (f"eval_rewards[{i}]", r) for i, r in enumerate(spec.eval_rewards)]:
+        if isinstance(r, dict):
+            for k in ("model", "processor", "head"):
+                if isinstance(r.get(k), str) and Path(r[k]).is_absolute():
+                    need(f"{key}.{k}", r[k], "path")
+    if isinstance(spec.vae, str) and Path(spec.vae).is_absolute():  # (a missing `base` is models.ModelError)
+        need("vae", spec.vae, "path")
+    for role, r in spec.roles.items():
+        for k in ("unet", "lora"):
+            v = getattr(r, k)
+            if isinstance(v, str) and Path(v).is_absolute():
+                need(f"roles.{role}.{k}", v, "path")
+    if missing:
+        raise FileNotFoundError(f"the model spec {spec.name or spec.base} names paths that do not exist:\n  "
+                                + "\n  ".join(missing)
+                                + "\n(nothing was loaded). `python -m full.prepare_data check SPEC` lists the files a "
+                                "spec needs and the command that writes each shipped one.")

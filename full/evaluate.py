@@ -21,8 +21,11 @@ import common
 
 
 def sample_latents(world, pipe, prompts: list[str], seed: int, timesteps: list[int], sampler: str, guidance: float,
-                   batch: int = 4) -> torch.Tensor:
-    """Latents of `prompts`, prompt i from torch.Generator().manual_seed(seed + i)."""
+                   batch: int | None = None) -> torch.Tensor:
+    """Latents of `prompts`, prompt i from torch.Generator().manual_seed(seed + i), `batch` (default
+    world.decode_batch) prompts per pipeline call. The prompts go in as the world's embeddings (the same the methods
+    train on), so this works after precompute_embeddings freed the text encoders."""
+    batch = batch or world.decode_batch
     out = []
     for k in range(0, len(prompts), batch):
         chunk = prompts[k:k + batch]
@@ -32,7 +35,8 @@ def sample_latents(world, pipe, prompts: list[str], seed: int, timesteps: list[i
             kw = dict(timesteps=list(timesteps))
         image_kw = dict(height=world.resolution, width=world.resolution)
         with torch.no_grad():
-            res = pipe(prompt=chunk, guidance_scale=guidance, generator=gens, output_type="latent", **kw, **image_kw)
+            res = pipe(**world.pipeline_embeds(chunk, guidance), guidance_scale=guidance, generator=gens,
+                       output_type="latent", **kw, **image_kw)
         out.append(res.images.float())
     return torch.cat(out)
 
@@ -52,36 +56,38 @@ def score(world, x0: torch.Tensor, prompts: list[str]) -> dict[str, float]:
 
 
 def evaluate(model: str, loras: list[str], prompts_src: str | None, n: int, seed: int, role: str, guidance: float,
-             steps: int | None, out: str, batch: int = 4) -> dict:
+             steps: int | None, out: str, batch: int | None = None) -> dict:
     from . import load_world
     from .data import load_prompts
 
-    world = load_world(model)
+    # prompts from another file than the spec's need the text encoders: no precomputation then
+    world = load_world(model, **({"precompute_embeddings": False} if prompts_src else {}))
     prompts = (load_prompts(prompts_src) if prompts_src else world.eval_prompts)[:n]
-    den = world.denoiser(role)  # only for its sampler and grid (the spec's, validated)
-    timesteps = common.few_step_timesteps(steps) if steps else den.timesteps
-    pipe = world.pipeline(role)
+    sampler, grid = world.role_sampler(role)  # the spec's sampler and grid, validated, without loading a UNet
+    timesteps = common.few_step_timesteps(steps) if steps else grid
+    pipe = world.pipeline(role)  # the role's UNet, loaded once
+    base_unet = pipe.unet
     results, panels = {}, {}
     for name, lora in [("base", None)] + [(Path(p).parent.name + "/" + Path(p).name, p) for p in loras]:
         unet_dir = Path(lora) / "unet" if lora else None
-        if unet_dir is not None and unet_dir.is_dir():  # a fully fine-tuned UNet
+        if unet_dir is not None and unet_dir.is_dir():  # a fully fine-tuned UNet replaces the role's for one pass
             from diffusers import UNet2DConditionModel
 
-            tuned = world.pipeline(role)
-            tuned.unet = UNet2DConditionModel.from_pretrained(unet_dir).to(world.device, world.dtype)
-            x0 = sample_latents(world, tuned, prompts, seed, timesteps, den.sampler, guidance, batch)
+            pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=world.dtype).to(world.device)
+            x0 = sample_latents(world, pipe, prompts, seed, timesteps, sampler, guidance, batch)
+            pipe.unet = base_unet
         elif lora:
             pipe.load_lora_weights(lora, adapter_name="tuned")
-            x0 = sample_latents(world, pipe, prompts, seed, timesteps, den.sampler, guidance, batch)
+            x0 = sample_latents(world, pipe, prompts, seed, timesteps, sampler, guidance, batch)
             pipe.unload_lora_weights()
         else:
-            x0 = sample_latents(world, pipe, prompts, seed, timesteps, den.sampler, guidance, batch)
+            x0 = sample_latents(world, pipe, prompts, seed, timesteps, sampler, guidance, batch)
         results[name] = score(world, x0, prompts)
         panels[name] = (x0, world.encode(prompts))
         print(name, "  ".join(f"{k} {v:.4f}" for k, v in results[name].items()), flush=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": model, "role": role, "sampler": den.sampler, "timesteps": timesteps, "guidance": guidance,
+    meta = {"model": model, "role": role, "sampler": sampler, "timesteps": timesteps, "guidance": guidance,
             "prompts": len(prompts), "seed": seed}
     common.write_json_atomic(out / "results.json", {"setup": meta, "results": results})
     (out / "table.md").write_text(table(results, meta))
@@ -108,7 +114,7 @@ def main(argv=None):
     p.add_argument("--role", default="student", choices=["student", "generator", "teacher"])
     p.add_argument("--guidance", type=float, default=0.0, help="CFG scale (0/1: off, as few-step models are run)")
     p.add_argument("--steps", type=int, default=0, help="sampling steps (0: the role's grid; e.g. 1 for SDXL-Turbo 1-step)")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=None, help="prompts per pipeline call (default: the spec's decode_batch)")
     p.add_argument("--out", default="runs/eval")
     a = p.parse_args(argv)
     return evaluate(a.model, a.lora, a.prompts, a.n, a.seed, a.role, a.guidance, a.steps or None, a.out, a.batch)

@@ -7,9 +7,11 @@
     bash full/launchers/pso_offline_dmd2.sh --num-processes 8             # the same, one script per setting
 
 Each setting names the method script, its model spec (full/specs/*.json; `--model` replaces it) and the paper's
-hyperparameters. The paper's batch is global: it is split over the processes (`--batch` of every method is per
-process, each rank drawing its own rows from `common.step_generator(seed, step, rank)`), so the number of processes
-must divide it. `--launcher torchrun` runs the same command with torchrun (what the CPU multi-process test uses;
+hyperparameters. The paper's batch is global: `--batch` of every method is per process (each rank drawing its own
+rows from `common.step_generator(seed, step, rank)`) and is the per-GPU batch estimated to fit a `--gpu-memory`
+24 or 80 GB card (full/defaults.py MICRO_BATCH: estimates, run `python -m full.bench` to measure); the rest of the
+global batch comes from `--gradient-accumulation-steps` = global / (per-GPU batch x processes). The number of
+processes must divide the global batch. `--launcher torchrun` runs the same command with torchrun (what the CPU multi-process test uses;
 accelerate's CPU mode cannot start several processes on one machine).
 """
 from __future__ import annotations
@@ -97,38 +99,70 @@ RUNTIME = {"pso.py": ["--eval-samples", "256", "--eval-every", "500", "--save-ev
            "diff_instruct_pp.py": ["--eval-samples", "256", "--save-every", "250"]}
 
 
-def per_process_batch(setting: Setting, num_processes: int) -> int:
+GPU_MEMORY = {24: 0, 80: 1}  # --gpu-memory GB -> the column of full.defaults.MICRO_BATCH
+
+
+def method_variant(setting: Setting) -> tuple[str, str]:
+    return Path(setting.script).stem, setting.args[setting.args.index("--variant") + 1]
+
+
+def per_process_batch(setting: Setting, num_processes: int, gpu_memory: int = 80) -> tuple[int, int]:
+    """(per-GPU batch, gradient-accumulation steps) reaching the setting's global batch on `num_processes` GPUs of
+    `gpu_memory` GB. The per-GPU batches are estimates (full/defaults.py MICRO_BATCH), not measurements."""
+    from . import defaults
+
     if num_processes < 1 or setting.batch % num_processes:
         raise ValueError(f"{num_processes} processes do not divide the global batch {setting.batch}; choose a divisor "
                          "(or pass --batch to the method after --)")
-    return setting.batch // num_processes
+    if gpu_memory not in GPU_MEMORY:
+        raise ValueError(f"--gpu-memory must be one of {sorted(GPU_MEMORY)} (GB), got {gpu_memory}")
+    method, variant = method_variant(setting)
+    micro = min(defaults.MICRO_BATCH[(method, variant)][GPU_MEMORY[gpu_memory]], setting.batch // num_processes)
+    while (setting.batch // num_processes) % micro:
+        micro -= 1
+    return micro, setting.batch // (num_processes * micro)
 
 
-def method_argv(name: str, model: str | None = None, num_processes: int = 1, extra: list[str] = ()) -> tuple[Path, list[str]]:
-    """(script path, argv) of a setting: --model, the paper's arguments, the per-process batch, then `extra`
-    (later flags win in argparse, so `extra` overrides anything)."""
+def has_accumulation(script: str) -> bool:
+    """Whether the method's Config has gradient_accumulation_steps yet (the methods gain it with the harness)."""
+    from .defaults import config_fields
+
+    return "gradient_accumulation_steps" in config_fields(Path(script).stem)
+
+
+def method_argv(name: str, model: str | None = None, num_processes: int = 1, extra: list[str] = (),
+                gpu_memory: int = 80) -> tuple[Path, list[str]]:
+    """(script path, argv) of a setting: --model, the paper's arguments, the per-GPU batch and the accumulation
+    that reach the paper's global batch, then `extra` (later flags win in argparse, so `extra` overrides anything).
+    A method without --gradient-accumulation-steps yet gets the per-GPU batch only (a smaller global batch)."""
     if name not in SETTINGS:
         raise ValueError(f"unknown launcher setting {name!r}; choose one of {sorted(SETTINGS)}")
     s = SETTINGS[name]
     model = model or str(SPECS / s.spec)
-    batch = [] if "--batch" in extra else ["--batch", str(per_process_batch(s, num_processes))]
+    batch = []
+    if "--batch" not in extra:
+        micro, steps = per_process_batch(s, num_processes, gpu_memory)
+        batch = ["--batch", str(micro)]
+        if steps > 1 and has_accumulation(s.script) and "--gradient-accumulation-steps" not in extra:
+            batch += ["--gradient-accumulation-steps", str(steps)]
     argv = ["--model", model, *RUNTIME[s.script], *s.args, *batch, "--out", f"runs/{name}", *extra]
     return ROOT / s.script, argv
 
 
 def mixed_precision_of(model: str) -> str:
-    """accelerate's --mixed_precision from the spec's dtype (a plain checkpoint runs in fp32)."""
+    """accelerate's --mixed_precision: the spec's dtype, or bf16 for a checkpoint / spec that names none (the
+    settings are GPU runs of SDXL-class models; fp32 would not fit the per-GPU batches)."""
     from .spec import load_spec
 
     try:
-        return load_spec(model).mixed_precision
+        return load_spec(model).mixed_precision or "bf16"
     except (OSError, ValueError, ImportError):
-        return "no"
+        return "bf16"
 
 
 def command(name: str, num_processes: int = 1, launcher: str = "accelerate", model: str | None = None,
-            extra: list[str] = (), port: int = 29500) -> list[str]:
-    script, argv = method_argv(name, model, num_processes, list(extra))
+            extra: list[str] = (), port: int = 29500, gpu_memory: int = 80) -> list[str]:
+    script, argv = method_argv(name, model, num_processes, list(extra), gpu_memory)
     model = argv[1]
     if launcher == "accelerate":
         head = ["accelerate", "launch", "--num_processes", str(num_processes), "--num_machines", "1",
@@ -158,17 +192,27 @@ def main(argv=None) -> int:
     p.add_argument("--num-processes", type=int, default=1, help="processes (GPUs); the global batch is split over them")
     p.add_argument("--launcher", default="accelerate", choices=["accelerate", "torchrun", "python"])
     p.add_argument("--port", type=int, default=29500, help="rendezvous port")
+    p.add_argument("--gpu-memory", type=int, default=80, choices=sorted(GPU_MEMORY),
+                   help="GB per GPU: picks the per-GPU batch (an estimate); accumulation reaches the global batch")
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     a = p.parse_args(argv)
     if a.list or not a.setting:
         for name, s in SETTINGS.items():
-            print(f"{name:22s} {s.script:20s} {s.spec:22s} batch {s.batch:4d}  {s.source}")
+            b24, b80 = (per_process_batch(s, 1, g)[0] for g in (24, 80))
+            print(f"{name:22s} {s.script:20s} {s.spec:22s} global batch {s.batch:4d}, per GPU {b24} (24 GB) / "
+                  f"{b80} (80 GB)  {s.source}")
         return 0
     try:
-        cmd = command(a.setting, a.num_processes, a.launcher, a.model, extra, a.port)
+        cmd = command(a.setting, a.num_processes, a.launcher, a.model, extra, a.port, a.gpu_memory)
     except ValueError as e:
         p.error(str(e))
     print(shlex.join(cmd), flush=True)
+    s = SETTINGS[a.setting]
+    if "--batch" not in extra and not has_accumulation(s.script):
+        micro, steps = per_process_batch(s, a.num_processes, a.gpu_memory)
+        if steps > 1:
+            print(f"note: {s.script} has no --gradient-accumulation-steps yet: each update uses {micro * a.num_processes} "
+                  f"rows, not the paper's {s.batch}", flush=True)
     if a.dry_run:
         return 0
     env = {**os.environ}

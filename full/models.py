@@ -35,6 +35,7 @@ SAMPLER_SCHEDULERS = {"euler_ancestral": {"EulerAncestralDiscreteScheduler"},
 DEFAULT_TIMESTEPS = {"teacher": common.few_step_timesteps(25), "student": common.few_step_timesteps(4),
                      "generator": common.few_step_timesteps(1)}
 PIPELINES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd15"}
+COMPONENTS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
 
 class ModelError(ValueError):
@@ -51,12 +52,30 @@ def _local(source: str, what: str) -> Path | None:
     raise ModelError(f"{what} {source!r} does not exist (neither a local path nor a hub id like 'org/name')")
 
 
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _offline_hint(source: str) -> str:
+    """Why a hub id failed when the hub is switched off, instead of the loaders' guess about the network."""
+    if _local(source, "model") is None and hub_offline():
+        from huggingface_hub import constants
+
+        return (f" -- the hub is offline (HF_HUB_OFFLINE=1) and {source!r} is not in the local cache "
+                f"{constants.HF_HUB_CACHE}: download it first (huggingface-cli download {source}), unset "
+                "HF_HUB_OFFLINE, or name a local folder")
+    return ""
+
+
 def _from_pretrained(cls, source: str, what: str, **kw):
     try:
         return cls.from_pretrained(source, **kw)
     except (OSError, EnvironmentError, ValueError) as e:
         sub = f"/{kw['subfolder']}" if kw.get("subfolder") else ""
-        raise ModelError(f"cannot load {what} from {source}{sub}: {e}") from e
+        hint = _offline_hint(source)
+        raise ModelError(f"cannot load {what} from {source}{sub}{hint or ': ' + str(e)}") from e
 
 
 def read_model_index(base: str, what: str = "base pipeline") -> dict:
@@ -65,14 +84,38 @@ def read_model_index(base: str, what: str = "base pipeline") -> dict:
         from diffusers import DiffusionPipeline
 
         try:
-            return DiffusionPipeline.load_config(base)
+            return _check_index(DiffusionPipeline.load_config(base), f"model_index.json of {what} {base!r}")
+        except ModelError:
+            raise
         except Exception as e:
-            raise ModelError(f"cannot read model_index.json of {what} {base!r}: {e}") from e
+            hint = _offline_hint(base)
+            raise ModelError(f"cannot read model_index.json of {what} {base!r}{hint or ': ' + str(e)}") from e
     index = local / "model_index.json"
     if not index.is_file():
         raise ModelError(f"{what} {base!r} lacks model_index.json: it is not a diffusers pipeline folder "
                          f"(found {sorted(x.name for x in local.iterdir())[:12]})")
-    return json.loads(index.read_text())
+    try:
+        d = json.loads(index.read_text())
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{index} is not UTF-8 text ({e})") from e
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{index} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected the "
+                         "mapping save_pretrained writes, e.g. {\"_class_name\": \"StableDiffusionXLPipeline\", "
+                         "\"unet\": [\"diffusers\", \"UNet2DConditionModel\"], ...}") from e
+    return _check_index(d, str(index))
+
+
+def _check_index(d, where: str) -> dict:
+    """model_index.json: a mapping whose components are [library, class] pairs."""
+    if not isinstance(d, dict):
+        raise ModelError(f"{where}: expected a JSON object (component -> [library, class]), found a "
+                         f"{type(d).__name__}")
+    for k in COMPONENTS:
+        v = d.get(k)
+        if v is not None and not (isinstance(v, list) and len(v) == 2 and all(x is None or isinstance(x, str) for x in v)):
+            raise ModelError(f"{where}: key {k!r} must be [library, class] (e.g. [\"diffusers\", "
+                             f"\"UNet2DConditionModel\"]), found {v!r}")
+    return d
 
 
 def _require_parts(base: str, index: dict, parts: list[str]) -> None:
@@ -153,7 +196,9 @@ class PipelineParts:
     force_zeros_for_empty_prompt: bool
 
 
-def load_parts(spec: ModelSpec) -> PipelineParts:
+def load_parts(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> PipelineParts:
+    """The non-UNet components; text encoders loaded in `dtype` (torch_dtype), the VAE in fp32 when `dtype` is fp16
+    (whether it must stay fp32 depends on its config: world.vae_dtype), else in `dtype`."""
     import diffusers
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -166,20 +211,25 @@ def load_parts(spec: ModelSpec) -> PipelineParts:
     text_parts = ["text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if kind == "sdxl" else [])
     _require_parts(spec.base, index, ["unet", "vae", "scheduler", *text_parts])
     kw = dict(revision=spec.revision)
+    vae_dtype = torch.float32 if dtype == torch.float16 else dtype
     if spec.vae:
         local = _local(spec.vae, "VAE")
         sub = "vae" if local is not None and (local / "vae").is_dir() else None
-        vae = _from_pretrained(diffusers.AutoencoderKL, spec.vae, "the VAE", subfolder=sub)
+        vae = _from_pretrained(diffusers.AutoencoderKL, spec.vae, "the VAE", subfolder=sub, torch_dtype=vae_dtype)
     else:
-        vae = _from_pretrained(diffusers.AutoencoderKL, spec.base, "the VAE", subfolder="vae", variant=spec.variant, **kw)
+        vae = _from_pretrained(diffusers.AutoencoderKL, spec.base, "the VAE", subfolder="vae", variant=spec.variant,
+                               torch_dtype=vae_dtype, **kw)
     encoders = [_from_pretrained(CLIPTextModel, spec.base, "text_encoder", subfolder="text_encoder",
-                                 variant=spec.variant, **kw)]
+                                 variant=spec.variant, torch_dtype=dtype, **kw)]
     tokenizers = [_from_pretrained(CLIPTokenizer, spec.base, "tokenizer", subfolder="tokenizer", **kw)]
     if kind == "sdxl":
         encoders.append(_from_pretrained(CLIPTextModelWithProjection, spec.base, "text_encoder_2",
-                                         subfolder="text_encoder_2", variant=spec.variant, **kw))
+                                         subfolder="text_encoder_2", variant=spec.variant, torch_dtype=dtype, **kw))
         tokenizers.append(_from_pretrained(CLIPTokenizer, spec.base, "tokenizer_2", subfolder="tokenizer_2", **kw))
-    sched_cls = getattr(diffusers, index["scheduler"][1])
+    sched_name = index["scheduler"][1]
+    if not hasattr(diffusers, sched_name or ""):
+        raise ModelError(f"model_index.json of {spec.base!r}: scheduler class {sched_name!r} is not a diffusers class")
+    sched_cls = getattr(diffusers, sched_name)
     scheduler = _from_pretrained(sched_cls, spec.base, "the scheduler", subfolder="scheduler", **kw)
     return PipelineParts(kind, getattr(diffusers, cls_name), index, vae, encoders, tokenizers, scheduler,
                          bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")))
@@ -212,18 +262,30 @@ def role_scheduler(spec: ModelSpec, role: RoleSpec, parts: PipelineParts):
     return scheduler
 
 
-def load_unet(spec: ModelSpec, role: RoleSpec, parts: PipelineParts, where: str):
-    """The role's UNet (fp32 on the CPU; the world casts and moves it), with its distillation LoRA fused."""
+def load_unet(spec: ModelSpec, role: RoleSpec, parts: PipelineParts, where: str,
+              dtype: torch.dtype = torch.float32):
+    """The role's UNet on the CPU, loaded in `dtype` (torch_dtype: never materialised in fp32 first), with its
+    distillation LoRA fused."""
     from diffusers import UNet2DConditionModel
 
-    kw = dict(variant=spec.variant)
+    kw = dict(variant=spec.variant, torch_dtype=dtype)
     if role.unet is None:
         unet = _from_pretrained(UNet2DConditionModel, spec.base, f"the UNet of {where}", subfolder="unet",
                                 revision=spec.revision, **kw)
-    elif role.unet_file:
-        unet = _from_pretrained(UNet2DConditionModel, spec.base, f"the UNet of {where}", subfolder="unet",
-                                revision=spec.revision, **kw)
-        unet.load_state_dict(_read_state_dict(role.unet, role.unet_file, where))
+    elif role.unet_file:  # DMD2: a bare state dict for the base architecture, loaded into an empty (meta) UNet
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(read_unet_config(spec))
+        state = _read_state_dict(role.unet, role.unet_file, where)
+        expected = unet.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        shapes = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+        if missing or unexpected or shapes:
+            raise ModelError(f"{role.unet_file} of {role.unet} ({where}) does not fit the UNet of {spec.base}: missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}, other shapes {shapes[:3]}")
+        unet.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+        del state
     else:
         local = _local(role.unet, f"UNet source of {where}")
         sub = role.unet_subfolder
@@ -233,7 +295,6 @@ def load_unet(spec: ModelSpec, role: RoleSpec, parts: PipelineParts, where: str)
             looked = f"{sub}/config.json" if sub else "unet/config.json (a pipeline) or config.json (a bare UNet)"
             raise ModelError(f"UNet source {role.unet!r} of {where} lacks {looked}")
         unet = _from_pretrained(UNet2DConditionModel, role.unet, f"the UNet of {where}", subfolder=sub, **kw)
-    unet = unet.float()
     if role.lora:
         unet = fuse_lora(unet, role, parts, where)
     return unet.requires_grad_(False).eval()
@@ -269,18 +330,18 @@ def _read_state_dict(source: str, filename: str, where: str) -> dict[str, torch.
 
 
 def fuse_lora(unet, role: RoleSpec, parts: PipelineParts, where: str):
-    """Fuse a distillation LoRA into the UNet weights the way a user does it with the pipeline API."""
-    pipe = parts.pipeline_class(vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0],
-                                unet=unet, scheduler=parts.scheduler,
-                                **({"text_encoder_2": parts.text_encoders[1], "tokenizer_2": parts.tokenizers[1]}
-                                   if parts.kind == "sdxl" else
-                                   {"safety_checker": None, "feature_extractor": None,
-                                    "requires_safety_checker": False}))
+    """Fuse a distillation LoRA (LCM-LoRA, DMD2 LoRA) into the UNet weights with diffusers' own loaders:
+    the pipeline class's `lora_state_dict` (which converts kohya / old diffusers formats), the UNet's
+    `load_lora_adapter` and `fuse_lora`, then `unload_lora`. Needs no text encoder (precompute_embeddings)."""
     _local(role.lora, f"LoRA of {where}")
     try:
-        pipe.load_lora_weights(role.lora, weight_name=role.lora_weight_name, adapter_name="distill")
+        state, alphas, metadata = parts.pipeline_class.lora_state_dict(role.lora, weight_name=role.lora_weight_name,
+                                                                       return_lora_metadata=True)
+        unet.load_lora_adapter(state, network_alphas=alphas, metadata=metadata, prefix="unet", adapter_name="distill")
     except Exception as e:
-        raise ModelError(f"cannot load the LoRA {role.lora!r} of {where}: {e}") from e
-    pipe.fuse_lora(lora_scale=role.lora_scale, adapter_names=["distill"])
-    pipe.unload_lora_weights()
-    return pipe.unet
+        raise ModelError(f"cannot load the LoRA {role.lora!r} of {where}{_offline_hint(role.lora) or ': ' + str(e)}") from e
+    if not getattr(unet, "peft_config", None) or "distill" not in unet.peft_config:
+        raise ModelError(f"the LoRA {role.lora!r} of {where} holds no UNet layers (keys starting with 'unet.')")
+    unet.fuse_lora(lora_scale=role.lora_scale, adapter_names=["distill"])
+    unet.unload_lora()
+    return unet

@@ -57,7 +57,8 @@ class ModelSpec:
     roles: dict[str, RoleSpec] = field(default_factory=dict)
     vae: str | None = None  # another VAE, e.g. madebyollin/sdxl-vae-fp16-fix (fp16-safe)
     resolution: int | None = None  # image side; default: the UNet's sample_size x the VAE factor
-    dtype: str = "fp32"  # weights of the frozen parts and the autocast dtype (LoRA weights stay fp32)
+    dtype: str | None = None  # weights of the frozen parts and the autocast dtype (LoRA weights stay fp32);
+    # None: accelerate's configured mixed precision (accelerate launch --mixed_precision bf16; "no" -> fp32)
     gradient_checkpointing: bool = False  # UNet (and VAE decoder for reward gradients)
     adam_8bit: bool = False  # swap the methods' torch AdamW for bitsandbytes' AdamW8bit in accelerator.prepare
     reward: Any = "clip"  # training reward: name or {"name": ..., "model": ..., "processor": ...}
@@ -70,21 +71,27 @@ class ModelSpec:
     precompute_embeddings: bool = False  # encode every prompt at start-up, then free the text encoders
     negative_prompt: str = ""  # the null condition for CFG (SDXL: zeros when "" and force_zeros_for_empty_prompt)
     seed: int = 0  # seed of the LoRA initialisation (the same on every rank and every run)
-    decode_batch: int = 4  # images per VAE decode in metrics / figures (1024^2 decodes are memory-heavy)
+    decode_batch: int = 4  # the most rows per sampling / evaluation / VAE-decode / reward call (world.decode_batch)
 
     @property
-    def mixed_precision(self) -> str:
-        return {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[self.dtype]
+    def mixed_precision(self) -> str | None:
+        """accelerate's name of `dtype`; None when the spec leaves it to accelerate's configuration."""
+        return None if self.dtype is None else {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[self.dtype]
 
 
 def looks_like_hub_id(s: str) -> bool:
     return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", s)) and not s.startswith((".", "/")) and not Path(s).exists()
 
 
-def resolve(value, root: Path | None):
-    """A relative path in a spec file is relative to the file; hub ids and absolute paths stay as they are."""
-    if root is None or not isinstance(value, str) or looks_like_hub_id(value) or Path(value).is_absolute():
+def resolve(value, root: Path | None, path: bool = False):
+    """A relative path in a spec file is relative to the file; hub ids and absolute paths stay as they are.
+    path=True: the key only takes a path (prompt files, data folders), so 'data/x.txt' is never a hub id."""
+    if root is None or not isinstance(value, str) or Path(value).is_absolute():
         return value
+    if looks_like_hub_id(value) and not path:
+        return value
+    if path:
+        return str(root / value)
     cand = root / value
     return str(cand) if cand.exists() or "/" in value or "." in value else value
 
@@ -102,9 +109,14 @@ def from_dict(d: dict, root: Path | None = None, where: str = "model spec") -> M
     if "base" not in d:
         raise ValueError(f"{where}: 'base' (a diffusers pipeline folder or hub id) is required")
     roles = {}
-    for role, r in (d.pop("roles", None) or {}).items():
+    given = d.pop("roles", None) or {}
+    if not isinstance(given, dict):
+        raise ValueError(f"{where}: 'roles' must map a role to its settings, found {given!r:.100}")
+    for role, r in given.items():
         if role not in ROLES:
             raise ValueError(f"{where}: unknown role {role!r}; roles are {list(ROLES)}")
+        if r is not None and not isinstance(r, dict):
+            raise ValueError(f"{where}: role {role} must be a mapping (e.g. {{\"unet\": ...}}), found {r!r:.100}")
         r = dict(r or {})
         for k in ("unet", "lora"):
             if r.get(k):
@@ -112,7 +124,7 @@ def from_dict(d: dict, root: Path | None = None, where: str = "model spec") -> M
         roles[role] = _build(RoleSpec, r, f"{where}, role {role}")
     for k in ("base", "vae", "prompts", "eval_prompts"):
         if isinstance(d.get(k), str):
-            d[k] = resolve(d[k], root)
+            d[k] = resolve(d[k], root, path=k in ("prompts", "eval_prompts"))
     for k in ("reward", "quality"):
         d[k] = _resolve_reward(d.get(k, "clip"), root)
     d["eval_rewards"] = [_resolve_reward(r, root) for r in d.get("eval_rewards", [])]
@@ -120,8 +132,10 @@ def from_dict(d: dict, root: Path | None = None, where: str = "model spec") -> M
     if d.get("pairs"):
         d["pairs"] = _resolve_source(d["pairs"], root)
     spec = _build(ModelSpec, {**d, "roles": roles}, where)
-    if spec.dtype not in DTYPES:
+    if spec.dtype is not None and spec.dtype not in DTYPES:
         raise ValueError(f"{where}: dtype {spec.dtype!r} is not one of {list(DTYPES)}")
+    if not isinstance(spec.decode_batch, int) or spec.decode_batch < 1:
+        raise ValueError(f"{where}: decode_batch must be an integer >= 1, got {spec.decode_batch!r}")
     return spec
 
 
@@ -134,7 +148,10 @@ def _resolve_reward(r, root):
 def _resolve_source(v, root):
     if isinstance(v, str):
         v = {"folder": v} if not looks_like_hub_id(v) else {"dataset": v}
-    return {k: (resolve(x, root) if k in ("folder", "file") else x) for k, x in v.items()}
+    if not isinstance(v, dict):
+        raise ValueError(f"a data source must be a folder path or a mapping ({{\"folder\": ...}} or {{\"dataset\": "
+                         f"...}}), found {v!r:.100}")
+    return {k: (resolve(x, root, path=True) if k in ("folder", "file") else x) for k, x in v.items()}
 
 
 def load_spec(model: str, **overrides) -> ModelSpec:
@@ -143,17 +160,29 @@ def load_spec(model: str, **overrides) -> ModelSpec:
     if path.suffix.lower() in (".json", ".yaml", ".yml"):
         if not path.is_file():
             raise FileNotFoundError(f"model spec file {model!r} does not exist")
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"model spec {model}: not UTF-8 text ({e})") from e
         if path.suffix.lower() == ".json":
-            d = json.loads(text)
+            try:
+                d = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"model spec {model}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}"
+                                 f"{'; the file is empty' if not text.strip() else ''}); expected an object such as "
+                                 "{\"base\": \"stabilityai/sdxl-turbo\", ...}") from e
         else:
             try:
                 import yaml
             except ImportError as e:
                 raise ImportError("YAML model specs need PyYAML (pip install pyyaml); or write the spec as JSON") from e
-            d = yaml.safe_load(text)
+            try:
+                d = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ValueError(f"model spec {model}: not valid YAML ({e})") from e
         if not isinstance(d, dict):
-            raise ValueError(f"model spec {model!r} must hold a mapping, got {type(d).__name__}")
+            raise ValueError(f"model spec {model} must hold a mapping (key: value, with 'base' required), "
+                             f"found {'nothing (empty file)' if d is None else 'a ' + type(d).__name__}")
         d = {**d, **overrides}
         d.setdefault("name", path.stem)
         return from_dict(d, path.parent.resolve(), f"model spec {model}")

@@ -2,21 +2,25 @@
 
 * `FullDenoiser`: eps = unet(x_t, t, prompt embeddings [, SDXL pooled embeds + add_time_ids]) with a peft LoRA on
   to_q / to_k / to_v / to_out.0 (`unet.add_adapter`); `frozen()` disables the adapter, so the pre-trained model
-  costs no memory. Frozen weights live in the spec's dtype, LoRA weights in fp32 (diffusers' `cast_training_params`),
-  the forward runs under autocast; inputs follow the caller's device and come back on it.
-* `FullAccelerator`: accelerate's Accelerator whose `backward` also averages the LoRA gradients over the
-  data-parallel ranks (one flat all-reduce). The methods prepare only their optimizers, not the UNets, so DDP's
-  wrapper never sees the models; this does its job (DDP also broadcasts rank 0's initial weights: so do we), and it
-  works whatever number of forward passes, frozen passes and backward calls an update makes.
-  `adam_8bit` makes `prepare` swap a torch Adam/AdamW for bitsandbytes' AdamW8bit with the same hyperparameters.
+  costs no memory. UNets are loaded in the weight dtype (torch_dtype), the trainable weights cast to fp32 with
+  diffusers' `cast_training_params`, the forward runs under autocast; inputs follow the caller's device and come
+  back on it. `module` is the UNet after `accelerator.prepare` (DDP with several processes), as diffusers' training
+  examples do: the calls that can carry a gradient go through it, so DDP averages the gradients in the backward
+  pass (and `accelerator.accumulate(module)` skips the sync between micro-batches); no-grad and frozen calls use the
+  plain UNet. `adapter_state()` copies to the CPU.
+* `FullAccelerator`: accelerate's Accelerator; `adam_8bit` makes `prepare` swap a torch Adam/AdamW for
+  bitsandbytes' AdamW8bit with the same hyperparameters. Its mixed precision is the spec's dtype, or accelerate's
+  configuration when the spec names none (`accelerate launch --mixed_precision bf16`).
 * `FullWorld`: prompts -> cached embeddings (condition dicts with a `prompt_id` row so a reward can find the text),
-  VAE encode / decode, rewards on decoded images, image-caption data, preference pairs and concept images as
-  latents, metrics, figures, and LoRA export in the diffusers format (`pipe.load_lora_weights(dir)` loads it).
+  VAE encode / decode (outside the caller's autocast, in the VAE's dtype), rewards on decoded images in chunks of
+  `decode_batch`, image-caption data, preference pairs and concept images as latents (a bounded latent cache),
+  metrics, figures, LoRA export in the diffusers format (`pipe.load_lora_weights(dir)` loads it), and the paper's
+  defaults for a run on a checkpoint (`method_defaults`).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
-import copy
 import functools
 import math
 from pathlib import Path
@@ -39,38 +43,28 @@ def _to(module, device, dtype):
     same = all(p.dtype == dtype for p in module.parameters())
     return module.to(device) if same else module.to(device, dtype)
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate's names
+LATENT_CACHE = 4096  # data latents kept (1 GiB at 1024^2); the rest are re-encoded when drawn again
+PRECOMPUTE_LIMIT = 20000  # prompt embeddings precompute_embeddings may hold (SDXL: 77 x 2048 each)
+
+
+def vae_dtype(dtype: torch.dtype, vae_config, fixed_vae: bool) -> torch.dtype:
+    """fp16-safe VAE: SDXL's original VAE overflows in fp16 (config.force_upcast), so it runs in fp32 then, as the
+    diffusers pipelines do, unless a fixed VAE (e.g. madebyollin/sdxl-vae-fp16-fix) is named in the spec."""
+    upcast = dtype == torch.float16 and vae_config.get("force_upcast", False) and not fixed_vae
+    return torch.float32 if upcast else dtype
 
 
 def _accelerator_class():
     from accelerate import Accelerator
 
     class FullAccelerator(Accelerator):
-        """Accelerator + cross-rank averaging of the registered trainable parameters' gradients in `backward`."""
+        """accelerate's Accelerator; `adam_8bit` makes `prepare` swap a torch Adam/AdamW for bitsandbytes' AdamW8bit
+        with the same hyperparameters (the methods keep writing torch.optim.AdamW)."""
 
         def __init__(self, *args, adam_8bit: bool = False, **kw):
             super().__init__(*args, **kw)
-            self.synced_parameters: list[torch.nn.Parameter] = []
             self.adam_8bit = adam_8bit
-
-        def backward(self, loss, **kw):
-            super().backward(loss, **kw)
-            self.average_gradients()
-
-        @torch.no_grad()
-        def average_gradients(self) -> None:
-            """grad <- mean over ranks. Idempotent on gradients already equal across ranks, so several backward
-            calls per update (accumulating into the same .grad) still end with the average of the sums."""
-            if self.num_processes == 1:
-                return
-            grads = [p.grad for p in self.synced_parameters if p.grad is not None]
-            if not grads:
-                return
-            flat = torch.cat([g.reshape(-1).float() for g in grads])
-            flat = self.reduce(flat, reduction="mean")
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
 
         def prepare(self, *args, **kw):
             if self.adam_8bit:
@@ -86,51 +80,62 @@ def _adam_8bit(obj):
     try:
         import bitsandbytes as bnb
     except ImportError as e:
-        raise ImportError("adam_8bit needs bitsandbytes (pip install bitsandbytes, CUDA only)") from e
+        raise ImportError("the model spec sets adam_8bit, which needs bitsandbytes (pip install bitsandbytes; "
+                          "CUDA only): install it or set \"adam_8bit\": false") from e
     d = obj.defaults
     wd = d["weight_decay"] if isinstance(obj, torch.optim.AdamW) else 0.0
     return bnb.optim.AdamW8bit(obj.param_groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=wd)
 
 
+def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors copied straight to the CPU (a GPU tensor is not cloned on the GPU first)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
 class FullDenoiser:
-    """A role's UNet as an eps-model with a trainable LoRA (or every weight, `train_full`)."""
+    """A role's UNet as an eps-model with a trainable LoRA (or every weight, `train_full`).
+
+    `unet` is the plain UNet (its adapter is switched off by `frozen()`), `module` the same UNet after
+    `accelerator.prepare` (DistributedDataParallel with several processes): the methods hand `module` to
+    `accelerator.accumulate`. A call that can carry a gradient into the trained weights goes through `module`, so
+    DDP averages the gradients in the backward pass; a call under no_grad or `frozen()` uses the plain UNet (DDP
+    has nothing to synchronise there, and the adapter-disabled pass must not count as a use of the LoRA)."""
 
     def __init__(self, unet, sampler: str, timesteps: list[int], world: "FullWorld", lora_rank: int = 16,
-                 train_full: bool = False, role: str = ""):
+                 train_full: bool = False, role: str = "", reference=None):
+        from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
         self.sampler, self.timesteps, self.train_full, self.role = sampler, list(timesteps), train_full, role
         self.device, self.dtype = world.device, world.dtype
         self._frozen = False
-        if train_full:  # a frozen copy in the weight dtype is the reference; the trained copy keeps fp32 weights
-            self.reference_unet = _to(copy.deepcopy(unet), self.device, self.dtype).requires_grad_(False)
-            self.unet = unet.to(self.device).requires_grad_(True)
+        if train_full:  # `reference` (loaded in the weight dtype) is the frozen model; the trained UNet is fp32
+            if reference is None:
+                raise ValueError("train_full needs the frozen reference UNet (FullWorld.denoiser loads it)")
+            self.reference_unet = reference.to(self.device).requires_grad_(False).eval()
+            unet = unet.to(self.device).requires_grad_(True)
         else:
             if lora_rank < 1:
                 raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
-            unet = _to(unet, self.device, self.dtype)
+            unet = unet.to(self.device)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(world.spec.seed)  # the same initial A on every rank and every run
                 unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights=True,
                                             target_modules=LORA_TARGETS))
-            for p in unet.parameters():  # diffusers' cast_training_params: trainable weights in fp32
-                if p.requires_grad:
-                    p.data = p.data.float()
-            self.unet = unet
+        cast_training_params(unet, dtype=torch.float32)  # trainable weights in fp32, frozen ones in the spec's dtype
         if world.spec.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        world.accelerator.synced_parameters.extend(self.trainable_parameters())
-        if world.accelerator.num_processes > 1:  # what DDP's constructor does: rank 0's initial weights everywhere
-            import torch.distributed as dist
-
-            with torch.no_grad():
-                for p in self.trainable_parameters():
-                    dist.broadcast(p.data, src=0)
+            unet.enable_gradient_checkpointing()
+        self.unet = unet
+        # DDP where there are several processes (it also broadcasts rank 0's weights, so every rank starts equal)
+        self.module = world.accelerator.prepare(unet)
 
     def __call__(self, x_t: torch.Tensor, t, cond: dict) -> torch.Tensor:
         t = torch.as_tensor(t, device=self.device)
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t.to(self.device)
-        unet = self.reference_unet if self._frozen and self.train_full else self.unet
+        if self._frozen:
+            net = self.reference_unet if self.train_full else self.unet
+        else:
+            net = self.module if torch.is_grad_enabled() else self.unet
         kw = {"encoder_hidden_states": cond["prompt_embeds"].to(self.device)}
         if "text_embeds" in cond:  # SDXL: pooled text_encoder_2 embedding and add_time_ids
             kw["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"].to(self.device),
@@ -138,7 +143,7 @@ class FullDenoiser:
         autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
                     else contextlib.nullcontext())
         with autocast:
-            eps = unet(x_t.to(self.device), t, **kw, return_dict=False)[0]
+            eps = net(x_t.to(self.device), t, **kw, return_dict=False)[0]
         return eps.to(x_t.device, torch.float32)
 
     @contextlib.contextmanager
@@ -157,33 +162,31 @@ class FullDenoiser:
         finally:
             self._frozen = False
 
-    @property
-    def module(self) -> torch.nn.Module:
-        """The trained module (accelerator.accumulate(module))."""
-        return self.unet
-
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
 
-    def adapter_state(self) -> dict[str, torch.Tensor]:
+    def _state_view(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        if self.train_full:
-            return {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.unet).items()}
+        return self.unet.state_dict() if self.train_full else get_peft_model_state_dict(self.unet)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The trained weights as CPU tensors (the LoRA in peft's key format, or the whole UNet with train_full)."""
+        return _cpu_copy(self._state_view())
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict
 
-        if self.train_full:
-            self.unet.load_state_dict(state)
-            return
-        expected = self.adapter_state()
+        expected = self._state_view()
         unexpected, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
         shapes = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
         if unexpected or missing or shapes:
-            raise ValueError(f"adapter state does not fit this UNet's LoRA: unexpected {unexpected[:3]}, missing "
+            what = "this UNet" if self.train_full else "this UNet's LoRA"
+            raise ValueError(f"adapter state does not fit {what}: unexpected {unexpected[:3]}, missing "
                              f"{missing[:3]}, other shapes {shapes[:3]} (a different lora_rank or checkpoint?)")
+        if self.train_full:
+            self.unet.load_state_dict(state)
+            return
         set_peft_model_state_dict(self.unet, {k: v.to(self.device) for k, v in state.items()})
 
     def train(self, mode: bool = True):
@@ -199,21 +202,25 @@ class FullWorld:
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
-        self.decode_batch = spec.decode_batch  # common.World: the most rows of one sampling / evaluation call
         self.name = spec.name or Path(spec.base).name
-        self.parts = models.load_parts(spec)
+        data_lib.check_paths(spec)  # a missing prompt / data / reward file fails now, before any download
+        # precision: the spec's dtype if it names one, else accelerate's configuration (accelerate launch
+        # --mixed_precision bf16, or `accelerate config`); weights of the frozen parts are loaded in it
+        self.accelerator = _accelerator_class()(mixed_precision=spec.mixed_precision, adam_8bit=spec.adam_8bit,
+                                                cpu=not torch.cuda.is_available())  # cpu: gloo under torchrun
+        mp = self.accelerator.mixed_precision
+        if mp not in MIXED_PRECISION:
+            raise ValueError(f"mixed precision {mp!r} (from accelerate's configuration) is not supported by the full "
+                             f"backend; choose one of {sorted(MIXED_PRECISION)} or set \"dtype\" in the model spec")
+        self.device, self.dtype = self.accelerator.device, MIXED_PRECISION[mp]
+        self.decode_batch = spec.decode_batch  # the largest batch any sampling / decoding / scoring call may use
+        self.parts = models.load_parts(spec, self.dtype)
         self.kind = self.parts.kind
         self.schedule = common.Schedule(models.schedule_name(self.parts.scheduler.config, f"scheduler of {spec.base}"))
         for role in spec.roles:  # every role's scheduler must match (fails now, not after an hour of training)
             self._role_scheduler(role)
-        self.accelerator = _accelerator_class()(mixed_precision=spec.mixed_precision, adam_8bit=spec.adam_8bit,
-                                                cpu=not torch.cuda.is_available())  # cpu: gloo under torchrun
-        self.device, self.dtype = self.accelerator.device, TORCH_DTYPES[spec.dtype]
         vae = self.parts.vae
-        # fp16-safe VAE: SDXL's original VAE overflows in fp16 (config.force_upcast): keep it in fp32 then, as the
-        # diffusers pipelines do, unless a fixed VAE (e.g. madebyollin/sdxl-vae-fp16-fix) is given in the spec.
-        upcast = self.dtype == torch.float16 and vae.config.get("force_upcast", False) and not spec.vae
-        self.vae_dtype = torch.float32 if upcast else self.dtype
+        self.vae_dtype = vae_dtype(self.dtype, vae.config, fixed_vae=bool(spec.vae))
         self.vae = _to(vae, self.device, self.vae_dtype).requires_grad_(False).eval()
         if spec.gradient_checkpointing:
             self.vae.enable_gradient_checkpointing()
@@ -231,18 +238,36 @@ class FullWorld:
         self._texts: list[str] = []
         self._ids: dict[str, int] = {}
         self._embeds: dict[int, tuple[torch.Tensor, ...]] = {}
-        self._latents: dict[tuple, torch.Tensor] = {}
+        # VAE latents of data images, bounded: a data set of any size costs at most LATENT_CACHE latents
+        self._latents: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
         self.denoisers: list[FullDenoiser] = []
         self._encoder_pipe = self._make_encoder_pipe()
         if spec.precompute_embeddings:
-            texts = self.prompts + self.eval_prompts
-            for split in spec.data:
-                texts += [self._dataset(split).caption(i) for i in range(len(self._dataset(split)))]
-                texts += [spec.data[split][k] for k in ("prompt", "class_prompt") if k in spec.data[split]]
-            if spec.pairs:
-                texts += [self._pairs().caption(i) for i in range(len(self._pairs()))]
-            self._encode_ids([self._id(t) for t in dict.fromkeys(texts)])
+            texts = list(dict.fromkeys(self.prompts + self.eval_prompts + self._data_texts()))
+            self._encode_ids([self._id(t) for t in texts])
             self.free_text_encoders()
+
+    def _data_texts(self) -> list[str]:
+        """Every caption of the spec's data sets and pairs (what precompute_embeddings must encode), bounded."""
+        texts = []
+        for split, source in self.spec.data.items():
+            texts += self._dataset(split).captions()
+            texts += [source[k] for k in ("prompt", "class_prompt") if k in source]
+        if self.spec.pairs:
+            texts += self._pairs().captions()
+        unique = len(dict.fromkeys(texts))
+        if unique > PRECOMPUTE_LIMIT:
+            raise ValueError(f"precompute_embeddings would keep {unique} prompt embeddings of the data sets / pairs in "
+                             f"memory (more than {PRECOMPUTE_LIMIT}): set \"precompute_embeddings\": false in the "
+                             f"model spec of {self.name} (prompts are then encoded as they are drawn)")
+        return texts
+
+    def method_defaults(self, method: str, variant: str) -> dict:
+        """The paper's settings of `method` / `variant` for config fields the user did not set (the harness applies
+        them and prints which it used): a checkpoint run must not fall back to the toy defaults."""
+        from .defaults import method_defaults
+
+        return method_defaults(method, variant, self)
 
     # ----------------------------------------------------------------------------------------- denoisers
     def _role_scheduler(self, role: str):
@@ -263,8 +288,12 @@ class FullWorld:
         where = f"role {role} of {self.name}"
         sampler, timesteps = models.role_sampler(role, sched, sampler or rspec.sampler, timesteps or rspec.timesteps,
                                                  where)
-        unet = models.load_unet(self.spec, rspec, self.parts, where)
-        den = FullDenoiser(unet, sampler, timesteps, self, lora_rank, train_full, role)
+        if train_full:  # the trained copy in fp32, the frozen reference in the weight dtype: two loads, no deepcopy
+            unet = models.load_unet(self.spec, rspec, self.parts, where, torch.float32)
+            reference = models.load_unet(self.spec, rspec, self.parts, where, self.dtype)
+        else:  # frozen weights in the weight dtype; FullDenoiser casts the LoRA to fp32 (cast_training_params)
+            unet, reference = models.load_unet(self.spec, rspec, self.parts, where, self.dtype), None
+        den = FullDenoiser(unet, sampler, timesteps, self, lora_rank, train_full, role, reference)
         self.denoisers.append(den)
         return den
 
@@ -348,26 +377,39 @@ class FullWorld:
 
     # ----------------------------------------------------------------------------------------- VAE
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [-1, 1] (differentiable)."""
+        """Latents -> images in [-1, 1] (differentiable). Runs outside any autocast the caller opened, in the VAE's
+        own dtype: under the methods' `accelerator.autocast()` an fp16 autocast would otherwise undo the fp32
+        upcast of a VAE that needs it (vae_dtype). One call decodes all of x0: callers chunk by decode_batch."""
         cfg = self.vae.config
-        z = x0.to(self.device, self.vae_dtype) / cfg.scaling_factor
-        if cfg.get("shift_factor") is not None:
-            z = z + cfg.shift_factor
-        return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+        with torch.autocast(self.device.type, enabled=False):
+            z = x0.to(self.device, self.vae_dtype) / cfg.scaling_factor
+            if cfg.get("shift_factor") is not None:
+                z = z + cfg.shift_factor
+            return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+
+    def decode_in_chunks(self, x0: torch.Tensor) -> torch.Tensor:
+        """decode(), decode_batch latents at a time."""
+        return torch.cat([self.decode(x0[k:k + self.decode_batch]) for k in range(0, len(x0), self.decode_batch)])
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> latents (the posterior mean, so the latents of an image can be cached)."""
         cfg = self.vae.config
-        z = self.vae.encode(images.to(self.device, self.vae_dtype)).latent_dist.mean
+        with torch.autocast(self.device.type, enabled=False):
+            z = self.vae.encode(images.to(self.device, self.vae_dtype)).latent_dist.mean
         if cfg.get("shift_factor") is not None:
             z = z - cfg.shift_factor
         return (z * cfg.scaling_factor).float()
 
     def _latent(self, key: tuple, load) -> torch.Tensor:
-        if key not in self._latents:
-            self._latents[key] = self.encode_images(load()[None])[0].cpu()
-        return self._latents[key]
+        if key in self._latents:
+            self._latents.move_to_end(key)
+            return self._latents[key]
+        z = self.encode_images(load()[None])[0].cpu()
+        self._latents[key] = z
+        if len(self._latents) > LATENT_CACHE:
+            self._latents.popitem(last=False)
+        return z
 
     # ----------------------------------------------------------------------------------------- data
     @functools.lru_cache(maxsize=None)
@@ -429,7 +471,8 @@ class FullWorld:
 
     def reward(self, x0: torch.Tensor, cond: dict) -> torch.Tensor:
         """The training reward of decoded latents (differentiable: gradients reach x0 through the VAE)."""
-        r = self.reward_model("reward")(self.decode(x0), self.prompt_texts(cond))
+        model, texts, b = self.reward_model("reward"), self.prompt_texts(cond), self.decode_batch
+        r = torch.cat([model(self.decode(x0[k:k + b]), texts[k:k + b]).float() for k in range(0, len(x0), b)])
         return r.to(x0.device)
 
     @torch.no_grad()
@@ -441,10 +484,10 @@ class FullWorld:
                  **{reward_name(r): reward_name(r) for r in self.spec.eval_rewards}}
         scores = {k: [] for k in names}
         texts = self.prompt_texts(cond)
-        for k in range(0, len(x0), self.spec.decode_batch):
-            images = self.decode(x0[k:k + self.spec.decode_batch])
+        for k in range(0, len(x0), self.decode_batch):
+            images = self.decode(x0[k:k + self.decode_batch])
             for key, which in names.items():
-                scores[key].append(self.reward_model(which)(images, texts[k:k + self.spec.decode_batch]).float().cpu())
+                scores[key].append(self.reward_model(which)(images, texts[k:k + self.decode_batch]).float().cpu())
         out = {k: float(torch.cat(v).mean()) for k, v in scores.items()}
         out["distance"] = self._distance(x0, split)
         return out
@@ -471,7 +514,7 @@ class FullWorld:
         fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
         for r, (title, (x0, cond)) in enumerate(panels.items()):
             k = min(columns, len(x0))
-            images = ((self.decode(x0[:k]) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+            images = ((self.decode_in_chunks(x0[:k]) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
             texts = self.prompt_texts(common.cond_index(cond, slice(0, k)))
             for c in range(columns):
                 ax = axes[r, c]
@@ -503,12 +546,35 @@ class FullWorld:
                                                     unet_lora_adapter_metadata=metadata)
 
     def pipeline(self, role: str = "student", denoiser: FullDenoiser | None = None):
-        """A diffusers pipeline of a role (its scheduler, its UNet or the given denoiser's), for evaluate.py."""
+        """A diffusers pipeline of a role (its scheduler, its UNet or the given denoiser's), for evaluate.py. After
+        precompute_embeddings freed the text encoders it has none: call it with prompt_embeds from `encode`
+        (`pipeline_embeds`), which works either way."""
         p = self.parts
         unet = denoiser.unet if denoiser is not None else models.load_unet(
-            self.spec, self.spec.roles.get(role, RoleSpec()), p, f"role {role}")
-        unet = _to(unet, self.device, self.dtype)
-        extra = ({"text_encoder_2": p.text_encoders[1], "tokenizer_2": p.tokenizers[1]} if self.kind == "sdxl" else
+            self.spec, self.spec.roles.get(role, RoleSpec()), p, f"role {role}", self.dtype)
+        unet = unet.to(self.device)
+        encoders = p.text_encoders + [None] * (2 - len(p.text_encoders))
+        extra = ({"text_encoder_2": encoders[1], "tokenizer_2": p.tokenizers[1]} if self.kind == "sdxl" else
                  {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False})
-        return p.pipeline_class(vae=self.vae, text_encoder=p.text_encoders[0], tokenizer=p.tokenizers[0], unet=unet,
+        return p.pipeline_class(vae=self.vae, text_encoder=encoders[0], tokenizer=p.tokenizers[0], unet=unet,
                                 scheduler=self._role_scheduler(role), **extra)
+
+    def pipeline_embeds(self, prompts: list[str], guidance: float = 0.0) -> dict:
+        """The pipeline's prompt arguments (prompt_embeds [, pooled_prompt_embeds, negative_...]) from this world's
+        condition cache: the same embeddings the methods train on, with or without the text encoders loaded."""
+        cond = self.encode(prompts)
+        kw = {"prompt_embeds": cond["prompt_embeds"].to(self.dtype)}
+        if self.kind == "sdxl":
+            kw["pooled_prompt_embeds"] = cond["text_embeds"].to(self.dtype)
+        if guidance > 1:
+            null = self.null_condition(len(prompts))
+            kw["negative_prompt_embeds"] = null["prompt_embeds"].to(self.dtype)
+            if self.kind == "sdxl":
+                kw["negative_pooled_prompt_embeds"] = null["text_embeds"].to(self.dtype)
+        return kw
+
+    def role_sampler(self, role: str) -> tuple[str, list[int]]:
+        """(sampler, timesteps) of a role from its spec and scheduler, without loading its UNet."""
+        rspec = self.spec.roles.get(role, RoleSpec())
+        return models.role_sampler(role, self._role_scheduler(role), rspec.sampler, rspec.timesteps,
+                                   f"role {role} of {self.name}")

@@ -13,7 +13,7 @@ import torch
 import common
 import full
 from full import data as data_lib
-from full import launch, models, rewards, tiny
+from full import defaults, launch, models, rewards, tiny
 from full.spec import load_spec
 
 
@@ -310,8 +310,9 @@ def test_world_preference_pairs_are_the_vae_latents_of_the_winner_and_loser(xl):
     win, lose, cond = xl.preference_pairs(4, torch.Generator().manual_seed(0))
     assert win.shape == lose.shape == (4, *xl.shape) and not torch.equal(win, lose)
     texts = xl.prompt_texts(cond)
-    j = xl._pairs(None).rows.index(next(r for r in xl._pairs(None).rows if r[3] == texts[0]))
-    w, _ = xl._pairs(None).images(j, xl.resolution)
+    pairs = xl._pairs(None)
+    j = pairs.captions().index(texts[0])
+    w, _ = pairs.images(j, xl.resolution)
     assert torch.allclose(win[0], xl.encode_images(w[None])[0], atol=1e-5)
 
 
@@ -324,10 +325,10 @@ def test_a_data_row_that_cannot_be_decoded_is_named(tmp_path):
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     pairs = data_lib.PreferencePairs({"folder": str(tmp_path)})
     pairs.images(0, 8)
-    with pytest.raises(data_lib.DataError, match=r"row 1 of .*pairs.jsonl \(rejected image\): cannot decode"):
+    with pytest.raises(data_lib.DataError, match=r"pair 1 \('bad'\) of .*pairs.jsonl \(rejected image\) \(.*broken.png\): cannot decode"):
         pairs.images(1, 8)
     (tmp_path / "pairs.jsonl").write_text('{"caption": "x", "jpg_0": "a.png", "label_0": 1}\n')
-    with pytest.raises(data_lib.DataError, match="row 0 of .*lacks jpg_0/jpg_1"):
+    with pytest.raises(data_lib.DataError, match="rows of .*pairs.jsonl lack jpg_0/jpg_1.*found \\['caption', 'jpg_0', 'label_0'\\]"):
         data_lib.PreferencePairs({"folder": str(tmp_path)})
     (tmp_path / "pairs.jsonl").write_text('{"caption": "x", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 0.5}\n')
     with pytest.raises(data_lib.DataError, match="no untied pair"):
@@ -382,10 +383,16 @@ def test_every_launcher_setting_is_a_valid_method_command(name):
     import importlib
 
     s = launch.SETTINGS[name]
-    script, argv = launch.method_argv(name, num_processes=2 if s.batch % 2 == 0 else 1)
-    method = importlib.import_module(script.stem)
-    cfg = common.parse_config(method.Config, argv)  # every flag exists in the method's CLI
-    assert cfg.batch * (2 if s.batch % 2 == 0 else 1) == s.batch
+    procs = 2 if s.batch % 2 == 0 else 1
+    method_name, variant = launch.method_variant(s)
+    for gpu in (24, 80):
+        script, argv = launch.method_argv(name, num_processes=procs, gpu_memory=gpu)
+        method = importlib.import_module(script.stem)
+        cfg = common.parse_config(method.Config, argv)  # every flag exists in the method's CLI
+        micro, steps = launch.per_process_batch(s, procs, gpu)
+        assert cfg.batch == micro <= defaults.MICRO_BATCH[(method_name, variant)][gpu == 80]
+        assert micro * steps * procs == s.batch  # the paper's global batch, by accumulation
+        assert getattr(cfg, "gradient_accumulation_steps", steps) == steps
     assert load_spec(cfg.model).base  # the spec file parses
     cmd = launch.command(name, num_processes=4, launcher="accelerate")
     assert cmd[:2] == ["accelerate", "launch"] and "--multi_gpu" in cmd and cmd[cmd.index("--num_processes") + 1] == "4"

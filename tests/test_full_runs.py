@@ -156,3 +156,101 @@ def test_two_cpu_processes_end_with_identical_adapters(specs, tmp_path):
     drawn0 = json.loads((tmp_path / "drawn0.json").read_text())
     drawn1 = json.loads((tmp_path / "drawn1.json").read_text())
     assert drawn0 != drawn1  # the ranks trained on different prompts: the equality comes from the all-reduce
+
+
+DDP_DRIVER = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+import torch.distributed as dist
+import full
+torch.set_num_threads(1)
+world = full.load_world({spec!r})
+acc = world.accelerator
+assert acc.num_processes == 2
+den = world.denoiser("student", lora_rank=4)
+assert isinstance(den.module, torch.nn.parallel.DistributedDataParallel), type(den.module)
+with torch.no_grad():  # the same non-zero LoRA on both ranks, so every LoRA weight gets a gradient
+    g = torch.Generator().manual_seed(0)
+    for p in den.trainable_parameters():
+        p.add_(0.1 * torch.randn(p.shape, generator=g))
+rank = acc.process_index
+prompts = [["a red cube", "a blue sphere"], ["a green cone", "a small house"]]
+
+def loss_fn(seed):
+    g = torch.Generator().manual_seed(100 * seed + rank)
+    x = torch.randn(2, *world.shape, generator=g)
+    cond = world.encode(prompts[rank])
+    e1 = den(x, 700, cond)  # a training forward (DDP)
+    e2 = den(0.5 * x, 300, cond)  # a second one before the backward
+    with torch.no_grad(), den.frozen():
+        ref1 = den(x, 700, cond)  # the reference without a graph
+    with den.frozen():
+        ref2 = den(0.5 * x, 300, cond)  # the reference with grad enabled: plain UNet, adapter off
+    return (e1 - ref1).square().mean() + (e2 - ref2.detach()).square().mean()
+
+def grads():
+    return torch.cat([p.grad.reshape(-1) for p in den.trainable_parameters()])
+
+def zero():
+    for p in den.trainable_parameters():
+        p.grad = None
+
+# 1. several forwards (some frozen / no-grad) and one backward: DDP averages exactly the local gradients
+ddp, den.module = den.module, den.unet  # the local gradient, without DDP
+loss_fn(1).backward()
+local = grads().clone()
+zero()
+den.module = ddp
+acc.backward(loss_fn(1))
+expected = local.clone()
+dist.all_reduce(expected)
+assert torch.allclose(grads(), expected / 2, rtol=1e-4, atol=1e-7), (grads() - expected / 2).abs().max()
+zero()
+
+# 2. accelerate's accumulation (INTERFACE.md): 2 micro-batches, one synchronised optimizer step
+acc.gradient_accumulation_steps = 2
+opt = acc.prepare(torch.optim.SGD(den.trainable_parameters(), lr=1.0))
+local = 0
+ddp, den.module = den.module, den.unet
+for s in (2, 3):
+    loss_fn(s).backward()
+    local = local + grads().clone()
+    zero()
+den.module = ddp
+before = [p.detach().clone() for p in den.trainable_parameters()]
+steps = 0
+for s in (2, 3):
+    with acc.accumulate(den.module):
+        acc.backward(loss_fn(s))
+        if acc.sync_gradients:
+            synced = grads().clone()
+        opt.step()
+        opt.zero_grad()
+        steps += acc.sync_gradients
+expected = local.clone()
+dist.all_reduce(expected)
+assert steps == 1 and torch.allclose(synced, expected / 4, rtol=1e-4, atol=1e-7), (synced - expected / 4).abs().max()
+moved = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(den.trainable_parameters(), before)])
+assert moved.abs().max() > 0
+state = torch.cat([v.reshape(-1) for v in den.adapter_state().values()])
+other = state.clone()
+dist.broadcast(other, src=0)
+assert torch.equal(state, other), "the ranks' adapters differ"
+print("rank", rank, "ok")
+"""
+
+
+def test_ddp_averages_several_forwards_and_accumulates_with_accelerate(specs, tmp_path):
+    """2 CPU processes (gloo): the LoRA'd UNet under DDP with two training forwards, a no-grad frozen pass and a
+    grad-enabled frozen pass before one backward gets exactly the mean of the ranks' local gradients; with
+    accelerator.accumulate over 2 micro-batches, one optimizer step with the mean over ranks and micro-batches,
+    and identical adapters on both ranks."""
+    (tmp_path / "driver.py").write_text(DDP_DRIVER.format(root=str(ROOT), spec=str(specs["xl"])))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    port = str(29900 + os.getpid() % 90)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           port, str(tmp_path / "driver.py")], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(" ok") == 2, proc.stdout  # both ranks passed every check (prints may interleave)
