@@ -132,6 +132,8 @@ class Config:
     concept_images: int = common.arg(5, "customize: number of concept images (DreamBooth: 3-5)")
     reference_images: int = common.arg(64, "customize: reference images sampled once from the frozen model")
     prior_weight: float = common.arg(1.0, "customize: lambda of the prior-preservation eps-MSE on the references")
+    naive_t: str = common.arg("uniform", "naive baseline's timesteps: uniform (t ~ U[0, T), Ho et al., the paper's "
+                              "baseline) or grid (the training grid's times, t_1 included)", choices=["uniform", "grid"])
     naive_baseline: bool = common.arg(True, "for target-data variants (pso, offline --offline-pairs target): also "
                                       "fine-tune the naive baseline with the same budget, for the figure and metrics")
     eval_samples: int = common.arg(1000, "samples for the final evaluation (same seeds for every model)")
@@ -262,6 +264,7 @@ def validate(cfg: Config) -> None:
         (cfg.sampler in SAMPLERS, f"unknown --sampler {cfg.sampler!r}; choose x0_renoise or euler_ancestral"),
         (cfg.reduce in ("mean", "sum"), f"--reduce must be mean or sum, got {cfg.reduce!r}"),
         (cfg.offline_pairs in ("preference", "target"), f"unknown --offline-pairs {cfg.offline_pairs!r}"),
+        (cfg.naive_t in ("uniform", "grid"), f"--naive-t must be uniform or grid, got {cfg.naive_t!r}"),
         (cfg.steps >= 0, f"--steps must be >= 0, got {cfg.steps}"),
         (cfg.batch >= 1, f"--batch must be >= 1, got {cfg.batch}"),
         (cfg.beta >= 0, f"--beta must be > 0 (0 = the paper's value), got {cfg.beta}"),
@@ -358,12 +361,18 @@ def _train(cfg: Config, world=None):
         net.rows, info = 0, {}
         with acc.autocast():
             if cfg.variant == "naive":
-                # Fig. 1b: ||eps - eps_theta(x^target_{t_n})||^2 at every grid time, no reference
+                # Fig. 1b: ||eps - eps_theta(x^target_t)||^2, no reference; S noised copies per pair (NFE S), at
+                # t ~ U[0, T) as Ho et al. (--naive-t uniform) or at every grid time (--naive-t grid)
                 x0, cond = world.data(cfg.batch, gen, split="target")
                 x0, cond = x0.to(dev), common.cond_to(cond, dev)
                 eps = torch.randn((S, *x0.shape), generator=gen).to(dev)
-                eps_theta = predict(net, [common.add_noise(world.schedule, x0, eps[k], t) for k, t in enumerate(grid)],
-                                    grid, cond)
+                if cfg.naive_t == "grid":
+                    eps_theta = predict(net, [common.add_noise(world.schedule, x0, eps[k], t)
+                                              for k, t in enumerate(grid)], grid, cond)
+                else:
+                    t = torch.randint(0, common.T, (S, cfg.batch), generator=gen).to(dev)
+                    x_t = torch.cat([common.add_noise(world.schedule, x0, eps[k], t[k]) for k in range(S)])
+                    eps_theta = net(x_t, t.flatten(), common.cond_cat([cond] * S)).reshape(eps.shape)
                 loss = naive_loss(eps.flatten(0, 1), eps_theta.flatten(0, 1), cfg.reduce)
             else:
                 if cfg.variant == "pso":
@@ -552,7 +561,7 @@ def plot_curves(rows: list[dict], path, variant: str) -> None:
 def main(argv=None) -> dict:
     cfg = common.parse_config(Config, argv, description=__doc__.split("\n\n")[0])
     metrics = train(cfg)
-    keys = ["reward", "quality", "distance"]
+    keys = ["reward", "quality", "distance"] + [k for k in ("transfer", "sharpness") if f"{k}_base" in metrics]
     split = metrics["eval_split"]
     print(f"scored against the {split} split" + (" (last column: quality against the base data)"
                                                  if split == "target" else ""))

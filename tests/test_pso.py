@@ -390,3 +390,26 @@ def test_cli_parses_every_option():
                                            "--clamp-ratio", "0.1", "--train-steps", "8", "--no-naive-baseline"])
     assert cfg == dataclasses.replace(pso.Config(), variant="online", sampler="euler_ancestral", per_step_loss=True,
                                       clamp_ratio=0.1, train_steps=8, naive_baseline=False)
+
+
+@pytest.mark.parametrize("naive_t", ["uniform", "grid"])
+def test_naive_baseline_draws_t_uniformly_as_ho_et_al_or_on_the_grid(naive_t, tmp_path, toy2d_tiny, monkeypatch):
+    """--naive-t uniform (default, the paper's baseline): t ~ U[0, T); grid: the training grid, t_1 = 249 included."""
+    from toy.backend import ToyDenoiser
+
+    seen, call = [], ToyDenoiser.__call__
+
+    def spy(self, x_t, t, cond):
+        if torch.is_grad_enabled():  # the training calls (evaluation samples without grad)
+            seen.append(torch.as_tensor(t).flatten())
+        return call(self, x_t, t, cond)
+
+    monkeypatch.setattr(ToyDenoiser, "__call__", spy)
+    metrics = pso.train(tiny(tmp_path, variant="naive", naive_t=naive_t, steps=3, batch=16), toy2d_tiny)
+    times = torch.cat(seen).unique()
+    grid = torch.tensor([999, 749, 499, 249])
+    assert metrics["nfe_per_update"] == 4 and all(float(r["nfe"]) == 4 for r in read_log(tmp_path / "run"))
+    if naive_t == "grid":
+        assert torch.equal(times.sort().values, grid.sort().values)
+    else:
+        assert len(times) > 100 and not torch.isin(times, grid).all() and times.min() >= 0 and times.max() < 1000
