@@ -18,7 +18,8 @@ Variants (`--variant`):
   online     Eq. 7 / Alg. 2: two trajectories of the current model per condition, ranked by the reward.
   customize  App. B.3: Eq. 6 with the target = a few concept images, the reference = images sampled once from the
              frozen model, the eps_pre terms dropped, plus lambda * prior preservation (eps-MSE on the references).
-  naive      Fig. 1b baseline: plain eps-MSE fine-tuning of the distilled model on the target data.
+  naive      Fig. 1b baseline: plain eps-MSE fine-tuning of the distilled model on the target data, at t ~ U[0, T)
+             as Ho et al. (`--naive-t uniform`, default) or at the training grid's times (`--naive-t grid`).
 
 Equation <-> code:
   Eq. 11 (data side, omega = 1)   eps_log_ratio        -(||eps - eps_theta||^2 - ||eps - eps_pre||^2)
@@ -44,7 +45,7 @@ timestep = 1; a call on 2B rows = 2) and logged as `nfe`; tests check measured =
                            without grad) + frozen on the 2(S-1) stored states
   customize  2(S-1) = 6:   policy on 2(S-1) states, no reference model (2 with --one-timestep); plus, once,
                            4 (the model's grid) per reference image, sampled from the frozen model (setup_nfe)
-  naive      S      = 4:   policy on the target at every grid time (t_1 included: nothing makes it special here)
+  naive      S      = 4:   policy on S noised copies of the target: t ~ U[0, T), or every grid time (t_1 included)
 These are the minimum: nothing is evaluated twice. In particular the policy predictions on the model's own
 trajectories are not recomputed: the roll-out runs with grad on detached states, and the same predictions give
 mu_theta in Eq. 12 (the usual DDPO-style code samples without grad and calls the policy again: 5(S-1) for pso,
