@@ -1,9 +1,12 @@
 """The toy worlds and their backend: LoRA reference, caching, data, metrics, bad input."""
+import math
+
 import pytest
 import torch
 
 import common
 import toy
+from toy.toy2d import CLASS_MODES
 
 
 def _perturb_adapter(den):
@@ -129,11 +132,63 @@ def test_metrics_and_plots(world_fixture, request, tmp_path):
 
 
 def test_toy2d_quality_sees_blur(toy2d_tiny):
-    x, c = toy2d_tiny.data(2000, torch.Generator().manual_seed(0))
-    assert toy2d_tiny.quality(x, c) > 0.99
-    assert toy2d_tiny.quality(x * 0.6, c) < 0.05  # mass between the modes and the centre
-    assert toy2d_tiny.quality(toy2d_tiny.data_for(c, torch.Generator(), "target"), c) < 0.05
-    assert toy2d_tiny.quality(toy2d_tiny.data_for(c, torch.Generator(), "target"), c, "target") > 0.99
+    from toy.toy2d import Toy2D
+
+    rotated = Toy2D(toy2d_tiny.weights, target_rotation=math.pi / 8, target_keep=range(8))
+    x, c = rotated.data(2000, torch.Generator().manual_seed(0))
+    assert rotated.quality(x, c) > 0.99
+    assert rotated.quality(x * 0.6, c) < 0.05  # mass between the modes and the centre
+    assert rotated.quality(rotated.data_for(c, torch.Generator(), "target"), c) < 0.05
+    assert rotated.quality(rotated.data_for(c, torch.Generator(), "target"), c, "target") > 0.99
+
+
+def test_toy2d_transfer_and_sharpness_are_not_fooled_by_overlapping_discs(toy2d_tiny):
+    """At a 10 degree rotation the 0.2 discs of base and target modes overlap, so base data scores on 'quality
+    vs target'; transfer (nearer a target mode than any base mode) tells the two apart."""
+    from toy.toy2d import Toy2D
+
+    near = Toy2D(toy2d_tiny.weights, target_rotation=math.radians(10), target_keep=range(8))
+    x, c = near.data(2000, torch.Generator().manual_seed(0))
+    target = near.data_for(c, torch.Generator().manual_seed(1), "target")
+    assert near.quality(x, c, "target") > 0.3  # the old read-out is fooled
+    assert near.transfer(x) < 0.05 and near.transfer(target) > 0.95  # 5 degrees = 2 mode stds: a few cross
+    assert near.sharpness(x) > 0.99 and near.sharpness(target) > 0.99
+    assert near.sharpness(x * 0.6) < 0.05  # blur is far from every mode of either split
+    # the "half" target keeps each class's modes at 0-135 degrees: a new mixture over the same positions
+    assert toy2d_tiny.target_rotation == math.pi / 8 and toy2d_tiny.target_keep == tuple(range(8))  # the default
+    world = Toy2D(toy2d_tiny.weights, target_rotation=0.0, target_keep=(0, 1, 2, 3))
+    half = world.data_for(c, torch.Generator().manual_seed(1), "target")
+    assert world.transfer(half) == 1.0 and world.sharpness(half) > 0.99
+    upper = torch.isin(torch.arange(8), torch.tensor([0, 1, 2, 3]))
+    kept_share = float(torch.stack([upper[torch.tensor(m)].float().mean() for m in CLASS_MODES.values()]).mean())
+    assert abs(world.transfer(x) - kept_share) < 0.05  # base data: half of each class's modes are kept
+    m = world.metrics(half, c, "target")
+    assert {"transfer", "sharpness"} <= m.keys() and m["quality"] > 0.99
+
+
+def test_toy2d_mode_reward_has_its_optimum_on_the_upper_modes(toy2d_tiny):
+    from toy.toy2d import PREFERRED, Toy2D
+
+    world = Toy2D(toy2d_tiny.weights, reward="modes")
+    modes, c = world.modes("base"), torch.zeros(8, dtype=torch.long)
+    r = world.reward(modes, c)
+    upper = torch.isin(torch.arange(8), torch.tensor(PREFERRED))
+    assert torch.allclose(r[upper], torch.ones(3), atol=0.01) and r[~upper].max() < 0.01
+    assert world.reward(modes[upper] * 2.0, c[:3]).max() < 0.01  # no pay-off for leaving the ring
+    assert world.reward(modes * 0.6, c).max() < 0.2  # blur toward the centre pays far less than a mode
+    height = toy2d_tiny  # the default reward: the height y
+    assert height.reward(modes[upper] * 2.0, c[:3]).min() > height.reward(modes[upper], c[:3]).max()  # unbounded
+
+
+def test_toy2d_target_and_reward_options_are_checked(toy2d_tiny):
+    from toy.toy2d import Toy2D
+
+    with pytest.raises(ValueError, match="reward 'aesthetic'.*modes"):
+        Toy2D(toy2d_tiny.weights, reward="aesthetic")
+    with pytest.raises(ValueError, match="0..7"):
+        Toy2D(toy2d_tiny.weights, target_keep=(9,))
+    with pytest.raises(ValueError, match="class 0"):
+        Toy2D(toy2d_tiny.weights, target_keep=(1, 3))
 
 
 def test_distilled_student_samples_close_to_its_teacher(toy2d):

@@ -2,9 +2,11 @@
 
 Eight tight Gaussian modes on a ring of radius 1.2 (std 0.05). Three "prompts": class 0 owns the even modes,
 class 1 the odd ones, class 2 all eight; label 3 is the null condition for classifier-free guidance. The
-"target" split is the same data rotated by 22.5 degrees (a new style the base model never produced), the
-reward is the height y of a point (prefer the upper modes), and quality is the share of samples within 0.2 of
-one of their class's modes (blur shows as mass between modes)."""
+"target" split (configurable, see Toy2D.__init__) is by default the data rotated by 22.5 degrees; the reward
+prefers the upper modes (the unbounded height y by default, or a soft membership with an in-distribution optimum); quality is the share of samples
+within 0.2 of one of their class's modes (blur shows as mass between modes). Transfer read-outs that close or
+overlapping mode sets cannot fool: `transfer` (nearer a target mode than any other base mode) and `sharpness`
+(within 0.2 of any mode of either split)."""
 from __future__ import annotations
 
 import math
@@ -17,6 +19,8 @@ from .backend import ToyWorld
 from .nets import MLP2D
 
 CLASS_MODES = {0: [0, 2, 4, 6], 1: [1, 3, 5, 7], 2: list(range(8))}
+PREFERRED = (1, 2, 3)  # the upper modes (45, 90, 135 degrees): what both rewards prefer
+REWARDS = ("modes", "height")
 
 
 class Toy2D(ToyWorld):
@@ -24,20 +28,50 @@ class Toy2D(ToyWorld):
     shape = (2,)
     num_classes = 3
     radius, mode_std, near = 1.2, 0.05, 0.2
-    target_rotation = math.pi / 8
+
+    def __init__(self, weights, target_rotation: float = math.pi / 8, target_scale: float = 1.0,
+                 target_keep: tuple[int, ...] = tuple(range(8)), reward: str = "height"):
+        """The target split: the base modes rotated by `target_rotation` (radians), scaled about the origin by
+        `target_scale`, and only the modes in `target_keep` kept (each class keeps its own modes among them). None
+        of these touch the base data, so every target shares the cached base models. Default: the ring rotated by
+        22.5 degrees with the height reward (what every benchmark in benchmarks/results was run on).
+        `target_rotation=0, target_keep=(0, 1, 2, 3)` ("half": the modes at 0-135 degrees, unmoved: no saddle, no
+        overlapping discs) and `reward="modes"` are the settings of benchmarks/pso_claims.py.
+        `reward`: "modes" (soft membership of the upper modes, in-distribution optimum 1) or "height" (y,
+        unbounded: shows over-optimisation)."""
+        super().__init__(weights)
+        if reward not in REWARDS:
+            raise ValueError(f"unknown toy2d reward {reward!r}; choose one of {list(REWARDS)}")
+        self.reward_kind = reward
+        self.target_rotation, self.target_scale = float(target_rotation), float(target_scale)
+        self.target_keep = tuple(sorted(set(int(k) for k in target_keep)))
+        if not self.target_keep or not set(self.target_keep) <= set(range(8)):
+            raise ValueError(f"target_keep must be mode ids in 0..7, got {target_keep!r}")
+        for c, modes in CLASS_MODES.items():
+            if not set(modes) & set(self.target_keep):
+                raise ValueError(f"target_keep {self.target_keep} leaves class {c} (modes {modes}) without a mode")
 
     def make_net(self):
         return MLP2D(self.num_classes)
 
     def modes(self, split: str = "base") -> torch.Tensor:
+        """[8, 2] positions of the ring's modes in `split` (for the target also the ones it does not keep)."""
         if split not in ("base", "target"):
             raise ValueError(f"unknown data split {split!r}; choose 'base' or 'target'")
         angles = torch.arange(8) * (2 * math.pi / 8) + (self.target_rotation if split == "target" else 0.0)
-        return self.radius * torch.stack([angles.cos(), angles.sin()], 1)
+        radius = self.radius * (self.target_scale if split == "target" else 1.0)
+        return radius * torch.stack([angles.cos(), angles.sin()], 1)
+
+    def class_modes(self, split: str = "base") -> dict[int, list[int]]:
+        """class -> the mode ids its data uses in `split`."""
+        if split == "target":
+            return {c: [m for m in modes if m in self.target_keep] for c, modes in CLASS_MODES.items()}
+        return CLASS_MODES
 
     def data_for(self, cond: torch.Tensor, generator: torch.Generator, split: str = "base") -> torch.Tensor:
-        table = torch.tensor([(m * 8)[:8] for m in CLASS_MODES.values()])  # [3, 8] mode ids, cycled
-        count = torch.tensor([len(m) for m in CLASS_MODES.values()])
+        class_modes = self.class_modes(split)
+        table = torch.tensor([(m * 8)[:8] for m in class_modes.values()])  # [3, 8] mode ids, cycled
+        count = torch.tensor([len(m) for m in class_modes.values()])
         slot = (torch.rand(len(cond), generator=generator) * count[cond]).long()
         # cycling keeps each class's own modes equally likely: slot < count picks among them uniformly
         return self.modes(split)[table[cond, slot]] + self.mode_std * torch.randn(len(cond), 2, generator=generator)
@@ -46,17 +80,46 @@ class Toy2D(ToyWorld):
         cond = self.conditions(n, generator)
         return self.data_for(cond, generator, split), cond
 
+    reward_width = 0.25  # std of the soft membership bumps (adjacent modes are 0.92 apart)
+
     def reward(self, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Height of the point: a smooth, differentiable preference for the upper modes."""
-        return x0[:, 1]
+        """A smooth, differentiable preference for the upper modes. "modes": sum of Gaussian bumps on the upper base
+        modes, 1 on such a mode, ~0 between modes or off the ring (its optimum is in the data distribution);
+        "height": the y coordinate (no optimum: moving a mode up pays for ever)."""
+        if self.reward_kind == "height":
+            return x0[:, 1]
+        d2 = ((x0[:, None, :] - self.modes("base")[list(PREFERRED)].to(x0)) ** 2).sum(-1)
+        return torch.exp(-d2 / (2 * self.reward_width**2)).sum(1)
 
     def quality(self, x0: torch.Tensor, cond: torch.Tensor, split: str = "base") -> float:
         d = torch.cdist(x0.double(), self.modes(split).double())  # [B, 8]
         allowed = torch.zeros_like(d, dtype=torch.bool)
-        for c, modes in CLASS_MODES.items():
+        for c, modes in self.class_modes(split).items():
             allowed[cond == c] = torch.isin(torch.arange(8), torch.tensor(modes))
         d = torch.where(allowed, d, torch.inf)
         return float((d.min(1).values < self.near).double().mean())
+
+    def _mode_sets(self):
+        """(target modes kept, base modes that are not also a kept target mode) as [K, 2] positions."""
+        target = self.modes("target")[list(self.target_keep)].double()
+        base = self.modes("base").double()
+        other = base[torch.cdist(base, target).min(1).values > 1e-6]
+        return target, other
+
+    def transfer(self, x0: torch.Tensor) -> float:
+        """Share of samples nearer a (kept) target mode than any other base mode, whatever the class: where the
+        samples went, however close the two mode sets are (a blurred sample counts for the set it is nearer)."""
+        target, other = self._mode_sets()
+        d_target = torch.cdist(x0.double(), target).min(1).values
+        if len(other) == 0:
+            return 1.0
+        return float((d_target < torch.cdist(x0.double(), other).min(1).values).double().mean())
+
+    def sharpness(self, x0: torch.Tensor) -> float:
+        """Share of samples within `near` of any mode of either split: blur is mass far from every mode."""
+        target, other = self._mode_sets()
+        return float((torch.cdist(x0.double(), torch.cat([target, other])).min(1).values < self.near)
+                     .double().mean())
 
     @torch.no_grad()
     def metrics(self, x0, cond, split="base") -> dict[str, float]:
@@ -65,6 +128,8 @@ class Toy2D(ToyWorld):
             "reward": float(self.reward(x0, cond).mean()),
             "quality": self.quality(x0, cond, split),
             "distance": metrics.sliced_wasserstein(x0, ref),
+            "transfer": self.transfer(x0),
+            "sharpness": self.sharpness(x0),
         }
 
     def plot_samples(self, panels, path, split: str | None = None) -> None:
@@ -77,14 +142,15 @@ class Toy2D(ToyWorld):
         for ax, (title, (x0, cond)) in zip(axes[0], panels.items()):
             for s, marker in (("base", "o"), ("target", "x")):
                 if split in (None, s):
-                    m = self.modes(s)
+                    m = self.modes(s) if s == "base" else self.modes(s)[list(self.target_keep)]
                     ax.scatter(m[:, 0], m[:, 1], s=60, marker=marker, facecolors="none" if marker == "o" else None,
                                edgecolors="k" if marker == "o" else None, c=None if marker == "o" else "k",
                                linewidths=0.8, zorder=3)
             x0 = x0.detach().cpu()
             ax.scatter(x0[:, 0], x0[:, 1], s=3, c=cond.cpu(), cmap="viridis", vmin=0, vmax=self.num_classes,
                        alpha=0.5)
-            ax.set(title=title, xlim=(-1.8, 1.8), ylim=(-1.8, 1.8), aspect="equal", xticks=[], yticks=[])
+            lim = 1.8 * max(1.0, self.target_scale)
+            ax.set(title=title, xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
         fig.tight_layout()
         fig.savefig(Path(path), dpi=110)
         plt.close(fig)
