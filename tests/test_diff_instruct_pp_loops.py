@@ -166,6 +166,7 @@ def test_every_network_call_and_loss_input_of_an_update(tmp_path, toy2d_tiny, mo
         torch.testing.assert_close(ta2["x"], a2 * x0b + s2 * l2["eps"])
         torch.testing.assert_close(l2["eps_pred"], ta2["out"])
         assert torch.equal(ta2["cond"], g2["cond"]) and ta2["grad"]
+        assert not torch.equal(ta1["t"], ta2["t"]) and not torch.equal(l1["eps"], l2["eps"])  # each TA step draws its own
 
 
 def test_the_lognormal_density_and_its_range_reach_the_loop(tmp_path, toy2d_tiny, monkeypatch):
@@ -196,7 +197,7 @@ def test_ema_is_the_authors_recursion_and_changes_nothing_in_training(tmp_path, 
     monkeypatch.setattr(dipp.GeneratorEMA, "update", spy)
     monkeypatch.setattr(dipp.GeneratorEMA, "__init__", spy_init)
     kw = dict(steps=3, batch=8, eval_samples=8, progress=False, reward_scale=0.5, lr=1e-2)
-    with_ema = dipp.train(dipp.Config(out=str(tmp_path / "a"), ema=True, ema_decay=0.5, **kw), world=toy2d_tiny)
+    with_ema = dipp.train(dipp.Config(out=str(tmp_path / "a"), ema=True, ema_decay=0.8, **kw), world=toy2d_tiny)
     without = dipp.train(dipp.Config(out=str(tmp_path / "b"), **kw), world=toy2d_tiny)
     assert with_ema["reward_tuned"] == without["reward_tuned"] and with_ema["reward_ema"] != with_ema["reward_tuned"]
     ema = load_file(str(tmp_path / "a" / "checkpoint-3" / "model-generator_ema.safetensors"))
@@ -205,7 +206,7 @@ def test_ema_is_the_authors_recursion_and_changes_nothing_in_training(tmp_path, 
     expected = initial[0]
     assert len(seen) == 3
     for params in seen:
-        expected = [0.5 * e + 0.5 * p for e, p in zip(expected, params)]
+        expected = [0.8 * e + 0.2 * p for e, p in zip(expected, params)]
     assert sorted(ema) == sorted(names)
     for n, e in zip(names, expected):
         torch.testing.assert_close(ema[n], e, rtol=1e-5, atol=1e-7)
@@ -353,3 +354,23 @@ def test_variant_di_moves_the_reference_read_at_sigma_init_onto_the_data_mean(tm
     m = gauss_run(tmp_path, world, variant="di", cfg_scale=1.0, steps=30)
     assert m["distance_base"] > 0.6 and m["distance_tuned"] < 0.35 * m["distance_base"]
     assert world.made[0].timesteps == [dipp.init_timestep(world.schedule, 2.5)]
+
+
+def test_accumulated_micro_batches_draw_their_own_streams_and_each_ta_step_sees_all(tmp_path, toy2d_tiny,
+                                                                                    monkeypatch):
+    rec, losses = record(tmp_path, toy2d_tiny, monkeypatch, reward_scale=0.5, ta_steps=2, gradient_accumulation_steps=2)
+    calls = rec.calls[1:]
+    per_update = 12  # 2 x (generator, TA, reference), 2 TA steps on them, 2 x (fresh sample, TA step)
+    for step in (1, 2):
+        u = calls[(step - 1) * per_update: step * per_update]
+        assert [c["model"] for c in u] == ["generator", "ta", "ta/frozen"] * 2 + ["ta", "ta"] + ["generator", "ta"] * 2
+        for m, g in enumerate((u[0], u[3])):
+            gen = common.step_generator(0, step, 0, micro=m)
+            toy2d_tiny.conditions(8, gen)
+            assert g["grad"] and torch.equal(g["x"], torch.randn(8, 2, generator=gen))
+        for m, (g, ta) in enumerate(((u[0], u[6]), (u[3], u[7]))):  # TA step 1: micro-batch m on sample m
+            x0 = x0_of(g, toy2d_tiny.schedule)
+            a, s = toy2d_tiny.schedule.alpha_sigma(ta["t"], x0)
+            eps = losses["ta"][4 * (step - 1) + m]["eps"]
+            torch.testing.assert_close(ta["x"], a * x0 + s * eps)
+    assert {float(r["nfe"]) for r in __import__("csv").DictReader(open(tmp_path / "run" / "log.csv"))} == {6.0}
