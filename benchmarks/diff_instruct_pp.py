@@ -1,25 +1,26 @@
-"""Diff-Instruct++ on the toy worlds: the reward-scale sweep (alpha_rew), the CFG-scale sweep (omega) and the
-timing of the default run, all by calling diff_instruct_pp.train in-process.
+"""Diff-Instruct++ on the toy worlds: the reward-quality frontier over alpha_rew for the script's defaults and for
+the paper's own pairing, EMA on/off, 3 seeds; Diff-Instruct pre-training (variant di); the time densities.
 
-    python benchmarks/diff_instruct_pp.py --world toy2d mnist
+    OMP_NUM_THREADS=1 python benchmarks/diff_instruct_pp.py            # toy2d (about 15 min on a loaded 2-core machine)
+    OMP_NUM_THREADS=1 python benchmarks/diff_instruct_pp.py --mnist    # + the MNIST pairing runs (one seed)
 
-For each world: one run per alpha_rew in --reward-scales (omega = 1) and one per omega in --cfg-scales
-(alpha_rew = 0), from the same base generator and seed, with the script's defaults (w = sigma^2/alpha^2, pi
-uniform on [20, 980]); the same alpha_rew sweep with the other reading of the paper (w = 1, the log-normal pi of
-App. C; --no-alt skips it); on toy2d also a Diff-Instruct pre-training run from the reference (--variant di).
-Writes benchmarks/results/diff_instruct_pp.json, the
-markdown tables benchmarks/results/diff_instruct_pp.md and, per world, the figure
-benchmarks/results/diff_instruct_pp_<world>.png (reward vs distance from the reference data as the paper's
-Fig. 3 compares its settings, and quality vs alpha_rew / omega). Run folders go to runs/bench-dipp-<world>-*.
-This is a benchmark, not a test: minutes on two cores."""
+Settings compared (both with w = sigma^2 / alpha^2, weight 1 on the x0-prediction difference as the author's
+Diff-Instruct code):
+  defaults  pi uniform on [20, 980]                                 (python diff_instruct_pp.py)
+  paper     pi log-normal ln sigma_VE ~ N(-2, 2^2) truncated to t in [0, 999]
+            (--time-density lognormal --t-min 0 --t-max 999)
+Every run has --ema (decay 0.95): the EMA is a read-out only (it changes nothing in training, tested), so each run
+gives the raw generator (`*_tuned`, = EMA off) and its EMA (`*_ema`). One world is loaded once and every run is a
+diff_instruct_pp.train call on it. Writes benchmarks/results/diff_instruct_pp.{json,md} and
+benchmarks/results/diff_instruct_pp_toy2d.png; run folders go to runs/bench-dipp-*. A benchmark, not a test."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import math
 import os
 import platform
-import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,170 +32,200 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import diff_instruct_pp as dipp  # noqa: E402
 
-# per-world settings: the IKL term is summed over dimensions (2 for toy2d, 784 for mnist) and the rewards differ,
-# so the reward scales that balance it differ by world (the paper's differ by model too: 1-10 vs 100-1000)
-WORLD_DEFAULTS = {
-    "toy2d": dict(reward_scales=[0.0, 0.03, 0.1, 0.3, 1.0], cfg_scales=[2.0, 4.0], di_steps=1500,
-                  alt_reward_scales=[0.0, 1.0, 3.0, 10.0], overrides={}),
-    "mnist": dict(reward_scales=[0.0, 0.1, 0.3, 1.0, 3.0, 10.0], cfg_scales=[2.0, 4.0], di_steps=0,
-                  alt_reward_scales=[0.0], overrides=dict(batch=64, steps=150, eval_samples=500)),
-}
-# the other reading of the paper's generator weighting, with its log-normal time density (App. C)
-ALT = dict(weighting="unit", time_density="lognormal", t_min=0, t_max=999)
-ALT_NAME = "w = 1, log-normal pi on [0, 999]"
+SETTINGS = {"defaults": {}, "paper": dict(time_density="lognormal", t_min=0, t_max=999)}
+# 200 updates of batch 128 (the script's defaults: 400 x 256) so that 3 seeds of both settings fit ~15 min on a shared
+# 2-core machine
+TOY2D = dict(alphas=[0.0, 0.1, 0.3], seeds=[0, 1, 2], overrides=dict(steps=200, batch=128), di_steps=400)
+MNIST = dict(alphas=[0.0], seeds=[0], overrides=dict(batch=64, steps=100, eval_samples=500))
 KEYS = ("reward", "quality", "distance")
 
 
-def run_one(world: str, tag: str, steps: int | None, **kw) -> dict:
-    over = dict(WORLD_DEFAULTS[world]["overrides"])
-    if steps:
-        over["steps"] = steps
-    cfg = dipp.Config(model=world, out=str(ROOT / "runs" / f"bench-dipp-{world}-{tag}"), **{**over, **kw})
-    if world == "toy2d" and cfg == dataclasses.replace(dipp.Config(), out=cfg.out):
-        return default_command(cfg.out)  # the default command is this row: run it as a user would, and time it
-    print(f"=== {world} {tag}: " + " ".join(f"{k}={v}" for k, v in {**over, **kw}.items()), flush=True)
-    metrics = dipp.train(cfg)
-    config = json.loads((Path(cfg.out) / "config.json").read_text())  # as resolved by train (variant di: no reward)
-    return {"tag": tag, "config": config, **metrics}
-
-
-def default_command(out: str) -> dict:
-    """`python diff_instruct_pp.py` in a fresh process (imports, base-model loading and plots included), timed."""
+def run_one(world, name: str, tag: str, **kw) -> dict:
+    cfg = dipp.Config(model=name, out=str(ROOT / "runs" / f"bench-dipp-{name}-{tag}"), progress=False, ema=True, **kw)
+    print(f"=== {name} {tag}: {kw}", flush=True)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "diff_instruct_pp.py"), "--out", out], cwd=ROOT, check=True)
-    wall = time.perf_counter() - t0
-    metrics = json.loads((Path(out) / "metrics.json").read_text())
-    config = json.loads((Path(out) / "config.json").read_text())
-    return {"tag": "default", "config": config, **metrics, "seconds_wall_command": wall}
+    metrics = dipp.train(cfg, world=world)
+    return {"tag": tag, **kw, **metrics, "wall_seconds": time.perf_counter() - t0}
 
 
-def table(rows: list[dict], varied: str) -> str:
-    head = f"| {varied} | reward base → tuned | quality base → tuned | distance base → tuned | seconds |"
-    lines = [head, "|---|---|---|---|---|"]
-    for r in rows:
-        cells = [f"{r[f'{k}_base']:.3f} → {r[f'{k}_tuned']:.3f}" for k in KEYS]
-        lines.append(f"| {r['config'][varied]:g} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
-    return "\n".join(lines)
+def pi_masses() -> dict:
+    """Where the log-normal puts its mass on the discrete schedule: clamped onto the end bins (the old code) vs
+    truncated by rejection (now)."""
+    sched = common.Schedule("scaled_linear")
+    ls = dipp.log_sigma_ve(sched)
+    cdf = torch.distributions.Normal(-2.0, 2.0).cdf
+    mid = (ls[1:] + ls[:-1]) / 2
+    clamped = cdf(torch.cat([mid, ls[-1:] + 50])) - cdf(torch.cat([ls[:1] - 50, mid]))
+    trunc = dipp.time_density(sched, "lognormal", 0, 999)
+    return {"sigma_ve_t0": float(ls[0].exp()), "sigma_ve_t999": float(ls[-1].exp()),
+            "clamped_mass_t0": float(clamped[0] / clamped.sum()), "truncated_mass_t0": float(trunc[0]),
+            "truncated_mass_t_below_20": float(trunc[:20].sum()),
+            "init_timestep_sigma_2.5": dipp.init_timestep(sched, 2.5)}
 
 
-def figure(world: str, reward_rows: list[dict], cfg_rows: list[dict], alt_rows: list[dict], path: Path) -> None:
+def mean_sd(values) -> tuple[float, float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else (math.nan,) * 2
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Per (setting, alpha_rew): mean and sd over seeds of the raw and the EMA metrics."""
+    out = []
+    for setting in SETTINGS:
+        for a in sorted({r["reward_scale"] for r in rows if r["setting"] == setting}):
+            group = [r for r in rows if r["setting"] == setting and r["reward_scale"] == a]
+            agg = {"setting": setting, "reward_scale": a, "seeds": len(group)}
+            for k in KEYS:
+                for which in ("base", "tuned", "ema"):
+                    agg[f"{k}_{which}"] = mean_sd([r[f"{k}_{which}"] for r in group])
+            agg["ikl_pull_last"] = mean_sd([r.get("ikl_pull_last") for r in group])
+            out.append(agg)
+    return out
+
+
+def last_log_value(tag: str, world: str, key: str):
+    import csv
+
+    path = ROOT / "runs" / f"bench-dipp-{world}-{tag}" / "log.csv"
+    rows = list(csv.DictReader(open(path)))
+    tail = rows[-20:]
+    return statistics.mean(float(r[key]) for r in tail)
+
+
+def fmt(ms) -> str:
+    m, s = ms
+    return f"{m:.3f} ± {s:.3f}"
+
+
+def markdown(results: dict) -> str:
+    md = [f"Machine: {results['machine']}. Command: `{results['command']}` ({results['seconds']:.0f} s).", "",
+          "Time density pi on the SDXL schedule (computed, not trained): the old clamped log-normal put "
+          f"{results['pi']['clamped_mass_t0']:.3f} of its mass on t = 0; truncated by rejection "
+          f"{results['pi']['truncated_mass_t0']:.3f} (sigma_VE(0) = {results['pi']['sigma_ve_t0']:.4f}, "
+          f"sigma_VE(999) = {results['pi']['sigma_ve_t999']:.2f}); {results['pi']['truncated_mass_t_below_20']:.3f}"
+          f" below t = 20. sigma_init = 2.5 is t = {results['pi']['init_timestep_sigma_2.5']}.", ""]
+    for world in ("toy2d", "mnist"):
+        if world not in results:
+            continue
+        r = results[world]
+        c = r["config"]
+        md += [f"### {world}: alpha_rew frontier, {c['steps']} updates of batch {c['batch']}, seeds {r['seeds']} "
+               "(mean ± sd over seeds; raw = the generator, = EMA off; EMA = decay 0.95)", "",
+               "| setting | alpha_rew | reward raw | reward EMA | quality raw | quality EMA | distance raw | "
+               "distance EMA | IKL pull (last 20 updates) |", "|---|---|---|---|---|---|---|---|---|"]
+        for a in r["aggregate"]:
+            md.append(f"| {a['setting']} | {a['reward_scale']:g} | {fmt(a['reward_tuned'])} | {fmt(a['reward_ema'])} | "
+                      f"{fmt(a['quality_tuned'])} | {fmt(a['quality_ema'])} | {fmt(a['distance_tuned'])} | "
+                      f"{fmt(a['distance_ema'])} | {fmt(a['ikl_pull_last'])} |")
+        b = r["aggregate"][0]
+        md += ["", f"Base generator: reward {b['reward_base'][0]:.3f}, quality {b['quality_base'][0]:.3f}, distance "
+               f"{b['distance_base'][0]:.3f} (the same for every seed up to the evaluation noise: sd "
+               f"{b['quality_base'][1]:.3f} in quality).", ""]
+        if r.get("di"):
+            d = r["di"]
+            md += [f"### {world}: Diff-Instruct pre-training (`--variant di`: the reference read at t = "
+                   f"{d['generator_timestep']} (sigma_init 2.5), CFG {d['omega']:g} teacher, {d['steps']} updates, "
+                   "seed 0)", "", "| model | reward | quality | distance |", "|---|---|---|---|"]
+            for which in ("base", "tuned", "ema"):
+                md.append(f"| {'initial (reference at sigma_init)' if which == 'base' else which} | "
+                          + " | ".join(f"{d[f'{k}_{which}']:.3f}" for k in KEYS) + " |")
+            md.append("")
+    md += ["Figure: `benchmarks/results/diff_instruct_pp_toy2d.png` (reward against quality, mean ± sd over seeds; "
+           "raw and EMA); samples of every run in `runs/bench-dipp-<world>-<tag>/samples.png`.", ""]
+    return "\n".join(md)
+
+
+def figure(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    ax = axes[0]
-    base = reward_rows[0]
-    ax.scatter([base["distance_base"]], [base["reward_base"]], c="k", marker="x", label="base generator")
-    series = [(reward_rows, "o", "reward_scale", "alpha_rew"), (cfg_rows, "s", "cfg_scale", "omega"),
-              (alt_rows, "^", "reward_scale", f"alpha_rew, {ALT_NAME}")]
-    for rows, marker, key, name in (s for s in series if s[0]):
-        d = [r["distance_tuned"] for r in rows]
-        ax.plot(d, [r["reward_tuned"] for r in rows], marker=marker, lw=0.8, label=f"sweep over {name}")
-        for r in rows:
-            ax.annotate(f"{r['config'][key]:g}", (r["distance_tuned"], r["reward_tuned"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel="distance to the reference data (lower = closer)", ylabel="reward",
-           title=f"{world}: reward vs divergence")
+    agg = results["toy2d"]["aggregate"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for i, setting in enumerate(SETTINGS):
+        for which, ls in (("tuned", "-"), ("ema", ":")):
+            rows = [a for a in agg if a["setting"] == setting]
+            q = [a[f"quality_{which}"] for a in rows]
+            r = [a[f"reward_{which}"] for a in rows]
+            ax.errorbar([x[0] for x in q], [x[0] for x in r], xerr=[x[1] for x in q], yerr=[x[1] for x in r],
+                        ls=ls, marker="o", color=f"C{i}", label=f"{setting} ({'raw' if which == 'tuned' else 'EMA'})")
+            for a, qq, rr in zip(rows, q, r):
+                ax.annotate(f"{a['reward_scale']:g}", (qq[0], rr[0]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+    b = agg[0]
+    ax.scatter([b["quality_base"][0]], [b["reward_base"][0]], c="k", marker="x", label="base generator")
+    ax.set(xlabel="quality (share of samples on a mode)", ylabel="reward (height)",
+           title="toy2d: DI++ frontier over alpha_rew (labels)")
     ax.legend(fontsize=7)
-    for ax, rows, key, name in ((axes[1], reward_rows, "reward_scale", "alpha_rew (omega = 1)"),
-                                (axes[2], cfg_rows, "cfg_scale", "omega (alpha_rew = 0)")):
-        xs = [max(r["config"][key], 1e-3) if key == "reward_scale" else r["config"][key] for r in rows]
-        ax.plot(xs, [r["quality_tuned"] for r in rows], "o-", color="C0", label="quality (left)")
-        ax.axhline(rows[0]["quality_base"], color="C0", ls=":", lw=0.8, label="base quality")
-        right = ax.twinx()  # the reward has its own scale (MNIST: a logit)
-        right.plot(xs, [r["reward_tuned"] for r in rows], "s-", color="C1", label="reward (right)")
-        right.axhline(rows[0]["reward_base"], color="C1", ls=":", lw=0.8, label="base reward")
-        if key == "reward_scale":
-            ax.set_xscale("log")
-        ax.set(xlabel=name + (" (0 drawn at 1e-3)" if key == "reward_scale" else ""), ylabel="quality",
-               title=f"{world}: sweep over {name.split(' ')[0]}")
-        right.set_ylabel("reward")
-        handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-        ax.legend(handles, [h.get_label() for h in handles], fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def run_di(world) -> dict:
+    # variant di with the paper's defaults: sigma_init 2.5 and a CFG-4.5 teacher (a config built in code counts
+    # every field as given, so the CFG scale is passed explicitly)
+    return run_one(world, "toy2d", "di", variant="di", cfg_scale=dipp.DI_CFG_SCALE, steps=TOY2D["di_steps"], batch=128)
+
+
+def sweep(world, name: str, spec: dict) -> dict:
+    rows = []
+    for setting, kw in SETTINGS.items():
+        for a in spec["alphas"]:
+            for seed in spec["seeds"]:
+                tag = f"{setting}-a{a:g}-s{seed}"
+                row = run_one(world, name, tag, reward_scale=a, seed=seed, **kw, **spec["overrides"])
+                row["setting"], row["ikl_pull_last"] = setting, last_log_value(tag, name, "ikl_pull")
+                rows.append(row)
+    config = json.loads((ROOT / "runs" / f"bench-dipp-{name}-{rows[0]['tag']}" / "config.json").read_text())
+    return {"runs": rows, "aggregate": aggregate(rows), "seeds": spec["seeds"], "config": config}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world", nargs="+", default=["toy2d"], choices=sorted(WORLD_DEFAULTS))
-    p.add_argument("--reward-scales", nargs="+", type=float, default=None, help="alpha_rew values (default per world)")
-    p.add_argument("--cfg-scales", nargs="+", type=float, default=None, help="omega values (default per world)")
-    p.add_argument("--steps", type=int, default=None, help="updates per run (default: the script's / per world)")
-    p.add_argument("--alt", action=argparse.BooleanOptionalAction, default=True,
-                   help=f"also sweep alpha_rew with {ALT_NAME} (the paper's App. C reading)")
-    p.add_argument("--di-steps", type=int, default=None,
-                   help="updates of the Diff-Instruct pre-training run from the reference (0: skip; default per "
-                        "world)")
+    p.add_argument("--mnist", action="store_true", help="also the MNIST runs (alpha_rew = 0, both settings, seed 0)")
+    p.add_argument("--only-mnist", action="store_true", help="run only the MNIST runs, added to the results in --out")
+    p.add_argument("--only-di", action="store_true", help="run only the variant-di run, added to the results in --out")
+    p.add_argument("--replot", action="store_true", help="run nothing: redraw the figure and the markdown from --out")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "diff_instruct_pp.json"))
-    p.add_argument("--replot", action="store_true", help="run nothing: redraw the figures and the markdown from --out")
     args = p.parse_args()
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {}
-    if not args.replot:
-        results["machine"] = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-                              f"load average at start {os.getloadavg()[0]:.1f}")
-    for world in [] if args.replot else args.world:
-        spec = WORLD_DEFAULTS[world]
-        t0, load = time.perf_counter(), os.getloadavg()[0]
-        reward_rows = [run_one(world, f"rew{a:g}", args.steps, reward_scale=a, cfg_scale=1.0)
-                       for a in args.reward_scales or spec["reward_scales"]]
-        # omega = 1 with alpha_rew = 0 is the first row of the reward sweep
-        cfg_rows = [r for r in reward_rows if r["config"]["reward_scale"] == 0][:1]
-        cfg_rows += [run_one(world, f"cfg{w:g}", args.steps, reward_scale=0.0, cfg_scale=w)
-                     for w in args.cfg_scales or spec["cfg_scales"] if w != 1.0]
-        alt_rows = [run_one(world, f"alt-rew{a:g}", args.steps, reward_scale=a, cfg_scale=1.0, **ALT)
-                    for a in (spec["alt_reward_scales"] if args.alt else [])]
-        di_steps = spec["di_steps"] if args.di_steps is None else args.di_steps
-        di_rows = [run_one(world, "di", di_steps, variant="di")] if di_steps else []
-        default = [r for r in reward_rows if "seconds_wall_command" in r]
-        if default:
-            results["toy2d_default_run"] = {k: default[0][k] for k in ("seconds_wall_command", "seconds")}
-        results[world] = {"reward_sweep": reward_rows, "cfg_sweep": cfg_rows, "di_pretraining": di_rows,
-                          "alt_reward_sweep": alt_rows, "seconds": time.perf_counter() - t0,
-                          "load_average_at_start": load}
+    t0 = time.perf_counter()
+    if args.replot or args.only_mnist or args.only_di:
+        results = json.loads(out.read_text())
+        if args.only_di:
+            results["toy2d"]["di"] = run_di(common.load_world("toy2d"))
+            results["command"] += "; the di row: --only-di"
+            out.write_text(json.dumps(results, indent=2, default=str))
+        if args.only_mnist:
+            results["mnist"] = sweep(common.load_world("mnist"), "mnist", MNIST)
+            results["mnist_seconds"] = time.perf_counter() - t0
+            results["command"] += " (the MNIST runs: --only-mnist)"
+            out.write_text(json.dumps(results, indent=2, default=str))
+        figure(results, out.with_name(f"{out.stem}_toy2d.png"))
+        out.with_suffix(".md").write_text(markdown(results))
+        print(markdown(results))
+        return
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+                          f"torch {torch.__version__}, load average at start {os.getloadavg()[0]:.1f}",
+               "command": "OMP_NUM_THREADS=1 python benchmarks/diff_instruct_pp.py" + (" --mnist" if args.mnist else ""),
+               "pi": pi_masses()}
+    def write():
+        results["seconds"] = time.perf_counter() - t0
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2, default=str))
-    for world in WORLD_DEFAULTS:
-        if world in results:
-            r = results[world]
-            figure(world, r["reward_sweep"], r["cfg_sweep"], r.get("alt_reward_sweep", []),
-                   out.with_name(f"{out.stem}_{world}.png"))
+        figure(results, out.with_name(f"{out.stem}_toy2d.png"))
+        out.with_suffix(".md").write_text(markdown(results))
 
-    md = [f"Machine: {results['machine']}. Command: `python benchmarks/diff_instruct_pp.py --world "
-          f"{' '.join(w for w in WORLD_DEFAULTS if w in results)}`.", ""]
-    if "toy2d_default_run" in results:
-        d = results["toy2d_default_run"]
-        md += [f"The default command `python diff_instruct_pp.py` is the toy2d alpha_rew = "
-               f"{dipp.Config().reward_scale:g} row: {d['seconds_wall_command']:.1f} s wall clock in a fresh process "
-               f"({d['seconds']:.1f} s inside train()).", ""]
-    for world in WORLD_DEFAULTS:
-        if world not in results:
-            continue
-        r = results[world]
-        c = r["reward_sweep"][0]["config"]
-        if "load_average_at_start" in r:
-            md += [f"{world}: load average {r['load_average_at_start']:.1f} at the start of its runs.", ""]
-        md += [f"### {world}: sweep over alpha_rew (omega = 1), {c['steps']} updates of batch {c['batch']}", "",
-               table(r["reward_sweep"], "reward_scale"), "",
-               f"### {world}: sweep over omega (alpha_rew = 0)", "", table(r["cfg_sweep"], "cfg_scale"), ""]
-        if r.get("alt_reward_sweep"):
-            md += [f"### {world}: sweep over alpha_rew with {ALT_NAME} (`--weighting unit --time-density lognormal "
-                   f"--t-min 0 --t-max 999`)", "", table(r["alt_reward_sweep"], "reward_scale"), ""]
-        if r.get("di_pretraining"):
-            c = r["di_pretraining"][0]["config"]
-            md += [f"### {world}: Diff-Instruct pre-training (`--variant di`), the generator initialised from the "
-                   f"reference read at t = 999, {c['steps']} updates; base = that initial generator", "",
-                   table(r["di_pretraining"], "cfg_scale"), ""]
-        md += [f"Figure: `benchmarks/results/{out.stem}_{world}.png`; samples of every run in "
-               f"`runs/bench-dipp-{world}-*/samples.png`", ""]
-    out.with_suffix(".md").write_text("\n".join(md))
-    print("\n".join(md))
-
+    world = common.load_world("toy2d")
+    results["toy2d"] = sweep(world, "toy2d", TOY2D)
+    results["toy2d"]["di"] = run_di(world)
+    write()  # the toy2d results are kept even if the MNIST runs are stopped
+    if args.mnist:
+        results["mnist"] = sweep(common.load_world("mnist"), "mnist", MNIST)
+        write()
+    print(markdown(results))
 
 if __name__ == "__main__":
     main()

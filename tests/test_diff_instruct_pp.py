@@ -155,16 +155,45 @@ def test_pi_t_covers_its_support_uniformly():
     assert (counts - counts.mean()).abs().max() < 6 * counts.mean().sqrt()
 
 
-def test_lognormal_pi_t_is_the_papers_noise_level_distribution():
-    """App. C: ln sigma ~ N(-2, 2^2) for sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t), rounded to the nearest t:
-    P(sigma(t) <= s) = Phi((ln s + 2) / 2) up to the width of one t bin."""
+def test_lognormal_pi_t_is_the_papers_noise_level_distribution_truncated_to_the_schedule():
+    """App. C: ln sigma ~ N(-2, 2^2) for sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t), truncated to the schedule's
+    range by rejection and rounded to the nearest t: P(sigma(t) <= s) = (Phi(s) - Phi(s_min)) / (Phi(s_max) -
+    Phi(s_min)) up to the width of one t bin."""
     pi = DENSITIES["lognormal"]
     sigma = (1 / SCHED.alphas_cumprod.double() - 1).sqrt()
+    phi = lambda s: 0.5 * (1 + math.erf((math.log(s) + 2.0) / (2.0 * math.sqrt(2))))  # noqa: E731
+    lo, hi = phi(float(sigma[0])), phi(float(sigma[-1]))
     for s in (0.1, 0.5, 1.0, 3.0):
         k = int(torch.searchsorted(sigma, torch.tensor(s, dtype=torch.float64)))  # first t with sigma(t) >= s
-        phi = 0.5 * (1 + math.erf((math.log(s) + 2.0) / (2.0 * math.sqrt(2))))
-        assert pi[: k - 1].sum() <= phi <= pi[: k + 1].sum()  # sigma(k-1) < s <= sigma(k)
+        cdf = (phi(s) - lo) / (hi - lo)
+        assert pi[: k - 1].sum() <= cdf <= pi[: k + 1].sum()  # sigma(k-1) < s <= sigma(k)
     assert math.isclose(float(pi.sum()), 1.0)
+
+
+def test_lognormal_pi_t_equals_rejection_sampling_not_clamping():
+    """Draw ln sigma ~ N(-2, 2^2), redraw those outside [sigma(t_min), sigma(t_max)], round to the nearest t in
+    ln sigma: the histogram is pi(t) (within 5 standard errors per bin), and the end bins hold no piled-up mass."""
+    log_sigma = dipp.log_sigma_ve(SCHED)
+    for t_min, t_max in ((0, 999), (20, 980)):
+        pi = dipp.time_density(SCHED, "lognormal", t_min, t_max)
+        g = torch.Generator().manual_seed(0)
+        draws = torch.randn(1_000_000, generator=g, dtype=torch.float64) * 2 - 2
+        draws = draws[(draws >= log_sigma[t_min]) & (draws <= log_sigma[t_max])]  # rejection
+        t = torch.bucketize(draws, (log_sigma[t_min + 1:t_max + 1] + log_sigma[t_min:t_max]) / 2) + t_min
+        freq = torch.bincount(t, minlength=common.T).double() / len(t)
+        se = (pi * (1 - pi) / len(t)).sqrt()
+        assert ((freq - pi).abs() <= 5 * se + 1e-12).all()
+        assert pi[:t_min].sum() == 0 and pi[t_max + 1:].sum() == 0
+        # clamping would put every draw below sigma(t_min) on t_min: the truncated end bin is half a bin's mass
+        below = 0.5 * (1 + math.erf((float(log_sigma[t_min]) + 2.0) / (2.0 * math.sqrt(2))))
+        assert pi[t_min] < 0.5 * below
+
+
+def test_init_timestep_is_the_nearest_noise_level():
+    t = dipp.init_timestep(SCHED, 2.5)
+    sigma = dipp.log_sigma_ve(SCHED).exp()
+    assert abs(sigma[t] - 2.5) <= min(abs(sigma[t - 1] - 2.5), abs(sigma[t + 1] - 2.5))
+    assert dipp.init_timestep(SCHED, 1e6) == common.T - 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,37 +291,59 @@ def test_cfg_teacher_diff_instruct_is_dipp_with_implicit_cfg_reward(omega, weigh
 # The training script on the tiny toy worlds (plumbing)
 # ---------------------------------------------------------------------------------------------------
 def tiny_cfg(tmp_path, **kw):
-    base = dict(steps=4, batch=32, eval_samples=64, save_every=2, out=str(tmp_path / "run"))
+    base = dict(steps=4, batch=32, eval_samples=64, save_every=2, out=str(tmp_path / "run"), progress=False)
     return dipp.Config(**{**base, **kw})
 
 
 @pytest.fixture
-def tiny(monkeypatch, toy2d_tiny):
-    monkeypatch.setattr(common, "load_world", lambda name: toy2d_tiny)
+def tiny(toy2d_tiny):
     return toy2d_tiny
+
+
+def log_rows(out):
+    import csv
+
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def files_of(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize("kw, nfe", [
     (dict(variant="dipp", reward_scale=0.1, ta_steps=1), 4),  # 2K + 2 with K = 1, omega = 1
-    (dict(variant="dipp", reward_scale=0.1, cfg_scale=2.0, ta_steps=2), 7),  # 2K + 3
-    (dict(variant="di", cfg_scale=1.5, ta_steps=1, ta_warmup=2, weighting="snr_inv", time_density="uniform",
-          t_min=20, t_max=980), 5),
+    (dict(variant="dipp", reward_scale=0.1, cfg_scale=2.0, ta_steps=2, ema=True), 7),  # 2K + 3
+    (dict(variant="di", cfg_scale=1.5, ta_steps=1, ta_warmup=2), 5),
 ])
 def test_each_variant_runs_end_to_end_and_writes_its_outputs(tmp_path, tiny, kw, nfe):
-    metrics = dipp.train(tiny_cfg(tmp_path, **kw))
+    metrics = dipp.train(tiny_cfg(tmp_path, **kw), world=tiny)
     out = tmp_path / "run"
-    for name in ("config.json", "log.csv", "metrics.json", "samples.png", "curves.png", "adapter/adapter.safetensors",
-                 "checkpoint/optimizer-generator.pt", "checkpoint/optimizer-ta.pt"):
+    models = ["generator", "ta"] + (["generator_ema"] if kw.get("ema") else [])
+    for name in ["config.json", "log.csv", "metrics.json", "samples.png", "curves.png", "adapter/adapter.safetensors",
+                 "checkpoint-4/optimizer-generator.pt", "checkpoint-4/optimizer-ta.pt", "checkpoint-2/state.json"] + \
+            [f"checkpoint-4/model-{m}.safetensors" for m in models]:
         assert (out / name).exists(), name
-    rows = common.RunDir(out, tiny_cfg(tmp_path), resume=True).read_log()
+    rows = log_rows(out)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert {float(r["nfe"]) for r in rows} == {nfe}  # counted in every update == the docstring's minimum
     assert {"loss", "reward", "seconds", "ta_loss", "ikl_pull"} <= rows[0].keys()
-    for key in ("reward_base", "reward_tuned", "quality_base", "quality_tuned", "distance_tuned", "seconds"):
-        assert math.isfinite(metrics[key])
-    assert json.loads((out / "metrics.json").read_text())["nfe_per_update"] == nfe
+    keys = ["reward_base", "reward_tuned", "quality_base", "quality_tuned", "distance_tuned", "seconds"]
+    for key in keys + (["reward_ema", "quality_ema", "distance_ema"] if kw.get("ema") else []):
+        assert math.isfinite(metrics[key]), key
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["nfe_per_update"] == nfe and json.loads((out / "config.json").read_text())["method"] == dipp.METHOD
     if kw["variant"] == "di":
-        assert metrics["reward_scale"] == 0.0  # Diff-Instruct: the explicit reward is off
+        assert metrics["alpha_rew"] == 0.0  # Diff-Instruct: the explicit reward is off
+        assert metrics["generator_timestep"] == dipp.init_timestep(tiny.schedule, 2.5)
+
+
+def test_variant_di_defaults_to_the_papers_cfg_teacher_only_when_not_given(tmp_path):
+    cfg = dipp.resolve_variant(common.parse_config(dipp.Config, ["--variant", "di"]))
+    assert (cfg.cfg_scale, cfg.reward_scale) == (dipp.DI_CFG_SCALE, 0.0)
+    cfg = dipp.resolve_variant(common.parse_config(dipp.Config, ["--variant", "di", "--cfg-scale", "1"]))
+    assert cfg.cfg_scale == 1.0
+    assert dipp.resolve_variant(common.parse_config(dipp.Config, [])).cfg_scale == 1.0  # dipp: unchanged
 
 
 def test_ta_is_a_lora_on_the_reference_and_only_it_trains(tmp_path, tiny):
@@ -316,24 +367,84 @@ def test_ta_is_a_lora_on_the_reference_and_only_it_trains(tmp_path, tiny):
             torch.testing.assert_close(ta(x, t, c), ref(x, t, c))
 
 
-def test_resume_continues_to_the_same_final_adapters(tmp_path, tiny):
+# ---------------------------------------------------------------------------------------------------
+# The harness: resume rule, bit-identical resume, accumulation, NaN
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, message", [
+    (dict(variant="di"), "--variant saved 'dipp', now 'di'"),  # a di run must not load a dipp adapter
+    (dict(reward_scale=0.3), "--reward-scale saved 0.1, now 0.3"),
+    (dict(weighting="unit"), "--weighting saved 'snr_inv', now 'unit'"),
+    (dict(ema=True), "--ema saved False, now True"),
+    (dict(gradient_accumulation_steps=2), "--gradient-accumulation-steps saved 1, now 2"),
+])
+def test_resume_with_a_changed_setting_is_refused_before_anything_is_written(tmp_path, tiny, change, message):
+    dipp.train(tiny_cfg(tmp_path, steps=2), world=tiny)
+    before = files_of(tmp_path / "run")
+    with pytest.raises(common.ConfigError, match=message.replace("(", r"\(")):
+        dipp.train(tiny_cfg(tmp_path, steps=3, resume=True, **change), world=tiny)
+    assert files_of(tmp_path / "run") == before
+
+
+def test_resume_of_another_methods_folder_is_refused_before_anything_is_written(tmp_path, tiny):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"method": "pso", "variant": "pso", "steps": 4}))
+    before = files_of(out)
+    with pytest.raises(common.ConfigError, match="is a run of 'pso', not of 'diff_instruct_pp'"):
+        dipp.train(tiny_cfg(tmp_path, resume=True), world=tiny)
+    assert files_of(out) == before
+
+
+def test_an_interrupted_and_resumed_run_ends_bit_identical(tmp_path, tiny, monkeypatch):
+    """Killed inside update 4 (after the checkpoint of update 3): the resumed run restores generator, TA, both
+    optimizers and the EMA and ends with the same adapters, checkpoint and log as an uninterrupted run."""
     from safetensors.torch import load_file
 
-    kw = dict(reward_scale=0.1, cfg_scale=2.0, ta_steps=2)
-    dipp.train(tiny_cfg(tmp_path, steps=6, save_every=3, out=str(tmp_path / "full"), **kw))
-    dipp.train(tiny_cfg(tmp_path, steps=3, save_every=3, out=str(tmp_path / "split"), **kw))  # "killed" at 3
-    dipp.train(tiny_cfg(tmp_path, steps=6, save_every=3, out=str(tmp_path / "split"), resume=True, **kw))
-    for name in ("adapter/adapter.safetensors", "checkpoint/adapter.safetensors"):
+    kw = dict(reward_scale=0.1, cfg_scale=2.0, ta_steps=2, ema=True, steps=6, save_every=3)
+    dipp.train(tiny_cfg(tmp_path, out=str(tmp_path / "full"), **kw), world=tiny)
+    real = common.Run.check_finite
+
+    def killed_in_update_4(self, loss, step):
+        if step == 4:
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, loss, step)
+
+    monkeypatch.setattr(common.Run, "check_finite", killed_in_update_4)
+    with pytest.raises(KeyboardInterrupt):
+        dipp.train(tiny_cfg(tmp_path, out=str(tmp_path / "split"), **kw), world=tiny)
+    monkeypatch.setattr(common.Run, "check_finite", real)
+    assert not (tmp_path / "split" / "checkpoint-6").exists() and (tmp_path / "split" / "checkpoint-3").exists()
+    dipp.train(tiny_cfg(tmp_path, out=str(tmp_path / "split"), resume=True, **kw), world=tiny)
+    names = ["adapter/adapter.safetensors"] + [f"checkpoint-6/model-{m}.safetensors"
+                                               for m in ("generator", "ta", "generator_ema")]
+    for name in names:
         a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "split" / name))
-        assert a.keys() == b.keys()
+        assert a.keys() == b.keys() and a, name
         for k in a:
-            assert torch.equal(a[k], b[k]), k
-    full = common.RunDir(tmp_path / "full", tiny_cfg(tmp_path), resume=True).read_log()
-    split = common.RunDir(tmp_path / "split", tiny_cfg(tmp_path), resume=True).read_log()
+            assert torch.equal(a[k], b[k]), (name, k)
+    full, split = log_rows(tmp_path / "full"), log_rows(tmp_path / "split")
+    assert [r["step"] for r in split] == [str(i) for i in range(1, 7)]
     assert [r["loss"] for r in full] == [r["loss"] for r in split]
+    a, b = (json.loads((tmp_path / f / "metrics.json").read_text()) for f in ("full", "split"))
+    assert a["quality_ema"] == b["quality_ema"] and a["reward_tuned"] == b["reward_tuned"]
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, tiny, monkeypatch):
+@pytest.mark.parametrize("cfg_scale, nfe", [(1.0, 6), (2.0, 7)])
+def test_gradient_accumulation_runs_and_counts_the_same_nfe_per_micro_batch(tmp_path, tiny, cfg_scale, nfe):
+    dipp.train(tiny_cfg(tmp_path, steps=2, gradient_accumulation_steps=2, cfg_scale=cfg_scale), world=tiny)
+    assert {float(r["nfe"]) for r in log_rows(tmp_path / "run")} == {nfe}
+
+
+def test_gradient_accumulation_one_is_the_plain_run(tmp_path, tiny):
+    """--gradient-accumulation-steps 1 keeps the random streams of an update without accumulation."""
+    dipp.train(tiny_cfg(tmp_path, out=str(tmp_path / "a"), steps=2), world=tiny)
+    dipp.train(tiny_cfg(tmp_path, out=str(tmp_path / "b"), steps=2, gradient_accumulation_steps=2), world=tiny)
+    dipp.train(tiny_cfg(tmp_path, out=str(tmp_path / "c"), steps=2, gradient_accumulation_steps=1), world=tiny)
+    a, b, c = (log_rows(tmp_path / f) for f in "abc")
+    assert [r["loss"] for r in a] == [r["loss"] for r in c] and [r["loss"] for r in a] != [r["loss"] for r in b]
+
+
+def test_nan_loss_stops_with_the_message_and_keeps_the_last_checkpoint(tmp_path, tiny, monkeypatch):
     calls = {"n": 0}
     reward = tiny.reward
 
@@ -343,31 +454,54 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
         return r * float("nan") if calls["n"] > 4 else r  # probe + updates 1..3 fine, update 4 NaN
 
     monkeypatch.setattr(tiny, "reward", nan_after_a_while)
-    with pytest.raises(common.NonFiniteLoss, match="update 4.*last good checkpoint"):
-        dipp.train(tiny_cfg(tmp_path, steps=6, save_every=2, reward_scale=0.1))
-    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
-    assert state["step"] == 2
+    with pytest.raises(common.NonFiniteLoss, match=r"update 4 .*checkpoint-2\) is kept"):
+        dipp.train(tiny_cfg(tmp_path, steps=6, save_every=2, reward_scale=0.1), world=tiny)
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
     monkeypatch.setattr(tiny, "reward", reward)
-    metrics = dipp.train(tiny_cfg(tmp_path, steps=6, save_every=2, reward_scale=0.1, resume=True))
+    metrics = dipp.train(tiny_cfg(tmp_path, steps=6, save_every=2, reward_scale=0.1, resume=True), world=tiny)
     assert math.isfinite(metrics["reward_tuned"])
 
 
-def test_a_non_differentiable_reward_is_a_clear_error(tmp_path, tiny, monkeypatch):
+def test_the_differentiability_probe_uses_one_sample_and_a_non_differentiable_reward_is_a_clear_error(
+        tmp_path, tiny, monkeypatch):
+    seen = []
+    reward = tiny.reward
+
+    def recording(x0, cond):
+        seen.append((len(x0), x0.requires_grad))
+        return reward(x0, cond)
+
+    monkeypatch.setattr(tiny, "reward", recording)
+    dipp.train(tiny_cfg(tmp_path, steps=1, batch=16), world=tiny)
+    assert seen[:2] == [(1, True), (16, True)]  # probe: one sample; then the update's batch (then evaluation)
+    seen.clear()
+    monkeypatch.setattr(tiny, "reward_is_differentiable", True, raising=False)  # the world vouches: no probe
+    dipp.train(tiny_cfg(tmp_path, steps=1, batch=16, out=str(tmp_path / "b")), world=tiny)
+    assert seen[0] == (16, True)
     monkeypatch.setattr(tiny, "reward", lambda x0, cond: x0[:, 1].detach())
+    with pytest.raises(ValueError, match="not differentiable"):  # caught in the update when the probe is skipped
+        dipp.train(tiny_cfg(tmp_path, steps=1, out=str(tmp_path / "c")), world=tiny)
+    monkeypatch.delattr(tiny, "reward_is_differentiable")
     with pytest.raises(ValueError, match="not differentiable"):
-        dipp.train(tiny_cfg(tmp_path, reward_scale=0.1))
-    dipp.train(tiny_cfg(tmp_path, reward_scale=0.0, steps=1))  # without the explicit reward it is not needed
+        dipp.train(tiny_cfg(tmp_path, reward_scale=0.1, out=str(tmp_path / "d")), world=tiny)
+    assert not (tmp_path / "d").exists()  # the probe fails before anything is written
+    dipp.train(tiny_cfg(tmp_path, reward_scale=0.0, steps=1, out=str(tmp_path / "e")), world=tiny)  # not needed
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(t_min=500, t_max=400), "t-min"),
-    (dict(steps=0), "--steps"),
-    (dict(ta_steps=0), "--ta-steps"),
-    (dict(reward_scale=-1.0), "reward-scale"),
+    (dict(t_min=500, t_max=400), "--t-max: expected a finite number >= 500"),
+    (dict(steps=0), "--steps: expected"),
+    (dict(ta_steps=0), "--ta-steps: expected"),
+    (dict(reward_scale=-1.0), "--reward-scale: expected a finite number >= 0"),
+    (dict(lr=1e39), "--lr: expected a finite number > 0 and <= 1"),
+    (dict(ema_decay=1.0), "--ema-decay: expected"),
+    (dict(init_sigma=0.0), "--init-sigma: expected a finite number > 0"),
+    (dict(gradient_accumulation_steps=0), "--gradient-accumulation-steps: expected"),
 ])
-def test_bad_input_is_a_clear_error(tmp_path, tiny, kw, message):
-    with pytest.raises(ValueError, match=message):
-        dipp.train(tiny_cfg(tmp_path, **kw))
+def test_bad_input_is_a_clear_error_before_anything_is_written(tmp_path, tiny, kw, message):
+    with pytest.raises(common.ConfigError, match=message):
+        dipp.train(tiny_cfg(tmp_path, **kw), world=tiny)
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_variant_and_weighting_are_rejected_by_the_command_line():
@@ -380,23 +514,5 @@ def test_unknown_variant_and_weighting_are_rejected_by_the_command_line():
 def test_mnist_runs_end_to_end(tmp_path, monkeypatch, mnist_tiny):
     monkeypatch.setattr(common, "load_world", lambda name: mnist_tiny)
     metrics = dipp.main(["--model", "mnist", "--steps", "2", "--batch", "8", "--eval-samples", "20",
-                         "--reward-scale", "0.1", "--cfg-scale", "2", "--out", str(tmp_path / "m")])
+                         "--reward-scale", "0.1", "--cfg-scale", "2", "--no-progress", "--out", str(tmp_path / "m")])
     assert math.isfinite(metrics["quality_tuned"]) and (tmp_path / "m" / "samples.png").exists()
-
-
-def test_checkpoint_holds_two_optimizers(tmp_path):
-    """common.RunDir accepts {name: optimizer}; each is restored into the optimizer of the same name."""
-    run = common.RunDir(tmp_path, tiny_cfg(tmp_path))
-    p, q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
-    opts = {"generator": torch.optim.Adam([p], lr=0.1), "ta": torch.optim.Adam([q], lr=0.2)}
-    (p.sum() + 2 * q.sum()).backward()
-    for o in opts.values():
-        o.step()
-    run.save_checkpoint(1, {"generator.p": p, "ta.q": q}, opts)
-    fresh = {"generator": torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=0.1),
-             "ta": torch.optim.Adam([torch.nn.Parameter(torch.zeros(3))], lr=0.2)}
-    step, tensors, _ = run.load_checkpoint(fresh)
-    assert step == 1 and set(tensors) == {"generator.p", "ta.q"}
-    for name in opts:
-        torch.testing.assert_close(fresh[name].state_dict()["state"][0]["exp_avg"],
-                                   opts[name].state_dict()["state"][0]["exp_avg"])
