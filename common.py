@@ -848,6 +848,7 @@ class Run:
         """Restore the last complete checkpoint (--resume) or begin a fresh run; returns the last finished update."""
         self.world, self.acc, self.models, self.optimizers = world, world.accelerator, models, optimizers
         self.acc.gradient_accumulation_steps = self.cfg.gradient_accumulation_steps
+        self.acc.step = 0  # accelerate's micro-batch counter: a run starts (or resumes) at an update boundary
         if self.main:
             self.path.mkdir(parents=True, exist_ok=True)
             for stale in self.path.glob(".tmp-checkpoint-*"):  # a save killed half-way: never a checkpoint
