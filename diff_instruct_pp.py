@@ -433,7 +433,6 @@ def train(cfg: Config, world=None) -> dict:
 
     models = {"generator": generator, "ta": ta, **({"generator_ema": ema} if ema else {})}
     start = run.start(world, models, {"generator": opt_g, "ta": opt_ta})
-    acc.step = 0  # accelerate's micro-batch counter: a run stopped mid-update on this accelerator left it mid-cycle
 
     def draw(gen: torch.Generator, grad: bool):
         cond = common.cond_to(world.conditions(cfg.batch, gen), dev)
