@@ -17,7 +17,7 @@ Sections:
            outside-minus has the same gradient, tested) against the default inside reading.
 Runs shared by sections (e.g. RLHF n = m = 3) are run once. Every run uses sharpening.py's defaults except the
 overrides named in its row and --steps / --final-samples / --eval-every given here, and RLHF rows run with
---rlhf-batch conditions per update (default 32, half of sharpening.py's 64: CPU time on a shared machine).
+--rlhf-batch conditions per update (default 16, a quarter of sharpening.py's 64: CPU time on a shared machine).
 
 Writes benchmarks/results/sharpening.json (every run's metrics, the command, the machine) and sharpening.md (the
 tables). Run folders: runs/bench-sharpening/."""
@@ -116,9 +116,12 @@ def main():
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--rlhf-batch", type=int, default=32, help="conditions per update of the RLHF rows")
+    p.add_argument("--rlhf-batch", type=int, default=16, help="conditions per update of the RLHF rows")
     p.add_argument("--final-samples", type=int, default=500)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sharpening.json"))
+    p.add_argument("--part", default="1/1", metavar="I/K",
+                   help="run only the I-th of K disjoint shares of the distinct runs (round robin), for K parallel "
+                        "processes whose files --reuse then merges")
     p.add_argument("--reuse", nargs="*", default=[], metavar="JSON",
                    help="results files of earlier calls (same --steps, --seeds, --final-samples) whose runs are taken "
                         "instead of running them again: sections run in parallel processes, then merged")
@@ -133,16 +136,24 @@ def main():
     for path in args.reuse:
         old = json.loads(Path(path).read_text())
         same = {k: old.get(k) for k in ("steps", "seeds", "final_samples", "rlhf_batch")}
-        if same != {"steps": args.steps, "seeds": args.seeds, "final_samples": args.final_samples,
-                    "rlhf_batch": args.rlhf_batch}:
+        want = {"steps": args.steps, "seeds": args.seeds, "final_samples": args.final_samples,
+                "rlhf_batch": args.rlhf_batch}
+        if not any(k.startswith("rlhf") for k in old["runs"]):  # SFT runs do not depend on --rlhf-batch
+            same.pop("rlhf_batch"), want.pop("rlhf_batch")
+        if same != want:
             raise SystemExit(f"--reuse {path}: measured with {same}, not with this call's settings")
         results["runs"].update(old["runs"])
         results.setdefault("reused", []).append(old["command"])
+    part, parts = (int(x) for x in args.part.split("/"))
+    distinct = list(dict.fromkeys(f"{SECTIONS[name][0]} {json.dumps(over, sort_keys=True)}"
+                                  for name in args.sections for over in SECTIONS[name][1].values()))
     for name in args.sections:
         variant, rows = SECTIONS[name]
         results["sections"][name] = {}
         for row, over in rows.items():
             key = variant + " " + json.dumps(over, sort_keys=True)
+            if key not in results["runs"] and distinct.index(key) % parts != part - 1:
+                continue  # another part's run
             if key not in results["runs"]:
                 results["runs"][key] = [run_one(variant, over, s, args) for s in args.seeds]
             results["sections"][name][row] = key

@@ -208,12 +208,11 @@ def test_sft_target_x0_regresses_each_state_on_the_noise_back_to_its_x0(tmp_path
 # ---------------------------------------------------------------------------------------------------
 # RLHF (Alg. 2): samples, re-noising, winner and loser, reference, the three reward-gap readings
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("reading", ["inside", "outside-minus", "outside-plus"])
-@pytest.mark.parametrize("extra", [{}, dict(recompute=True), dict(same_noise=False, m_reduce="sum", reward_gap_scale=2.0)])
+@pytest.mark.parametrize("reading,extra", [
+    ("inside", {}), ("outside-minus", {}), ("outside-plus", {}), ("inside", dict(recompute=True)),
+    ("inside", dict(same_noise=False, m_reduce="sum", reward_gap_scale=2.0))])
 def test_rlhf_loss_gets_winner_and_loser_of_each_condition_against_the_frozen_reference(tmp_path, monkeypatch,
                                                                                         toy2d_tiny, reading, extra):
-    if extra and reading != "inside":
-        pytest.skip("the option combinations are checked with the default reading")
     cfg, updates, _ = record(tmp_path, monkeypatch, toy2d_tiny, variant="rlhf", reward_gap=reading, **extra)
     grid, K, B, n, m = grid_of(toy2d_tiny), len(grid_of(toy2d_tiny)), cfg.batch, cfg.n, cfg.m
     kernel = common.make_kernel("ddim", toy2d_tiny.schedule, 0.0)
@@ -289,24 +288,31 @@ def test_base_metrics_come_from_the_frozen_model_and_tuned_from_the_policy(tmp_p
 # ---------------------------------------------------------------------------------------------------
 # Direction: a handful of updates move the objective the right way
 # ---------------------------------------------------------------------------------------------------
-def test_sft_updates_move_the_samples_towards_the_curated_data(tmp_path, toy2d_tiny):
-    """Eq. 9 regresses the model on reward-curated data (--data-top 0.5: the upper half of toy2d's points): a few
-    updates raise the reward (height) of fixed-seed samples well above the base model's; a sign error (ascent on
-    Eq. 9) or training on the wrong rows does not."""
+def test_sft_updates_lower_the_denoising_loss_on_held_out_curated_pairs(tmp_path, toy2d_tiny):
+    """Eq. 9 regresses the model on reward-curated data (--data-top 0.5): after a few updates the eps-MSE on held-out
+    curated pairs (fresh data and noise at the training start time) is well below the base model's, and the samples
+    moved up the reward; a sign error (ascent on Eq. 9) or training on the wrong rows does not do both."""
+    from safetensors.torch import load_file
+
     m = sharpening.train(sharpening.Config(variant="sft", out=str(tmp_path), **{**SMALL, "steps": 30, "batch": 32,
                                                                                 "start_t": 519, "final_samples": 256}),
                          toy2d_tiny)
+    base, tuned = toy2d_tiny.denoiser("teacher"), toy2d_tiny.denoiser("teacher")
+    tuned.load_adapter_state(load_file(str(tmp_path / "checkpoint-30" / "model-model.safetensors")))
+    g = torch.Generator().manual_seed(99)
+    x0, cond = sharpening.sft_data(toy2d_tiny, sharpening.Config(batch=512), g)
+    eps = torch.randn(x0.shape, generator=g)
+    x_t = common.add_noise(toy2d_tiny.schedule, x0, eps, 519)
+    with torch.no_grad():
+        mse_base, mse_tuned = (float(((d(x_t, 519, cond) - eps) ** 2).mean()) for d in (base, tuned))
+    assert mse_tuned < 0.85 * mse_base, (mse_base, mse_tuned)
     assert m["reward_tuned"] > m["reward_base"] + 0.25, m
 
 
-def test_rlhf_updates_raise_the_winners_likelihood_over_the_losers(tmp_path, toy2d_tiny):
-    """Eq. 11 trains the implicit reward margin beta D up: on fresh pairs drawn after a few updates the policy
-    already prefers the winner (accuracy and mean margin above zero); a swapped winner/loser drives both down."""
-    import csv
-
-    sharpening.train(sharpening.Config(variant="rlhf", out=str(tmp_path), **{**SMALL, "steps": 20, "batch": 16,
-                                                                             "lr": 3e-3}), toy2d_tiny)
-    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
-    margin = [float(r["margin"]) for r in rows[-8:]]
-    accuracy = [float(r["accuracy"]) for r in rows[-8:]]
-    assert sum(margin) / len(margin) > 0.05 and sum(accuracy) / len(accuracy) > 0.6, (margin, accuracy)
+def test_rlhf_updates_raise_the_reward_of_fixed_seed_samples(tmp_path, toy2d_tiny):
+    """Eq. 11 prefers the higher-reward sample of each pair: a few updates raise the reward (height) of fixed-seed
+    samples far above the base model's; with winner and loser swapped, or the margin's sign flipped, it falls."""
+    m = sharpening.train(sharpening.Config(variant="rlhf", out=str(tmp_path), **{**SMALL, "steps": 20, "batch": 16,
+                                                                                  "lr": 3e-3, "final_samples": 256}),
+                         toy2d_tiny)
+    assert m["reward_tuned"] > m["reward_base"] + 0.5, m
