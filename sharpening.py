@@ -90,7 +90,7 @@ Where this differs from the paper or the official code, and why
   10. The paper's Eq. 6 writes the state score with an ODE solve to x_0; like the official code we use the
      one-step estimate (it costs no extra NFE).
   11. Toy scaling (paper: SDXL, batch 8, lr 5e-6, beta 2500 on per-pixel means): batch 64 conditions, lr 1e-3
-     for the LoRA of a small MLP, beta 100 (chosen on toy2d; docs/sharpening.md), 300 updates.
+     for the LoRA of a small MLP, beta 100 (a toy choice), 300 updates.
   12. SFT data: the toy data sets hold what the base model already produces, so SFT on them changes nothing;
      --data-top keeps the top fraction of each drawn data batch by reward (a reward-curated set, the role
      JourneyDB plays in the paper). --data-top 1 is plain data (use it for a curated data set of your own).
