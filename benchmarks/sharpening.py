@@ -82,8 +82,9 @@ def stats(runs: list[dict], key: str) -> tuple[float, float]:
 
 def markdown(results: dict) -> str:
     made = "".join(f"`{c}`, " for c in results.get("reused", []))
-    lines = [f"Commands: {made}then `{results['command']}`. Machine: {results['machine']}. toy2d, {results['steps']} updates, "
-             f"seeds {results['seeds']}, batch 64 (SFT) / {results['rlhf_batch']} (RLHF); mean ± sd over seeds of the reward (height) and quality (share within 0.2 "
+    lines = [f"Commands: {made}then `{results['command']}`. Machine: {results['machine']}. toy2d, "
+             f"{results['steps']} updates, seeds {results['seeds']}, batch 64 (SFT) / {results['rlhf_batch']} (RLHF); "
+             f"mean ± sd over seeds of the reward (height) and quality (share within 0.2 "
              f"of a mode of the class) of {results['final_samples']} fixed-seed 25-step DDIM samples; base model "
              f"reward {results['reward_base']:.3f}, quality {results['quality_base']:.3f}. Total "
              f"{results['cpu_seconds_total']:.0f} CPU s.", ""]
@@ -104,7 +105,8 @@ def markdown(results: dict) -> str:
             else:
                 e = " → ".join(f"{stats(runs, 'reward_gap_' + p)[0]:.3f} / {stats(runs, 'margin_' + p)[0]:.3f} / "
                                f"{stats(runs, 'accuracy_' + p)[0]:.2f}" for p in ("first10", "last10"))
-            lines.append(f"| {row} | {runs[0]['nfe_per_update']:.0f} | {r[0]:.3f} ± {r[1]:.3f} | {q[0]:.3f} ± {q[1]:.3f}"
+            lines.append(f"| {row} | {runs[0]['nfe_per_update']:.0f} | {r[0]:.3f} ± {r[1]:.3f} | "
+                         f"{q[0]:.3f} ± {q[1]:.3f}"
                          f" | {d[0]:.3f} ± {d[1]:.3f} | {e} |")
         lines.append("")
     return "\n".join(lines)
