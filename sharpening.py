@@ -3,15 +3,14 @@
 Paper: Y. Tian et al., "Diffusion-Sharpening: Fine-tuning Diffusion Models with Denoising Trajectory
 Sharpening", arXiv 2502.12146 (2025); official code: github.com/Gen-Verse/Diffusion-Sharpening.
 The paper copy in shared/papers/ lost its equations; DESIGN.md section 5 restores the ones used here.
+Measured results: docs/sharpening.md (made by benchmarks/sharpening.py).
 
-    python sharpening.py                               # SFT sharpening on toy2d (about 15 CPU s)
-    python sharpening.py --variant rlhf                # RLHF sharpening on toy2d (about 30 CPU s)
+    python sharpening.py                               # SFT sharpening on toy2d
+    python sharpening.py --variant rlhf                # RLHF sharpening on toy2d
     python sharpening.py --variant sft --n 1 --m 1     # baseline: standard fine-tuning
+    python sharpening.py --variant sft --choose random # control: a random candidate instead of the best
     python sharpening.py --variant rlhf --n 2 --m 1    # baseline: Diffusion-DPO
     python sharpening.py --model mnist --variant rlhf --steps 100 --batch 16   # real MNIST digits
-
-Measured on the toys (docs/sharpening.md, benchmarks/sharpening.py): both variants raise the reward over the
-base model, but at equal updates sharpening does not beat its baselines there; the docs say why.
 
 What is implemented. A multi-step eps-model (the world's "teacher": DDIM on a K = 25-step trailing grid
 t_1 > ... > t_K) is rolled out from a start time t = t_i on that grid: for each condition c, n candidate
@@ -20,77 +19,94 @@ down the grid with the current model, visiting the m states x^j_{t_i}, ..., x^j_
 scored by the reward of its one-step estimate x0_hat(x_{t_k}) = (x_{t_k} - sigma eps_theta) / alpha, the
 trajectory by the sum of its m scores (Eq. 8), and the best trajectory (and, for RLHF, the worst) is chosen per
 condition. Then
-  * --variant sft  (Alg. 1): (x_0, c) are data pairs; the loss (Eq. 9) is the eps-MSE of the best trajectory's
-    m states against its own noise eps^best;
+  * --variant sft  (Alg. 1): (x_0, c) are data pairs; the loss (Eq. 9) is the eps-MSE of the chosen trajectory's
+    m states against its own noise eps^best. --choose random / worst are controls (not in the paper): all n
+    candidates re-noise the same x_0, so their score differences are the model's own denoising errors, and the
+    argmax picks the candidate whose error points up the reward; Eq. 9 then removes exactly that error (a
+    winner's curse). The controls separate that selection effect from the m-state loss.
   * --variant rlhf (Alg. 2): only conditions; the candidates are n samples x^j_0 of the current model per
     condition (no grad, K DDIM steps), re-noised to t with one eps shared by the n samples (--same-noise); the
     loss (Eq. 11) is Diffusion-DPO between the best (w) and worst (l) trajectory on the same m states for policy
-    and reference, with the paper's reward-gap term, which carries no gradient.
+    and reference, with the reward gap read one of three ways (--reward-gap, below).
 
 Equation -> code
   Eq. 6   state score R(x0_hat(x_{t_k}), c)           sharpening_rollout (the one-step Tweedie estimate)
-  Eq. 8   trajectory score sum_k R, argmax per c     trajectory_scores, choose_best_worst
-  Eq. 9   SFT loss sum_k ||eps_theta - eps^best||^2   sft_loss
-  Eq. 10  M(x) = sum_k ||eps(x_{t_k}) - eps^x||^2     trajectory_mse
-  Eq. 11  -log sigma(beta [(M_ref(w) - M_theta(w)) - (M_ref(l) - M_theta(l))]) - (R_w - R_l)   rlhf_loss
-  Alg. 1 / Alg. 2                                    train (one flat loop)
+  Eq. 8   trajectory score sum_k R, argmax per c     trajectory_scores, choose, choose_best_worst
+  Eq. 9   SFT loss sum_k ||eps_theta - eps^best||^2   sft_loss (called by sft_update)
+  Eq. 10  M(x) = sum_k ||eps(x_{t_k}) - eps^x||^2     trajectory_mse (--m-reduce mean divides by m)
+  Eq. 11  -log sigma(beta [(M_ref(w) - M_theta(w)) - (M_ref(l) - M_theta(l))] - (R_w - R_l))   rlhf_loss
+          (called by rlhf_update)
+  Alg. 1 / Alg. 2                                    candidates -> sharpening_rollout -> sft/rlhf_update, in train
+
+Eq. 11's reward gap (--reward-gap; R_w - R_l is the per-state mean score difference times --reward-gap-scale):
+  inside         (default; the paper's text, "reward-modulated DPO", Gao et al. 2024): -log sigma(beta D - gap).
+                 The gap is a per-pair margin: a pair with a larger reward gap needs a larger implicit-reward
+                 margin beta D before its loss saturates, so it keeps more gradient weight sigma(gap - beta D).
+                 It changes the gradient. Scale: D = 0 at the start, so the first weights are sigma(gap); the gap
+                 is in reward units and is used per state (the official code's mean score), not summed over m,
+                 so it does not grow with m; --reward-gap-scale rescales it for a reward of another range.
+  outside-minus  -log sigma(beta D) - gap: the gap of detached samples does not depend on theta, so it shifts the
+                 logged loss and leaves the gradient as plain DPO's.
+  outside-plus   -log sigma(beta D) + gap: the official RLHF script's form; same gradient as outside-minus.
+  (D = (M_ref(w) - M_theta(w)) - (M_ref(l) - M_theta(l)); log.csv's `margin` is beta D.)
 
 NFEs per update (network evaluations per condition; K = sampler grid length = 25 on the toys):
   sft     n*m                  paper n = m = 3: 9.   The roll-out's predictions carry autograd, so the loss
-                               reuses them: the best trajectory's m predictions are not evaluated again.
+                               reuses them: the chosen trajectory's m predictions are not evaluated again.
   rlhf    n*K + n*m + 2m       paper n = m = 3: 75 + 9 + 6 = 90. n samples of K steps, the scored roll-outs
                                (with autograd, reused by the policy side of Eq. 11), and the frozen reference at
                                the winner's and loser's m states.
   --recompute adds m (sft) / 2m (rlhf): the roll-outs then run without autograd and only the chosen
   trajectories are evaluated again with it (activation memory for B or 2B rows instead of n*B; for SDXL).
   These are the minimum: every state must be predicted once to be scored, and the reference once per state
-  it is compared at. log.csv's `nfe` column is counted by the code (CountingDenoiser), not assumed.
+  it is compared at. log.csv's `nfe` column is counted by the code (CountingDenoiser), not assumed; with
+  --gradient-accumulation-steps G it is per condition of one micro-batch (the same number).
 
 Where this differs from the paper or the official code, and why
   1. Best/worst per condition. The official scripts take one argmax over the pooled batch (all prompts and
      candidates) and train on that single trajectory; Alg. 1/2 choose per prompt, and pooling mixes reward
-     scales of different prompts. We choose per condition (choose_best_worst; tested).
+     scales of different prompts. We choose per condition (choose, choose_best_worst; tested).
   2. Start time on the sampler grid. The official code draws t uniformly in [0, T) and steps by T/K; we draw
      the start index on the K-step grid so every state is one the sampler visits (--start-t fixes it).
-     One start time per update, shared by the batch (as the official code does when it runs on several GPUs).
+     One start time per (micro-)batch, shared by its rows (as the official code does when it runs on several GPUs).
   3. Same m states for policy and reference. The official RLHF script takes the reference MSE at the first
      state only but the policy MSE over m states; Eq. 11 compares the same quantity, so both use all m.
-  4. Trajectory score = sum over states (Eq. 8); the official code averages (same argmax; R_w - R_l in the
-     logged loss is m times the official one). The official RLHF loss adds +(R_w - R_l) (a sign slip); we
-     follow Eq. 11's minus sign. Neither changes the gradient.
-  5. States are detached between steps (no back-propagation through the roll-out, as Alg. 1 trains each
+  4. M over the m states: --m-reduce mean (default, the official code) averages, so beta means the same for every
+     m and the m-ablation does not also scale the effective beta by m; --m-reduce sum is Eq. 9-10 as printed.
+     The trajectory score for the choice is the sum (Eq. 8); the official code averages (the same argmax).
+  5. Eq. 11's reward gap: the paper's text puts it inside log sigma, the official code outside with a + sign;
+     both are offered (--reward-gap), with the paper's as the default.
+  6. States are detached between steps (no back-propagation through the roll-out, as Alg. 1 trains each
      state's denoising loss); the official SFT script keeps the graph through the DDIM steps.
-  6. n > 1 works: the official SFT script crashes in diffusers' DDIMScheduler.step with a per-row timestep
+  7. n > 1 works: the official SFT script crashes in diffusers' DDIMScheduler.step with a per-row timestep
      tensor; here a step is common.DDIM with one time per batch.
-  7. RLHF candidates: the official script samples n images per prompt and re-noises each with the very noise
+  8. RLHF candidates: the official script samples n images per prompt and re-noises each with the very noise
      that generated it. We sample n per condition too (DESIGN.md's "generate x_0" read per candidate: with one
      shared x_0 the candidates differ only by noise and Eq. 11 has no reward signal about samples), and re-noise
      them with one eps shared within the condition (--same-noise, Diffusion-DPO's pairing of winner and loser):
-     the ranking then reflects the samples, not the noise, and the pair difference has less variance. On toy2d
-     without it the reward did not move in 300 updates (-0.017 +- 0.006 over 3 seeds; base model -0.004).
-     --no-same-noise draws one eps per sample.
-  8. LoRA (rank 16) by default, full fine-tuning with --full-finetune (the official code trains the full UNet).
-  9. The paper's Eq. 6 writes the state score with an ODE solve to x_0; like the official code we use the
+     the ranking then reflects the samples, not the noise, and the pair difference has less variance.
+     --no-same-noise draws one eps per sample (docs/sharpening.md has the measurement).
+  9. LoRA (rank 16) by default, full fine-tuning with --full-finetune (the official code trains the full UNet).
+  10. The paper's Eq. 6 writes the state score with an ODE solve to x_0; like the official code we use the
      one-step estimate (it costs no extra NFE).
-  10. Toy scaling (paper: SDXL, batch 8, lr 5e-6, beta 2500 on per-pixel means): batch 64 conditions, lr 1e-3
-     for the LoRA of a small MLP, beta 100 (the toy's per-dimension eps-MSE gaps are larger than SDXL's; beta 10
-     let Eq. 11 push the samples off the data, beta 1000 barely moved), 300 updates.
-  11. SFT data: the toy data sets hold what the base model already produces, so SFT on them changes nothing;
+  11. Toy scaling (paper: SDXL, batch 8, lr 5e-6, beta 2500 on per-pixel means): batch 64 conditions, lr 1e-3
+     for the LoRA of a small MLP, beta 100 (a toy choice), 300 updates.
+  12. SFT data: the toy data sets hold what the base model already produces, so SFT on them changes nothing;
      --data-top keeps the top fraction of each drawn data batch by reward (a reward-curated set, the role
      JourneyDB plays in the paper). --data-top 1 is plain data (use it for a curated data set of your own).
-  12. --target x0 (off by default, not in the paper): regress state k on the eps that takes it back to x_0
+  13. --target x0 (off by default, not in the paper): regress state k on the eps that takes it back to x_0
      instead of the candidate's eps, which below the start no longer points from the state to x_0.
+  14. --choose random / worst are SFT controls, not in the paper. The gradient clip (--max-grad-norm 1) is this
+     project's choice; 0 turns it off.
 
-Outputs (DESIGN.md section 9): runs/<name>/ config.json, log.csv (step, loss, reward, nfe, seconds, ...),
-metrics.json, samples.png (base vs tuned, same seeds), curves.png, adapter/, checkpoint/.
+Outputs (DESIGN.md section 9, common.Run): runs/sharpening-<variant>-<model>/ config.json, log.csv (step, loss,
+reward, nfe, seconds, ...), metrics.json, samples.png (base vs tuned, same seeds), curves.png, adapter/,
+checkpoint-<step>/.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -99,13 +115,16 @@ import common
 
 
 @dataclasses.dataclass
-class Config:
+class Config(common.RunConfig):
     model: str = common.arg("toy2d", "toy world (toy2d, mnist) or a diffusers checkpoint for the full backend")
     variant: str = common.arg("sft", "sft = Alg. 1 (data pairs), rlhf = Alg. 2 (prompts only)",
                               choices=["sft", "rlhf"])
     n: int = common.arg(3, "candidate noises per condition (paper Table 2: 3); sft n=1 with m=1 is standard "
                            "fine-tuning; rlhf needs n >= 2 (n=2, m=1 is Diffusion-DPO)")
     m: int = common.arg(3, "states per trajectory, i.e. m-1 DDIM steps (paper Table 3: 3)")
+    choose: str = common.arg("best", "sft: which candidate of each condition Eq. 9 trains on: best (Alg. 1), or the "
+                                     "controls random / worst (not in the paper; the winner's-curse check)",
+                             choices=["best", "random", "worst"])
     start_t: int = common.arg(-1, "start time of the roll-outs, a time on the sampler grid; -1 draws a grid "
                                   "time with m-1 grid times below it, uniformly, each update")
     eta: float = common.arg(0.0, "DDIM eta of the roll-outs and of RLHF's samples (0: deterministic, diffusers' "
@@ -116,17 +135,24 @@ class Config:
                                       "(Eq. 9-10, official code); x0 = the eps that maps each state back to x_0 "
                                       "(not in the paper; see docs)", choices=["noise", "x0"])
     beta: float = common.arg(100.0, "DPO beta of Eq. 11 (official 2500 on SDXL per-pixel means; toy 100)")
+    reward_gap: str = common.arg("inside", "rlhf: Eq. 11's reward gap: inside log sigma as a per-pair margin (the "
+                                           "paper's text), outside-minus (shifts the logged loss only), "
+                                           "outside-plus (the official code; shifts the logged loss only)",
+                                 choices=["inside", "outside-minus", "outside-plus"])
+    reward_gap_scale: float = common.arg(1.0, "rlhf: factor on the reward gap R_w - R_l (per-state mean score)")
+    m_reduce: str = common.arg("mean", "how Eq. 9-10 combine the m states: mean (official code; beta and the loss "
+                                       "scale do not change with m) or sum (as printed)", choices=["mean", "sum"])
     reduce: str = common.arg("mean", "eps-MSE over dimensions: mean (diffusers / official) or sum",
                              choices=["mean", "sum"])
     data_top: float = common.arg(0.5, "sft: keep this top fraction of each drawn data batch by reward "
                                       "(1 = the data as is)")
-    batch: int = common.arg(64, "conditions per update (paper 8 on SDXL; toy 64)")
+    batch: int = common.arg(64, "conditions per update (per micro-batch; paper 8 on SDXL; toy 64)")
     steps: int = common.arg(300, "updates")
     lr: float = common.arg(1e-3, "AdamW learning rate (paper 5e-6 full UNet on SDXL; toy LoRA 1e-3)")
     adam_beta1: float = common.arg(0.0, "AdamW beta1 (paper App. A.3: 0)")
     adam_beta2: float = common.arg(0.99, "AdamW beta2 (paper App. A.3: 0.99)")
     weight_decay: float = common.arg(0.0, "AdamW weight decay")
-    max_grad_norm: float = common.arg(1.0, "gradient clipping")
+    max_grad_norm: float = common.arg(1.0, "gradient clipping (0: off)")
     lora_rank: int = common.arg(16, "LoRA rank")
     full_finetune: bool = common.arg(False, "train every weight instead of a LoRA (the official code's choice)")
     recompute: bool = common.arg(False, "roll out without autograd and re-evaluate the chosen trajectories "
@@ -136,10 +162,35 @@ class Config:
     eval_samples: int = common.arg(256, "samples per curve evaluation")
     final_samples: int = common.arg(1000, "samples for the base vs tuned metrics")
     eval_cfg: float = common.arg(1.0, "classifier-free guidance of evaluation samples (paper: 5 on SDXL)")
-    save_every: int = common.arg(100, "updates between checkpoints")
-    seed: int = common.arg(0, "random seed")
-    out: str = common.arg("", "output folder (default runs/sharpening-<variant>-<model>)")
-    resume: bool = common.arg(False, "continue from the checkpoint in --out")
+
+
+# options a resumed run may change: they do not change what the updates compute
+FREE = ("eval_every", "eval_samples", "final_samples")
+
+
+def validate(cfg: Config) -> None:
+    """Every option, named by its flag; raises common.ConfigError before anything is written."""
+    common.check_choice(cfg, "variant", ["sft", "rlhf"])
+    common.check_range(cfg, "n", 2 if cfg.variant == "rlhf" else 1)  # rlhf: a winner and a loser per condition
+    common.check_range(cfg, "m", 1)
+    common.check_choice(cfg, "choose", ["best", "random", "worst"] if cfg.variant == "sft" else ["best"])
+    common.check_range(cfg, "start_t", -1, common.T - 1)
+    common.check_range(cfg, "eta", 0)
+    common.check_choice(cfg, "target", ["noise", "x0"])
+    common.check_range(cfg, "beta", 0, lo_open=True)
+    common.check_choice(cfg, "reward_gap", ["inside", "outside-minus", "outside-plus"])
+    common.check_range(cfg, "reward_gap_scale", 0)
+    common.check_choice(cfg, "m_reduce", ["mean", "sum"])
+    common.check_choice(cfg, "reduce", ["mean", "sum"])
+    common.check_range(cfg, "data_top", 0, 1, lo_open=True)
+    for name in ("batch", "steps", "eval_every", "eval_samples", "final_samples", "lora_rank"):
+        common.check_range(cfg, name, 1)
+    common.check_range(cfg, "lr", 0, 1, lo_open=True)
+    common.check_range(cfg, "adam_beta1", 0, 1, hi_open=True)
+    common.check_range(cfg, "adam_beta2", 0, 1, hi_open=True)
+    common.check_range(cfg, "weight_decay", 0)
+    common.check_range(cfg, "max_grad_norm", 0)
+    common.check_range(cfg, "eval_cfg", 0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,12 +225,23 @@ def trajectory_scores(rewards: torch.Tensor) -> torch.Tensor:
     return rewards.sum(0)
 
 
-def choose_best_worst(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def choose(scores: torch.Tensor, n: int, how: str = "best", generator: torch.Generator | None = None) -> torch.Tensor:
     """Rows are condition-major (the n candidates of one condition adjacent, as common.cond_repeat lays them).
-    -> row indices [B] of the best and the worst candidate of each condition (argmax / argmin per condition)."""
+    -> row indices [B], one per condition: its argmax (Alg. 1/2), argmin, or a uniformly random candidate."""
     s = scores.view(-1, n)  # [B, n]
     first = torch.arange(s.shape[0], device=scores.device) * n
-    return first + s.argmax(1), first + s.argmin(1)
+    if how == "best":
+        return first + s.argmax(1)
+    if how == "worst":
+        return first + s.argmin(1)
+    if how == "random":
+        return first + torch.randint(n, (s.shape[0],), generator=generator).to(scores.device)
+    raise ValueError(f"choose: expected best, worst or random, got {how!r}")
+
+
+def choose_best_worst(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best and the worst candidate of each condition (Alg. 2's winner and loser), row indices [B] each."""
+    return choose(scores, n, "best"), choose(scores, n, "worst")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,89 +252,53 @@ def eps_targets(sched, states: list[torch.Tensor], times: list[int], x0: torch.T
     """What each of a trajectory's m states is regressed on. "noise": the candidate's eps at every state (Eq. 9,
     10 and the official code). "x0" (not in the paper): eps_k = (x_{t_k} - alpha_k x_0) / sigma_k, the noise that
     takes state k back to the trajectory's x_0; the same at k = 0, different below, where the DDIM step moved the
-    state off the line from x_0 along eps (docs/sharpening.md: the toy measures what that costs)."""
+    state off the line from x_0 along eps."""
     if target == "noise":
         return [eps] * len(states)
     return [common.eps_from_x0(sched, s, x0, t) for s, t in zip(states, times)]
 
 
-def trajectory_mse(eps_pred: list[torch.Tensor], target, reduce: str = "mean") -> torch.Tensor:
-    """Eq. 10: M = sum_k ||eps_pred(x_{t_k}) - eps_k||^2 over a trajectory's m states, per row -> [B].
-    `target` is one eps for every state (the paper) or a list of m (eps_targets)."""
+def trajectory_mse(eps_pred: list[torch.Tensor], target, reduce: str = "mean", m_reduce: str = "sum") -> torch.Tensor:
+    """Eq. 10: M = sum_k ||eps_pred(x_{t_k}) - eps_k||^2 over a trajectory's m states, per row -> [B]; m_reduce
+    "mean" divides by m (the official code). `target` is one eps for every state (the paper) or a list of m."""
     target = target if isinstance(target, (list, tuple)) else [target] * len(eps_pred)
-    return sum(common.reduce_dims((e.float() - g.float()) ** 2, reduce) for e, g in zip(eps_pred, target))
+    mse = sum(common.reduce_dims((e.float() - g.float()) ** 2, reduce) for e, g in zip(eps_pred, target))
+    return mse / len(eps_pred) if m_reduce == "mean" else mse
 
 
-def sft_loss(eps_pred_best: list[torch.Tensor], eps_best, reduce: str = "mean") -> torch.Tensor:
-    """Eq. 9: L_SFT = E_c sum_k ||eps_theta(x^best_{t_k}, t_k, c) - eps^best||^2."""
-    return trajectory_mse(eps_pred_best, eps_best, reduce).mean()
+def sft_loss(eps_pred_best: list[torch.Tensor], eps_best, reduce: str = "mean", m_reduce: str = "sum"):
+    """Eq. 9: L_SFT = E_c sum_k ||eps_theta(x^best_{t_k}, t_k, c) - eps^best||^2 (m_reduce "mean": / m)."""
+    return trajectory_mse(eps_pred_best, eps_best, reduce, m_reduce).mean()
 
 
-def rlhf_loss(mse_w, mse_l, mse_ref_w, mse_ref_l, r_w, r_l, beta: float):
-    """Eq. 11 -> (loss, logit). mse_* are Eq. 10's M per row; r_w, r_l the trajectory scores (Eq. 8)."""
-    # beta [(M_ref(w) - M_theta(w)) - (M_ref(l) - M_theta(l))]: Diffusion-DPO's implicit reward margin
-    logit = beta * ((mse_ref_w - mse_w) - (mse_ref_l - mse_l))
-    # -(R_w - R_l): rewards of sampled, detached states do not depend on theta, so this term shifts the loss
-    # value and leaves its gradient alone. It is kept (detached) so the logged loss is the paper's Eq. 11.
-    reward_gap = (r_w - r_l).detach()
-    return (-F.logsigmoid(logit) - reward_gap).mean(), logit
+def rlhf_loss(mse_w, mse_l, mse_ref_w, mse_ref_l, reward_gap, beta: float, where: str = "inside"):
+    """Eq. 11 -> (loss, margin). mse_* are Eq. 10's M per row; reward_gap = R_w - R_l per row (detached here);
+    margin = beta [(M_ref(w) - M_theta(w)) - (M_ref(l) - M_theta(l))], Diffusion-DPO's implicit reward margin."""
+    margin = beta * ((mse_ref_w - mse_ref_l) - (mse_w - mse_l))
+    gap = reward_gap.detach()  # rewards of sampled, detached states: no gradient w.r.t. theta in any reading
+    if where == "inside":  # the paper's text: the reward gap is a per-pair margin inside log sigma
+        return -F.logsigmoid(margin - gap).mean(), margin
+    dpo = -F.logsigmoid(margin)
+    if where == "outside-minus":  # a constant w.r.t. theta: shifts the value, not the gradient
+        return (dpo - gap).mean(), margin
+    if where == "outside-plus":  # the official RLHF script's sign; the same gradient as outside-minus
+        return (dpo + gap).mean(), margin
+    raise ValueError(f"rlhf_loss: expected where = inside, outside-minus or outside-plus, got {where!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Plumbing: checks, data, evaluation, figures
+# One update of each variant: candidates, roll-out, choice, loss
 # ---------------------------------------------------------------------------------------------------
 def rollout_times(grid: list[int], m: int, start_t: int) -> list[int]:
-    """Grid times a start time may take: those with m - 1 grid times below. Raises on bad input."""
-    if m < 1:
-        raise ValueError(f"--m must be >= 1 (states per trajectory), got {m}")
-    if m > len(grid):
-        raise ValueError(f"--m {m} needs {m} grid times but the sampler grid has only {len(grid)} "
-                         f"({grid[0]}..{grid[-1]})")
+    """Grid times a start time may take: those with m - 1 grid times below. Raises ConfigError on bad input."""
+    common.check(m <= len(grid), "m", f"at most the sampler grid's {len(grid)} times ({grid[0]}..{grid[-1]})", m)
     if start_t == -1:
         return grid[: len(grid) - m + 1]
-    if start_t not in grid:
-        raise ValueError(f"--start-t {start_t} is not a time of the sampler grid {grid}")
+    common.check(start_t in grid, "start_t", f"a time of the sampler grid {grid} or -1", start_t)
     left = len(grid) - 1 - grid.index(start_t)
-    if m - 1 > left:
-        raise ValueError(f"--m {m} states need {m - 1} sampler steps below --start-t {start_t}, but only {left} "
-                         f"grid times lie below it; lower --m or raise --start-t")
+    common.check(m - 1 <= left, "m", f"at most {left + 1} states: only {left} grid times lie below --start-t "
+                 f"{start_t} (lower --m or raise --start-t)", m)
     return [start_t]
-
-
-def check_config(cfg: Config) -> None:
-    if cfg.n < 1:
-        raise ValueError(f"--n must be >= 1 (candidate noises per condition), got {cfg.n}")
-    if cfg.variant == "rlhf" and cfg.n < 2:
-        raise ValueError(f"--variant rlhf needs --n >= 2 to have a winner and a loser per condition, got n={cfg.n} "
-                         "(n=2, m=1 is the Diffusion-DPO baseline)")
-    if not 0 < cfg.data_top <= 1:
-        raise ValueError(f"--data-top must be in (0, 1], got {cfg.data_top}")
-    for name in ("batch", "steps", "eval_every", "eval_samples", "final_samples", "save_every", "lora_rank"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if not cfg.beta > 0 or not cfg.lr > 0:
-        raise ValueError(f"--beta and --lr must be positive, got beta={cfg.beta}, lr={cfg.lr}")
-    if cfg.eta < 0:
-        raise ValueError(f"--eta must be >= 0, got {cfg.eta}")
-
-
-# a resumed run must be the same experiment; these may change between the interrupted and the resumed call
-RESUMABLE_CHANGES = {"steps", "resume", "out", "save_every", "final_samples", "eval_every"}
-
-
-def check_resume(cfg: Config, out: Path) -> None:
-    import json
-
-    path = out / "config.json"
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())
-    diff = {k: (old[k], v) for k, v in dataclasses.asdict(cfg).items()
-            if k in old and k not in RESUMABLE_CHANGES and old[k] != v}
-    if diff:
-        raise ValueError(f"--resume with a different experiment than the one in {out}: "
-                         + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
-                         + ". Use another --out for a new run.")
 
 
 def sft_data(world, cfg: Config, generator: torch.Generator):
@@ -285,6 +311,70 @@ def sft_data(world, cfg: Config, generator: torch.Generator):
     return x0, cond
 
 
+def candidates(world, net, kernel, cfg: Config, grid, gen, device):
+    """Alg. 1 / 2, the candidates: x^j_t = alpha_t x_0 + sigma_t eps^j, rows condition-major [B*n].
+    -> (x0, cond, eps, x_t)."""
+    B, n = cfg.batch, cfg.n
+    if cfg.variant == "sft":  # Alg. 1: data pairs, every candidate re-noises the same x_0
+        x0, cond = sft_data(world, cfg, gen)
+        x0, cond = x0.repeat_interleave(n, 0), common.cond_repeat(cond, n)
+    else:  # Alg. 2: n samples of the current model per condition (no grad)
+        cond = common.cond_repeat(world.conditions(B, gen), n)
+        z = torch.randn(B * n, *world.shape, generator=gen).to(device)
+        x0 = common.sample(net, kernel, z, cond, grid, gen)
+    x0 = x0.to(device)
+    if cfg.variant == "rlhf" and cfg.same_noise:  # one eps per condition, shared by its n samples
+        eps = torch.randn(B, *x0.shape[1:], generator=gen).to(device).repeat_interleave(n, 0)
+    else:
+        eps = torch.randn(x0.shape, generator=gen).to(device)
+    return x0, cond, eps
+
+
+def policy_eps(net, cfg: Config, rows, eps_pred, states, times, cond):
+    """eps_theta at the chosen rows' m states: the roll-out's own predictions (they carry autograd), or, with
+    --recompute, evaluated again with autograd (the roll-out ran without)."""
+    if not cfg.recompute:
+        return [e[rows] for e in eps_pred]
+    return [net(s[rows], t, common.cond_index(cond, rows)) for s, t in zip(states, times)]
+
+
+def sft_update(net, world, cfg: Config, roll, gen):
+    """Eq. 9 on the chosen candidate of each condition (Alg. 1; --choose: the controls) -> (loss, logs)."""
+    x0, cond, eps, states, eps_pred, rewards, scores, times = roll
+    chosen = choose(scores, cfg.n, cfg.choose, gen)
+    targets = eps_targets(world.schedule, [s[chosen] for s in states], times, x0[chosen], eps[chosen], cfg.target)
+    loss = sft_loss(policy_eps(net, cfg, chosen, eps_pred, states, times, cond), targets, cfg.reduce, cfg.m_reduce)
+    return loss, {"reward": float(rewards[:, chosen].mean()), "score_chosen": float(scores[chosen].mean())}
+
+
+def rlhf_update(net, world, cfg: Config, roll, gen):
+    """Eq. 11 between the best (w) and the worst (l) trajectory of each condition (Alg. 2) -> (loss, logs)."""
+    x0, cond, eps, states, eps_pred, rewards, scores, times = roll
+    B = cfg.batch
+    best, worst = choose_best_worst(scores, cfg.n)
+    rows = torch.cat([best, worst])  # [2B]: winners, then losers
+    eps_theta = policy_eps(net, cfg, rows, eps_pred, states, times, cond)
+    with torch.no_grad(), net.frozen():  # the frozen reference at the same m states (2m NFEs)
+        eps_ref = [net(s[rows], t, common.cond_index(cond, rows)) for s, t in zip(states, times)]
+    targets = eps_targets(world.schedule, [s[rows] for s in states], times, x0[rows], eps[rows], cfg.target)
+    mse = trajectory_mse(eps_theta, targets, cfg.reduce, cfg.m_reduce)  # Eq. 10, policy
+    mse_ref = trajectory_mse(eps_ref, targets, cfg.reduce, cfg.m_reduce)  # Eq. 10, reference
+    # R_w - R_l: per-state mean score (the official code's trajectory score), so the gap does not grow with m
+    gap = cfg.reward_gap_scale * (rewards[:, best] - rewards[:, worst]).mean(0)
+    loss, margin = rlhf_loss(mse[:B], mse[B:], mse_ref[:B], mse_ref[B:], gap, cfg.beta, cfg.reward_gap)  # Eq. 11
+    margin = margin.detach()
+    return loss, {"reward": float(world.reward(x0, cond).mean()),  # the current model's samples
+                  "score_chosen": float(scores[best].mean()), "reward_gap": float(gap.mean()),
+                  "dpo_loss": float(-F.logsigmoid(margin).mean()),  # Eq. 11 without the reward gap
+                  "margin": float(margin.mean()), "accuracy": float((margin > 0).float().mean())}
+
+
+UPDATES = {"sft": sft_update, "rlhf": rlhf_update}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------
 def nfe_per_update(cfg: Config, K: int) -> int:
     """The docstring's NFE count per condition and update (K = the sampler grid). log.csv's `nfe` column is the
     counted value; tests and benchmarks/report.py compare the two."""
@@ -296,43 +386,25 @@ def nfe_per_update(cfg: Config, K: int) -> int:
 
 @torch.no_grad()
 def evaluate(world, denoiser, kernel, grid, noise, cond, cfg_scale: float, split: str = "base"):
-    """Deterministic DDIM samples on the full grid (same noise for base and tuned) and the world's metrics."""
-    x0 = common.sample(denoiser, kernel, noise, cond, grid, None, cfg_scale=cfg_scale,
-                       null_cond=world.null_condition(len(noise)) if cfg_scale != 1 else None)
+    """Deterministic DDIM samples on the full grid (same noise for base and tuned), in chunks of
+    world.decode_batch rows, and the world's metrics."""
+    null = world.null_condition(len(noise)) if cfg_scale != 1 else None
+    x0 = common.sample_in_chunks(denoiser, kernel, noise, cond, grid, world.decode_batch, seed=0, null_cond=null,
+                                 cfg_scale=cfg_scale)
     return x0, world.metrics(x0, cond, split)
-
-
-def plot_curves(rows: list[dict], reward_base: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    step = [int(r["step"]) for r in rows]
-    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
-    ax[0].plot(step, [float(r["loss"]) for r in rows], lw=0.8)
-    ax[0].set(title="loss", xlabel="update")
-    ax[1].plot(step, [float(r["reward"]) for r in rows], lw=0.8)
-    ax[1].set(title="reward of the training trajectories / samples", xlabel="update")
-    ev = [(int(r["step"]), float(r["eval_reward"])) for r in rows if r.get("eval_reward")]
-    ax[2].plot([0] + [s for s, _ in ev], [reward_base] + [v for _, v in ev], marker=".")
-    ax[2].set(title="reward of fixed-seed samples", xlabel="update")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Training (Alg. 1 and Alg. 2)
 # ---------------------------------------------------------------------------------------------------
-def train(cfg: Config) -> dict:
+def train(cfg: Config, world=None) -> dict:
     timer = common.Timer()
-    check_config(cfg)
-    out = Path(cfg.out or f"runs/sharpening-{cfg.variant}-{Path(cfg.model).name}")
-    if cfg.resume:
-        check_resume(cfg, out)
+    validate(cfg)
+    run = common.Run("sharpening", cfg, free=FREE)  # folder and resume checks; writes nothing
     common.seed_everything(cfg.seed)
-    world = common.load_world(cfg.model)
+    world = world or common.load_world(cfg.model)
+    cfg = run.configure(world)
+    validate(cfg)  # the backend's defaults too
     acc = world.accelerator
     den = world.denoiser("teacher", lora_rank=cfg.lora_rank, train_full=cfg.full_finetune)
     grid = list(den.timesteps)  # the K-step DDIM grid, e.g. [999, 959, ..., 39]
@@ -343,18 +415,7 @@ def train(cfg: Config) -> dict:
     params = den.trainable_parameters()
     opt = acc.prepare(torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                         weight_decay=cfg.weight_decay))
-    main_process = acc.is_main_process
-    run = common.RunDir(out, cfg, resume=cfg.resume) if main_process else None  # only the main process writes
-    acc.wait_for_everyone()
-
-    start_step = 0
-    if cfg.resume:  # every process reads the checkpoint: adapter, optimizer state, and the update it ended at
-        start_step, tensors, _ = common.RunDir.load_checkpoint(run or SimpleNamespace(ckpt=out / "checkpoint"), opt)
-        if tensors is not None:
-            den.load_adapter_state(tensors)
-        if run is not None:
-            run.truncate_log(start_step)
-        print(f"[sharpening] resuming {out} at update {start_step}", file=sys.stderr)
+    start = run.start(world, {"model": den}, {"model": opt})
 
     # fixed evaluation noise and conditions: base and tuned samples come from the same seeds
     eval_gen = torch.Generator().manual_seed(12_345)  # the same evaluation samples for every run and seed
@@ -364,97 +425,54 @@ def train(cfg: Config) -> dict:
     curve_noise = final_noise[: cfg.eval_samples]
     with den.frozen():
         x_base, m_base = evaluate(world, den, eval_kernel, grid, final_noise, final_cond, cfg.eval_cfg)
-    B, n, m = cfg.batch, cfg.n, cfg.m
+    B, G, update = cfg.batch, cfg.gradient_accumulation_steps, UPDATES[cfg.variant]
 
-    for step in range(start_step + 1, cfg.steps + 1):
+    for step in run.updates():
         t0 = common.Timer()
-        gen = common.step_generator(cfg.seed, step, acc.process_index)
-        net.rows = 0
-        t_start = starts[int(torch.randint(len(starts), (1,), generator=gen))]
-        times = grid[grid.index(t_start): grid.index(t_start) + m]  # t_i > t_{i+1} > ... (m grid times)
-
-        # ---- candidates: x^j_t = alpha_t x_0 + sigma_t eps^j, rows condition-major [B*n] ----
-        if cfg.variant == "sft":  # Alg. 1: data pairs, every candidate re-noises the same x_0
-            x0, cond = sft_data(world, cfg, gen)
-            x0, cond = x0.repeat_interleave(n, 0), common.cond_repeat(cond, n)
-        else:  # Alg. 2: n samples of the current model per condition (no grad)
-            cond = common.cond_repeat(world.conditions(B, gen), n)
-            z = torch.randn(B * n, *world.shape, generator=gen).to(acc.device)
-            x0 = common.sample(net, kernel, z, cond, grid, gen)
-        x0 = x0.to(acc.device)
-        if cfg.variant == "rlhf" and cfg.same_noise:  # one eps per condition, shared by its n samples
-            eps = torch.randn(B, *x0.shape[1:], generator=gen).to(x0.device).repeat_interleave(n, 0)
-        else:
-            eps = torch.randn(x0.shape, generator=gen).to(x0.device)
-        x_t = common.add_noise(world.schedule, x0, eps, t_start)
-
-        # ---- roll out m states with the current model, score each (Eq. 6) and each trajectory (Eq. 8) ----
-        states, eps_pred, rewards = sharpening_rollout(net, kernel, x_t, cond, times, world.reward, gen,
-                                                       grad=not cfg.recompute)
-        scores = trajectory_scores(rewards)
-        if not torch.isfinite(scores).all():
-            raise common.NonFiniteLoss(f"the reward returned non-finite values at update {step}; the last good "
-                                       f"checkpoint is kept in {out / 'checkpoint'}")
-        best, worst = choose_best_worst(scores, n)
-
-        def policy_eps(rows):  # eps_theta at the chosen rows' m states, reused from the roll-out when possible
-            if not cfg.recompute:
-                return [e[rows] for e in eps_pred]
-            return [net(s[rows], t, common.cond_index(cond, rows)) for s, t in zip(states, times)]
-
-        if cfg.variant == "sft":
-            targets = eps_targets(world.schedule, [s[best] for s in states], times, x0[best], eps[best], cfg.target)
-            loss = sft_loss(policy_eps(best), targets, cfg.reduce)  # Eq. 9
-            logs = {"reward": float(rewards[:, best].mean())}
-        else:
-            rows = torch.cat([best, worst])
-            eps_theta = policy_eps(rows)
-            with torch.no_grad(), net.frozen():  # the frozen reference at the same m states (2m NFEs)
-                eps_ref = [net(s[rows], t, common.cond_index(cond, rows)) for s, t in zip(states, times)]
-            targets = eps_targets(world.schedule, [s[rows] for s in states], times, x0[rows], eps[rows], cfg.target)
-            mse = trajectory_mse(eps_theta, targets, cfg.reduce)  # Eq. 10, policy
-            mse_ref = trajectory_mse(eps_ref, targets, cfg.reduce)  # Eq. 10, reference
-            loss, logit = rlhf_loss(mse[:B], mse[B:], mse_ref[:B], mse_ref[B:], scores[best], scores[worst],
-                                    cfg.beta)  # Eq. 11
-            logs = {"reward": float(world.reward(x0, cond).mean()),  # the current model's samples
-                    "reward_gap": float((scores[best] - scores[worst]).mean()),
-                    "dpo_loss": float(-F.logsigmoid(logit.detach()).mean()),  # Eq. 11 without the reward gap
-                    "logit": float(logit.detach().mean()), "accuracy": float((logit > 0).float().mean())}
-        common.check_finite(loss, step, run)
-
-        acc.backward(loss)
-        grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-        row = {"step": step, "loss": float(loss.detach()), **logs, "nfe": net.rows / B, "seconds": t0(),
-               "score_best": float(scores[best].mean()), "t_start": t_start, "grad_norm": float(grad_norm),
-               "eval_reward": ""}  # every row has every column: log.csv's header is written with the first row
-        if main_process:
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                row["eval_reward"] = evaluate(world, den, eval_kernel, grid, curve_noise, curve_cond,
-                                              cfg.eval_cfg)[1]["reward"]
-            run.log(row)
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                run.save_checkpoint(step, den.adapter_state(), opt)
+        net.rows, losses, logs, grad_norm = 0, [], [], None
+        for micro in range(G):
+            gen = common.step_generator(cfg.seed, step, acc.process_index, micro=micro)
+            with run.accumulate():
+                t_start = starts[int(torch.randint(len(starts), (1,), generator=gen))]
+                times = grid[grid.index(t_start): grid.index(t_start) + cfg.m]  # t_i > t_{i+1} > ... (m grid times)
+                x0, cond, eps = candidates(world, net, kernel, cfg, grid, gen, acc.device)
+                x_t = common.add_noise(world.schedule, x0, eps, t_start)
+                # roll out m states with the current model, score each (Eq. 6) and each trajectory (Eq. 8)
+                states, eps_pred, rewards = sharpening_rollout(net, kernel, x_t, cond, times, world.reward, gen,
+                                                               grad=not cfg.recompute)
+                scores = trajectory_scores(rewards)
+                try:
+                    run.check_finite(scores, step)
+                except common.NonFiniteLoss as e:
+                    raise common.NonFiniteLoss(f"the reward returned non-finite scores: {e}") from None
+                loss, row = update(net, world, cfg, (x0, cond, eps, states, eps_pred, rewards, scores, times), gen)
+                run.check_finite(loss, step)
+                norm = run.optimizer_step(loss, opt, params, cfg.max_grad_norm)
+                grad_norm = norm if norm is not None else grad_norm
+            losses.append(float(loss.detach()))
+            logs.append({**row, "t_start": t_start})
+        row = {k: sum(r[k] for r in logs) / G for k in logs[0]}  # means over the micro-batches
+        row = {"step": step, "loss": sum(losses) / G, **row, "nfe": net.rows / (B * G), "seconds": t0(),
+               "grad_norm": "" if grad_norm is None else grad_norm, "eval_reward": ""}  # every row, every column
+        if run.main and (step % cfg.eval_every == 0 or step == cfg.steps):
+            row["eval_reward"] = evaluate(world, den, eval_kernel, grid, curve_noise, curve_cond,
+                                          cfg.eval_cfg)[1]["reward"]
+        run.log(row)
 
     # ---- base vs tuned from the same seeds ----
     result = {}
-    if main_process:
+    if run.main:
         x_tuned, m_tuned = evaluate(world, den, eval_kernel, grid, final_noise, final_cond, cfg.eval_cfg)
         log = run.read_log()
         result = {f"{k}_{which}": v for which, mm in (("base", m_base), ("tuned", m_tuned)) for k, v in mm.items()}
         result.update(steps=cfg.steps, nfe_per_update=nfe_per_update(cfg, len(grid)),
                       seconds_per_update=sum(float(r["seconds"]) for r in log) / max(len(log), 1),
                       seconds=timer())
-        world.plot_samples({"base (25 DDIM steps)": (x_base, final_cond),
-                            f"sharpening {cfg.variant}, n={n} m={m}": (x_tuned, final_cond)},
-                           run.path / "samples.png")
-        plot_curves(log, m_base["reward"], run.path / "curves.png")
-        world.save_adapter(den, run.path / "adapter")
-        run.metrics(result)
-        print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
-        print(f"wrote {run.path}")
+        panels = {"base (25 DDIM steps)": (x_base, final_cond),
+                  f"sharpening {cfg.variant}, n={cfg.n} m={cfg.m}": (x_tuned, final_cond)}
+        curves = [("loss", "loss"), ("reward", "reward of the training trajectories / samples"),
+                  ("eval_reward", "reward of fixed-seed samples")]
+        run.finish(result, panels, curves, den)
     return result
 
 

@@ -14,7 +14,7 @@ import common
 import sharpening
 
 SDXL = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-TINY = dict(batch=4, steps=2, eval_every=1, eval_samples=8, final_samples=16, save_every=1)
+TINY = dict(batch=4, steps=2, eval_every=1, eval_samples=8, final_samples=16, save_every=1, progress=False)
 
 
 def read_log(out):
@@ -26,6 +26,9 @@ def read_log(out):
 def tiny_world(monkeypatch, toy2d_tiny):
     monkeypatch.setattr(common, "load_world", lambda name: toy2d_tiny)
     return toy2d_tiny
+
+
+
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,35 +111,74 @@ def test_x0_targets_take_every_state_back_to_its_x0(toy2d_tiny):
     assert not torch.allclose(x0_targets[2], eps, atol=1e-3)  # below the start the DDIM steps left the line
 
 
-def test_rlhf_loss_equals_hand_computed_value():
+READINGS = ["inside", "outside-minus", "outside-plus"]
+
+
+@pytest.mark.parametrize("where", READINGS)
+def test_rlhf_loss_equals_hand_computed_value_in_each_reading(where):
     mse_w, mse_l = torch.tensor([0.30, 0.10]), torch.tensor([0.50, 0.40])
     ref_w, ref_l = torch.tensor([0.32, 0.12]), torch.tensor([0.48, 0.35])
-    r_w, r_l, beta = torch.tensor([2.0, 1.0]), torch.tensor([-1.0, 0.5]), 10.0
-    loss, logit = sharpening.rlhf_loss(mse_w, mse_l, ref_w, ref_l, r_w, r_l, beta)
+    gap, beta = torch.tensor([3.0, 0.5]), 10.0
+    loss, margin = sharpening.rlhf_loss(mse_w, mse_l, ref_w, ref_l, gap, beta, where)
     # row 0: 10 [(0.32 - 0.30) - (0.48 - 0.50)] = 0.4; row 1: 10 [(0.12 - 0.10) - (0.35 - 0.40)] = 0.7
-    assert torch.allclose(logit, torch.tensor([0.4, 0.7]))
-    row0 = math.log(1 + math.exp(-0.4)) - 3.0  # -log sigma(0.4) - (R_w - R_l)
-    row1 = math.log(1 + math.exp(-0.7)) - 0.5
-    assert loss.item() == pytest.approx((row0 + row1) / 2, abs=1e-6)
+    assert torch.allclose(margin, torch.tensor([0.4, 0.7]))
+    softplus = lambda x: math.log(1 + math.exp(-x))  # -log sigma(x)  # noqa: E731
+    rows = {"inside": [softplus(0.4 - 3.0), softplus(0.7 - 0.5)],  # -log sigma(beta D - (R_w - R_l))
+            "outside-minus": [softplus(0.4) - 3.0, softplus(0.7) - 0.5],  # -log sigma(beta D) - (R_w - R_l)
+            "outside-plus": [softplus(0.4) + 3.0, softplus(0.7) + 0.5]}[where]  # the official code's sign
+    assert loss.item() == pytest.approx(sum(rows) / 2, abs=1e-6)
 
 
-def test_rlhf_gradient_does_not_depend_on_the_reward_gap():
+def _rlhf_grad(where, gap):
     torch.manual_seed(0)
     theta = torch.randn(4, requires_grad=True)
     x_w, x_l, eps_w, eps_l = torch.randn(4, 4, 3).unbind(0)  # 4 rows of 3 dimensions each
+    eps_theta = lambda x: torch.tanh(theta[:3] * x + theta[3])  # a differentiable toy eps_theta  # noqa: E731
+    mse = lambda e, target: ((e - target) ** 2).mean(1)  # noqa: E731
+    loss, _ = sharpening.rlhf_loss(mse(eps_theta(x_w), eps_w), mse(eps_theta(x_l), eps_l),
+                                   mse(0.9 * x_w, eps_w), mse(0.9 * x_l, eps_l), gap, 5.0, where)
+    (g,) = torch.autograd.grad(loss, theta)
+    return loss.detach(), g
 
-    def grad(r_w, r_l):
-        eps_theta = lambda x: torch.tanh(theta[:3] * x + theta[3])  # a differentiable toy eps_theta
-        mse = lambda e, target: ((e - target) ** 2).mean(1)
-        loss, _ = sharpening.rlhf_loss(mse(eps_theta(x_w), eps_w), mse(eps_theta(x_l), eps_l),
-                                       mse(0.9 * x_w, eps_w), mse(0.9 * x_l, eps_l), r_w, r_l, beta=5.0)
-        (g,) = torch.autograd.grad(loss, theta)
-        return loss.detach(), g
 
-    loss_a, g_a = grad(torch.zeros(4), torch.zeros(4))
-    loss_b, g_b = grad(torch.tensor([3.0, 1.0, 9.0, 0.5], requires_grad=True), torch.tensor([-2.0, 0.0, 1.0, 0.4]))
-    assert torch.equal(g_a, g_b) and g_a.abs().sum() > 0
-    assert loss_b.item() == pytest.approx(loss_a.item() - (5 + 1 + 8 + 0.1) / 4, abs=1e-5)  # only the value moves
+def test_outside_readings_shift_the_loss_and_leave_the_gradient_alone():
+    gap = torch.tensor([5.0, 1.0, 8.0, 0.1], requires_grad=True)
+    loss0, g0 = _rlhf_grad("outside-minus", torch.zeros(4))  # plain Diffusion-DPO on the m states
+    for where, sign in (("outside-minus", -1), ("outside-plus", 1)):
+        loss, g = _rlhf_grad(where, gap)
+        assert torch.equal(g, g0) and g0.abs().sum() > 0, where
+        assert loss.item() == pytest.approx(loss0.item() + sign * (5 + 1 + 8 + 0.1) / 4, abs=1e-5), where
+
+
+def test_inside_reading_is_a_per_pair_margin_that_changes_the_gradient():
+    _, g0 = _rlhf_grad("inside", torch.zeros(4))
+    assert torch.allclose(g0, _rlhf_grad("outside-plus", torch.zeros(4))[1])  # no gap: all three are DPO
+    _, g = _rlhf_grad("inside", torch.tensor([5.0, 1.0, 8.0, 0.1]))
+    assert not torch.allclose(g, g0, rtol=1e-2)
+    # the gap weights each pair's DPO gradient by sigma(gap - margin): a pair with a larger gap pulls harder
+    margin = torch.tensor([0.0, 0.0])
+    w = [torch.autograd.grad(sharpening.rlhf_loss(-m, torch.zeros(1), torch.zeros(1), torch.zeros(1),
+                                                  torch.tensor([gap]), 1.0, "inside")[0], m)[0]
+         for gap, m in ((0.0, margin[:1].clone().requires_grad_()), (3.0, margin[:1].clone().requires_grad_()))]
+    assert w[0].item() == pytest.approx(-torch.sigmoid(torch.tensor(0.0)).item())
+    assert w[1].item() == pytest.approx(-torch.sigmoid(torch.tensor(3.0)).item())
+
+
+def test_m_reduce_mean_keeps_beta_the_same_for_every_m():
+    eps, pred = torch.zeros(2, 3), torch.ones(2, 3)
+    for m in (1, 3, 8):
+        assert sharpening.trajectory_mse([pred] * m, eps, "mean", "mean").tolist() == [1.0, 1.0]
+        assert sharpening.trajectory_mse([pred] * m, eps, "mean", "sum").tolist() == [float(m)] * 2
+
+
+def test_random_and_worst_choices_stay_within_each_condition():
+    scores = torch.tensor([3.0, 1.0, 1.3, -3.0, -6.0, -3.5, 0.0, 9.0, 2.0])
+    assert sharpening.choose(scores, 3, "worst").tolist() == [1, 4, 6]
+    picks = torch.stack([sharpening.choose(scores, 3, "random", torch.Generator().manual_seed(s)) for s in range(300)])
+    for c in range(3):
+        assert set(picks[:, c].tolist()) == {3 * c, 3 * c + 1, 3 * c + 2}  # every candidate, only this condition's
+    again = sharpening.choose(scores, 3, "random", torch.Generator().manual_seed(7))
+    assert torch.equal(again, picks[7])  # drawn from the update's generator: reproducible on resume
 
 
 def test_rlhf_with_one_state_is_diffusion_dpo():
@@ -149,7 +191,7 @@ def test_rlhf_with_one_state_is_diffusion_dpo():
     dpo = -F.logsigmoid(-beta * (sq(e_w, th_w) - sq(e_w, ref_w) - (sq(e_l, th_l) - sq(e_l, ref_l)))).mean()
     m = sharpening.trajectory_mse
     loss, _ = sharpening.rlhf_loss(m([th_w], e_w), m([th_l], e_l), m([ref_w], e_w), m([ref_l], e_l),
-                                   torch.zeros(5), torch.zeros(5), beta)
+                                   torch.zeros(5), beta, "inside")  # a zero gap: every reading is DPO
     assert loss.item() == pytest.approx(dpo.item(), rel=1e-6)
 
 
@@ -180,7 +222,7 @@ def test_recomputing_the_chosen_predictions_gives_the_same_loss_and_gradient(tmp
         rows.append(read_log(out)[0])
     stored, recomputed = rows
     assert float(recomputed["nfe"]) > float(stored["nfe"])
-    for key in ("loss", "grad_norm", "score_best"):  # grad_norm: the norm of the same gradient before clipping
+    for key in ("loss", "grad_norm", "score_chosen"):  # grad_norm: the norm of the same gradient before clipping
         assert float(stored[key]) == pytest.approx(float(recomputed[key]), rel=1e-5), key
 
 
@@ -202,38 +244,51 @@ def test_each_variant_runs_end_to_end_and_writes_its_outputs(tmp_path, monkeypat
     world = request.getfixturevalue(world_name)
     monkeypatch.setattr(common, "load_world", lambda name: world)
     cfg = ["--variant", variant, "--out", str(tmp_path), "--batch", "3", "--steps", "2", "--eval-every", "1",
-           "--eval-samples", "4", "--final-samples", "12", "--m", "2"]
+           "--eval-samples", "4", "--final-samples", "12", "--m", "2", "--no-progress"]
     metrics = sharpening.main(cfg)
     for name in ("config.json", "log.csv", "metrics.json", "samples.png", "curves.png",
-                 "adapter/adapter.safetensors", "checkpoint/adapter.safetensors"):
+                 "adapter/adapter.safetensors", "checkpoint-2/model-model.safetensors"):
         assert (tmp_path / name).exists(), name
     for key in ("reward_base", "reward_tuned", "quality_base", "quality_tuned", "distance_tuned", "seconds"):
         assert math.isfinite(metrics[key]), key
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert json.loads((tmp_path / "config.json").read_text())["method"] == "sharpening"
     rows = read_log(tmp_path)
     assert [r["step"] for r in rows] == ["1", "2"] and all(r["eval_reward"] for r in rows)
     assert {"loss", "reward", "nfe", "seconds"} <= rows[0].keys()
+
+
+def test_the_summary_table_is_printed(tmp_path, tiny_world, capsys):
+    sharpening.train(sharpening.Config(out=str(tmp_path), **TINY))
+    out = capsys.readouterr().out
+    assert out.splitlines()[-4].split() == ["model", "reward", "quality", "distance"]
+    assert "NFE per update 9" in out and f"wrote {tmp_path}" in out
 
 
 class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("variant", ["sft", "rlhf"])
-def test_resume_continues_to_the_same_final_adapter(tmp_path, tiny_world, monkeypatch, variant):
-    cfg = dict(variant=variant, **{**TINY, "steps": 4, "save_every": 2})
-    sharpening.train(sharpening.Config(out=str(tmp_path / "straight"), **cfg))
-    # interrupted run: killed during update 3, after the checkpoint of update 2
+def _cut_at(monkeypatch, variant, update):
+    """Make the loss function of `variant` raise during its `update`-th call (a kill mid-update)."""
     loss_fn = getattr(sharpening, f"{variant}_loss")
     calls = []
 
     def dying(*a, **k):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == update:
             raise Crash("killed")
         return loss_fn(*a, **k)
 
     monkeypatch.setattr(sharpening, f"{variant}_loss", dying)
+    return loss_fn
+
+
+@pytest.mark.parametrize("variant,extra", [("sft", {}), ("rlhf", {}), ("sft", dict(choose="random"))])
+def test_an_interrupted_and_resumed_run_ends_bit_identical(tmp_path, tiny_world, monkeypatch, variant, extra):
+    cfg = dict(variant=variant, **{**TINY, "steps": 4, "save_every": 2}, **extra)
+    sharpening.train(sharpening.Config(out=str(tmp_path / "straight"), **cfg))
+    loss_fn = _cut_at(monkeypatch, variant, 3)  # killed during update 3, after the checkpoint of update 2
     with pytest.raises(Crash):
         sharpening.train(sharpening.Config(out=str(tmp_path / "cut"), **cfg))
     monkeypatch.setattr(sharpening, f"{variant}_loss", loss_fn)
@@ -259,38 +314,69 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, t
         return (out[0] * float("nan"), out[1]) if isinstance(out, tuple) else out * float("nan")
 
     monkeypatch.setattr(sharpening, f"{variant}_loss", nan_at_3)
-    with pytest.raises(common.NonFiniteLoss, match="update 3.*last good checkpoint"):
+    with pytest.raises(common.NonFiniteLoss, match=r"non-finite loss \(nan\) at update 3.*checkpoint-2\) is kept"):
         sharpening.train(sharpening.Config(variant=variant, out=str(tmp_path), **{**TINY, "steps": 5}))
-    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert json.loads((tmp_path / "checkpoint-2" / "state.json").read_text())["step"] == 2
     assert [r["step"] for r in read_log(tmp_path)] == ["1", "2"]
 
 
 def test_non_finite_rewards_stop_the_run(tmp_path, tiny_world, monkeypatch):
     monkeypatch.setattr(tiny_world, "reward", lambda x0, cond: torch.full((len(x0),), float("nan")))
-    with pytest.raises(common.NonFiniteLoss, match="reward returned non-finite"):
+    with pytest.raises(common.NonFiniteLoss, match="reward returned non-finite scores.*no checkpoint was written"):
         sharpening.train(sharpening.Config(out=str(tmp_path), **TINY))
 
 
+@pytest.mark.parametrize("variant", ["sft", "rlhf"])
+def test_gradient_accumulation_runs_and_counts_the_same_nfes_per_micro_batch(tmp_path, tiny_world, variant):
+    one = sharpening.train(sharpening.Config(variant=variant, out=str(tmp_path / "g1"), **{**TINY, "steps": 2}))
+    two = sharpening.train(sharpening.Config(variant=variant, out=str(tmp_path / "g2"), gradient_accumulation_steps=2,
+                                             **{**TINY, "steps": 2}))
+    rows1, rows2 = read_log(tmp_path / "g1"), read_log(tmp_path / "g2")
+    assert [r["nfe"] for r in rows2] == [r["nfe"] for r in rows1] == [str(one["nfe_per_update"])] * 2
+    assert two["nfe_per_update"] == one["nfe_per_update"]
+    assert all(r["grad_norm"] for r in rows2) and rows2[0]["loss"] != rows1[0]["loss"]  # two micro-batches, meaned
+
+
 @pytest.mark.parametrize("overrides,message", [
-    (dict(variant="rlhf", n=1), "needs --n >= 2"),
-    (dict(m=26), "--m 26 needs 26 grid times"),
-    (dict(m=4, start_t=79), "--m 4 states need 3 sampler steps below --start-t 79, but only 1"),
-    (dict(start_t=500), "--start-t 500 is not a time of the sampler grid"),
-    (dict(n=0), "--n must be >= 1"),
-    (dict(m=0), "--m must be >= 1"),
-    (dict(data_top=0.0), "--data-top"),
+    (dict(variant="rlhf", n=1), "--n: expected a finite number >= 2, got 1"),
+    (dict(m=26), "--m: expected at most the sampler grid's 25 times"),
+    (dict(m=4, start_t=79), "--m: expected at most 2 states: only 1 grid times lie below --start-t 79"),
+    (dict(start_t=500), "--start-t: expected a time of the sampler grid"),
+    (dict(n=0), "--n: expected a finite number >= 1, got 0"),
+    (dict(m=0), "--m: expected a finite number >= 1, got 0"),
+    (dict(data_top=0.0), "--data-top: expected a finite number > 0 and <= 1, got 0.0"),
+    (dict(lr=float("nan")), "--lr: expected a finite number > 0"),
+    (dict(variant="rlhf", choose="random"), "--choose: expected one of ['best'], got 'random'"),
+    (dict(reward_gap="outside"), "--reward-gap: expected one of"),
+    (dict(beta=0.0), "--beta: expected a finite number > 0"),
 ])
 def test_bad_input_gets_a_clear_error_and_keeps_saved_files(tmp_path, tiny_world, overrides, message):
     sharpening.train(sharpening.Config(out=str(tmp_path), **{**TINY, "steps": 1}))
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    with pytest.raises(ValueError, match=re.escape(message)):
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(common.ConfigError, match=re.escape(message)):
         sharpening.train(sharpening.Config(out=str(tmp_path), **{**TINY, "steps": 1}, **overrides))
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
-    assert (tmp_path / "checkpoint" / "adapter.safetensors").exists()
+    with pytest.raises(common.ConfigError):  # on --resume: this error or the changed-setting one, before any write
+        sharpening.train(sharpening.Config(out=str(tmp_path), resume=True, **{**TINY, "steps": 1}, **overrides))
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
-def test_resuming_a_different_experiment_is_refused(tmp_path, tiny_world):
+@pytest.mark.parametrize("change", [dict(variant="rlhf"), dict(reward_gap="outside-plus"), dict(m_reduce="sum"),
+                                    dict(choose="worst"), dict(beta=50.0)])
+def test_resume_with_a_changed_setting_is_refused_before_anything_is_written(tmp_path, tiny_world, change):
     sharpening.train(sharpening.Config(out=str(tmp_path), **TINY))
-    with pytest.raises(ValueError, match="variant was 'sft', now 'rlhf'"):
-        sharpening.train(sharpening.Config(out=str(tmp_path), variant="rlhf", resume=True, **TINY))
-    assert json.loads((tmp_path / "config.json").read_text())["variant"] == "sft"
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    (name, value), = change.items()
+    with pytest.raises(common.ConfigError, match=re.escape(f"{common.flag(name)} saved")):
+        sharpening.train(sharpening.Config(out=str(tmp_path), resume=True, **{**TINY, **change}))
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # --steps and the evaluation sizes may change: a longer run of the same experiment
+    sharpening.train(sharpening.Config(out=str(tmp_path), resume=True, **{**TINY, "steps": 3, "final_samples": 8}))
+    assert [r["step"] for r in read_log(tmp_path)] == ["1", "2", "3"]
+
+
+def test_resume_of_another_methods_run_folder_is_refused(tmp_path, tiny_world):
+    (tmp_path / "config.json").write_text(json.dumps({"method": "pso", "seed": 0}))
+    with pytest.raises(common.ConfigError, match="is a run of 'pso', not of 'sharpening'"):
+        sharpening.train(sharpening.Config(out=str(tmp_path), resume=True, **TINY))
+    assert json.loads((tmp_path / "config.json").read_text()) == {"method": "pso", "seed": 0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
