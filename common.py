@@ -79,6 +79,10 @@ class Schedule:
 
     prediction = "epsilon"  # the network's output; FlowSchedule's is the velocity
 
+    def log_sigma_ve(self) -> torch.Tensor:
+        """ln sigma_VE(t) = ln sqrt((1 - alpha_bar_t) / alpha_bar_t) for t = 0..T-1 (float64): the EDM noise level."""
+        return (1 / self.alphas_cumprod.double() - 1).sqrt().log()
+
     def x0_from_pred(self, x_t, eps, t):
         return x0_from_eps(self, x_t, eps, t)
 
@@ -241,6 +245,12 @@ class FlowSchedule:
     def alpha_sigma(self, t, like: torch.Tensor | None = None):
         s = self.sigma(t, like)
         return 1 - s, s
+
+    def log_sigma_ve(self) -> torch.Tensor:
+        """ln sigma_VE(t) = ln(sigma_t / (1 - sigma_t)) for t = 0..T-1 (float64; +inf at sigma = 1): x_t / alpha_t is
+        x_0 + sigma_VE eps, the EDM noise level."""
+        s = self.sigmas.double()
+        return (s / (1 - s)).log()
 
     def alpha_bar(self, t, like=None):
         raise TypeError("a flow-matching schedule has no alpha_bar: use alpha_sigma (1 - sigma, sigma) and the "

@@ -175,8 +175,8 @@ def validate(cfg: Config) -> None:
 # Losses and the quantities they need
 # ---------------------------------------------------------------------------------------------------
 def log_sigma_ve(sched: common.Schedule) -> torch.Tensor:
-    # ln sigma_VE(t), sigma_VE(t) = sqrt((1 - alpha_bar_t) / alpha_bar_t): the EDM noise level of each discrete t
-    return (1 / sched.alphas_cumprod.double() - 1).sqrt().log()
+    # ln sigma_VE(t) = ln(sigma_t / alpha_t): the EDM noise level of each discrete t (DDPM: sqrt((1 - a) / a))
+    return sched.log_sigma_ve()
 
 
 def time_density(sched: common.Schedule, kind: str, t_min: int, t_max: int) -> torch.Tensor:
@@ -333,6 +333,9 @@ class GeneratorEMA:
 def make_generator(world, cfg: Config):
     """g_theta: the world's one-step model (dipp), or (di) the reference network read at sigma_init."""
     if cfg.variant == "di":
+        if world.schedule.prediction != "epsilon":
+            raise ValueError(f"--variant di reads the reference from the Euler-ancestral state sigma_init z, a DDPM "
+                             f"construction; {world.name} is a {world.schedule.name} world: use --variant dipp")
         t_init = init_timestep(world.schedule, cfg.init_sigma)
         # Euler-ancestral state sigma_VE z at t_init: the network sees x_t = sigma_t z, as the author's G(init_sigma z)
         generator = world.denoiser("teacher", lora_rank=cfg.lora_rank, train_full=cfg.train_full,
@@ -378,8 +381,10 @@ def generator_step(x0: torch.Tensor, cond, gen: torch.Generator, ta_net, world, 
                 raise ValueError(NOT_DIFFERENTIABLE)
         else:
             reward = torch.zeros(len(x0), device=dev)
+        # the networks' predictions as eps (a flow world predicts the velocity: eps_hat = x_t + (1 - sigma) v)
+        eps_ta, eps_ref = (sched.eps_from_pred(x_t.detach(), e.float(), t) for e in (eps_ta, eps_ref))
         loss, ikl_grad = generator_pseudo_loss(
-            x_t, score_from_eps(eps_ta.float(), sigma), score_from_eps(eps_ref.float(), sigma),
+            x_t, score_from_eps(eps_ta, sigma), score_from_eps(eps_ref, sigma),
             ikl_weight(sched, t, cfg.weighting, x_t), reward, cfg.reward_scale)
     return loss.mean(), reward.detach(), ikl_grad, t
 
@@ -389,7 +394,8 @@ def ta_step_loss(ta_net, x0: torch.Tensor, cond, gen: torch.Generator, sched, pi
     t = sample_t(len(x0), gen, pi).to(x0.device)
     eps = torch.randn(x0.shape, generator=gen).to(x0.device)
     with acc.autocast():
-        return ta_loss(ta_net(common.add_noise(sched, x0.detach(), eps, t), t, cond), eps)
+        # the regression target is eps (flow world: the velocity eps - x_0): sched.pred_target
+        return ta_loss(ta_net(common.add_noise(sched, x0.detach(), eps, t), t, cond), sched.pred_target(x0.detach(), eps, t))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -252,10 +252,11 @@ def eps_targets(sched, states: list[torch.Tensor], times: list[int], x0: torch.T
     """What each of a trajectory's m states is regressed on. "noise": the candidate's eps at every state (Eq. 9,
     10 and the official code). "x0" (not in the paper): eps_k = (x_{t_k} - alpha_k x_0) / sigma_k, the noise that
     takes state k back to the trajectory's x_0; the same at k = 0, different below, where the DDIM step moved the
-    state off the line from x_0 along eps."""
+    state off the line from x_0 along eps. Returned as what the network predicts (sched.pred_target: eps itself,
+    or the velocity eps - x_0 in a flow world)."""
     if target == "noise":
-        return [eps] * len(states)
-    return [common.eps_from_x0(sched, s, x0, t) for s, t in zip(states, times)]
+        return [sched.pred_target(x0, eps, t) for t in times]
+    return [sched.pred_target(x0, common.eps_from_x0(sched, s, x0, t), t) for s, t in zip(states, times)]
 
 
 def trajectory_mse(eps_pred: list[torch.Tensor], target, reduce: str = "mean", m_reduce: str = "sum") -> torch.Tensor:
@@ -409,8 +410,9 @@ def train(cfg: Config, world=None) -> dict:
     den = world.denoiser("teacher", lora_rank=cfg.lora_rank, train_full=cfg.full_finetune)
     grid = list(den.timesteps)  # the K-step DDIM grid, e.g. [999, 959, ..., 39]
     starts = rollout_times(grid, cfg.m, cfg.start_t)  # validates m against the grid before anything is written
-    kernel = common.make_kernel("ddim", world.schedule, cfg.eta)
-    eval_kernel = common.make_kernel("ddim", world.schedule, 0.0)
+    # the teacher's sampler with stochasticity eta: DDIM, or the flow SDE step in a flow world (eta 0 = the ODE)
+    kernel = common.make_kernel(den.sampler, world.schedule, cfg.eta)
+    eval_kernel = common.make_kernel(den.sampler, world.schedule, 0.0)
     net = CountingDenoiser(den)
     params = den.trainable_parameters()
     opt = acc.prepare(torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
