@@ -8,17 +8,20 @@ by raising the trajectory likelihood of a *target* sample over a *reference* sam
 measured against the frozen pre-trained model (a DPO objective on trajectories, Eq. 1-3). The reference keeps the
 model close to its own few-step trajectories, so it does not blur the way plain diffusion-loss fine-tuning does.
 
-Variants (`--variant`):
-  pso        Eq. 5 / Alg. 1: target forward-diffused from data (Eq. 11), reference trajectory sampled from the
-             current model's own MDP (Eq. 12). Style transfer in the paper (App. B.2).
-  offline    Eq. 6 / Alg. 3: both sides forward-diffused from stored images: reward-ranked preference pairs
-             (Pick-a-Pic in the paper; `world.preference_pairs`, or a `--pairs` file), or `--offline-pairs target`:
-             target data vs. a reference drawn from the frozen model for the same condition.
-             With `--one-timestep` it is Diffusion-DPO (one random timestep per pair instead of the sum).
-  online     Eq. 7 / Alg. 2: two trajectories of the current model per condition, ranked by the reward.
-  customize  App. B.3: Eq. 6 with the target = a few concept images, the reference = images sampled once from the
-             frozen model, the eps_pre terms dropped, plus lambda * prior preservation (eps-MSE on the references).
-  naive      Fig. 1b baseline: plain eps-MSE fine-tuning of the distilled model on the target data.
+Variants (`--variant`), each one update function under its equation number, called by the one loop in `train`:
+  pso        Eq. 5 / Alg. 1 (`pso_update`): target forward-diffused from data (Eq. 11), reference trajectory sampled
+             from the current model's own MDP (Eq. 12). Style transfer in the paper (App. B.2).
+  offline    Eq. 6 / Alg. 3 (`offline_update`): both sides forward-diffused from stored images: reward-ranked
+             preference pairs (Pick-a-Pic in the paper; `world.preference_pairs`, or a `--pairs` file), or
+             `--offline-pairs target`: target data vs. a reference drawn from the frozen model for the same condition.
+             `--one-timestep --one-timestep-from uniform` is Diffusion-DPO (one t ~ U[0, T) per pair).
+  online     Eq. 7 / Alg. 2 (`online_update`): two trajectories of the current model per condition, ranked by reward.
+  customize  App. B.3 (`customize_update`): Eq. 6 with the target = a few concept images, the reference = images
+             sampled once from the frozen model, the eps_pre terms dropped, plus lambda * prior preservation.
+  naive      Fig. 1b baseline (`naive_update`): plain eps-MSE fine-tuning of the distilled model on the target data,
+             t ~ U[0, T) as Ho et al. (`--naive-t uniform`) or at the training grid's times (`--naive-t grid`).
+`python pso.py` (`experiment`) trains, for the target-data variants, the naive baseline first into <out>/naive with
+the same budget, then the chosen variant, and reports both in one table.
 
 Equation <-> code:
   Eq. 11 (data side, omega = 1)   eps_log_ratio        -(||eps - eps_theta||^2 - ||eps - eps_pre||^2)
@@ -26,16 +29,19 @@ Equation <-> code:
   Eq. 1/3 -> 5, 6, 7              pso_loss             -log sigmoid(beta * sum_n (r^target_n - r^reference_n))
   Eq. 2 / Alg. 1 l.5, Alg. 2 l.2  sample_trajectory    the policy's MDP roll-out (kernel from the backend's sampler)
   Eq. 4 / Eq. 14                  common.make_kernel   x0_renoise / euler_ancestral (chosen by the backend, never here)
-  Alg. 2 l.3-5                    online_log_ratios    winner = the higher reward
-  App. B.3                        customize_log_ratios + prior preservation in train()
-  Fig. 1b                         naive_loss
+  Eq. 5                           pso_update
+  Eq. 6                           offline_update
+  Eq. 7, Alg. 2 l.3-5             online_update        winner = the higher reward, per condition
+  App. B.3                        customize_update     + prior preservation
+  Fig. 1b                         naive_update, naive_loss
 
 Transitions n = N..2 are trained; the last one (t_1 -> 0) is deterministic and dropped (Sec. 2.1). "N" is the
 training grid: the model's own grid by default (N = 4: [999, 749, 499, 249]), or a denser `--train-steps` grid
 (e.g. 8 steps, 7 transitions) while evaluation always samples on the model's own grid.
 
 NFEs per update, counted by `CountingDenoiser` in network evaluations per pair (one call on B conditions at one
-timestep = 1; a call on 2B rows = 2) and logged as `nfe`; tests check measured == stated. S = training grid length.
+timestep = 1; a call on 2B rows = 2) and logged as `nfe` (per pair of one micro-batch); tests check measured ==
+stated. S = training grid length.
   pso        4(S-1) = 12:  roll-out S-1 (policy, graph kept) + frozen on its states S-1
                            + policy and frozen on the forward-diffused target S-1 each
   offline    4(S-1) = 12:  policy + frozen on 2(S-1) forward-diffused states (4 with --one-timestep);
@@ -44,7 +50,7 @@ timestep = 1; a call on 2B rows = 2) and logged as `nfe`; tests check measured =
                            without grad) + frozen on the 2(S-1) stored states
   customize  2(S-1) = 6:   policy on 2(S-1) states, no reference model (2 with --one-timestep); plus, once,
                            4 (the model's grid) per reference image, sampled from the frozen model (setup_nfe)
-  naive      S      = 4:   policy on the target at every grid time (t_1 included: nothing makes it special here)
+  naive      S      = 4:   policy on S noised copies of each target sample (t ~ U[0, T), or the S grid times)
 These are the minimum: nothing is evaluated twice. In particular the policy predictions on the model's own
 trajectories are not recomputed: the roll-out runs with grad on detached states, and the same predictions give
 mu_theta in Eq. 12 (the usual DDPO-style code samples without grad and calls the policy again: 5(S-1) for pso,
@@ -55,34 +61,49 @@ Where this differs from the paper / the official code (and why):
      official code does (this is what makes beta = 50 work at 1024^2); `--reduce sum` is the paper's Eq. 5-7.
   2. The data-side term is the paper's eps-MSE surrogate with omega_{t_n} = 1 (Eq. 11, "constant in practice").
      For the x0-renoise kernel it is not the exact transition KL; we keep the paper's form.
-  3. Online, official code: the loss is applied per transition (-log sigmoid per step, averaged: `--per-step-loss`),
-     the per-step likelihood ratio is clamped to [1 - c, 1 + c] with c = 0.1 (D3PO's trick: `--clamp-ratio 0.1`),
-     beta = 50 for online too (paper: 5), sampling and training alternate in epochs over stored pairs with the
-     timestep order shuffled (here: one fresh batch of pairs per update, all transitions summed, as Alg. 2 reads).
-     Ties in the reward: the official code gives them no gradient; here the first sample wins (continuous rewards
-     make ties measure-zero).
-  4. Offline: the official repository has no offline trainer; Eq. 6 is implemented as written (sum over the
+  3. Eq. 14 as printed swaps the two Euler-ancestral noise levels: its drift uses the formula of diffusers'
+     sigma_up and its noise std sqrt(sigma_{n-1}^2 - sigma_n^2) (negative under the root). The kernel follows
+     diffusers' EulerAncestralDiscreteScheduler, which SDXL-Turbo samples with: std = sigma_up, drift to
+     sigma_down = sqrt(sigma_to^2 - sigma_up^2) (tested bit for bit against diffusers).
+  4. Online, official code (DMD2 run): the loss is applied per transition (-log sigmoid per step, averaged:
+     `--per-step-loss`), the per-step ratio is clamped to [1 - c, 1 + c] with c = 0.1 (D3PO's trick:
+     `--clamp-ratio 0.1`), beta = 50 for online too (paper: 5), and it samples 8 steps and trains 7 transitions
+     (`--train-steps 8`; evaluation here stays on the model's 4-step grid). Sampling and training alternate in epochs
+     over stored pairs with the timestep order shuffled (here: one fresh batch of pairs per update, all transitions
+     summed, as Alg. 2 reads). Ties in the reward: the official code gives them no gradient; here the first sample
+     wins (continuous rewards make ties measure-zero). The official form is thus
+     `--variant online --beta 50 --per-step-loss --clamp-ratio 0.1 --train-steps 8`.
+  5. `--clamp-ratio` clamps the per-transition terms r_n that enter the sigmoid. On the Eq. 12 side r_n is the
+     transition log-ratio (per dimension under `--reduce mean`, as the official code's log-probs), so the clamp is
+     D3PO's. On the Eq. 11 side (pso target, offline, customize) r_n is the eps-MSE surrogate, not a likelihood
+     ratio: there the clamp only bounds the surrogate; it is offered for every variant but is D3PO's only online.
+  6. Offline: the official repository has no offline trainer; Eq. 6 is implemented as written (sum over the
      N-1 stochastic transitions, same noise eps_n for target and reference: Diffusion-DPO's variance reduction).
-     Diffusion-DPO writes the logit with a factor 1/2: its beta equals 2 x ours.
-  5. Customize: the official DreamBooth script weights the eps-error by sigma^-2 (an x0-space error), draws one
-     grid timestep per pair, and uses a hinge loss relu(1 - beta * logit) when eps_pre is dropped; we follow the
-     paper by default (Eq. 6 form, log-sigmoid, sum over steps); `--hinge` and `--one-timestep` give the official
-     choices.
-  6. Eq. 5 has no official trainer either. The training grid can be denser than the sampling grid
+     `--one-timestep` draws one t per pair from the grid's stochastic transitions {t_N..t_2} ({999, 749, 499}) by
+     default; Diffusion-DPO draws t ~ U[0, T) (`--one-timestep-from uniform`). Diffusion-DPO writes the logit with a
+     factor 1/2: its beta equals 2 x ours.
+  7. Customize: the paper's form by default (Eq. 6 without eps_pre, log-sigmoid, sum over steps, lambda = 1). The
+     official DreamBooth script (SDXL-Turbo) differs in five ways, each an option: the hinge relu(1 - beta margin)
+     (`--hinge`), the reference term scaled by 0.1 (`--reference-scale 0.1`), one timestep per pair drawn from
+     {750, 500, 250, 0} (diffusers' "leading" spacing: `--one-timestep --one-timestep-from leading`), prior weight
+     0.5 (`--prior-weight 0.5`), and lr 2e-4 for 600 updates of batch 1 x 4 accumulation with beta 5 and 20
+     reference images (`--lr 2e-4 --steps 600 --batch 1 --gradient-accumulation-steps 4 --reference-images 20`).
+     Its sigma^-2-weighted x0-space error equals the eps-MSE used here.
+  8. Eq. 5 has no official trainer either. The training grid can be denser than the sampling grid
      (`--train-steps 8`): with the model's own 4-step grid the deterministic last step (t_1 = 249 -> x_0) is never
-     trained, and on a sharp toy that step snaps samples back to the old modes (DESIGN.md section 7).
-  7. Learning rate, steps and batch are scaled for CPU toys (see Config); the paper's values are in the help.
+     trained (DESIGN.md section 7).
+  9. Naive baseline: t ~ U[0, T) by default (Ho et al., the paper's Fig. 1b baseline); `--naive-t grid` trains at
+     the S training-grid times instead (t_1 included, which no PSO variant trains).
+ 10. Learning rate, steps and batch are scaled for CPU toys (see Config); the paper's values are in the help.
 
-Run `python pso.py --help` for every option; `docs/pso.md` has usage, metrics and results.
+Run `python pso.py --help` for every option; `docs/pso.md` has usage, metrics and measured results.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
-import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,10 +113,11 @@ import common
 VARIANTS = ("pso", "offline", "online", "customize", "naive")
 SAMPLERS = ("", "x0_renoise", "euler_ancestral")
 PAPER_BETA = {"pso": 50.0, "offline": 50.0, "online": 5.0, "customize": 5.0, "naive": 0.0}
+FREE = ("eval_every", "eval_samples", "naive_baseline")  # a resumed run may change these: they do not change updates
 
 
 @dataclasses.dataclass
-class Config:
+class Config(common.RunConfig):
     model: str = common.arg("toy2d", "toy world (toy2d | mnist) or a diffusers checkpoint for the full backend")
     variant: str = common.arg("pso", "objective: pso (Eq. 5), offline (Eq. 6), online (Eq. 7), customize (App. B.3), "
                               "naive (Fig. 1b baseline)", choices=list(VARIANTS))
@@ -103,7 +125,7 @@ class Config:
                               "euler_ancestral (SDXL-Turbo, Eq. 14); empty = the backend's default",
                               choices=list(SAMPLERS))
     steps: int = common.arg(300, "updates (paper: 5k offline, 20k online, 3k style transfer, 1k customize)")
-    batch: int = common.arg(64, "pairs (conditions) per update (paper: 64; customize 4)")
+    batch: int = common.arg(64, "pairs (conditions) per micro-batch (paper: 64; customize 4)")
     lr: float = common.arg(1e-3, "AdamW learning rate (paper: 1e-5 on SDXL; the toys' LoRA needs ~100x more)")
     weight_decay: float = common.arg(1e-6, "AdamW weight decay (official code: 1e-6)")
     beta: float = common.arg(0.0, "DPO regularisation beta; 0 = the paper's value: 50 (pso, offline), 5 (online, "
@@ -111,17 +133,21 @@ class Config:
     reduce: str = common.arg("mean", "reduce squared norms / log-probs over dimensions: mean (official code, what "
                              "beta = 50 is tuned for) or sum (the paper's equations)", choices=["mean", "sum"])
     train_steps: int = common.arg(0, "length S of the training grid (trailing spacing); 0 = the model's own grid "
-                                  "(N = 4 in the paper). E.g. 8 trains 7 transitions incl. t = 249, evaluation stays "
-                                  "on the model's grid")
+                                  "(N = 4 in the paper). E.g. 8 trains 7 transitions incl. t = 249 (the official "
+                                  "online DMD2 run), evaluation stays on the model's grid")
     lora_rank: int = common.arg(16, "LoRA rank (paper: 16 for DMD2 / Turbo, 32 for LCM)")
     train_full: bool = common.arg(False, "fine-tune every weight instead of a LoRA")
-    grad_clip: float = common.arg(1.0, "max gradient norm (official code: 1.0)")
+    grad_clip: float = common.arg(1.0, "max gradient norm (official code: 1.0); 0 = off")
     per_step_loss: bool = common.arg(False, "official online code: -log sigmoid per transition, averaged, instead "
                                      "of the sum over transitions inside one sigmoid")
-    clamp_ratio: float = common.arg(0.0, "official code / D3PO: clamp each per-step likelihood ratio to "
-                                    "[1 - c, 1 + c] (official: 0.1); 0 = off")
-    one_timestep: bool = common.arg(False, "offline / customize: one random grid transition per pair instead of the "
-                                    "sum (offline then equals Diffusion-DPO)")
+    clamp_ratio: float = common.arg(0.0, "official online code / D3PO: clamp each per-step ratio exp(r_n) to "
+                                    "[1 - c, 1 + c] (official: 0.1; on Eq. 11 terms a bound on the surrogate); 0 = off")
+    one_timestep: bool = common.arg(False, "offline / customize: one random timestep per pair instead of the sum over "
+                                    "the grid's transitions (see --one-timestep-from)")
+    one_timestep_from: str = common.arg("grid", "--one-timestep draws t from: grid (the training grid's stochastic "
+                                        "transitions t_N..t_2), uniform (U[0, T): Diffusion-DPO), leading (T - n T/S, "
+                                        "n = 1..S: {750, 500, 250, 0}, the official DreamBooth script's)",
+                                        choices=["grid", "uniform", "leading"])
     offline_pairs: str = common.arg("preference", "offline pairs: preference (world.preference_pairs: reward-ranked, "
                                     "Pick-a-Pic-like) or target (target data vs. a frozen-model sample)",
                                     choices=["preference", "target"])
@@ -129,17 +155,20 @@ class Config:
                             "overrides --offline-pairs")
     hinge: bool = common.arg(False, "relu(1 - beta * margin) instead of -log sigmoid: the official customization "
                              "script's loss when eps_pre is dropped (bounded: no push past margin 1 / beta)")
+    reference_scale: float = common.arg(1.0, "customize: weight of the reference term in the margin (official "
+                                        "DreamBooth script: 0.1)")
     concept_images: int = common.arg(5, "customize: number of concept images (DreamBooth: 3-5)")
-    reference_images: int = common.arg(64, "customize: reference images sampled once from the frozen model")
-    prior_weight: float = common.arg(1.0, "customize: lambda of the prior-preservation eps-MSE on the references")
+    reference_images: int = common.arg(64, "customize: reference images sampled once from the frozen model "
+                                       "(official: 20)")
+    prior_weight: float = common.arg(1.0, "customize: lambda of the prior-preservation eps-MSE on the references "
+                                     "(official DreamBooth script: 0.5)")
+    naive_t: str = common.arg("uniform", "naive baseline's timesteps: uniform (t ~ U[0, T), Ho et al., the paper's "
+                              "baseline) or grid (the training grid's times, t_1 included)",
+                              choices=["uniform", "grid"])
     naive_baseline: bool = common.arg(True, "for target-data variants (pso, offline --offline-pairs target): also "
                                       "fine-tune the naive baseline with the same budget, for the figure and metrics")
     eval_samples: int = common.arg(1000, "samples for the final evaluation (same seeds for every model)")
     eval_every: int = common.arg(25, "updates between quick evaluations (256 samples) logged in log.csv")
-    seed: int = common.arg(0, "random seed: update k draws from step_generator(seed, k, rank)")
-    out: str = common.arg("", "run folder (default runs/pso-<variant>-<model>)")
-    resume: bool = common.arg(False, "continue from the run folder's last checkpoint")
-    save_every: int = common.arg(100, "updates between checkpoints (the final one is always saved)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,17 +189,19 @@ def eps_log_ratio(eps, eps_theta, eps_pre, reduce="mean"):
     return -common.reduce_dims(err, reduce)
 
 
-def pso_loss(log_ratio_target, log_ratio_reference, beta, per_step=False, clamp=0.0, hinge=False):
+def pso_loss(log_ratio_target, log_ratio_reference, beta, per_step=False, clamp=0.0, hinge=False,
+             reference_scale=1.0):
     """Eq. 1 on trajectories (Eq. 3, 5, 6, 7): -log sigmoid(beta sum_n (r^target_n - r^reference_n)).
 
     Inputs are [B, S-1] per-transition log-ratios log p_theta / p_pre. `per_step`: the official online code's
     mean_n -log sigmoid(beta (r^target_n - r^reference_n)); `clamp`: D3PO's ratio clamp to [1 - c, 1 + c];
-    `hinge`: relu(1 - beta margin), the official customization script's loss (no push past margin 1 / beta).
-    Returns (loss, margin [B]) with margin = sum_n (r^target_n - r^reference_n), the implicit reward gap / beta."""
+    `hinge`: relu(1 - beta margin), the official customization script's loss (no push past margin 1 / beta);
+    `reference_scale`: the official customization script's weight on the reference term (0.1 there).
+    Returns (loss, margin [B]) with margin = sum_n (r^target_n - c r^reference_n), the implicit reward gap / beta."""
     if clamp:
         lo, hi = math.log(1 - clamp), math.log(1 + clamp)
         log_ratio_target, log_ratio_reference = log_ratio_target.clamp(lo, hi), log_ratio_reference.clamp(lo, hi)
-    margin = log_ratio_target - log_ratio_reference
+    margin = log_ratio_target - reference_scale * log_ratio_reference
     if hinge:
         return F.relu(1 - beta * margin.sum(1)).mean(), margin.sum(1)
     if per_step:
@@ -180,7 +211,7 @@ def pso_loss(log_ratio_target, log_ratio_reference, beta, per_step=False, clamp=
 
 
 def naive_loss(eps, eps_theta, reduce="mean"):
-    """Fig. 1b / Ho et al.: ||eps - eps_theta(x_t)||^2 on the target data, averaged over batch and grid times."""
+    """Fig. 1b / Ho et al.: ||eps - eps_theta(x_t)||^2 on the target data, averaged over batch and noised copies."""
     return common.reduce_dims((eps - eps_theta) ** 2, reduce).mean()
 
 
@@ -253,34 +284,177 @@ def forward_log_ratios(net, sched, x0, cond, times, generator, reduce, use_refer
 
 
 # ---------------------------------------------------------------------------------------------------
+# One update per variant: its pairs and log-ratios under its equation number -> (loss, info)
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Setup:
+    """What an update reads: the resolved options, the world, the counted policy (its `frozen()` is the pre-trained
+    model), the MDP kernel, the training grid t_N..t_1 and beta; customize's fixed images."""
+
+    cfg: Config
+    world: Any
+    net: CountingDenoiser
+    kernel: common.Kernel
+    grid: list[int]
+    beta: float
+    concept: tuple | None = None  # customize: (images [K, ...], their condition)
+    references: torch.Tensor | None = None  # customize: frozen-model samples of the class condition
+
+    @property
+    def device(self):
+        return self.world.accelerator.device
+
+    @property
+    def n(self) -> int:
+        """Stochastic transitions t_N -> ... -> t_1 (the last, deterministic one to x_0 is not trained)."""
+        return len(self.grid) - 1
+
+
+def target_batch(s: Setup, gen):
+    """Alg. 1 line 3: x^target_0 ~ p_data (the world's target split) with its conditions."""
+    x0, cond = s.world.data(s.cfg.batch, gen, split="target")
+    return x0.to(s.device), common.cond_to(cond, s.device)
+
+
+def dpo(s: Setup, lr_target, lr_reference, reference_scale: float = 1.0):
+    """Eq. 1/3 on the [B, S'] per-transition log-ratios of the two sides; info = what log.csv shows of the pairs."""
+    loss, margin = pso_loss(lr_target, lr_reference, s.beta, s.cfg.per_step_loss, s.cfg.clamp_ratio, s.cfg.hinge,
+                            reference_scale)
+    margin = margin.detach()
+    return loss, {"margin": float(margin.mean()), "accuracy": float((margin > 0).float().mean()),
+                  "log_ratio_target": float(lr_target.detach().sum(1).mean()),
+                  "log_ratio_reference": float(lr_reference.detach().sum(1).mean())}
+
+
+def one_timestep(s: Setup, gen) -> torch.Tensor:
+    """--one-timestep: one t per pair [B] from the grid's stochastic transitions, U[0, T) (Diffusion-DPO) or the
+    'leading' set T - n T/S (the official DreamBooth script's {750, 500, 250, 0} for S = 4)."""
+    b, S = s.cfg.batch, len(s.grid)
+    if s.cfg.one_timestep_from == "uniform":
+        return torch.randint(0, common.T, (b,), generator=gen).to(s.device)
+    leading = [common.T - n * common.T // S for n in range(1, S + 1)]
+    table = s.grid[:-1] if s.cfg.one_timestep_from == "grid" else leading
+    pick = torch.randint(0, len(table), (b,), generator=gen)
+    return torch.tensor(table)[pick].to(s.device)
+
+
+def pair_log_ratios(s: Setup, x_win, x_lose, cond, gen, use_reference: bool = True):
+    """Eq. 11 on both images of each pair, forward-diffused at the same t_n with the same eps_n (Diffusion-DPO's
+    variance reduction), in one policy call (+ one frozen call) -> ([B, S'], [B, S'])."""
+    times = [one_timestep(s, gen)] if s.cfg.one_timestep else s.grid[:-1]
+    eps = torch.randn((len(times), *x_win.shape), generator=gen).to(s.device)
+    times2 = [torch.cat([times[0], times[0]])] if s.cfg.one_timestep else times
+    lr_both, _, _ = forward_log_ratios(s.net, s.world.schedule, torch.cat([x_win, x_lose]),
+                                       common.cond_cat([cond, cond]), times2, gen, s.cfg.reduce,
+                                       use_reference=use_reference, eps=torch.cat([eps, eps], 1))
+    b = x_win.shape[0]
+    return lr_both[:b], lr_both[b:]
+
+
+def pso_update(s: Setup, gen):
+    """Eq. 5 / Alg. 1: the target forward-diffused from data (Eq. 11) against a reference trajectory the current model
+    samples itself (Eq. 12); logit = -beta sum_n [D^target_n - R^reference_n / (2 sigma_n^2)]."""
+    x0, cond = target_batch(s, gen)
+    noise = torch.randn(x0.shape, generator=gen).to(s.device)
+    reference = sample_trajectory(s.net, s.kernel, noise, cond, s.grid, gen, grad_steps=s.n)
+    lr_reference = trajectory_log_ratios(s.net, s.kernel, reference, cond, s.n, s.cfg.reduce)  # mu_theta reused
+    lr_target, _, _ = forward_log_ratios(s.net, s.world.schedule, x0, cond, s.grid[:-1], gen, s.cfg.reduce)
+    return dpo(s, lr_target, lr_reference)
+
+
+def offline_update(s: Setup, gen):
+    """Eq. 6 / Alg. 3: both sides forward-diffused from stored images; logit = -beta sum_n [D^target_n - D^ref_n]."""
+    cfg = s.cfg
+    if cfg.pairs or cfg.offline_pairs == "preference":  # reward-ranked pairs (Pick-a-Pic-like) or a pairs file
+        x_win, x_lose, cond = s.world.preference_pairs(cfg.batch, gen, path=cfg.pairs or None)
+        x_win, x_lose, cond = x_win.to(s.device), x_lose.to(s.device), common.cond_to(cond, s.device)
+    else:  # target data vs. a reference drawn from the frozen model for the same condition
+        x_win, cond = target_batch(s, gen)
+        noise = torch.randn(x_win.shape, generator=gen).to(s.device)
+        with torch.no_grad(), s.net.frozen():
+            x_lose = common.sample(s.net, s.kernel, noise, cond, s.net.timesteps, gen)
+    return dpo(s, *pair_log_ratios(s, x_win, x_lose, cond, gen))
+
+
+def online_update(s: Setup, gen):
+    """Eq. 7 / Alg. 2: two trajectories of the current model per condition, the higher reward the target (per
+    condition); logit = -beta sum_n [R^win_n - R^lose_n] / (2 sigma_n^2)."""
+    b = s.cfg.batch
+    cond = common.cond_to(s.world.conditions(b, gen), s.device)
+    cond2 = common.cond_cat([cond, cond])  # rows i and b + i share condition i
+    noise = torch.randn(2 * b, *s.world.shape, generator=gen).to(s.device)
+    traj = sample_trajectory(s.net, s.kernel, noise, cond2, s.grid + [-1], gen, grad_steps=s.n)
+    with torch.no_grad():
+        reward = s.world.reward(traj.x0, cond2).float()
+    lr_both = trajectory_log_ratios(s.net, s.kernel, traj, cond2, s.n, s.cfg.reduce)  # mu_theta from the roll-out
+    first_wins = (reward[:b] >= reward[b:])[:, None]
+    lr_a, lr_b = lr_both[:b], lr_both[b:]
+    loss, info = dpo(s, torch.where(first_wins, lr_a, lr_b), torch.where(first_wins, lr_b, lr_a))
+    info["reward"] = float(reward.mean())
+    return loss, info
+
+
+def customize_update(s: Setup, gen):
+    """App. B.3: Eq. 6 with the concept images as targets and the frozen model's class samples as references, eps_pre
+    dropped (r = -||eps - eps_theta||^2), plus lambda * prior preservation (the eps-MSE on the references)."""
+    cfg = s.cfg
+    concept, concept_cond = s.concept
+    i = torch.randint(0, cfg.concept_images, (cfg.batch,), generator=gen).to(s.device)
+    j = torch.randint(0, cfg.reference_images, (cfg.batch,), generator=gen).to(s.device)
+    cond = common.cond_index(concept_cond, i)
+    lr_concept, lr_reference = pair_log_ratios(s, concept[i], s.references[j], cond, gen, use_reference=False)
+    loss, info = dpo(s, lr_concept, lr_reference, cfg.reference_scale)
+    prior = -lr_reference.mean()  # ||eps - eps_theta(x^reference_t)||^2 (reduced), averaged
+    info["prior"] = float(prior.detach())
+    return loss + cfg.prior_weight * prior, info
+
+
+def naive_update(s: Setup, gen):
+    """Fig. 1b: ||eps - eps_theta(x^target_t)||^2, no reference; S noised copies per sample, at t ~ U[0, T) as Ho et
+    al. (--naive-t uniform) or at the S training-grid times (--naive-t grid)."""
+    x0, cond = target_batch(s, gen)
+    S = len(s.grid)
+    eps = torch.randn((S, *x0.shape), generator=gen).to(s.device)
+    if s.cfg.naive_t == "grid":
+        x_t = [common.add_noise(s.world.schedule, x0, eps[k], t) for k, t in enumerate(s.grid)]
+        eps_theta = predict(s.net, x_t, s.grid, cond)
+    else:
+        t = torch.randint(0, common.T, (S, s.cfg.batch), generator=gen).to(s.device)
+        x_t = torch.cat([common.add_noise(s.world.schedule, x0, eps[k], t[k]) for k in range(S)])
+        eps_theta = s.net(x_t, t.flatten(), common.cond_cat([cond] * S)).reshape(eps.shape)
+    return naive_loss(eps.flatten(0, 1), eps_theta.flatten(0, 1), s.cfg.reduce), {}
+
+
+UPDATES = {"pso": pso_update, "offline": offline_update, "online": online_update, "customize": customize_update,
+           "naive": naive_update}
+
+
+# ---------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------
 def validate(cfg: Config) -> None:
-    """Bad configurations fail before anything is loaded or written, naming the problem."""
-    checks = [
-        (cfg.variant in VARIANTS, f"unknown --variant {cfg.variant!r}; choose one of {list(VARIANTS)}"),
-        (cfg.sampler in SAMPLERS, f"unknown --sampler {cfg.sampler!r}; choose x0_renoise or euler_ancestral"),
-        (cfg.reduce in ("mean", "sum"), f"--reduce must be mean or sum, got {cfg.reduce!r}"),
-        (cfg.offline_pairs in ("preference", "target"), f"unknown --offline-pairs {cfg.offline_pairs!r}"),
-        (cfg.steps >= 0, f"--steps must be >= 0, got {cfg.steps}"),
-        (cfg.batch >= 1, f"--batch must be >= 1, got {cfg.batch}"),
-        (cfg.beta >= 0, f"--beta must be > 0 (0 = the paper's value), got {cfg.beta}"),
-        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
-        (cfg.train_steps == 0 or cfg.train_steps >= 2,
-         f"--train-steps must be 0 (the model's grid) or >= 2 (one stochastic transition), got {cfg.train_steps}"),
-        (0 <= cfg.clamp_ratio < 1, f"--clamp-ratio must be in [0, 1), got {cfg.clamp_ratio}"),
-        (not (cfg.hinge and cfg.per_step_loss), "--hinge and --per-step-loss are two different losses; pick one"),
-        (not cfg.pairs or cfg.variant == "offline", "--pairs is a file of offline pairs: use it with --variant offline"),
-        (not cfg.pairs or Path(cfg.pairs).is_file(), f"--pairs file {cfg.pairs!r} does not exist"),
-        (not cfg.one_timestep or cfg.variant in ("offline", "customize"),
-         "--one-timestep applies to the forward-diffused objectives: --variant offline or customize"),
-        (cfg.concept_images >= 1 and cfg.reference_images >= 1, "--concept-images and --reference-images must be >= 1"),
-        (cfg.save_every >= 1 and cfg.eval_every >= 1, "--save-every and --eval-every must be >= 1"),
-        (cfg.eval_samples >= 1, f"--eval-samples must be >= 1, got {cfg.eval_samples}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    """Bad options fail before anything is loaded or written, naming the flag, what was expected and what was found."""
+    for name, choices in (("variant", VARIANTS), ("sampler", SAMPLERS), ("reduce", ("mean", "sum")),
+                          ("offline_pairs", ("preference", "target")), ("naive_t", ("uniform", "grid")),
+                          ("one_timestep_from", ("grid", "uniform", "leading"))):
+        common.check_choice(cfg, name, choices)
+    for name, lo in (("steps", 0), ("batch", 1), ("weight_decay", 0), ("beta", 0), ("lora_rank", 1),
+                     ("grad_clip", 0), ("reference_scale", 0), ("concept_images", 1), ("reference_images", 1),
+                     ("prior_weight", 0), ("eval_samples", 1), ("eval_every", 1)):
+        common.check_range(cfg, name, lo)
+    common.check_range(cfg, "lr", 0, 1, lo_open=True)
+    common.check_range(cfg, "clamp_ratio", 0, 1, hi_open=True)
+    common.check_range(cfg, "train_steps", 0, common.T)
+    common.check(cfg.train_steps != 1, "train_steps", "0 (the model's grid) or >= 2 (one stochastic transition)", 1)
+    common.check(not (cfg.hinge and cfg.per_step_loss), "hinge", "not with --per-step-loss (two different losses)",
+                 "--hinge --per-step-loss")
+    common.check(not cfg.pairs or cfg.variant == "offline", "pairs", "a file of offline pairs, with --variant offline",
+                 f"--variant {cfg.variant}")
+    common.check(not cfg.pairs or Path(cfg.pairs).is_file(), "pairs", "an existing file", cfg.pairs)
+    common.check(not cfg.one_timestep or cfg.variant in ("offline", "customize"), "one_timestep",
+                 "--variant offline or customize (the forward-diffused objectives)", f"--variant {cfg.variant}")
+    common.check(cfg.reference_scale == 1.0 or cfg.variant == "customize", "reference_scale",
+                 "1 unless --variant customize", cfg.reference_scale)
 
 
 def eval_split(cfg: Config) -> str:
@@ -290,162 +464,86 @@ def eval_split(cfg: Config) -> str:
     return "target"
 
 
-@torch.no_grad()
+def _rows(cond) -> int:
+    return len(next(iter(cond.values()))) if isinstance(cond, dict) else len(cond)
+
+
 def draw(den, kernel, world, cond, times, seed, frozen=False):
-    """Samples on `times` from fixed seeds (the same for every model compared)."""
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(_rows(cond), *world.shape, generator=gen).to(world.accelerator.device)
-    with den.frozen() if frozen else contextlib.nullcontext():
-        return common.sample(den, kernel, noise, cond, times, gen)
+    """Samples on `times` from fixed seeds (the same for every model compared), world.decode_batch rows per call."""
+    noise = torch.randn(_rows(cond), *world.shape, generator=torch.Generator().manual_seed(seed))
+    noise = noise.to(world.accelerator.device)
+    with den.frozen() if frozen else torch.no_grad():
+        return common.sample_in_chunks(den, kernel, noise, cond, times, world.decode_batch, seed=seed + 1)
 
 
-def train(cfg: Config, world=None) -> dict:
-    """Fine-tune, evaluate, write runs/<name>/ (DESIGN.md section 9); returns the metrics. `world`: an already
-    loaded world (default: common.load_world(cfg.model))."""
-    return _train(cfg, world)[0]
+def customize_images(s: Setup):
+    """App. B.3's fixed inputs, drawn once and deterministic in the seed (a resumed run rebuilds the same ones): a
+    few concept images, and references sampled from the frozen model with the class condition. -> setup NFE."""
+    cfg, dev = s.cfg, s.device
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    concept, concept_cond, class_cond = s.world.concept_images(cfg.concept_images, g)
+    s.concept = (concept.to(dev), common.cond_to(concept_cond, dev))
+    ref_cond = common.cond_to(common.cond_repeat(common.cond_index(class_cond, slice(0, 1)), cfg.reference_images), dev)
+    s.references = draw(s.net, s.kernel, s.world, ref_cond, s.net.timesteps, cfg.seed + 2, frozen=True)
+    return s.net.nfe(1)
 
 
-def _train(cfg: Config, world=None):
+def train(cfg: Config, world=None, baseline=None):
+    """One run of cfg.variant: fine-tune, evaluate, write the run folder (DESIGN.md section 9). `world`: an already
+    loaded world (default common.load_world(cfg.model)); `baseline`: (metrics, denoiser) of a naive run with the same
+    settings (see `experiment`), whose samples and metrics join this run's. Returns (metrics, trained denoiser)."""
     validate(cfg)
     timer = common.Timer()
-    beta = cfg.beta or PAPER_BETA[cfg.variant]
+    run = common.Run("pso", cfg, free=FREE)  # folder and resume checks; writes nothing
     world = world or common.load_world(cfg.model)
+    cfg = run.configure(world)  # the backend's defaults for options not given; the same-experiment rule
+    validate(cfg)
+    beta = cfg.beta or PAPER_BETA[cfg.variant]
     acc = world.accelerator
-    dev, main = acc.device, acc.is_main_process
     common.seed_everything(cfg.seed)  # LoRA's A matrices are drawn from the global generator
     den = world.denoiser("student", lora_rank=cfg.lora_rank, train_full=cfg.train_full, sampler=cfg.sampler or None)
     kernel = common.make_kernel(den.sampler, world.schedule)  # the backend's sampler decides the MDP (Eq. 4 / 14)
     grid = common.few_step_timesteps(cfg.train_steps) if cfg.train_steps else list(den.timesteps)
-    S = len(grid)
-    if S < 2 and cfg.variant in ("pso", "offline", "online", "customize"):
-        raise ValueError(f"the model samples in {S} step: PSO needs >= 2 (one stochastic transition); "
-                         "pass --train-steps 4 or more")
-    split = eval_split(cfg)
-    out = Path(cfg.out or f"runs/pso-{cfg.variant}-{Path(cfg.model).name}")
-    if cfg.resume:
-        _check_resume_config(out, cfg)
-    run = common.RunDir(out, cfg, resume=cfg.resume or not main)
+    common.check(len(grid) >= 2 or cfg.variant == "naive", "train_steps",
+                 f">= 2 training steps (one stochastic transition; the model samples in {len(grid)})", cfg.train_steps)
     params = den.trainable_parameters()
     opt = acc.prepare(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
-    start, tensors, _ = run.load_checkpoint(opt) if cfg.resume else (0, None, {})
-    if tensors is not None:
-        den.load_adapter_state({k: v.to(dev) for k, v in tensors.items()})
-        run.truncate_log(start)
-        print(f"[pso] resumed {out} at update {start}", file=sys.stderr)
-    elif cfg.resume:
-        print(f"[pso] --resume: no checkpoint in {out}; starting from update 0", file=sys.stderr)
-    net = CountingDenoiser(den)
-    setup_nfe = 0.0
-
-    # Fixed inputs drawn once (deterministic in the seed, so a resumed run rebuilds the same ones).
-    if cfg.variant == "customize":
-        # App. B.3: a few concept images; references sampled once from the frozen model with the class condition.
-        g = torch.Generator().manual_seed(cfg.seed + 1)
-        concept, concept_cond, class_cond = world.concept_images(cfg.concept_images, g)
-        concept, concept_cond = concept.to(dev), common.cond_to(concept_cond, dev)
-        ref_cond = common.cond_to(common.cond_repeat(common.cond_index(class_cond, slice(0, 1)),
-                                                     cfg.reference_images), dev)
-        references = draw(net, kernel, world, ref_cond, den.timesteps, cfg.seed + 2, frozen=True)
-        setup_nfe = net.nfe(1)
+    start = run.start(world, {"student": den}, {"student": opt})
+    # (after an interrupted run, or another --gradient-accumulation-steps, it would not); belongs in Run.start
+    s = Setup(cfg, world, CountingDenoiser(den), kernel, grid, beta)
+    setup_nfe = customize_images(s) if cfg.variant == "customize" else 0.0
+    dev, split = acc.device, eval_split(cfg)
     eval_cond = common.cond_to(world.eval_conditions(cfg.eval_samples) if cfg.variant != "customize" else
-                               common.cond_repeat(common.cond_index(concept_cond, slice(0, 1)), cfg.eval_samples), dev)
+                               common.cond_repeat(common.cond_index(s.concept[1], slice(0, 1)), cfg.eval_samples), dev)
     quick_cond = common.cond_index(eval_cond, slice(0, 256))
 
-    train_seconds = 0.0
-    for step in range(start, cfg.steps):
+    update, accumulation, train_seconds = UPDATES[cfg.variant], cfg.gradient_accumulation_steps, 0.0
+    for step in run.updates():
         tick = common.Timer()
-        gen = common.step_generator(cfg.seed, step, acc.process_index)
-        net.rows, info = 0, {}
-        with acc.autocast():
-            if cfg.variant == "naive":
-                # Fig. 1b: ||eps - eps_theta(x^target_{t_n})||^2 at every grid time, no reference
-                x0, cond = world.data(cfg.batch, gen, split="target")
-                x0, cond = x0.to(dev), common.cond_to(cond, dev)
-                eps = torch.randn((S, *x0.shape), generator=gen).to(dev)
-                eps_theta = predict(net, [common.add_noise(world.schedule, x0, eps[k], t) for k, t in enumerate(grid)],
-                                    grid, cond)
-                loss = naive_loss(eps.flatten(0, 1), eps_theta.flatten(0, 1), cfg.reduce)
-            else:
-                if cfg.variant == "pso":
-                    # Alg. 1: x^target_0 ~ p_data (forward-diffused, Eq. 11); reference trajectory ~ p_theta (Eq. 12)
-                    x0, cond = world.data(cfg.batch, gen, split="target")
-                    x0, cond = x0.to(dev), common.cond_to(cond, dev)
-                    noise = torch.randn(x0.shape, generator=gen).to(dev)
-                    reference = sample_trajectory(net, kernel, noise, cond, grid, gen, grad_steps=S - 1)
-                    lr_reference = trajectory_log_ratios(net, kernel, reference, cond, S - 1, cfg.reduce)
-                    lr_target, _, _ = forward_log_ratios(net, world.schedule, x0, cond, grid[:-1], gen, cfg.reduce)
-                elif cfg.variant == "online":
-                    # Alg. 2: two trajectories of the current model per condition, ranked by the reward
-                    cond = common.cond_to(world.conditions(cfg.batch, gen), dev)
-                    cond2 = common.cond_cat([cond, cond])
-                    noise = torch.randn(2 * cfg.batch, *world.shape, generator=gen).to(dev)
-                    traj = sample_trajectory(net, kernel, noise, cond2, grid + [-1], gen, grad_steps=S - 1)
-                    with torch.no_grad():
-                        reward = world.reward(traj.x0, cond2).float()
-                    lr_both = trajectory_log_ratios(net, kernel, traj, cond2, S - 1, cfg.reduce)
-                    first_wins = (reward[: cfg.batch] >= reward[cfg.batch:])[:, None]
-                    lr_a, lr_b = lr_both[: cfg.batch], lr_both[cfg.batch:]
-                    lr_target, lr_reference = torch.where(first_wins, lr_a, lr_b), torch.where(first_wins, lr_b, lr_a)
-                    info["reward"] = float(reward.mean())
-                else:  # offline (Eq. 6 / Alg. 3) and customize (App. B.3): both sides forward-diffused
-                    if cfg.variant == "offline" and (cfg.pairs or cfg.offline_pairs == "preference"):
-                        x_win, x_lose, cond = world.preference_pairs(cfg.batch, gen, path=cfg.pairs or None)
-                        x_win, x_lose, cond = x_win.to(dev), x_lose.to(dev), common.cond_to(cond, dev)
-                    elif cfg.variant == "offline":  # target data vs. a reference drawn from the frozen model
-                        x_win, cond = world.data(cfg.batch, gen, split="target")
-                        x_win, cond = x_win.to(dev), common.cond_to(cond, dev)
-                        noise = torch.randn(x_win.shape, generator=gen).to(dev)
-                        with torch.no_grad(), net.frozen():
-                            x_lose = common.sample(net, kernel, noise, cond, den.timesteps, gen)
-                    else:
-                        i = torch.randint(0, cfg.concept_images, (cfg.batch,), generator=gen).to(dev)
-                        j = torch.randint(0, cfg.reference_images, (cfg.batch,), generator=gen).to(dev)
-                        x_win, x_lose = concept[i], references[j]
-                        cond = common.cond_index(concept_cond, i)
-                    times = grid[:-1]
-                    if cfg.one_timestep:  # one random stochastic transition per pair: Diffusion-DPO
-                        pick = torch.randint(0, S - 1, (cfg.batch,), generator=gen)
-                        times = [torch.tensor(grid[:-1])[pick].to(dev)]
-                    # same-noise pairing: target and reference share eps_n at each t_n
-                    eps = torch.randn((len(times), *x_win.shape), generator=gen).to(dev)
-                    both = torch.cat([x_win, x_lose])
-                    times2 = times if not cfg.one_timestep else [torch.cat([times[0], times[0]])]
-                    lr_both, _, _ = forward_log_ratios(net, world.schedule, both, common.cond_cat([cond, cond]),
-                                                       times2, gen, cfg.reduce,
-                                                       use_reference=cfg.variant != "customize",
-                                                       eps=torch.cat([eps, eps], 1))
-                    lr_target, lr_reference = lr_both[: cfg.batch], lr_both[cfg.batch:]
-                loss, margin = pso_loss(lr_target, lr_reference, beta, cfg.per_step_loss, cfg.clamp_ratio, cfg.hinge)
-                if cfg.variant == "customize":
-                    # App. B.3: + lambda * prior preservation, the eps-MSE on the reference images (= -r^reference)
-                    prior = -lr_reference.mean()
-                    loss = loss + cfg.prior_weight * prior
-                    info["prior"] = float(prior.detach())
-                margin, lr_target, lr_reference = margin.detach(), lr_target.detach(), lr_reference.detach()
-                info.update(margin=float(margin.mean()), accuracy=float((margin > 0).float().mean()),
-                            log_ratio_target=float(lr_target.sum(1).mean()),
-                            log_ratio_reference=float(lr_reference.sum(1).mean()))
-        common.check_finite(loss, step + 1, run)
-        acc.backward(loss)
-        if cfg.grad_clip > 0:
-            acc.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        s.net.rows, losses, infos = 0, [], []
+        for micro in range(accumulation):
+            # update k (from 1) draws the stream that index k - 1 drew before the harness: results stay the same
+            gen = common.step_generator(cfg.seed, step - 1, acc.process_index, micro=micro)
+            with run.accumulate():
+                with acc.autocast():
+                    loss, info = update(s, gen)
+                run.check_finite(loss, step)
+                run.optimizer_step(loss, opt, params, cfg.grad_clip)
+            losses.append(float(loss.detach()))
+            infos.append(info)
         seconds = tick()
         train_seconds += seconds
-        row = {"step": step + 1, "loss": float(loss.detach()), "reward": info.pop("reward", ""), "nfe": net.nfe(cfg.batch),
-               "seconds": seconds, **{k: info.get(k, "") for k in ("margin", "accuracy", "log_ratio_target",
-                                                                    "log_ratio_reference", "prior")},
-               "eval_reward": "", "eval_quality": ""}
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        info = {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]}
+        row = {"step": step, "loss": sum(losses) / len(losses), "reward": info.get("reward", ""),
+               "nfe": s.net.nfe(cfg.batch * accumulation), "seconds": seconds,
+               **{k: info.get(k, "") for k in ("margin", "accuracy", "log_ratio_target", "log_ratio_reference",
+                                               "prior")}, "eval_reward": "", "eval_quality": ""}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
             m = world.metrics(draw(den, kernel, world, quick_cond, den.timesteps, cfg.seed + 3), quick_cond, split)
             row.update(eval_reward=m["reward"], eval_quality=m["quality"])
             if row["reward"] == "":
                 row["reward"] = m["reward"]
-        if main:
-            run.log(row)
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                run.save_checkpoint(step + 1, den.adapter_state(), opt)
+        run.log(row)  # log.csv, trackers, progress bar; a checkpoint when due
 
     # ---- evaluation: base vs tuned (and naive) from the same seeds, at the model's own grid and at one step ----
     seed = cfg.seed + 10_000
@@ -454,7 +552,7 @@ def _train(cfg: Config, world=None):
     x_tuned = draw(den, kernel, world, eval_cond, den.timesteps, seed)
     metrics = {"variant": cfg.variant, "model": cfg.model, "sampler": den.sampler, "eval_split": split,
                "beta": beta, "updates": cfg.steps, "train_grid": grid, "sample_grid": list(den.timesteps),
-               "nfe_per_update": nfe_per_update(cfg, S, len(den.timesteps)), "setup_nfe": setup_nfe,
+               "nfe_per_update": nfe_per_update(cfg, len(grid), len(den.timesteps)), "setup_nfe": setup_nfe,
                "eval_samples": cfg.eval_samples}
     for name, x in (("base", x_base), ("tuned", x_tuned)):
         metrics.update({f"{k}_{name}": v for k, v in world.metrics(x, eval_cond, split).items()})
@@ -470,32 +568,46 @@ def _train(cfg: Config, world=None):
         x_data, c_data = world.data(min(cfg.eval_samples, 1000), torch.Generator().manual_seed(seed), split="target")
         panels["target data"] = (x_data, c_data)
     if cfg.variant == "customize":
-        panels["concept images"] = (concept, concept_cond)
+        panels["concept images"] = s.concept
     panels[f"base, {len(den.timesteps)} steps"] = (x_base, eval_cond)
-    if cfg.naive_baseline and split == "target" and cfg.variant in ("pso", "offline"):
-        naive_cfg = dataclasses.replace(cfg, variant="naive", out=str(out / "naive"), naive_baseline=False)
-        naive_metrics, naive_den = _train(naive_cfg, world)
-        x_naive = draw(naive_den, kernel, world, eval_cond, den.timesteps, seed)
-        for k, v in naive_metrics.items():  # reward_tuned -> reward_naive, quality_tuned_1step -> quality_naive_1step
-            if "_tuned" in k:
-                metrics[k.replace("_tuned", "_naive")] = v
+    if baseline is not None:  # the naive run scored the same seeds: its "_tuned" metrics are this run's "_naive"
+        naive_metrics, naive_den = baseline
+        metrics.update({k.replace("_tuned", "_naive"): v for k, v in naive_metrics.items() if "_tuned" in k})
         metrics["seconds_naive"] = naive_metrics["seconds"]
-        metrics["quality_naive_on_base_split"] = world.metrics(x_naive, eval_cond, "base")["quality"]
-        panels[f"naive, {len(den.timesteps)} steps"] = (x_naive, eval_cond)
+        panels[f"naive, {len(den.timesteps)} steps"] = (draw(naive_den, kernel, world, eval_cond, den.timesteps, seed),
+                                                        eval_cond)
     panels[f"{cfg.variant}, {len(den.timesteps)} steps"] = (x_tuned, eval_cond)
     panels[f"{cfg.variant}, 1 step"] = (x1_tuned, eval_cond)
     metrics.update(seconds_train=train_seconds, seconds=timer(),
                    seconds_per_update=train_seconds / max(1, cfg.steps - start))
-    if main:
-        world.plot_samples(panels, run.path / "samples.png")
-        plot_curves(run.read_log(), run.path / "curves.png", cfg.variant)
-        world.save_adapter(den, run.path / "adapter")
-        run.metrics(metrics)
+    curves = [("loss", "loss"), ("margin", "margin: sum_n r^target_n - r^reference_n"),
+              ("eval_reward", "reward (eval)"), ("eval_quality", "quality (eval)")]
+    run.finish(metrics, panels, [c for c in curves if cfg.variant != "naive" or c[0] != "margin"], adapter=den)
     return metrics, den
 
 
+def has_naive_baseline(cfg: Config) -> bool:
+    """The target-data variants compare with the naive baseline (Fig. 1b) unless --no-naive-baseline."""
+    return cfg.naive_baseline and cfg.variant in ("pso", "offline") and eval_split(cfg) == "target"
+
+
+def experiment(cfg: Config, world=None) -> dict:
+    """`python pso.py`: for the target-data variants first the naive baseline with the same resolved settings and
+    budget into <out>/naive, then cfg.variant, whose metrics and samples include the baseline's. Returns the metrics."""
+    validate(cfg)
+    baseline = None
+    if has_naive_baseline(cfg):
+        run = common.Run("pso", cfg, free=FREE)  # the main run's folder and resume checks come first (write nothing)
+        world = world or common.load_world(cfg.model)
+        resolved = run.configure(world)
+        naive = dataclasses.replace(resolved, variant="naive", out=str(run.path / "naive"), naive_baseline=False,
+                                    one_timestep=False, one_timestep_from="grid")
+        baseline = train(naive, world)
+    return train(cfg, world, baseline)[0]
+
+
 def nfe_per_update(cfg: Config, S: int, model_steps: int) -> int:
-    """The docstring's NFE table (per pair, per update; S = training grid, model_steps = the model's own grid);
+    """The docstring's NFE table (per pair, per micro-batch; S = training grid, model_steps = the model's own grid);
     tests compare it with the counted value."""
     k = 1 if cfg.one_timestep else S - 1
     if cfg.variant == "pso":
@@ -509,62 +621,9 @@ def nfe_per_update(cfg: Config, S: int, model_steps: int) -> int:
     return S
 
 
-def _rows(cond) -> int:
-    return len(next(iter(cond.values()))) if isinstance(cond, dict) else len(cond)
-
-
-def _check_resume_config(out: Path, cfg: Config) -> None:
-    """A resumed run must keep the settings that shape the result (steps may grow)."""
-    path = out / "config.json"
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())
-    free = {"steps", "resume", "save_every", "eval_every", "out", "naive_baseline", "eval_samples"}
-    diff = {k: (old.get(k), v) for k, v in dataclasses.asdict(cfg).items() if k not in free and old.get(k, v) != v}
-    if diff:
-        raise ValueError(f"--resume with settings that differ from the saved run {path}: "
-                         + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
-                         + ". Use the same settings, or a new --out.")
-
-
-def plot_curves(rows: list[dict], path, variant: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def series(key):
-        pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
-        return zip(*pts) if pts else ([], [])
-
-    keys = ["loss", "margin", "eval_reward", "eval_quality"] if variant != "naive" else ["loss", "eval_reward",
-                                                                                         "eval_quality"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 2.8))
-    for ax, key in zip(axes, keys):
-        x, y = series(key)
-        ax.plot(list(x), list(y), lw=1)
-        ax.set(title=key, xlabel="update")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv=None) -> dict:
     cfg = common.parse_config(Config, argv, description=__doc__.split("\n\n")[0])
-    metrics = train(cfg)
-    keys = ["reward", "quality", "distance"]
-    split = metrics["eval_split"]
-    print(f"scored against the {split} split" + (" (last column: quality against the base data)"
-                                                 if split == "target" else ""))
-    print(f"{'model':14s}" + "".join(f"{k:>10s}" for k in keys) + ("   q(base)" if split == "target" else ""))
-    for name in ("base", "naive", "tuned", "base_1step", "naive_1step", "tuned_1step"):
-        if f"quality_{name}" in metrics:
-            extra = metrics.get(f"quality_{name}_on_base_split")
-            print(f"{name:14s}" + "".join(f"{metrics[f'{k}_{name}']:10.3f}" for k in keys)
-                  + (f"{extra:10.3f}" if extra is not None else ""))
-    print(f"{metrics['seconds']:.1f} s, {metrics['nfe_per_update']:g} NFE per update; wrote "
-          f"{cfg.out or f'runs/pso-{cfg.variant}-{Path(cfg.model).name}'}")
-    return metrics
+    return experiment(cfg)
 
 
 if __name__ == "__main__":

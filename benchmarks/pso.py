@@ -48,8 +48,9 @@ EXPERIMENTS = {
     "offline (preference pairs, beta 5)": ("reward", dict(variant="offline", beta=5.0)),
     "online (paper: beta 5)": ("reward", dict(variant="online")),
     "online (beta 20)": ("reward", dict(variant="online", beta=20.0)),
-    "online, official form (beta 50, per step, clamp 0.1)": ("reward", dict(variant="online", beta=50.0,
-                                                                            per_step_loss=True, clamp_ratio=0.1)),
+    # the official DMD2 online run: beta 50, per-step loss, clamp 0.1, 8 sampling steps of which 7 are trained
+    "online, official form (beta 50, per step, clamp 0.1, 8-step train grid)": ("reward", dict(
+        variant="online", beta=50.0, per_step_loss=True, clamp_ratio=0.1, train_steps=8)),
     "online, euler ancestral MDP (beta 5)": ("reward", dict(variant="online", sampler="euler_ancestral")),
 }
 
@@ -62,11 +63,11 @@ def run_world(name: str, steps: int | None, only: list[str] | None, seeds: list[
             continue
         per_seed = []
         for seed in seeds:
-            cfg = pso.Config(model=name, naive_baseline=False, seed=seed,
+            cfg = pso.Config(model=name, naive_baseline=False, seed=seed, progress=False,
                              out=str(ROOT / "runs" / "bench-pso" / name / f"{_slug(label)}-seed{seed}"),
                              **{**({"steps": steps} if steps else {}), **overrides})
             start = time.perf_counter()
-            m = pso.train(cfg, world)
+            m, _ = pso.train(cfg, world)
             m["wall_seconds"] = time.perf_counter() - start
             per_seed.append(m)
             if seed == seeds[0]:
@@ -99,7 +100,7 @@ def _f(m: dict, key: str) -> str:
 def default_run_seconds() -> dict:
     """Wall time of `python pso.py` with no argument (cached toy2d base models), in-process."""
     start = time.perf_counter()
-    m = pso.train(pso.Config(out=str(ROOT / "runs" / "bench-pso" / "default")))
+    m = pso.experiment(pso.Config(out=str(ROOT / "runs" / "bench-pso" / "default"), progress=False))
     return {"wall_seconds": time.perf_counter() - start, "metrics": m}
 
 

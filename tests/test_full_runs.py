@@ -89,18 +89,18 @@ def test_resume_after_an_interruption_gives_the_same_adapter(specs, tmp_path, mo
     args = lambda out: ["--model", str(specs["xl"]), "--variant", "online", "--steps", "3", "--batch", "2",  # noqa: E731
                         "--lr", "1e-3", "--eval-samples", "2", "--eval-every", "100", "--save-every", "2", "--out", str(out)]
     pso.main(args(tmp_path / "a"))
-    real = common.check_finite
+    real = common.Run.check_finite
 
-    def killed_at_update_3(loss, step, run=None):
+    def killed_at_update_3(self, loss, step):
         if step == 3:
             raise KeyboardInterrupt("simulated kill")
-        return real(loss, step, run)
+        return real(self, loss, step)
 
-    monkeypatch.setattr(common, "check_finite", killed_at_update_3)
+    monkeypatch.setattr(common.Run, "check_finite", killed_at_update_3)
     with pytest.raises(KeyboardInterrupt):
         pso.main(args(tmp_path / "b"))
-    monkeypatch.setattr(common, "check_finite", real)
-    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 2
+    monkeypatch.setattr(common.Run, "check_finite", real)
+    assert json.loads((tmp_path / "b" / "checkpoint-2" / "state.json").read_text())["step"] == 2
     pso.main(args(tmp_path / "b") + ["--resume"])
     a = load_file(str(tmp_path / "a" / "adapter" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "b" / "adapter" / "pytorch_lora_weights.safetensors"))

@@ -230,8 +230,13 @@ def test_one_gradient_step_raises_the_target_trajectory_likelihood_over_the_refe
 # ----------------------------------------------------------------------------------------------- runs
 def tiny(tmp_path, **kw):
     base = dict(steps=2, batch=8, eval_samples=32, eval_every=1000, save_every=1000, naive_baseline=False,
-                out=str(tmp_path / "run"), reference_images=8, concept_images=3)
+                out=str(tmp_path / "run"), reference_images=8, concept_images=3, progress=False)
     return pso.Config(**{**base, **kw})
+
+
+def fit(cfg, world):
+    """pso.train's metrics (it also returns the trained denoiser)."""
+    return pso.train(cfg, world)[0]
 
 
 def read_log(path):
@@ -244,18 +249,23 @@ CASES = {
     "pso_dense_grid_euler": dict(variant="pso", train_steps=6, sampler="euler_ancestral"),
     "offline": dict(variant="offline"),
     "offline_target_one_timestep": dict(variant="offline", offline_pairs="target", one_timestep=True),
+    "offline_diffusion_dpo": dict(variant="offline", one_timestep=True, one_timestep_from="uniform"),
     "online": dict(variant="online"),
     "online_official": dict(variant="online", per_step_loss=True, clamp_ratio=0.1, beta=50.0,
                             sampler="euler_ancestral"),
     "customize": dict(variant="customize"),
+    "customize_official": dict(variant="customize", hinge=True, reference_scale=0.1, one_timestep=True,
+                               one_timestep_from="leading", prior_weight=0.5, beta=5.0),
     "naive": dict(variant="naive"),
+    "naive_grid": dict(variant="naive", naive_t="grid"),
+    "pso_accumulated": dict(variant="pso", gradient_accumulation_steps=2),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_variant_runs_counts_its_stated_nfe_and_starts_at_log_2(case, tmp_path, toy2d_tiny):
     cfg = tiny(tmp_path, **CASES[case])
-    metrics = pso.train(cfg, toy2d_tiny)
+    metrics = fit(cfg, toy2d_tiny)
     rows = read_log(tmp_path / "run")
     assert [int(r["step"]) for r in rows] == [1, 2]
     assert all(float(r["nfe"]) == metrics["nfe_per_update"] for r in rows)  # counted == stated
@@ -268,7 +278,8 @@ def test_every_variant_runs_counts_its_stated_nfe_and_starts_at_log_2(case, tmp_
         assert key in metrics
     assert (tmp_path / "run" / "samples.png").exists() and (tmp_path / "run" / "curves.png").exists()
     stated = {"pso": 12, "pso_dense_grid_euler": 20, "offline": 12, "offline_target_one_timestep": 4 + 4,
-              "online": 14, "online_official": 14, "customize": 6, "naive": 4}
+              "offline_diffusion_dpo": 4, "online": 14, "online_official": 14, "customize": 6, "customize_official": 2,
+              "naive": 4, "naive_grid": 4, "pso_accumulated": 12}  # per pair of one micro-batch
     assert metrics["nfe_per_update"] == stated[case]
 
 
@@ -280,7 +291,7 @@ def test_customize_has_no_reference_model_and_adds_prior_preservation(tmp_path, 
     lr, _, _ = pso.forward_log_ratios(net, sched, x0, c, [499], None, "mean", use_reference=False, eps=eps)
     x_t = common.add_noise(sched, x0, eps[0], 499)
     assert torch.allclose(lr[:, 0], -((eps[0] - net.denoiser(x_t, 499)) ** 2).mean(1)) and net.rows == 6
-    metrics = pso.train(tiny(tmp_path, variant="customize", steps=1), toy2d_tiny)
+    metrics = fit(tiny(tmp_path, variant="customize", steps=1), toy2d_tiny)
     row = read_log(tmp_path / "run")[0]
     assert float(row["prior"]) > 0 and float(row["loss"]) > float(row["prior"])  # -log sigmoid(.) > 0 plus prior
     assert abs(float(row["loss"]) - math.log(2) - float(row["prior"])) > 1e-3  # not the referenced log 2 start
@@ -288,39 +299,81 @@ def test_customize_has_no_reference_model_and_adds_prior_preservation(tmp_path, 
 
 
 def test_default_run_has_a_naive_baseline_panel_and_metrics(tmp_path, toy2d_tiny):
-    metrics = pso.train(tiny(tmp_path, naive_baseline=True), toy2d_tiny)
-    assert {"quality_naive", "reward_naive", "quality_naive_1step"} <= metrics.keys()
-    assert (tmp_path / "run" / "naive" / "metrics.json").exists()
+    """experiment() (what `python pso.py` runs) trains the naive baseline into <out>/naive with the same settings, then
+    the variant, and merges the baseline's tuned metrics as _naive (its samples are the same seeds)."""
+    metrics = pso.experiment(tiny(tmp_path, naive_baseline=True), toy2d_tiny)
+    naive = json.loads((tmp_path / "run" / "naive" / "metrics.json").read_text())
+    assert naive["variant"] == "naive" and naive["updates"] == 2
+    assert {"quality_naive", "reward_naive", "quality_naive_1step", "quality_naive_on_base_split"} <= metrics.keys()
+    assert metrics["quality_naive"] == naive["quality_tuned"] and metrics["reward_naive_1step"] == naive[
+        "reward_tuned_1step"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+    assert json.loads((tmp_path / "run" / "naive" / "config.json").read_text())["naive_t"] == "uniform"
 
 
 def test_mnist_end_to_end(tmp_path, mnist_tiny):
-    metrics = pso.train(tiny(tmp_path, variant="online", batch=4, eval_samples=8), mnist_tiny)
+    metrics = fit(tiny(tmp_path, variant="online", batch=4, eval_samples=8), mnist_tiny)
     assert "bold_share_tuned" in metrics and metrics["nfe_per_update"] == 14
 
 
-def test_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path, toy2d_tiny, monkeypatch):
-    full = pso.train(tiny(tmp_path, steps=4, out=str(tmp_path / "a")), toy2d_tiny)
-    real = common.check_finite
+def kill_at_update(monkeypatch, n):
+    """Simulate a kill (an exception no handler catches) when update n checks its loss."""
+    real = common.Run.check_finite
 
-    def crash_at_update_4(loss, step, run=None):
-        if step == 4:
+    def killed(self, loss, step):
+        if step == n:
             raise KeyboardInterrupt("simulated kill")
-        return real(loss, step, run)
+        return real(self, loss, step)
 
-    monkeypatch.setattr(common, "check_finite", crash_at_update_4)
+    monkeypatch.setattr(common.Run, "check_finite", killed)
+    return real
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_an_interrupted_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(accumulation, tmp_path, toy2d_tiny,
+                                                                                   monkeypatch):
+    kw = dict(steps=4, save_every=2, gradient_accumulation_steps=accumulation)
+    full = fit(tiny(tmp_path, out=str(tmp_path / "a"), **kw), toy2d_tiny)
+    real = kill_at_update(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
-        pso.train(tiny(tmp_path, steps=4, save_every=2, out=str(tmp_path / "b")), toy2d_tiny)
-    monkeypatch.setattr(common, "check_finite", real)
-    resumed = pso.train(tiny(tmp_path, steps=4, save_every=2, out=str(tmp_path / "b"), resume=True), toy2d_tiny)
+        fit(tiny(tmp_path, out=str(tmp_path / "b"), **kw), toy2d_tiny)
+    assert [r["step"] for r in read_log(tmp_path / "b")] == ["1", "2", "3"]  # update 3 logged, checkpoint at 2
+    monkeypatch.setattr(common.Run, "check_finite", real)
+    resumed = fit(tiny(tmp_path, out=str(tmp_path / "b"), resume=True, **kw), toy2d_tiny)
     a = load_file(str(tmp_path / "a" / "adapter" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "b" / "adapter" / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["step"] for r in read_log(tmp_path / "b")] == ["1", "2", "3", "4"]
+    assert [r["step"] for r in read_log(tmp_path / "b")] == ["1", "2", "3", "4"]  # no duplicated rows
     assert [r["loss"] for r in read_log(tmp_path / "b")] == [r["loss"] for r in read_log(tmp_path / "a")]
     assert resumed["quality_tuned"] == full["quality_tuned"]
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, toy2d_tiny, monkeypatch):
+def test_gradient_accumulation_runs_each_micro_batch_with_the_stated_nfe_and_its_own_stream(tmp_path, toy2d_tiny,
+                                                                                         monkeypatch):
+    """--gradient-accumulation-steps 2: two micro-batches per update, each the stated NFEs (logged per pair of one
+    micro-batch), each from its own random stream (micro = 0 is the stream of an update without accumulation)."""
+    seen = []
+    real = pso.target_batch
+
+    def record(s, gen):
+        x0, cond = real(s, gen)
+        seen.append(x0.clone())
+        return x0, cond
+
+    monkeypatch.setattr(pso, "target_batch", record)
+    metrics = fit(tiny(tmp_path, steps=1, gradient_accumulation_steps=2), toy2d_tiny)
+    assert len(seen) == 2 and not torch.equal(seen[0], seen[1])
+    assert float(read_log(tmp_path / "run")[0]["nfe"]) == metrics["nfe_per_update"] == 12
+    seen.clear()
+    fit(tiny(tmp_path, steps=1, out=str(tmp_path / "one")), toy2d_tiny)
+    assert len(seen) == 1
+    first_micro = seen[0]
+    seen.clear()
+    fit(tiny(tmp_path, steps=1, out=str(tmp_path / "two"), gradient_accumulation_steps=2), toy2d_tiny)
+    assert torch.equal(seen[0], first_micro)
+
+
+def test_nan_loss_stops_with_the_message_and_keeps_the_last_good_checkpoint(tmp_path, toy2d_tiny, monkeypatch):
     real, calls = pso.pso_loss, []
 
     def nan_on_third(*a, **k):
@@ -329,10 +382,48 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
         return (loss * float("nan"), margin) if len(calls) == 3 else (loss, margin)
 
     monkeypatch.setattr(pso, "pso_loss", nan_on_third)
-    with pytest.raises(common.NonFiniteLoss, match="update 3.*last good checkpoint"):
-        pso.train(tiny(tmp_path, steps=5, save_every=2), toy2d_tiny)
-    step, tensors, _ = common.RunDir(tmp_path / "run", tiny(tmp_path), resume=True).load_checkpoint()
-    assert step == 2 and all(torch.isfinite(v).all() for v in tensors.values())
+    with pytest.raises(common.NonFiniteLoss, match=r"update 3 of .*checkpoint-2\) is kept.*another --out"):
+        fit(tiny(tmp_path, steps=5, save_every=2), toy2d_tiny)
+    assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-2"]
+    tensors = load_file(str(tmp_path / "run" / "checkpoint-2" / "model-student.safetensors"))
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+
+
+def test_nan_before_any_checkpoint_says_none_was_written(tmp_path, toy2d_tiny, monkeypatch):
+    monkeypatch.setattr(pso, "naive_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(common.NonFiniteLoss, match="update 1 .*no checkpoint was written yet"):
+        fit(tiny(tmp_path, variant="naive"), toy2d_tiny)
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_resume_with_a_changed_setting_is_refused_before_anything_is_written(tmp_path, toy2d_tiny):
+    fit(tiny(tmp_path), toy2d_tiny)
+    before = _files(tmp_path / "run")
+    with pytest.raises(ValueError, match="--variant saved 'pso', now 'online'"):
+        fit(tiny(tmp_path, variant="online", resume=True), toy2d_tiny)
+    with pytest.raises(ValueError, match="--beta saved 0.0, now 5.0"):
+        pso.experiment(tiny(tmp_path, beta=5.0, resume=True, naive_baseline=True), toy2d_tiny)
+    with pytest.raises(ValueError, match="--naive-t saved 'uniform', now 'grid'"):
+        fit(tiny(tmp_path, naive_t="grid", resume=True), toy2d_tiny)
+    assert _files(tmp_path / "run") == before and not (tmp_path / "run" / "naive").exists()
+    # the free options (more updates, evaluation size) continue the same experiment
+    fit(tiny(tmp_path, steps=3, eval_samples=16, resume=True), toy2d_tiny)
+    assert [r["step"] for r in read_log(tmp_path / "run")] == ["1", "2", "3"]
+
+
+def test_resume_of_another_methods_run_folder_is_refused_before_anything_is_written(tmp_path, toy2d_tiny):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"method": "sharpening", "variant": "sft", "model": "toy2d"}))
+    before = _files(folder)
+    with pytest.raises(common.ConfigError, match="is a run of 'sharpening', not of 'pso'"):
+        fit(tiny(tmp_path, resume=True), toy2d_tiny)
+    with pytest.raises(common.ConfigError, match="is a run of 'sharpening', not of 'pso'"):
+        pso.experiment(tiny(tmp_path, resume=True, naive_baseline=True), toy2d_tiny)
+    assert _files(folder) == before
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -341,26 +432,26 @@ def test_a_pairs_file_row_with_a_missing_image_or_label_is_named(tmp_path, toy2d
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [good, good, {"win": [0.0, 1.2], "cond": 1}]))
     with pytest.raises(ValueError, match=r"row 2: missing 'lose'"):
-        pso.train(tiny(tmp_path, variant="offline", pairs=str(path)), toy2d_tiny)
+        fit(tiny(tmp_path, variant="offline", pairs=str(path)), toy2d_tiny)
     path.write_text("\n".join(json.dumps(r) for r in [good, {"win": [0.0, 1.2], "lose": [1.0, 0.0]}]))
     with pytest.raises(ValueError, match=r"row 1: missing 'cond'"):
-        pso.train(tiny(tmp_path, variant="offline", pairs=str(path)), toy2d_tiny)
+        fit(tiny(tmp_path, variant="offline", pairs=str(path)), toy2d_tiny)
     path.write_text(json.dumps({**good, "cond": 7}))
     with pytest.raises(ValueError, match=r"row 0: label 7 is not a condition"):
-        pso.train(tiny(tmp_path, variant="offline", pairs=str(path)), toy2d_tiny)
+        fit(tiny(tmp_path, variant="offline", pairs=str(path)), toy2d_tiny)
     st = tmp_path / "pairs.safetensors"
     save_file({"win": torch.zeros(3, 2), "lose": torch.zeros(3, 2), "cond": torch.zeros(2, dtype=torch.long)}, str(st))
     with pytest.raises(ValueError, match=r"row 2: missing 'cond'"):
-        pso.train(tiny(tmp_path, variant="offline", pairs=str(st)), toy2d_tiny)
+        fit(tiny(tmp_path, variant="offline", pairs=str(st)), toy2d_tiny)
     save_file({"win": torch.zeros(2, 3), "lose": torch.zeros(2, 2), "cond": torch.zeros(2, dtype=torch.long)}, str(st))
     with pytest.raises(ValueError, match=r"row 0: 'win' has shape \(3,\)"):
-        pso.train(tiny(tmp_path, variant="offline", pairs=str(st)), toy2d_tiny)
+        fit(tiny(tmp_path, variant="offline", pairs=str(st)), toy2d_tiny)
 
 
 def test_a_valid_pairs_file_trains(tmp_path, toy2d_tiny):
     path = tmp_path / "pairs.pt"
     torch.save({"win": torch.randn(6, 2), "lose": torch.randn(6, 2), "cond": torch.arange(6) % 3}, path)
-    metrics = pso.train(tiny(tmp_path, variant="offline", pairs=str(path)), toy2d_tiny)
+    metrics = fit(tiny(tmp_path, variant="offline", pairs=str(path)), toy2d_tiny)
     assert metrics["eval_split"] == "base" and metrics["nfe_per_update"] == 12
 
 
@@ -371,22 +462,25 @@ def test_a_valid_pairs_file_trains(tmp_path, toy2d_tiny):
     (dict(variant="pso", one_timestep=True), "--one-timestep"),
     (dict(variant="dpo"), "--variant"),
     (dict(clamp_ratio=1.5), "--clamp-ratio"),
+    (dict(lr=1e39), "--lr: expected a finite number > 0 and <= 1, got 1e"),
+    (dict(batch=0), "--batch"),
+    (dict(reference_scale=0.1), "--reference-scale: expected 1 unless --variant customize"),
+    (dict(naive_t="random"), "--naive-t"),
+    (dict(variant="offline", one_timestep=True, one_timestep_from="ddpm"), "--one-timestep-from"),
+    (dict(hinge=True, per_step_loss=True), "--hinge"),
+    (dict(gradient_accumulation_steps=0), "--gradient-accumulation-steps"),
 ])
 def test_bad_configs_fail_before_anything_is_written(bad, message, tmp_path, toy2d_tiny):
     with pytest.raises(ValueError, match=message):
-        pso.train(tiny(tmp_path, **bad), toy2d_tiny)
+        fit(tiny(tmp_path, **bad), toy2d_tiny)
     assert not (tmp_path / "run").exists()
-
-
-def test_resume_refuses_changed_settings_and_keeps_the_checkpoint(tmp_path, toy2d_tiny):
-    pso.train(tiny(tmp_path), toy2d_tiny)
-    with pytest.raises(ValueError, match="variant: saved 'pso', now 'online'"):
-        pso.train(tiny(tmp_path, variant="online", resume=True), toy2d_tiny)
-    assert common.RunDir(tmp_path / "run", tiny(tmp_path), resume=True).load_checkpoint()[0] == 2
 
 
 def test_cli_parses_every_option():
     cfg = common.parse_config(pso.Config, ["--variant", "online", "--sampler", "euler_ancestral", "--per-step-loss",
-                                           "--clamp-ratio", "0.1", "--train-steps", "8", "--no-naive-baseline"])
+                                           "--clamp-ratio", "0.1", "--train-steps", "8", "--no-naive-baseline",
+                                           "--naive-t", "grid", "--one-timestep-from", "uniform",
+                                           "--gradient-accumulation-steps", "2"])
     assert cfg == dataclasses.replace(pso.Config(), variant="online", sampler="euler_ancestral", per_step_loss=True,
-                                      clamp_ratio=0.1, train_steps=8, naive_baseline=False)
+                                      clamp_ratio=0.1, train_steps=8, naive_baseline=False, naive_t="grid",
+                                      one_timestep_from="uniform", gradient_accumulation_steps=2)
