@@ -509,7 +509,6 @@ def train(cfg: Config, world=None, baseline=None):
     params = den.trainable_parameters()
     opt = acc.prepare(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     start = run.start(world, {"student": den}, {"student": opt})
-    # (after an interrupted run, or another --gradient-accumulation-steps, it would not); belongs in Run.start
     s = Setup(cfg, world, CountingDenoiser(den), kernel, grid, beta)
     setup_nfe = customize_images(s) if cfg.variant == "customize" else 0.0
     dev, split = acc.device, eval_split(cfg)
