@@ -279,7 +279,9 @@ def forward_log_ratios(net, sched, x0, cond, times, generator, reduce, use_refer
     if use_reference:
         with torch.no_grad(), net.frozen():
             eps_pre = ref()
-    return torch.stack([eps_log_ratio(eps[k], eps_theta[k], None if eps_pre is None else eps_pre[k], reduce)
+    # the regression target is eps, or the velocity eps - x_0 in a flow world (sched.pred_target)
+    target = [sched.pred_target(x0, eps[k], t) for k, t in enumerate(times)]
+    return torch.stack([eps_log_ratio(target[k], eps_theta[k], None if eps_pre is None else eps_pre[k], reduce)
                         for k in range(len(times))], 1), eps, eps_theta
 
 
@@ -418,11 +420,14 @@ def naive_update(s: Setup, gen):
     if s.cfg.naive_t == "grid":
         x_t = [common.add_noise(s.world.schedule, x0, eps[k], t) for k, t in enumerate(s.grid)]
         eps_theta = predict(s.net, x_t, s.grid, cond)
+        t = torch.tensor(s.grid, device=s.device)[:, None].expand(S, s.cfg.batch)
     else:
         t = torch.randint(0, common.T, (S, s.cfg.batch), generator=gen).to(s.device)
         x_t = torch.cat([common.add_noise(s.world.schedule, x0, eps[k], t[k]) for k in range(S)])
         eps_theta = s.net(x_t, t.flatten(), common.cond_cat([cond] * S)).reshape(eps.shape)
-    return naive_loss(eps.flatten(0, 1), eps_theta.flatten(0, 1), s.cfg.reduce), {}
+    sched = s.world.schedule  # the regression target: eps, or the velocity eps - x_0 in a flow world
+    target = torch.stack([sched.pred_target(x0, eps[k], t[k]) for k in range(S)])
+    return naive_loss(target.flatten(0, 1), eps_theta.flatten(0, 1), s.cfg.reduce), {}
 
 
 UPDATES = {"pso": pso_update, "offline": offline_update, "online": online_update, "customize": customize_update,
