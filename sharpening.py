@@ -417,7 +417,7 @@ def train(cfg: Config, world=None) -> dict:
     params = den.trainable_parameters()
     opt = acc.prepare(torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                         weight_decay=cfg.weight_decay))
-    start = run.start(world, {"model": den}, {"model": opt})
+    run.start(world, {"model": den}, {"model": opt})
 
     # fixed evaluation noise and conditions: base and tuned samples come from the same seeds
     eval_gen = torch.Generator().manual_seed(12_345)  # the same evaluation samples for every run and seed
