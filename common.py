@@ -1178,6 +1178,21 @@ def plot_curves(rows: list[dict], path, keys: Sequence[tuple[str, str]]) -> None
     plt.close(fig)
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, CheckpointError, NonFiniteLoss)
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """`if __name__ == "__main__"` of every method script: a bad input, a damaged checkpoint or a non-finite loss ends
+    with its message (exit status 2), not a traceback; FEWSTEP_TRACEBACK=1 shows the traceback too."""
+    try:
+        main()
+    except USER_ERRORS as e:
+        if os.environ.get("FEWSTEP_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 class Timer:
     def __init__(self):
         self.start = time.perf_counter()

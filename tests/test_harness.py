@@ -294,3 +294,15 @@ def test_tensorboard_tracker_gets_the_rows(tmp_path):
     train_steps(run, model, opt, 2)
     run.finish({"reward_tuned": 1.0})
     assert list((tmp_path / "trackers").rglob("events.out.tfevents.*"))
+
+
+def test_the_command_line_ends_a_bad_input_with_its_message_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for script in ("pso.py", "sharpening.py", "diff_instruct_pp.py"):
+        p = subprocess.run([sys.executable, os.path.join(root, script), "--lr", "1e39", "--out", str(tmp_path / "r")],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (script, p.stderr)
+        assert p.stderr.strip().splitlines()[-1] == "error: --lr: expected a finite number > 0 and <= 1, got 1e+39"
