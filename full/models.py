@@ -51,7 +51,14 @@ def _local(source: str, what: str) -> Path | None:
     raise ModelError(f"{what} {source!r} does not exist (neither a local path nor a hub id like 'org/name')")
 
 
-def _from_pretrained(cls, source: str, what: str, **kw):
+def _from_pretrained(cls, source: str, what: str, random_weights: bool = False, **kw):
+    if random_weights:  # the real architecture from full/configs, random weights (full/architectures.py)
+        from . import architectures
+
+        try:
+            return architectures.build(cls, source, kw.get("subfolder"))
+        except ValueError as e:
+            raise ModelError(f"cannot build {what} of {source} with random weights: {e}") from e
     try:
         return cls.from_pretrained(source, **kw)
     except (OSError, EnvironmentError, ValueError) as e:
@@ -59,7 +66,14 @@ def _from_pretrained(cls, source: str, what: str, **kw):
         raise ModelError(f"cannot load {what} from {source}{sub}: {e}") from e
 
 
-def read_model_index(base: str, what: str = "base pipeline") -> dict:
+def read_model_index(base: str, what: str = "base pipeline", random_weights: bool = False) -> dict:
+    if random_weights:
+        from . import architectures
+
+        try:
+            return architectures.model_index(base)
+        except ValueError as e:
+            raise ModelError(str(e)) from e
     local = _local(base, what)
     if local is None:
         from diffusers import DiffusionPipeline
@@ -157,7 +171,7 @@ def load_parts(spec: ModelSpec) -> PipelineParts:
     import diffusers
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    index = read_model_index(spec.base)
+    index = read_model_index(spec.base, random_weights=spec.random_weights)
     cls_name = index.get("_class_name", "")
     if cls_name not in PIPELINES:
         raise ModelError(f"pipeline {spec.base!r} is a {cls_name or 'pipeline of unknown class'}; the full backend "
@@ -165,11 +179,12 @@ def load_parts(spec: ModelSpec) -> PipelineParts:
     kind = PIPELINES[cls_name]
     text_parts = ["text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if kind == "sdxl" else [])
     _require_parts(spec.base, index, ["unet", "vae", "scheduler", *text_parts])
-    kw = dict(revision=spec.revision)
+    kw = dict(revision=spec.revision, random_weights=spec.random_weights)
     if spec.vae:
         local = _local(spec.vae, "VAE")
         sub = "vae" if local is not None and (local / "vae").is_dir() else None
-        vae = _from_pretrained(diffusers.AutoencoderKL, spec.vae, "the VAE", subfolder=sub)
+        vae = _from_pretrained(diffusers.AutoencoderKL, spec.vae, "the VAE", subfolder=sub,
+                               random_weights=spec.random_weights)
     else:
         vae = _from_pretrained(diffusers.AutoencoderKL, spec.base, "the VAE", subfolder="vae", variant=spec.variant, **kw)
     encoders = [_from_pretrained(CLIPTextModel, spec.base, "text_encoder", subfolder="text_encoder",
@@ -194,7 +209,8 @@ def role_scheduler(spec: ModelSpec, role: RoleSpec, parts: PipelineParts):
     if role.unet and role.unet_file is None:
         local = _local(role.unet, "UNet source")
         if local is None or (local / "model_index.json").is_file():
-            index = read_model_index(role.unet, "UNet source pipeline") if local is not None else None
+            index = read_model_index(role.unet, "UNet source pipeline", spec.random_weights) if (
+                local is not None or spec.random_weights) else None
             if index is None:
                 try:
                     index = diffusers.DiffusionPipeline.load_config(role.unet)
@@ -202,7 +218,8 @@ def role_scheduler(spec: ModelSpec, role: RoleSpec, parts: PipelineParts):
                     index = None
             if index and index.get("scheduler"):
                 cls = getattr(diffusers, index["scheduler"][1])
-                scheduler = _from_pretrained(cls, role.unet, "the scheduler", subfolder="scheduler")
+                scheduler = _from_pretrained(cls, role.unet, "the scheduler", subfolder="scheduler",
+                                             random_weights=spec.random_weights)
     if role.scheduler:
         if not hasattr(diffusers, role.scheduler):
             raise ModelError(f"unknown diffusers scheduler class {role.scheduler!r}")
@@ -216,16 +233,17 @@ def load_unet(spec: ModelSpec, role: RoleSpec, parts: PipelineParts, where: str)
     """The role's UNet (fp32 on the CPU; the world casts and moves it), with its distillation LoRA fused."""
     from diffusers import UNet2DConditionModel
 
-    kw = dict(variant=spec.variant)
+    kw = dict(variant=spec.variant, random_weights=spec.random_weights)
     if role.unet is None:
         unet = _from_pretrained(UNet2DConditionModel, spec.base, f"the UNet of {where}", subfolder="unet",
                                 revision=spec.revision, **kw)
     elif role.unet_file:
         unet = _from_pretrained(UNet2DConditionModel, spec.base, f"the UNet of {where}", subfolder="unet",
                                 revision=spec.revision, **kw)
-        unet.load_state_dict(_read_state_dict(role.unet, role.unet_file, where))
+        if not spec.random_weights:  # random weights: the base architecture is the file's architecture
+            unet.load_state_dict(_read_state_dict(role.unet, role.unet_file, where))
     else:
-        local = _local(role.unet, f"UNet source of {where}")
+        local = None if spec.random_weights else _local(role.unet, f"UNet source of {where}")
         sub = role.unet_subfolder
         if sub is None and (local is None or (local / "unet").is_dir() or (local / "model_index.json").exists()):
             sub = "unet"
@@ -234,7 +252,7 @@ def load_unet(spec: ModelSpec, role: RoleSpec, parts: PipelineParts, where: str)
             raise ModelError(f"UNet source {role.unet!r} of {where} lacks {looked}")
         unet = _from_pretrained(UNet2DConditionModel, role.unet, f"the UNet of {where}", subfolder=sub, **kw)
     unet = unet.float()
-    if role.lora:
+    if role.lora and not spec.random_weights:  # a fused LoRA changes no shape: random weights skip it
         unet = fuse_lora(unet, role, parts, where)
     return unet.requires_grad_(False).eval()
 
@@ -242,6 +260,10 @@ def load_unet(spec: ModelSpec, role: RoleSpec, parts: PipelineParts, where: str)
 def read_unet_config(spec: ModelSpec) -> dict:
     from diffusers import UNet2DConditionModel
 
+    if spec.random_weights:
+        from . import architectures
+
+        return architectures.component_config(spec.base, "unet")
     try:
         return UNet2DConditionModel.load_config(spec.base, subfolder="unet", revision=spec.revision)
     except Exception as e:

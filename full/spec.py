@@ -71,6 +71,8 @@ class ModelSpec:
     negative_prompt: str = ""  # the null condition for CFG (SDXL: zeros when "" and force_zeros_for_empty_prompt)
     seed: int = 0  # seed of the LoRA initialisation (the same on every rank and every run)
     decode_batch: int = 4  # images per VAE decode in metrics / figures (1024^2 decodes are memory-heavy)
+    random_weights: bool = False  # the real architectures of the named checkpoints from full/configs, random
+    # weights, nothing downloaded (full/architectures.py): memory plans, benchmarks and tests at real size
 
     @property
     def mixed_precision(self) -> str:
