@@ -442,7 +442,7 @@ def dipp_startup(sim: Sim, cfg, B: int) -> None:
 
 def dipp_eval(sim: Sim, cfg, D: int) -> None:
     """generate_in_chunks(..., cfg.batch): one generator call per chunk of the training batch, then metrics."""
-    sim.unet("generator", cfg.batch, grad=False)
+    sim.unet("generator", cfg.batch, grad=False)  # cfg.batch: the planned per-GPU batch
     metrics_chunk(sim, D)
 
 
@@ -525,7 +525,7 @@ def plan_setting(name: str, checkpointing: bool, training: str | None = None, ba
         for part, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
             if part in e:
                 sim.resident_extra += architectures.parameter_count(cls, e[part]) * torch.finfo(dtype).bits // 8
-    ns = dict(vars(cfg))
+    ns = dict(vars(cfg), batch=batch)  # the per-GPU batch planned (DI++ evaluates in chunks of it)
     if method == "pso":
         rs = spec.roles.get("student", RoleSpec())
         own = list(rs.timesteps or models.DEFAULT_TIMESTEPS["student"])

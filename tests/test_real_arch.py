@@ -224,6 +224,22 @@ def test_planned_update_makes_the_nfes_the_method_states(name, monkeypatch):
     assert sim.rows / 2 == stated
 
 
+def test_bench_plumbing_on_a_tiny_pipeline(tmp_path):
+    """full.bench runs a setting with checkpointing on and off and reports the NFE bound ratio (no CUDA here: the
+    memory columns are None; the command itself is for a GPU)."""
+    from full import bench
+
+    spec = tiny.save_tiny_setup(tmp_path / "tiny", "sdxl", "lcm")
+    rows = bench.main(["pso-online-dmd2", "--model", str(spec), "--steps", "2", "--batch", "1",
+                       "--checkpointing", "both", "--out", str(tmp_path / "bench")])
+    assert [r["overrides"]["gradient_checkpointing"] for r in rows] == [True, False]
+    for r in rows:
+        assert r["nfe_per_update"] == 14 and r["updates"] == 2
+        assert r["unet_fwd_bwd_s"] > 0 and 0 < r["bound_ratio"] < float("inf")
+        assert r["train_peak_gib"] is None and r["eval_peak_gib"] is None  # no CUDA
+    assert json.loads((tmp_path / "bench" / "bench.json").read_text()) == rows
+
+
 # --------------------------------------------------------------------------------------------- slow: real runs
 def _random_spec(tmp_path, spec_name: str, **overrides) -> str:
     """A shipped spec with random real-size weights, fp32, 16x16 latents, tiny reward models and local prompts."""
