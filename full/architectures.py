@@ -67,9 +67,11 @@ def model_index(source: str) -> dict:
         raise ValueError(f"random_weights: {source!r} is not a whole pipeline in {CONFIGS / 'index.json'} "
                          "(only some of its parts are listed); use it as a role's UNet or as the VAE")
     libs = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
-            "text_encoder": ("transformers", "CLIPTextModel"), "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+            "text_encoder": ("transformers", "CLIPTextModel"),
+            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
             "tokenizer": ("transformers", "CLIPTokenizer"), "tokenizer_2": ("transformers", "CLIPTokenizer")}
-    out = {"_class_name": e["_class_name"], "force_zeros_for_empty_prompt": e.get("force_zeros_for_empty_prompt", False)}
+    out = {"_class_name": e["_class_name"],
+           "force_zeros_for_empty_prompt": e.get("force_zeros_for_empty_prompt", False)}
     for part, lib in libs.items():
         if part in e:
             out[part] = list(lib)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -125,7 +124,9 @@ class Autocast(TorchFunctionMode):
         self.dtype = dtype
 
     def _cast(self, args, kwargs, dtype):
-        f = lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype else x  # noqa: E731
+        def f(x):
+            return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype else x
+
         return tree_map(f, args), tree_map(f, kwargs)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -349,3 +349,14 @@ def test_dipp_one_update_on_the_real_sd21_architecture(tmp_path, monkeypatch):
                            "--steps", "1", "--batch", "1", "--eval-samples", "1", "--out", str(out)])
     assert float(_log(out)[0]["nfe"]) == 2 * 2 + 3
     assert calls
+
+
+def test_random_weight_rewards_have_the_real_backbones():
+    from full import rewards
+
+    r = rewards.load_reward("clip", random_weights=True)
+    assert sum(p.numel() for p in r.model.parameters()) == 427_616_513
+    score = r(torch.rand(1, 3, 64, 64) * 2 - 1, ["a cat"])
+    assert score.shape == (1,) and torch.isfinite(score).all()
+    with pytest.raises(ValueError, match="imagereward"):
+        rewards.load_reward("imagereward", random_weights=True)
