@@ -69,7 +69,16 @@ def _offline_hint(source: str) -> str:
     return ""
 
 
-def _from_pretrained(cls, source: str, what: str, **kw):
+def _from_pretrained(cls, source: str, what: str, random_weights: bool = False, **kw):
+    if random_weights:  # the real architecture from full/configs, random weights (full/architectures.py)
+        from . import architectures
+
+        try:
+            obj = architectures.build(cls, source, kw.get("subfolder"))
+        except ValueError as e:
+            raise ModelError(f"cannot build {what} of {source} with random weights: {e}") from e
+        dtype = kw.get("torch_dtype")
+        return obj.to(dtype) if dtype is not None and isinstance(obj, torch.nn.Module) else obj
     try:
         return cls.from_pretrained(source, **kw)
     except (OSError, EnvironmentError, ValueError) as e:
@@ -78,7 +87,14 @@ def _from_pretrained(cls, source: str, what: str, **kw):
         raise ModelError(f"cannot load {what} from {source}{sub}{hint or ': ' + str(e)}") from e
 
 
-def read_model_index(base: str, what: str = "base pipeline") -> dict:
+def read_model_index(base: str, what: str = "base pipeline", random_weights: bool = False) -> dict:
+    if random_weights:
+        from . import architectures
+
+        try:
+            return architectures.model_index(base)
+        except ValueError as e:
+            raise ModelError(str(e)) from e
     local = _local(base, what)
     if local is None:
         from diffusers import DiffusionPipeline
@@ -202,7 +218,7 @@ def load_parts(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> PipelineP
     import diffusers
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    index = read_model_index(spec.base)
+    index = read_model_index(spec.base, random_weights=spec.random_weights)
     cls_name = index.get("_class_name", "")
     if cls_name not in PIPELINES:
         raise ModelError(f"pipeline {spec.base!r} is a {cls_name or 'pipeline of unknown class'}; the full backend "
@@ -210,12 +226,13 @@ def load_parts(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> PipelineP
     kind = PIPELINES[cls_name]
     text_parts = ["text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if kind == "sdxl" else [])
     _require_parts(spec.base, index, ["unet", "vae", "scheduler", *text_parts])
-    kw = dict(revision=spec.revision)
+    kw = dict(revision=spec.revision, random_weights=spec.random_weights)
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype
     if spec.vae:
         local = _local(spec.vae, "VAE")
         sub = "vae" if local is not None and (local / "vae").is_dir() else None
-        vae = _from_pretrained(diffusers.AutoencoderKL, spec.vae, "the VAE", subfolder=sub, torch_dtype=vae_dtype)
+        vae = _from_pretrained(diffusers.AutoencoderKL, spec.vae, "the VAE", subfolder=sub, torch_dtype=vae_dtype,
+                               random_weights=spec.random_weights)
     else:
         vae = _from_pretrained(diffusers.AutoencoderKL, spec.base, "the VAE", subfolder="vae", variant=spec.variant,
                                torch_dtype=vae_dtype, **kw)
@@ -244,7 +261,8 @@ def role_scheduler(spec: ModelSpec, role: RoleSpec, parts: PipelineParts):
     if role.unet and role.unet_file is None:
         local = _local(role.unet, "UNet source")
         if local is None or (local / "model_index.json").is_file():
-            index = read_model_index(role.unet, "UNet source pipeline") if local is not None else None
+            index = read_model_index(role.unet, "UNet source pipeline", spec.random_weights) if (
+                local is not None or spec.random_weights) else None
             if index is None:
                 try:
                     index = diffusers.DiffusionPipeline.load_config(role.unet)
@@ -252,7 +270,8 @@ def role_scheduler(spec: ModelSpec, role: RoleSpec, parts: PipelineParts):
                     index = None
             if index and index.get("scheduler"):
                 cls = getattr(diffusers, index["scheduler"][1])
-                scheduler = _from_pretrained(cls, role.unet, "the scheduler", subfolder="scheduler")
+                scheduler = _from_pretrained(cls, role.unet, "the scheduler", subfolder="scheduler",
+                                             random_weights=spec.random_weights)
     if role.scheduler:
         if not hasattr(diffusers, role.scheduler):
             raise ModelError(f"unknown diffusers scheduler class {role.scheduler!r}")
@@ -268,8 +287,11 @@ def load_unet(spec: ModelSpec, role: RoleSpec, parts: PipelineParts, where: str,
     distillation LoRA fused."""
     from diffusers import UNet2DConditionModel
 
-    kw = dict(variant=spec.variant, torch_dtype=dtype)
+    kw = dict(variant=spec.variant, torch_dtype=dtype, random_weights=spec.random_weights)
     if role.unet is None:
+        unet = _from_pretrained(UNet2DConditionModel, spec.base, f"the UNet of {where}", subfolder="unet",
+                                revision=spec.revision, **kw)
+    elif role.unet_file and spec.random_weights:  # random weights: the base architecture is the file's architecture
         unet = _from_pretrained(UNet2DConditionModel, spec.base, f"the UNet of {where}", subfolder="unet",
                                 revision=spec.revision, **kw)
     elif role.unet_file:  # DMD2: a bare state dict for the base architecture, loaded into an empty (meta) UNet
@@ -287,7 +309,7 @@ def load_unet(spec: ModelSpec, role: RoleSpec, parts: PipelineParts, where: str,
         unet.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
         del state
     else:
-        local = _local(role.unet, f"UNet source of {where}")
+        local = None if spec.random_weights else _local(role.unet, f"UNet source of {where}")
         sub = role.unet_subfolder
         if sub is None and (local is None or (local / "unet").is_dir() or (local / "model_index.json").exists()):
             sub = "unet"
@@ -295,7 +317,7 @@ def load_unet(spec: ModelSpec, role: RoleSpec, parts: PipelineParts, where: str,
             looked = f"{sub}/config.json" if sub else "unet/config.json (a pipeline) or config.json (a bare UNet)"
             raise ModelError(f"UNet source {role.unet!r} of {where} lacks {looked}")
         unet = _from_pretrained(UNet2DConditionModel, role.unet, f"the UNet of {where}", subfolder=sub, **kw)
-    if role.lora:
+    if role.lora and not spec.random_weights:  # a fused LoRA changes no shape: random weights skip it
         unet = fuse_lora(unet, role, parts, where)
     return unet.requires_grad_(False).eval()
 
@@ -303,6 +325,10 @@ def load_unet(spec: ModelSpec, role: RoleSpec, parts: PipelineParts, where: str,
 def read_unet_config(spec: ModelSpec) -> dict:
     from diffusers import UNet2DConditionModel
 
+    if spec.random_weights:
+        from . import architectures
+
+        return architectures.component_config(spec.base, "unet")
     try:
         return UNet2DConditionModel.load_config(spec.base, subfolder="unet", revision=spec.revision)
     except Exception as e:

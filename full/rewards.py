@@ -61,11 +61,20 @@ class Reward(nn.Module, abc.ABC):
 class CLIPReward(Reward):
     """CLIP score (cosine) or PickScore (logit_scale * cosine): the same dual encoder, different weights."""
 
-    def __init__(self, model: str, processor: str | None = None, scaled: bool = False, name: str = "clip"):
+    def __init__(self, model: str, processor: str | None = None, scaled: bool = False, name: str = "clip",
+                 random_weights: str | None = None):
         super().__init__()
         from transformers import AutoTokenizer, CLIPModel
 
         self.name, self.scaled = name, scaled
+        if random_weights:  # the real-size backbone of this reward with random weights (full/architectures.py)
+            from . import architectures
+
+            self.model = architectures.reward_model(random_weights).requires_grad_(False)
+            self.tokenizer = architectures.tokenizer({"model_max_length": 77, "pad_token": "!"})
+            self.size, self.mean, self.std = self.model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD
+            self._text: dict[str, torch.Tensor] = {}
+            return
         self.model = _load(CLIPModel, model, name).eval().requires_grad_(False)
         self.tokenizer = _load(AutoTokenizer, processor or model, f"{name} tokenizer")
         self.size, self.mean, self.std = _image_config(processor or model, self.model.config.vision_config.image_size)
@@ -110,11 +119,14 @@ class AestheticHead(nn.Module):
 class AestheticReward(Reward):
     name = "aesthetic"
 
-    def __init__(self, model: str, head: str, processor: str | None = None):
+    def __init__(self, model: str, head: str, processor: str | None = None, random_weights: bool = False):
         super().__init__()
-        self.clip = CLIPReward(model, processor, name="aesthetic backbone")
+        self.clip = CLIPReward(model, processor, name="aesthetic backbone",
+                               random_weights="aesthetic" if random_weights else None)
         dim = self.clip.model.config.projection_dim
         self.head = AestheticHead(dim).eval().requires_grad_(False)
+        if random_weights:
+            return
         try:
             state = torch.load(_file(head, "aesthetic head"), map_location="cpu", weights_only=True)
             self.head.load_state_dict(state)
@@ -147,8 +159,10 @@ class ImageRewardReward(Reward):
         return self.model.score_gard(tok.input_ids.to(dev), tok.attention_mask.to(dev), pixels).reshape(-1).float()
 
 
-def load_reward(spec, device=None, dtype=torch.float32) -> Reward:
-    """A reward from its spec (a name, or a dict with "name" and optional "model"/"processor"/"head")."""
+def load_reward(spec, device=None, dtype=torch.float32, random_weights: bool = False) -> Reward:
+    """A reward from its spec (a name, or a dict with "name" and optional "model"/"processor"/"head").
+    `random_weights` (the model spec's key): a reward named without its own "model" gets its real-size CLIP backbone
+    (clip, aesthetic: ViT-L/14; pickscore: ViT-H/14) with random weights; ImageReward has no shipped config."""
     if isinstance(spec, str):
         spec = {"name": spec}
     spec = dict(spec)
@@ -161,12 +175,18 @@ def load_reward(spec, device=None, dtype=torch.float32) -> Reward:
     unknown = set(kw) - {"model", "processor", "head", "med_config"}
     if unknown:
         raise ValueError(f"reward {name}: unknown option(s) {sorted(unknown)}")
+    rand = random_weights and "model" not in spec
+    if rand and name == "imagereward":
+        raise ValueError("random_weights: there is no shipped configuration for the imagereward reward; point it at a "
+                         "local model ({\"name\": \"imagereward\", \"model\": ...}) or use clip / pickscore / "
+                         "aesthetic (e.g. full.bench --set reward=pickscore)")
     if name == "clip":
-        r = CLIPReward(kw["model"], kw.get("processor"), name="clip")
+        r = CLIPReward(kw["model"], kw.get("processor"), name="clip", random_weights="clip" if rand else None)
     elif name == "pickscore":
-        r = CLIPReward(kw["model"], kw.get("processor"), scaled=True, name="pickscore")
+        r = CLIPReward(kw["model"], kw.get("processor"), scaled=True, name="pickscore",
+                       random_weights="pickscore" if rand else None)
     elif name == "aesthetic":
-        r = AestheticReward(kw["model"], kw["head"], kw.get("processor"))
+        r = AestheticReward(kw["model"], kw["head"], kw.get("processor"), random_weights=rand)
     else:
         r = ImageRewardReward(kw["model"], kw.get("med_config"))
     r = r.to(device or "cpu")

@@ -72,6 +72,8 @@ class ModelSpec:
     negative_prompt: str = ""  # the null condition for CFG (SDXL: zeros when "" and force_zeros_for_empty_prompt)
     seed: int = 0  # seed of the LoRA initialisation (the same on every rank and every run)
     decode_batch: int = 4  # the most rows per sampling / evaluation / VAE-decode / reward call (world.decode_batch)
+    random_weights: bool = False  # the real architectures of the named checkpoints from full/configs, random
+    # weights, nothing downloaded (full/architectures.py): memory plans, benchmarks and tests at real size
 
     @property
     def mixed_precision(self) -> str | None:

@@ -467,7 +467,7 @@ class FullWorld:
         spec = {"reward": self.spec.reward, "quality": self.spec.quality}.get(which)
         if spec is None:
             spec = next(r for r in self.spec.eval_rewards if reward_name(r) == which)
-        return load_reward(spec, self.device, self.dtype)
+        return load_reward(spec, self.device, self.dtype, random_weights=self.spec.random_weights)
 
     def reward(self, x0: torch.Tensor, cond: dict) -> torch.Tensor:
         """The training reward of decoded latents (differentiable: gradients reach x0 through the VAE)."""

@@ -1,0 +1,157 @@
+"""Real architectures with random weights, built offline from the configurations shipped in full/configs/.
+
+A model spec with `"random_weights": true` (or `load_world(spec, random_weights=True)`, or `--random-weights` in
+full.bench / full.memory_plan) loads through the same code as a real checkpoint (full/models.py): every
+`from_pretrained(hub_id, subfolder=...)` there becomes `from_config(<the shipped config of that hub id's part>)` with
+random weights, so the shapes, parameter counts, memory and speed are the real ones and nothing is downloaded.
+
+full/configs/index.json maps each hub id the shipped specs name to its components' config files (the values of
+the public config.json files; tests/test_real_arch.py checks their parameter counts). Per component:
+
+* UNet / VAE / text encoders: the module is built with its parameters on the meta device (no memory, no init
+  cost), then each parameter gets a CPU tensor: norm weights 1, biases 0, every other weight N(0, 1/fan_in)
+  (finite activations through any depth; the values mean nothing). Buffers (CLIP's position ids) keep their values.
+* Tokenizers: CLIP's tokenizer settings (model_max_length 77, pad token) on full/tiny.py's byte-level vocabulary
+  (token ids do not change memory or speed; a 77-token sequence is a 77-token sequence).
+* Schedulers: the shipped scheduler config (these are real: the MDP checks in models.py run on them).
+* A state-dict file (DMD2's `unet_file`) is not read: its UNet is the base architecture with random weights.
+  A distillation LoRA (LCM-LoRA) is not fused: fused, it changes no shape.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import torch
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+TOKENIZERS = ("tokenizer", "tokenizer_2")
+
+
+@functools.lru_cache(maxsize=None)
+def index() -> dict:
+    return {k: v for k, v in json.loads((CONFIGS / "index.json").read_text()).items() if not k.startswith("_")}
+
+
+def entry(source: str, what: str = "model") -> dict:
+    """The index entry of a hub id, or an error naming the known ones."""
+    key = str(source).rstrip("/")
+    if key not in index():
+        raise ValueError(f"random_weights: {what} {source!r} has no shipped configuration in {CONFIGS / 'index.json'} "
+                         f"(known: {sorted(index())}); add its component config files there")
+    return index()[key]
+
+
+def read_config(name: str) -> dict:
+    path = CONFIGS / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"random_weights: cannot read the configuration file {path}: {e}") from e
+
+
+def component_config(source: str, part: str) -> dict:
+    e = entry(source)
+    if part not in e:
+        raise ValueError(f"random_weights: {source!r} in {CONFIGS / 'index.json'} has no {part!r} entry "
+                         f"(it has {sorted(k for k in e if k != 'architecture')})")
+    return read_config(e[part])
+
+
+def model_index(source: str) -> dict:
+    """A diffusers model_index.json for a hub id, made from its index entry."""
+    e = entry(source, "pipeline")
+    if "_class_name" not in e:
+        raise ValueError(f"random_weights: {source!r} is not a whole pipeline in {CONFIGS / 'index.json'} "
+                         "(only some of its parts are listed); use it as a role's UNet or as the VAE")
+    libs = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+            "text_encoder": ("transformers", "CLIPTextModel"),
+            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+            "tokenizer": ("transformers", "CLIPTokenizer"), "tokenizer_2": ("transformers", "CLIPTokenizer")}
+    out = {"_class_name": e["_class_name"],
+           "force_zeros_for_empty_prompt": e.get("force_zeros_for_empty_prompt", False)}
+    for part, lib in libs.items():
+        if part in e:
+            out[part] = list(lib)
+    out["scheduler"] = ["diffusers", read_config(e["scheduler"])["_class_name"]]
+    return out
+
+
+def random_init_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every meta parameter of `module` a CPU tensor with random values (see the module docstring)."""
+    gen = torch.Generator().manual_seed(seed)
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.BatchNorm2d)
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None or p.device.type != "meta":
+                continue
+            value = torch.empty(p.shape, dtype=torch.float32)
+            if name == "bias" or p.ndim == 0:
+                value.zero_()
+            elif isinstance(mod, norms):
+                value.fill_(1.0)
+            else:
+                fan_in = p[0].numel() if p.ndim > 1 else p.shape[-1]
+                value.normal_(0.0, 1.0 / math.sqrt(max(1, fan_in)), generator=gen)
+            mod._parameters[name] = torch.nn.Parameter(value, requires_grad=p.requires_grad)
+    return module
+
+
+def build(cls, source: str, part: str | None, seed: int = 0):
+    """`cls.from_pretrained(source, subfolder=part)` with random weights: from the shipped config of that part."""
+    from accelerate import init_empty_weights
+
+    part = part or ("unet" if "UNet" in cls.__name__ else "vae" if "Autoencoder" in cls.__name__ else None)
+    if part in TOKENIZERS:
+        return tokenizer(component_config(source, part))
+    if "Scheduler" in cls.__name__:
+        return cls.from_config(read_config(entry(source)["scheduler"]))
+    config = component_config(source, part)
+    with init_empty_weights(include_buffers=False):
+        if hasattr(cls, "from_config") and not hasattr(cls, "config_class"):  # diffusers
+            module = cls.from_config(config)
+        else:  # transformers: CLIPTextModel(WithProjection) / CLIPModel
+            module = cls(cls.config_class(**{k: v for k, v in config.items() if not k.startswith("_")
+                                              and k not in ("architectures", "model_type")}))
+    return random_init_(module, seed).eval()
+
+
+def tokenizer(settings: dict):
+    from transformers import CLIPTokenizer
+
+    from .tiny import byte_vocab
+
+    kw = {k: v for k, v in settings.items() if not k.startswith("_")}
+    return CLIPTokenizer(vocab=byte_vocab(), merges=[], **kw)
+
+
+def reward_model(name: str, seed: int = 0):
+    """A CLIP reward backbone (clip / aesthetic: ViT-L/14, pickscore: ViT-H/14) at real size with random weights."""
+    from transformers import CLIPModel
+
+    file = {"clip": "reward_clip_vit_l14.json", "aesthetic": "reward_clip_vit_l14.json",
+            "pickscore": "reward_clip_vit_h14.json"}.get(name)
+    if file is None:
+        raise ValueError(f"random_weights: no shipped configuration for the {name!r} reward (clip, aesthetic and "
+                         "pickscore have one); point the spec's reward at a local model instead")
+    from accelerate import init_empty_weights
+    from transformers import CLIPConfig
+
+    config = {k: v for k, v in read_config(file).items() if not k.startswith("_") and k != "model_type"}
+    with init_empty_weights(include_buffers=False):
+        model = CLIPModel(CLIPConfig(**config))
+    return random_init_(model, seed).eval()
+
+
+def parameter_count(cls, config_file: str) -> int:
+    """Parameters of a shipped config, counted on the meta device (no memory)."""
+    config = read_config(config_file)
+    with torch.device("meta"):
+        if hasattr(cls, "config_class"):
+            m = cls(cls.config_class(**{k: v for k, v in config.items() if not k.startswith("_")
+                                        and k not in ("architectures", "model_type")}))
+        else:
+            m = cls.from_config(config)
+    return sum(p.numel() for p in m.parameters())

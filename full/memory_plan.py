@@ -1,0 +1,656 @@
+"""Memory plan of every launcher setting, computed without a GPU: the real architectures (full/configs) run their
+real forward and backward passes on the meta device, and every tensor they create is counted.
+
+    python -m full.memory_plan                      # every setting, markdown table on stdout
+    python -m full.memory_plan pso-online-dmd2 --json plan.json
+    python -m full.memory_plan --write-docs          # replace the generated table in docs/full.md
+
+How a number is computed (docs/full.md, "Real architectures and memory plan", says the same for users):
+
+* Resident: the parameters of every model the run holds (UNets, VAE, text encoders unless
+  `precompute_embeddings`, reward models), each in the dtype the world gives it (frozen weights in the spec's dtype,
+  trained weights in fp32), the AdamW states (2 x fp32 per trained parameter; 8-bit: 2 x 1 byte) and, after the
+  first backward, the fp32 gradients.
+* Dynamic: one update (and one evaluation chunk) of the method, as a program of network calls with the rows each
+  call gets and whether it keeps its graph (PROGRAMS, from the methods' code and NFE tables), executed on meta tensors
+  under `LiveBytes`, a TorchDispatchMode that adds the bytes of each new tensor storage when an op creates it and
+  subtracts them when the storage is freed: its peak is the largest sum of live activations, saved tensors,
+  gradients and temporaries at any op boundary, backward (and checkpoint recomputation) included.
+* Mixed precision as CUDA autocast does it (`Autocast`, a TorchFunctionMode above autograd, so the casts are part
+  of the graph as they are under torch.autocast): linear / conv / matmul / attention inputs in bf16 or fp16, group
+  norm, layer norm and softmax in fp32, everything else as its inputs.
+* Attention as a fused kernel (flash / memory-efficient SDPA, what torch picks on a recent GPU): it saves q, k, v,
+  the output and a [batch, heads, tokens] fp32 log-sum-exp; no tokens x tokens matrix (`FusedAttention`).
+
+What it ignores: the CUDA context (~0.3-0.5 GiB per process, outside max_memory_allocated), allocator rounding and
+fragmentation (reserved > allocated), cuDNN / cuBLAS workspaces, the fused attention's internal scratch, the
+kernels' own temporaries inside one op, the CPU-side data pipeline, DDP buckets (the methods do not wrap the UNet
+in DDP). The smallest GPU listed is the smallest of 24 / 40 / 48 / 80 GB whose capacity holds the peak plus a
+10 % margin for what is ignored. Nothing here has been checked against a GPU yet (full.bench measures that).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import weakref
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+GiB = 2**30
+GPUS = (24, 40, 48, 80)  # GB (10^9 bytes) of the common cards
+MARGIN = 1.10  # for what the count ignores (allocator, workspaces)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------------- counting
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the tensor storages created under it that are still alive, and their peak.
+
+    Every op output whose storage is new is added (views share their base's storage and are not counted twice)
+    and removed by a weakref finalizer when the storage dies, so autograd's saved tensors, gradients and
+    temporaries all count for exactly as long as they live. Works on the meta device (nothing is allocated) and on
+    real tensors alike (tests compare the two)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _free(self, key: int, n: int) -> None:
+        self._seen.discard(key)
+        self.live -= n
+
+    def track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self._seen:
+            return
+        n = st.nbytes()
+        self._seen.add(key)
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(st, self._free, key, n)
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:  # a view (of a weight, of an input) shares an input's storage: not new
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:
+                self.track(t)
+        return out
+
+
+class FusedAttention(torch.autograd.Function):
+    """The memory of a fused SDPA kernel (flash / memory-efficient): saves q, k, v, out and an fp32 log-sum-exp of
+    [batch, heads, tokens]; backward makes dq, dk, dv. Values are not computed (meta tensors)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+LOW = {F.linear, F.conv1d, F.conv2d, F.conv_transpose2d, torch.matmul, torch.bmm, torch.baddbmm, torch.mm,
+       torch.addmm, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.einsum}
+FP32 = {F.group_norm, F.layer_norm, F.softmax, F.log_softmax, torch.softmax, torch.Tensor.softmax}
+
+
+class Autocast(TorchFunctionMode):
+    """CUDA autocast's casting policy for the ops these models use (see the module docstring), above autograd;
+    F.scaled_dot_product_attention becomes FusedAttention. With dtype None only the attention is replaced."""
+
+    def __init__(self, dtype: torch.dtype | None):
+        super().__init__()
+        self.dtype = dtype
+
+    def _cast(self, args, kwargs, dtype):
+        def f(x):
+            return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype else x
+
+        return tree_map(f, args), tree_map(f, kwargs)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            if self.dtype is not None:
+                (q, k, v), _ = self._cast((q, k, v), {}, self.dtype)
+            return FusedAttention.apply(q, k, v)
+        if self.dtype is not None:
+            if func in LOW:
+                args, kwargs = self._cast(args, kwargs, self.dtype)
+            elif func in FP32:
+                args, kwargs = self._cast(args, kwargs, torch.float32)
+                kwargs.pop("dtype", None) if func in (F.softmax, F.log_softmax) else None
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def counting(dtype: torch.dtype | None):
+    """with counting(torch.bfloat16) as c: ...  -> c.peak, c.live (bytes)."""
+    counter = LiveBytes()
+    with Autocast(dtype if dtype != torch.float32 else None), counter:
+        yield counter
+
+
+def param_bytes(module: torch.nn.Module, trainable: bool | None = None) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters()
+               if trainable is None or p.requires_grad == trainable)
+
+
+def enable_checkpointing(module, dtype: torch.dtype | None) -> None:
+    """module.enable_gradient_checkpointing() whose recomputation (in backward, where a TorchFunctionMode entered
+    around the forward is not active) runs under the same Autocast, as torch.utils.checkpoint restores
+    torch.autocast's state."""
+    import torch.utils.checkpoint as ckpt
+
+    def run(fn, *args):
+        with Autocast(dtype if dtype != torch.float32 else None):
+            return fn(*args)
+
+    def func(fn, *args):
+        return ckpt.checkpoint(run, fn, *args, use_reentrant=False)
+
+    module.enable_gradient_checkpointing(gradient_checkpointing_func=func)
+
+
+# ------------------------------------------------------------------------------------------------------- models
+REWARD_CONFIGS = {"clip": "reward_clip_vit_l14.json", "aesthetic": "reward_clip_vit_l14.json",
+                  "pickscore": "reward_clip_vit_h14.json",
+                  "imagereward": "reward_clip_vit_l14.json"}  # stand-in: see STAND_INS
+STAND_INS = {"imagereward": "ImageReward (BLIP) is counted as a CLIP ViT-L/14 (its image tower is a ViT-L at 224^2; "
+                            "no BLIP config is shipped)"}
+
+
+def _meta(cls, config: dict):
+    with torch.device("meta"):
+        if hasattr(cls, "config_class"):
+            return cls(cls.config_class(**{k: v for k, v in config.items() if not k.startswith("_")
+                                            and k not in ("architectures", "model_type")}))
+        return cls.from_config(config)
+
+
+def reward_image_size(name: str) -> int:
+    from . import architectures
+
+    return architectures.read_config(REWARD_CONFIGS[name])["vision_config"]["image_size"]
+
+
+@dataclass
+class Sim:
+    """The models of one run on the meta device and the calls a method makes with them."""
+
+    unet_config: dict
+    vae_config: dict
+    kind: str  # sdxl | sd
+    side: int  # latent side
+    dtype: torch.dtype
+    checkpointing: bool
+    resident_extra: int = 0  # bytes of models not built here (text encoders, reward models), counted from configs
+    unets: dict = field(default_factory=dict)
+    vae: torch.nn.Module | None = None
+    rewards: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    rows: int = 0  # UNet rows evaluated (NFE x batch), as common.CountingDenoiser counts them
+
+    def add_unet(self, role: str, lora_rank: int | None, train_full: bool) -> None:
+        from diffusers import UNet2DConditionModel
+        from peft import LoraConfig
+
+        from .world import LORA_TARGETS
+
+        unet = _meta(UNet2DConditionModel, self.unet_config)
+        ref = None
+        if train_full:  # FullDenoiser: trained copy in fp32 + a frozen reference in the weight dtype
+            ref = _meta(UNet2DConditionModel, self.unet_config).to(self.dtype).requires_grad_(False)
+            unet.float().requires_grad_(True)
+        else:
+            unet.to(self.dtype).requires_grad_(False)
+            unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights=True,
+                                        target_modules=LORA_TARGETS))
+            for p in unet.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        if self.checkpointing:
+            enable_checkpointing(unet, self.dtype)
+        self.unets[role] = (unet.train(), ref)
+
+    def build_vae(self) -> None:
+        from diffusers import AutoencoderKL
+
+        self.vae = _meta(AutoencoderKL, self.vae_config).to(self.dtype).requires_grad_(False).eval()
+        if self.checkpointing:
+            enable_checkpointing(self.vae, self.dtype)
+            self.vae.train()  # diffusers checkpoints only in training mode; no dropout in the VAE
+
+    def build_reward(self, which: str, name: str) -> None:
+        from transformers import CLIPModel
+
+        from . import architectures
+
+        if name in STAND_INS and STAND_INS[name] not in self.notes:
+            self.notes.append(STAND_INS[name])
+        model = _meta(CLIPModel, architectures.read_config(REWARD_CONFIGS[name]))
+        self.rewards[which] = (name, model.to(self.dtype).requires_grad_(False).eval())
+
+    def models(self) -> list[torch.nn.Module]:
+        out = [m for pair in self.unets.values() for m in pair if m is not None] + [self.vae]
+        return out + [m for _, m in self.rewards.values()]
+
+    def trainable(self, role: str) -> list[torch.nn.Parameter]:
+        return [p for p in self.unets[role][0].parameters() if p.requires_grad]
+
+    # ---- the calls ----
+    def cond(self, rows: int):
+        d = self.unet_config["cross_attention_dim"]
+        kw = {"encoder_hidden_states": torch.empty(rows, 77, d, device="meta", dtype=self.dtype)}
+        if self.kind == "sdxl":
+            pooled = self.unet_config["projection_class_embeddings_input_dim"] - 6 * self.unet_config[
+                "addition_time_embed_dim"]  # SDXL: 2816 - 6 x 256 = 1280, text_encoder_2's projection
+            kw["added_cond_kwargs"] = {"text_embeds": torch.empty(rows, pooled, device="meta", dtype=self.dtype),
+                                       "time_ids": torch.empty(rows, 6, device="meta", dtype=self.dtype)}
+        return kw
+
+    def unet(self, role: str, rows: int, grad: bool, frozen: bool = False, repeat: int = 1) -> torch.Tensor:
+        """One network call on `rows` rows (FullDenoiser.__call__: fp32 latents in, fp32 eps out). `repeat`: the
+        same no-grad call made that many times in a row (a sampling loop): run once, since each call's
+        temporaries are freed before the next, but counted `repeat` times in `rows` (the NFE check)."""
+        self.rows += rows * repeat
+        unet, ref = self.unets[role]
+        x = torch.empty(rows, 4, self.side, self.side, device="meta")
+        t = torch.empty(rows, dtype=torch.long, device="meta")
+        with torch.set_grad_enabled(grad and not frozen), contextlib.ExitStack() as stack:
+            if frozen and ref is None:
+                unet.disable_adapters()
+                stack.callback(unet.enable_adapters)
+            net = ref if frozen and ref is not None else unet
+            return net(x, t, **self.cond(rows), return_dict=False)[0].float()
+
+    def decode(self, x0: torch.Tensor, grad: bool) -> torch.Tensor:
+        with torch.set_grad_enabled(grad):
+            return self.vae.decode(x0.to(self.dtype), return_dict=False)[0].float().clamp(-1, 1)
+
+    def encode_images(self, rows: int) -> None:
+        with torch.no_grad():
+            self.vae.encode(torch.empty(rows, 3, self.side * 8, self.side * 8, device="meta", dtype=self.dtype))
+
+    def reward(self, which: str, images: torch.Tensor, grad: bool) -> torch.Tensor:
+        """rewards.CLIPReward: differentiable resize to the tower's input, image features, cosine with text."""
+        name, model = self.rewards[which]
+        size = reward_image_size(name)
+        with torch.set_grad_enabled(grad):
+            x = F.interpolate((images + 1) / 2, size=(size, size), mode="bicubic", antialias=True)
+            feats = model.get_image_features(pixel_values=x.to(self.dtype))
+            feats = getattr(feats, "pooler_output", feats)
+            return F.normalize(feats.float(), dim=-1).sum(-1)
+
+    def latents(self, rows: int, requires_grad: bool = False) -> torch.Tensor:
+        return torch.empty(rows, 4, self.side, self.side, device="meta", requires_grad=requires_grad)
+
+
+def adamw(params, **kw):
+    """The methods' torch.optim.AdamW with CUDA's default implementation (foreach: its temporaries count)."""
+    return torch.optim.AdamW(params, lr=1e-5, foreach=True, **kw)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, params) -> None:
+    torch.nn.utils.clip_grad_norm_(params, 1.0)  # per-tensor norms: small temporaries
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def init_states(opt: torch.optim.Optimizer, params) -> None:
+    """Create AdamW's states as after the first update (zero gradients, one step)."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------------------------- programs
+# One update and one evaluation chunk of each method, call by call, with the rows of each call (B = per-GPU
+# batch, D = decode_batch). The comments name the code they follow; "kept" = the graph lives until backward.
+def pso_update(sim: Sim, cfg, B: int, opts: dict) -> None:
+    S = len(cfg.grid)
+    kept = []
+    if cfg.variant == "online":  # pso.py, variant online: two roll-outs per condition in one 2B-row batch
+        for _ in range(S - 1):
+            kept.append(sim.unet("student", 2 * B, grad=True))  # sample_trajectory, grad_steps = S - 1
+        sim.unet("student", 2 * B, grad=False)  # the last (deterministic) step, no grad
+        with torch.no_grad():  # world.reward(traj.x0): decode + reward on all 2B rows
+            sim.reward("reward", sim.decode(sim.latents(2 * B), grad=False), grad=False)
+        sim.unet("student", 2 * B * (S - 1), grad=False, frozen=True)  # trajectory_log_ratios: one frozen call
+    elif cfg.variant == "pso":
+        sim.encode_images(B)  # world.data: the target images' latents (cached after the first time)
+        for _ in range(S - 1):
+            kept.append(sim.unet("student", B, grad=True))
+        sim.unet("student", B * (S - 1), grad=False, frozen=True)
+        kept.append(sim.unet("student", B * (S - 1), grad=True))  # forward_log_ratios: predict() on S-1 states
+        sim.unet("student", B * (S - 1), grad=False, frozen=True)
+    elif cfg.variant in ("offline", "customize"):  # both sides forward-diffused: one call on 2B x (S-1) rows
+        sim.encode_images(2 * B)  # world.preference_pairs / concept images: latents of 2B images
+        times = 1 if cfg.one_timestep else S - 1
+        kept.append(sim.unet("student", 2 * B * times, grad=True))
+        if cfg.variant == "offline":
+            sim.unet("student", 2 * B * times, grad=False, frozen=True)
+    elif cfg.variant == "naive":
+        sim.encode_images(B)
+        kept.append(sim.unet("student", B * S, grad=True))
+    loss = sum(k.mean() for k in kept)
+    del kept
+    loss.backward()
+    del loss
+    optimizer_step(opts["student"], sim.trainable("student"))
+
+
+def pso_eval(sim: Sim, cfg, D: int) -> None:
+    """draw() in chunks of decode_batch on the model's grid, then world.metrics: decode + every reward."""
+    sim.unet("student", D, grad=False, repeat=len(cfg.grid))
+    metrics_chunk(sim, D)
+
+
+def metrics_chunk(sim: Sim, D: int) -> None:
+    with torch.no_grad():
+        images = sim.decode(sim.latents(D), grad=False)
+        for which in sim.rewards:
+            sim.reward(which, images, grad=False)
+
+
+def sharpening_update(sim: Sim, cfg, B: int, opts: dict) -> None:
+    n, m, K = cfg.n, cfg.m, len(cfg.grid)
+    if cfg.variant == "sft":
+        sim.encode_images(B)  # sft_data: the data images' latents
+    else:  # Alg. 2: n samples per condition, K no-grad DDIM steps on B*n rows
+        sim.unet("teacher", B * n, grad=False, repeat=K)
+    kept = []
+    for _ in range(m):  # sharpening_rollout: m states of B*n rows, each scored (decode + reward, no grad)
+        out = sim.unet("teacher", B * n, grad=not cfg.recompute)
+        if not cfg.recompute:
+            kept.append(out)
+        del out
+        with torch.no_grad():
+            sim.reward("reward", sim.decode(sim.latents(B * n), grad=False), grad=False)
+    rows = B if cfg.variant == "sft" else 2 * B
+    if cfg.recompute:  # policy_eps: the chosen trajectories again, with autograd
+        kept = [sim.unet("teacher", rows, grad=True) for _ in range(m)]
+    if cfg.variant == "rlhf":
+        for _ in range(m):  # the frozen reference at the winner's and loser's m states
+            sim.unet("teacher", rows, grad=False, frozen=True)
+        with torch.no_grad():  # logs: world.reward(x0, cond) of the B*n samples
+            sim.reward("reward", sim.decode(sim.latents(B * n), grad=False), grad=False)
+    loss = sum(k.mean() for k in kept)
+    del kept
+    loss.backward()
+    del loss
+    optimizer_step(opts["teacher"], sim.trainable("teacher"))
+
+
+def sharpening_eval(sim: Sim, cfg, D: int) -> None:
+    """evaluate(): DDIM on the full grid, CFG = a second call on the null condition per step, then metrics."""
+    calls = 2 if cfg.eval_cfg != 1 else 1
+    sim.unet("teacher", D, grad=False, repeat=len(cfg.grid) * calls)
+    metrics_chunk(sim, D)
+
+
+def dipp_update(sim: Sim, cfg, B: int, opts: dict) -> None:
+    g = "generator"
+    x0 = sim.unet(g, B, grad=True)  # draw(grad=True): the generator's one step, graph kept
+    sim.unet("teacher", B, grad=False)  # eps_ta
+    sim.unet("teacher", 2 * B if cfg.cfg_scale != 1 else B, grad=False, frozen=True)  # eps_ref (+ null for CFG)
+    loss = x0.mean()
+    if cfg.reward_scale > 0:  # world.reward(x0): decode and reward model with autograd, into the generator
+        loss = loss + sim.reward("reward", sim.decode(sim.latents(B, requires_grad=True) + 0, grad=True),
+                                 grad=True).mean()
+    del x0
+    loss.backward()
+    del loss
+    optimizer_step(opts[g], sim.trainable(g))
+    for k in range(cfg.ta_steps):  # ta_update: the first on this update's sample, then fresh ones
+        if k:
+            sim.unet(g, B, grad=False)
+        loss = sim.unet("teacher", B, grad=True).mean()
+        loss.backward()
+        del loss
+        optimizer_step(opts["teacher"], sim.trainable("teacher"))
+
+
+def dipp_startup(sim: Sim, cfg, B: int) -> None:
+    """check_reward_is_differentiable(world, x0_base[:8]): the reward of 8 rows with autograd, once."""
+    if cfg.reward_scale > 0:
+        rows = min(8, cfg.eval_samples)
+        sim.reward("reward", sim.decode(sim.latents(rows, requires_grad=True) + 0, grad=True), grad=True)
+
+
+def dipp_eval(sim: Sim, cfg, D: int) -> None:
+    """generate_in_chunks(..., cfg.batch): one generator call per chunk of the training batch, then metrics."""
+    sim.unet("generator", cfg.batch, grad=False)  # cfg.batch: the planned per-GPU batch
+    metrics_chunk(sim, D)
+
+
+# ------------------------------------------------------------------------------------------------------- plans
+METHODS = {"pso.py": ("pso", pso_update, pso_eval, None, "student"),
+           "sharpening.py": ("sharpening", sharpening_update, sharpening_eval, None, "teacher"),
+           "diff_instruct_pp.py": ("diff_instruct_pp", dipp_update, dipp_eval, dipp_startup, "generator")}
+
+
+@dataclass
+class Row:
+    setting: str
+    training: str  # "LoRA r=16" | "full UNet"
+    checkpointing: bool
+    resolution: int
+    batch: int  # per GPU
+    global_batch: int
+    resident_gib: float  # parameters of every model held
+    update_gib: float  # peak of one update (resident + optimizer states + activations + gradients + temporaries)
+    eval_gib: float  # peak of one evaluation chunk of decode_batch rows
+    startup_gib: float | None  # DI++'s reward probe at start-up
+    nfe: float  # UNet rows / batch in the planned update
+    stated_nfe: float  # the method's nfe_per_update
+    smallest_gpu: str
+    notes: list = field(default_factory=list)
+
+
+def smallest_gpu(peak_bytes: float) -> str:
+    for gb in GPUS:
+        if peak_bytes * MARGIN <= gb * 1e9:
+            return f"{gb} GB"
+    return f"> {GPUS[-1]} GB"
+
+
+def method_config(name: str, training: str | None):
+    """The method's own Config for a launcher setting (its argv parsed by the method's parser), with the
+    training mode replaced when `training` is given ("lora" or "full")."""
+    import importlib
+
+    import common
+
+    from . import launch
+
+    s = launch.SETTINGS[name]
+    script, argv = launch.method_argv(name)
+    sys.path.insert(0, str(script.parent))
+    module = importlib.import_module(script.stem)
+    full_flag = {"pso.py": "--train-full", "sharpening.py": "--full-finetune", "diff_instruct_pp.py": "--train-full"}
+    flag = full_flag[s.script]
+    if training == "lora":
+        argv = [a for a in argv if a != flag]
+    elif training == "full" and flag not in argv:
+        argv = [*argv, flag]
+    return module, common.parse_config(module.Config, argv), s
+
+
+def plan_setting(name: str, checkpointing: bool, training: str | None = None, batch: int = 1,
+                 resolution: int | None = None, decode_batch: int = 1) -> Row:
+    import common
+
+    from . import architectures, launch, models
+    from .spec import RoleSpec, load_spec
+
+    module, cfg, s = method_config(name, training)
+    spec = load_spec(str(launch.SPECS / s.spec))
+    e = architectures.entry(spec.base)
+    dtype = DTYPES[spec.dtype]
+    vae_source = spec.vae or spec.base
+    unet_config = architectures.read_config(e["unet"])
+    vae_config = architectures.component_config(vae_source, "vae")
+    side = (resolution or spec.resolution or unet_config["sample_size"] * 8) // 8
+    method, update, evaluate, startup, role = METHODS[s.script]
+    sim = Sim(unet_config, vae_config, "sdxl" if e["_class_name"].endswith("XLPipeline") else "sd", side, dtype,
+              checkpointing)
+    train_full = cfg.full_finetune if method == "sharpening" else cfg.train_full
+    lora = {"pso": cfg.lora_rank, "sharpening": cfg.lora_rank, "diff_instruct_pp": cfg.lora_rank}[method]
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if not spec.precompute_embeddings:  # the text encoders stay resident
+        for part, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            if part in e:
+                sim.resident_extra += architectures.parameter_count(cls, e[part]) * torch.finfo(dtype).bits // 8
+    ns = dict(vars(cfg), batch=batch)  # the per-GPU batch planned (DI++ evaluates in chunks of it)
+    if method == "pso":
+        rs = spec.roles.get("student", RoleSpec())
+        own = list(rs.timesteps or models.DEFAULT_TIMESTEPS["student"])
+        ns["grid"] = common.few_step_timesteps(cfg.train_steps) if cfg.train_steps else own
+        ns["model_steps"] = len(own)
+        sim.add_unet("student", lora, train_full)
+        stated = module.nfe_per_update(cfg, len(ns["grid"]), len(own))
+    elif method == "sharpening":
+        rs = spec.roles.get("teacher", RoleSpec())
+        ns["grid"] = list(rs.timesteps or models.DEFAULT_TIMESTEPS["teacher"])
+        sim.add_unet("teacher", lora, train_full)
+        stated = cfg.n * cfg.m + (cfg.n * len(ns["grid"]) + 2 * cfg.m if cfg.variant == "rlhf" else 0) + (
+            (cfg.m if cfg.variant == "sft" else 2 * cfg.m) if cfg.recompute else 0)
+    else:
+        sim.add_unet("generator", lora, train_full)
+        sim.add_unet("teacher", cfg.ta_lora_rank, cfg.ta_train_full)
+        stated = module.nfe_per_update(cfg)
+    sim.build_vae()
+    from .rewards import reward_name
+
+    for which, r in [("reward", spec.reward), ("quality", spec.quality)] + [
+            (reward_name(r), r) for r in spec.eval_rewards]:
+        sim.build_reward(which, reward_name(r))
+    c = SimpleNamespace(**ns)
+    resident = sum(param_bytes(m) for m in sim.models()) + sim.resident_extra
+    opts = {r: adamw([p for p in sim.unets[r][0].parameters() if p.requires_grad]) for r in sim.unets}
+    with counting(dtype) as counter:
+        for r, opt in opts.items():
+            init_states(opt, sim.trainable(r))
+        counter.reset_peak()
+        sim.rows = 0
+        update(sim, c, batch, opts)
+        update_peak, nfe = counter.peak, sim.rows / batch
+        counter.reset_peak()
+        evaluate(sim, c, decode_batch)
+        eval_peak = counter.peak
+        startup_peak = None
+        if startup is not None and cfg.reward_scale > 0:
+            counter.reset_peak()
+            startup(sim, c, batch)
+            startup_peak = counter.peak
+    worst = resident + max(update_peak, eval_peak, startup_peak or 0)
+    mode = "full UNet" if train_full else f"LoRA r={lora}"
+    if method == "diff_instruct_pp":
+        mode += f" + TA LoRA r={cfg.ta_lora_rank}"
+    notes = list(sim.notes)
+    if spec.precompute_embeddings:
+        notes.append("text encoders freed after precomputing the prompts' embeddings (not counted)")
+    return Row(name, mode, checkpointing, side * 8, batch, s.batch, resident / GiB, (resident + update_peak) / GiB,
+               (resident + eval_peak) / GiB, None if startup_peak is None else (resident + startup_peak) / GiB,
+               nfe, stated, smallest_gpu(worst), notes)
+
+
+def variants(name: str) -> list[tuple[str | None, bool]]:
+    """(training, checkpointing) rows of a setting: its own training mode with checkpointing on and off, and a
+    LoRA r=16 alternative (with checkpointing) where the launcher trains every UNet weight."""
+    from . import launch
+
+    own = [(None, True), (None, False)]
+    args = launch.SETTINGS[name].args
+    return own + ([("lora", True)] if "--full-finetune" in args or "--train-full" in args else [])
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| setting | training | checkpointing | resolution | batch/GPU (global) | resident | update peak | "
+            "evaluation peak | start-up peak | NFE planned / stated | smallest GPU |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        start = f"{r['startup_gib']:.1f}" if r["startup_gib"] is not None else "-"
+        lines.append(f"| {r['setting']} | {r['training']} | {'on' if r['checkpointing'] else 'off'} | "
+                     f"{r['resolution']}² | {r['batch']} ({r['global_batch']}) | {r['resident_gib']:.1f} | "
+                     f"{r['update_gib']:.1f} | {r['eval_gib']:.1f} | {start} | {r['nfe']:g} / {r['stated_nfe']:g} | "
+                     f"{r['smallest_gpu']} |")
+    notes = sorted({n for r in rows for n in r["notes"]})
+    return "\n".join(lines + ([""] + [f"* {n}" for n in notes] if notes else [])) + "\n"
+
+
+BEGIN, END = "<!-- memory-plan:begin (python -m full.memory_plan --write-docs) -->", "<!-- memory-plan:end -->"
+
+
+def write_docs(text: str, path: Path) -> None:
+    doc = path.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise ValueError(f"{path} lacks the markers {BEGIN!r} ... {END!r} around the generated table")
+    head, rest = doc.split(BEGIN, 1)
+    path.write_text(head + BEGIN + "\n" + text + rest[rest.index(END):])
+
+
+def main(argv=None) -> list[dict]:
+    from . import launch
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("settings", nargs="*", help=f"launcher settings (default: all of {sorted(launch.SETTINGS)})")
+    p.add_argument("--batch", type=int, default=1, help="per-GPU batch")
+    p.add_argument("--decode-batch", type=int, default=1, help="rows per evaluation chunk (the spec's decode_batch)")
+    p.add_argument("--resolution", type=int, help="image side (default: the setting's spec)")
+    p.add_argument("--json", help="write the rows here as they are computed (a finished file is reused)")
+    p.add_argument("--write-docs", action="store_true", help="replace the table in docs/full.md")
+    a = p.parse_args(argv)
+    unknown = [s for s in a.settings if s not in launch.SETTINGS]
+    if unknown:
+        p.error(f"unknown setting(s) {unknown}; choose from {sorted(launch.SETTINGS)}")
+    done = json.loads(Path(a.json).read_text()) if a.json and Path(a.json).is_file() else []
+    rows = list(done)
+    for name in a.settings or list(launch.SETTINGS):
+        for training, ckpt in variants(name):
+            key = dict(setting=name, checkpointing=ckpt, variant=training or "own")
+            if any(all(r.get(k) == v for k, v in key.items()) for r in done):
+                continue
+            row = {**asdict(plan_setting(name, ckpt, training, a.batch, a.resolution, a.decode_batch)),
+                   "variant": training or "own"}
+            rows.append(row)
+            print(f"{name} {row['training']} checkpointing={ckpt}: update {row['update_gib']:.1f} GiB, evaluation "
+                  f"{row['eval_gib']:.1f} GiB -> {row['smallest_gpu']}", file=sys.stderr, flush=True)
+            if a.json:
+                Path(a.json).write_text(json.dumps(rows, indent=1))
+    order = {n: i for i, n in enumerate(launch.SETTINGS)}
+    rows.sort(key=lambda r: (order[r["setting"]], r["variant"] != "own", not r["checkpointing"]))
+    text = table(rows)
+    print(text)
+    if a.write_docs:
+        write_docs(text, Path(__file__).resolve().parents[1] / "docs" / "full.md")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

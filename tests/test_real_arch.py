@@ -1,0 +1,362 @@
+"""The real architectures (full/configs, full/architectures.py) and the memory plan (full/memory_plan.py).
+
+Fast: the shipped configs build the public parameter counts on the meta device, every shipped spec resolves to
+shipped configs under random_weights, the byte counter agrees with autograd's saved tensors and with itself on real
+CPU tensors, and the planned update programs make the NFEs the methods state.
+Slow (-m slow; minutes and ~15 GB of RAM each, run one at a time): one update and one evaluation of each method
+through its `main` on the real architectures with random weights, at 16x16 latents in fp32 on the CPU."""
+import csv
+import json
+
+import pytest
+import torch
+
+from full import architectures, launch, memory_plan, tiny
+from full.spec import load_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# the public parameter counts of the checkpoints' components
+COUNTS = {
+    ("UNet2DConditionModel", "unet_sdxl.json"): 2_567_463_684,  # SDXL base, SDXL-Turbo, DMD2
+    ("UNet2DConditionModel", "unet_sd15.json"): 859_520_964,
+    ("UNet2DConditionModel", "unet_sd21.json"): 865_910_724,  # SD 2.1-base, SD-Turbo
+    ("AutoencoderKL", "vae_sdxl.json"): 83_653_863,
+    ("AutoencoderKL", "vae_sdxl_fp16_fix.json"): 83_653_863,
+    ("AutoencoderKL", "vae_sd.json"): 83_653_863,
+    ("CLIPTextModel", "text_clip_vit_l.json"): 123_060_480,  # SD1.5 / SDXL text_encoder
+    ("CLIPTextModelWithProjection", "text_openclip_bigg.json"): 694_659_840,  # SDXL text_encoder_2
+    ("CLIPTextModel", "text_openclip_h.json"): 340_387_840,  # SD 2.x text_encoder
+    ("CLIPModel", "reward_clip_vit_l14.json"): 427_616_513,  # openai/clip-vit-large-patch14
+    ("CLIPModel", "reward_clip_vit_h14.json"): 986_109_441,  # PickScore_v1 (CLIP ViT-H/14)
+}
+
+
+def _cls(name):
+    import diffusers
+    import transformers
+
+    return getattr(diffusers, name, None) or getattr(transformers, name)
+
+
+@pytest.mark.parametrize("cls,file", sorted(COUNTS))
+def test_shipped_configs_have_the_public_parameter_counts(cls, file):
+    assert architectures.parameter_count(_cls(cls), file) == COUNTS[(cls, file)]
+
+
+def test_sdxl_unet_config_is_the_sdxl_architecture():
+    c = architectures.read_config("unet_sdxl.json")
+    assert c["transformer_layers_per_block"] == [1, 2, 10]
+    assert c["addition_embed_type"] == "text_time" and c["projection_class_embeddings_input_dim"] == 2816
+    # 2816 = the pooled text_encoder_2 embedding + 6 time ids x addition_time_embed_dim
+    bigg = architectures.read_config("text_openclip_bigg.json")
+    assert bigg["projection_dim"] + 6 * c["addition_time_embed_dim"] == 2816
+    assert c["cross_attention_dim"] == 768 + bigg["hidden_size"]
+
+
+@pytest.mark.parametrize("spec", sorted(p.name for p in launch.SPECS.glob("*.json")))
+def test_every_shipped_spec_resolves_to_shipped_configs(spec):
+    s = load_spec(str(launch.SPECS / spec), random_weights=True)
+    index = architectures.model_index(s.base)
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert part in index
+        if part != "scheduler":
+            architectures.component_config(s.base, part)
+    if s.vae:
+        architectures.component_config(s.vae, "vae")
+    for role in s.roles.values():
+        if role.unet and not role.unet_file:
+            architectures.component_config(role.unet, "unet")
+        for source in (role.unet, role.lora):
+            if source:
+                architectures.entry(source)
+
+
+def test_random_weights_name_a_checkpoint_without_a_shipped_config():
+    from full import models
+
+    spec = load_spec("someone/unknown-model", random_weights=True)
+    with pytest.raises(models.ModelError, match=r"someone/unknown-model.*index\.json"):
+        models.load_parts(spec)
+
+
+def test_random_init_gives_finite_real_values_and_keeps_buffers():
+    from transformers import CLIPTextModel
+
+    enc = architectures.build(CLIPTextModel, "stabilityai/stable-diffusion-xl-base-1.0", "text_encoder")
+    assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in enc.parameters())
+    ids = dict(enc.named_buffers())["embeddings.position_ids"] if "embeddings.position_ids" in dict(
+        enc.named_buffers()) else dict(enc.named_buffers())["text_model.embeddings.position_ids"]
+    assert torch.equal(ids, torch.arange(77)[None])  # a buffer: kept, not emptied
+    from transformers import CLIPTokenizer
+
+    tok = architectures.build(CLIPTokenizer, "stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2")
+    assert tok.model_max_length == 77 and tok.pad_token == "!"
+    out = enc(tok(["a photo of a cat"], padding="max_length", return_tensors="pt").input_ids).last_hidden_state
+    assert out.shape == (1, 77, 768) and torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------------------------- the byte counter
+def _tiny_unet_inputs(device, rows=2, side=8):
+    return (torch.randn(rows, 4, side, side, device=device), torch.full((rows,), 500, device=device),
+            torch.randn(rows, 77, 64, device=device),
+            {"text_embeds": torch.randn(rows, 32, device=device), "time_ids": torch.randn(rows, 6, device=device)})
+
+
+def _forward_backward(unet, device, counter_dtype=None):
+    x, t, enc, added = _tiny_unet_inputs(device)
+    with memory_plan.counting(counter_dtype) as c:
+        out = unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added, return_dict=False)[0]
+        after_forward = c.live
+        out.float().square().mean().backward()
+        peak = c.peak
+    return after_forward, peak, out
+
+
+def test_counter_agrees_with_autograds_saved_tensors_on_real_cpu_tensors():
+    """Independent count: the distinct storages autograd saves (saved-tensor hooks) plus the output are what the
+    counter sees alive after the forward (the model's weights were made before it and are not counted)."""
+    torch.manual_seed(0)
+    unet = tiny.tiny_unet(sdxl=True, sample_size=8).train()
+    x, t, enc, added = _tiny_unet_inputs("cpu")
+    params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        st = tensor.untyped_storage()
+        if st.data_ptr() not in params and st.data_ptr() not in (x.data_ptr(), t.data_ptr(), enc.data_ptr()):
+            saved[st.data_ptr()] = st.nbytes()
+        return tensor
+
+    with memory_plan.counting(None) as c, torch.autograd.graph.saved_tensors_hooks(pack, lambda t_: t_):
+        out = unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added, return_dict=False)[0]
+        live = c.live
+    out_bytes = out.untyped_storage().nbytes() if out.untyped_storage().data_ptr() not in saved else 0
+    expected = sum(saved.values()) + out_bytes
+    assert expected > 0
+    assert abs(live - expected) <= 0.02 * expected, (live, expected)
+
+
+def test_counter_on_meta_equals_the_counter_on_real_tensors():
+    """The plan runs on the meta device: it must count what the same run allocates on real tensors."""
+    torch.manual_seed(0)
+    cpu = tiny.tiny_unet(sdxl=True, sample_size=8).train()
+    with torch.device("meta"):
+        meta = tiny.tiny_unet(sdxl=True, sample_size=8).train()
+    for ckpt in (False, True):
+        if ckpt:
+            memory_plan.enable_checkpointing(cpu, None)
+            memory_plan.enable_checkpointing(meta, None)
+        a_cpu, peak_cpu, _ = _forward_backward(cpu, "cpu")
+        a_meta, peak_meta, _ = _forward_backward(meta, "meta")
+        assert a_cpu == a_meta and peak_cpu == peak_meta, (ckpt, a_cpu, a_meta, peak_cpu, peak_meta)
+    for p in cpu.parameters():
+        p.grad = None
+
+
+def test_checkpointing_and_fused_attention_lower_the_planned_activations():
+    with torch.device("meta"):
+        unet = tiny.tiny_unet(sdxl=True, sample_size=8).train()
+    plain, _, out = _forward_backward(unet, "meta", torch.bfloat16)
+    assert out.dtype == torch.bfloat16  # conv_out under autocast's policy, as torch.autocast gives it
+    memory_plan.enable_checkpointing(unet, torch.bfloat16)
+    ckpt, peak, _ = _forward_backward(unet, "meta", torch.bfloat16)
+    assert ckpt < plain / 2 and peak > ckpt
+    with torch.device("meta"):
+        q = torch.empty(1, 8, 4096, 64, dtype=torch.bfloat16, requires_grad=True)
+    with memory_plan.counting(torch.bfloat16) as c:
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert c.live == out.untyped_storage().nbytes() + 8 * 4096 * 4  # output + fp32 log-sum-exp, no 4096^2 matrix
+
+
+# --------------------------------------------------------------------------------------------- the plan programs
+def _tiny_sim(kind="sdxl"):
+    cfg = dict(tiny.tiny_unet(kind == "sdxl").config)
+    vae = dict(tiny.tiny_vae().config)
+    sim = memory_plan.Sim(cfg, vae, kind, 8, torch.bfloat16, checkpointing=False)  # NFEs do not depend on it
+    return sim
+
+
+FAST = {"pso-online-dmd2", "pso-offline-dmd2", "sharpening-rlhf-sdxl", "dipp-sd-turbo"}  # one per program family
+
+
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in launch.SETTINGS])
+def test_planned_update_makes_the_nfes_the_method_states(name, monkeypatch):
+    """Each launcher setting's update program, run on tiny models, evaluates the UNet as often as the method's
+    own NFE count says (the slow tests check the same count against the real runs' log.csv)."""
+    from full import models
+    from full.spec import RoleSpec
+
+    module, cfg, s = memory_plan.method_config(name, None)
+    spec = load_spec(str(launch.SPECS / s.spec))
+    method, update, evaluate, _, role = memory_plan.METHODS[s.script]
+    sim = _tiny_sim()
+    ns = dict(vars(cfg))
+    train_full = cfg.full_finetune if method == "sharpening" else cfg.train_full
+    if method == "pso":
+        own = list(spec.roles.get("student", RoleSpec()).timesteps or models.DEFAULT_TIMESTEPS["student"])
+        ns["grid"] = own
+        stated = module.nfe_per_update(cfg, len(own), len(own))
+        sim.add_unet("student", cfg.lora_rank, train_full)
+    elif method == "sharpening":
+        ns["grid"] = list(spec.roles.get("teacher", RoleSpec()).timesteps or models.DEFAULT_TIMESTEPS["teacher"])
+        sim.add_unet("teacher", cfg.lora_rank, train_full)
+        stated = cfg.n * cfg.m + (cfg.n * len(ns["grid"]) + 2 * cfg.m if cfg.variant == "rlhf" else 0) + (
+            (cfg.m if cfg.variant == "sft" else 2 * cfg.m) if cfg.recompute else 0)
+    else:
+        sim.add_unet("generator", cfg.lora_rank, train_full)
+        sim.add_unet("teacher", cfg.ta_lora_rank, cfg.ta_train_full)
+        stated = module.nfe_per_update(cfg)
+    sim.build_vae()
+    monkeypatch.setattr(memory_plan, "reward_image_size", lambda name: 32)
+    from transformers import CLIPConfig, CLIPModel
+
+    with torch.device("meta"):
+        clip = CLIPModel(CLIPConfig(text_config=tiny.TEXT, vision_config=dict(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
+            patch_size=8), projection_dim=16))
+    sim.rewards = {"reward": ("clip", clip.requires_grad_(False))}
+    opts = {r: memory_plan.adamw(sim.trainable(r)) for r in sim.unets}
+    from types import SimpleNamespace
+
+    with memory_plan.counting(torch.bfloat16):
+        update(sim, SimpleNamespace(**ns), 2, opts)
+    assert sim.rows / 2 == stated
+
+
+def test_bench_plumbing_on_a_tiny_pipeline(tmp_path):
+    """full.bench runs a setting with checkpointing on and off and reports the NFE bound ratio (no CUDA here: the
+    memory columns are None; the command itself is for a GPU)."""
+    from full import bench
+
+    spec = tiny.save_tiny_setup(tmp_path / "tiny", "sdxl", "lcm")
+    rows = bench.main(["pso-online-dmd2", "--model", str(spec), "--steps", "2", "--batch", "1",
+                       "--checkpointing", "both", "--out", str(tmp_path / "bench")])
+    assert [r["overrides"]["gradient_checkpointing"] for r in rows] == [True, False]
+    for r in rows:
+        assert r["nfe_per_update"] == 14 and r["updates"] == 2
+        assert r["unet_fwd_bwd_s"] > 0 and 0 < r["bound_ratio"] < float("inf")
+        assert r["train_peak_gib"] is None and r["eval_peak_gib"] is None  # no CUDA
+    assert json.loads((tmp_path / "bench" / "bench.json").read_text()) == rows
+
+
+# --------------------------------------------------------------------------------------------- slow: real runs
+def _random_spec(tmp_path, spec_name: str, **overrides) -> str:
+    """A shipped spec with random real-size weights, fp32, 16x16 latents, tiny reward models and local prompts."""
+    clip = tiny.save_tiny_clip(tmp_path / "clip")
+    head = tiny.save_tiny_aesthetic_head(tmp_path / "aesthetic_head.pth")
+    d = json.loads((launch.SPECS / spec_name).read_text())
+    d.update(random_weights=True, dtype="fp32", resolution=128, decode_batch=1, gradient_checkpointing=True,
+             reward={"name": "pickscore", "model": str(clip)},
+             quality={"name": "aesthetic", "model": str(clip), "head": str(head)},
+             eval_rewards=[{"name": "clip", "model": str(clip)}],
+             prompts=["a red cube", "a blue sphere"], eval_prompts=["a green cone"], pairs=None, data={},
+             precompute_embeddings=False, **overrides)
+    path = tmp_path / spec_name
+    path.write_text(json.dumps({k: v for k, v in d.items() if v is not None}))
+    return str(path)
+
+
+def _attention_count(unet) -> int:
+    from diffusers.models.attention_processor import Attention
+
+    return sum(isinstance(m, Attention) for m in unet.modules())
+
+
+def _lora_targets(unet) -> dict:
+    """LoRA-wrapped modules by the name they end with."""
+    found = {}
+    for name, m in unet.named_modules():
+        if hasattr(m, "lora_A"):
+            key = "to_out.0" if name.endswith("to_out.0") else name.rsplit(".", 1)[-1]
+            found[key] = found.get(key, 0) + 1
+    return found
+
+
+def _count_checkpoints(monkeypatch) -> list:
+    import torch.utils.checkpoint as ckpt
+
+    calls, real = [], ckpt.checkpoint
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ckpt, "checkpoint", counted)
+    return calls
+
+
+def _log(out):
+    with open(out / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+# transformer blocks of the SDXL UNet (transformer depth 1 / 2 / 10 per level, the 320 level has none):
+# down 2 x 2 (640) + 2 x 10 (1280), mid 10, up 3 x 10 (1280) + 3 x 2 (640); two attentions each
+SDXL_BLOCKS = 2 * 2 + 2 * 10 + 10 + 3 * 10 + 3 * 2
+
+
+@pytest.mark.slow
+def test_pso_online_one_update_on_the_real_sdxl_architecture(tmp_path, monkeypatch):
+    import full
+    import pso
+
+    spec = _random_spec(tmp_path, "sdxl_dmd2.json")
+    world = full.load_world(spec)
+    calls = _count_checkpoints(monkeypatch)
+    cfg = pso.Config(model=spec, variant="online", beta=5, lora_rank=16, steps=1, batch=1, eval_samples=1,
+                     eval_every=1, save_every=1, out=str(tmp_path / "run"))
+    metrics = pso.train(cfg, world)
+    unet = world.denoisers[0].unet
+    assert sum(p.numel() for n, p in unet.named_parameters() if "lora" not in n) == 2_567_463_684
+    assert _attention_count(unet) == 2 * SDXL_BLOCKS == 140
+    assert _lora_targets(unet) == {"to_q": 140, "to_k": 140, "to_v": 140, "to_out.0": 140}
+    assert unet.is_gradient_checkpointing and calls  # checkpointed blocks ran in the update
+    row = _log(tmp_path / "run")[0]
+    assert float(row["nfe"]) == metrics["nfe_per_update"] == 14
+    assert row["eval_reward"] != "" and metrics["eval_samples"] == 1
+
+
+@pytest.mark.slow
+def test_sharpening_rlhf_one_update_on_the_real_sdxl_architecture(tmp_path, monkeypatch):
+    import sharpening
+
+    grid = [999, 749, 499, 249]  # a 4-step teacher grid: the real UNet, fewer CPU minutes
+    spec = _random_spec(tmp_path, "sdxl_base.json",
+                        roles={"teacher": {"scheduler": "DDIMScheduler", "scheduler_config": {"timestep_spacing":
+                                                                                             "trailing"},
+                                           "timesteps": grid}})
+    calls = _count_checkpoints(monkeypatch)
+    out = tmp_path / "run"
+    sharpening.main(["--model", spec, "--variant", "rlhf", "--n", "2", "--m", "2", "--recompute", "--steps", "1",
+                     "--batch", "1", "--eval-samples", "1", "--final-samples", "1", "--eval-every", "1",
+                     "--out", str(out)])
+    n, m, K = 2, 2, len(grid)
+    assert float(_log(out)[0]["nfe"]) == n * K + n * m + 2 * m + 2 * m  # sampling, roll-out, reference, recompute
+    assert calls
+
+
+@pytest.mark.slow
+def test_dipp_one_update_on_the_real_sd21_architecture(tmp_path, monkeypatch):
+    """DI++ holds two UNets (generator and teacher + TA): two fp32 SDXL UNets (20.6 GB) do not fit this
+    machine's RAM, so the DI++ run uses its own shipped SD-Turbo / SD 2.1 spec."""
+    import diff_instruct_pp
+
+    spec = _random_spec(tmp_path, "sd_turbo_dipp.json")
+    calls = _count_checkpoints(monkeypatch)
+    out = tmp_path / "run"
+    diff_instruct_pp.main(["--model", spec, "--variant", "dipp", "--reward-scale", "100", "--cfg-scale", "4.5",
+                           "--steps", "1", "--batch", "1", "--eval-samples", "1", "--out", str(out)])
+    assert float(_log(out)[0]["nfe"]) == 2 * 2 + 3
+    assert calls
+
+
+def test_random_weight_rewards_have_the_real_backbones():
+    from full import rewards
+
+    r = rewards.load_reward("clip", random_weights=True)
+    assert sum(p.numel() for p in r.model.parameters()) == 427_616_513
+    score = r(torch.rand(1, 3, 64, 64) * 2 - 1, ["a cat"])
+    assert score.shape == (1,) and torch.isfinite(score).all()
+    with pytest.raises(ValueError, match="imagereward"):
+        rewards.load_reward("imagereward", random_weights=True)
