@@ -435,15 +435,15 @@ def dipp_update(sim: Sim, cfg, B: int, opts: dict) -> None:
 
 
 def dipp_startup(sim: Sim, cfg, B: int) -> None:
-    """check_reward_is_differentiable(world, x0_base[:8]): the reward of 8 rows with autograd, once."""
+    """check_reward_is_differentiable(world, x0_base, ...): the reward of ONE row, forward only with autograd on
+    (its graph is dropped at once), before training."""
     if cfg.reward_scale > 0:
-        rows = min(8, cfg.eval_samples)
-        sim.reward("reward", sim.decode(sim.latents(rows, requires_grad=True) + 0, grad=True), grad=True)
+        sim.reward("reward", sim.decode(sim.latents(1, requires_grad=True) + 0, grad=True), grad=True)
 
 
 def dipp_eval(sim: Sim, cfg, D: int) -> None:
-    """generate_in_chunks(..., cfg.batch): one generator call per chunk of the training batch, then metrics."""
-    sim.unet("generator", cfg.batch, grad=False)  # cfg.batch: the planned per-GPU batch
+    """generate_in_chunks(..., world.decode_batch): one generator call per chunk of D rows, then metrics."""
+    sim.unet("generator", D, grad=False)
     metrics_chunk(sim, D)
 
 
