@@ -1031,7 +1031,10 @@ class Run:
         for name, opt in self.optimizers.items():
             f = chosen / f"optimizer-{name}.pt"
             try:
-                opt.load_state_dict(torch.load(f, map_location=self.acc.device, weights_only=True))
+                # onto this rank's device, whichever saved it (torch names a CPU of a gloo rank "cpu:0", which
+                # torch.load does not take as a location: plain "cpu" then)
+                dev = self.acc.device
+                opt.load_state_dict(torch.load(f, map_location="cpu" if dev.type == "cpu" else dev, weights_only=True))
             except (ValueError, RuntimeError, KeyError) as e:
                 raise CheckpointError(f"optimizer state {f} does not fit optimizer {name!r}: {e}") from None
         self.start_step, self.restored = state["step"], state

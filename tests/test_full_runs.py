@@ -1,6 +1,7 @@
 """full/ end to end: every method and variant through its launcher setting on tiny random SDXL / SD1.5 pipelines
 (the real loading code: model spec -> common.load_world -> full.load_world), the saved LoRA in a fresh pipeline,
 resume after an interruption, and a 2-process CPU (gloo) run whose ranks end with identical adapters."""
+import csv
 import importlib
 import json
 import os
@@ -254,3 +255,30 @@ def test_ddp_averages_several_forwards_and_accumulates_with_accelerate(specs, tm
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count(" ok") == 2, proc.stdout  # both ranks passed every check (prints may interleave)
+
+
+def test_two_cpu_processes_resume_to_the_adapter_of_an_uninterrupted_run(specs, tmp_path):
+    """torchrun, 2 processes: 2 updates, then --resume to 3, ends on both ranks with the adapter of a straight
+    3-update run (each rank restores the checkpoint onto its own device; the log continues without duplicates)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+    def launch(out, steps, *extra):
+        small = [a if a != "2" or i != 1 else str(steps) for i, a in enumerate(SHARPENING_SMALL)]
+        argv = ["--model", str(specs["xl"]), "--variant", "rlhf", *small, "--n", "2", "--m", "2", "--lr", "1e-3",
+                "--out", str(out), *extra]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (out.parent / f"driver-{out.name}.py").write_text(DRIVER.format(root=str(ROOT), argv=argv, out=str(out.parent)))
+        port = str(29400 + (os.getpid() + steps * 7 + len(extra)) % 500)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               port, str(out.parent / f"driver-{out.name}.py")], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return [load_file(str(out.parent / f"rank{r}.safetensors")) for r in (0, 1)]
+
+    straight = launch(tmp_path / "a" / "run", 3)[0]
+    launch(tmp_path / "b" / "run", 2)
+    r0, r1 = launch(tmp_path / "b" / "run", 3, "--resume")
+    for k in straight:
+        assert torch.equal(r0[k], r1[k]) and torch.equal(r0[k], straight[k]), k
+    with open(tmp_path / "b" / "run" / "log.csv") as f:
+        assert [row["step"] for row in csv.DictReader(f)] == ["1", "2", "3"]
