@@ -1,25 +1,35 @@
 """The side-by-side report: every method and variant on the same world, seeds and machine, in one table.
 
-    python benchmarks/report.py --world toy2d        # about 6 min on 2 idle cores (3 seeds + a determinism re-run)
-    python benchmarks/report.py --world mnist        # about 35 min on 2 idle cores
+    python benchmarks/report.py --world toy2d        # 3 seeds + a determinism re-run, plus the frontier sweeps
+    python benchmarks/report.py --world flow2d       # the same rows on the flow-matching toy (toy/flow2d.py)
+    python benchmarks/report.py --world mnist        # shortened runs (WORLD_SCRIPT_ARGS)
     python benchmarks/report.py --world tiny         # tiny random diffusers pipelines on the CPU (plumbing and cost)
     python benchmarks/report.py --world cuda         # the launcher settings on real checkpoints, on a CUDA GPU
     python benchmarks/update_readme.py               # then copy the tables into README.md
+(wall times measured on this project's machine: README.md, "Side-by-side report").
 
 Every run is the method script itself in a fresh process, exactly as a user types it (the command is in the
 table's source JSON), `--jobs` at a time with `--threads` torch threads each (default 2 x 1 on a 2-core machine:
 torch's threads slow each other down badly when two processes share two cores). Per run it reads:
-  metrics.json  reward, quality and distance to the evaluation data, base vs tuned from the same seeds;
-                nfe_per_update = the minimum stated in the method's docstring (a function of the config)
+  metrics.json  reward, quality and distance to the evaluation data, base vs tuned from the same seeds, and every
+                further pair <name>_base / <name>_tuned the world or method writes (toy2d's transfer and sharpness,
+                1-step scores, ...), read generically (world_metrics); nfe_per_update = the minimum stated in the
+                method's docstring (a function of the config)
   log.csv       the NFEs counted in every update (common.CountingDenoiser) and the seconds of every update
   the process   peak resident memory (getrusage of that child, via os.wait4); on CUDA, peak GPU memory
                 (torch.cuda.max_memory_allocated, written by the child)
-Seed `--seeds[0]` of every row runs a second time into its own folder: the report compares the two metrics.json
-(timings excluded) and the two log.csv (every column but `seconds`) for exact equality.
+Seed `--seeds[0]` of every main row runs a second time into its own folder: the report compares the two
+metrics.json (timings excluded) and the two log.csv (every column but `seconds`) for exact equality.
 
-Writes benchmarks/results/report.json (every run: command, metrics, memory, checks), report.<world>.md (the tables),
-report.<world>.curves.png (reward during training, mean over seeds, min-max band) and report.<world>.samples.png
-(base vs tuned from the same seeds, first seed of every row). Run folders: runs/report/<world>/<row>/seed<k>.
+Reward-quality frontiers (toy worlds; FRONTIERS, `--no-frontier` skips the sweeps): PSO online and offline and
+Sharpening RLHF at three values of beta, DI++ at its three alpha_rew rows; one point per setting, (quality, reward)
+of the tuned model, mean ± sd over seeds, against the base model the frontier starts from. The methods are compared
+by where their points lie, not by raw gain on an unbounded reward (which ranks over-optimisation first).
+
+Writes benchmarks/results/report.json (every run: command, metrics, memory, checks), report.<world>.md (the tables:
+main, further read-outs, frontiers), report.<world>.curves.png (reward during training, mean over seeds, min-max
+band), report.<world>.frontier.png (reward vs quality per frontier setting) and report.<world>.samples.png (base vs
+tuned from the same seeds, first seed of every main row). Run folders: runs/report/<world>/<row>/seed<k>.
 
 What the numbers mean per world is in README.md ("Side-by-side report"); the per-method ablations stay in
 benchmarks/{pso,sharpening,diff_instruct_pp}.py.

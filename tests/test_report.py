@@ -151,3 +151,16 @@ def test_flow2d_rows_run_in_child_processes_with_counted_nfes_and_a_frontier(tmp
     md = (tmp_path / "results" / "report.flow2d.md").read_text()
     assert "| PSO online, Eq. 7 | beta = 1 |" in md and "| DI++ | alpha_rew = 0.1 |" in md
     assert (tmp_path / "results" / "report.flow2d.frontier.png").is_file()
+
+
+def test_readme_has_a_generated_block_for_every_toy_world():
+    """update_readme.py fills these blocks from benchmarks/results/report.<world>.md."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import update_readme
+
+    blocks = {m["src"] for m in update_readme.BLOCK.finditer((ROOT / "README.md").read_text())}
+    for world in report.TOY_WORLDS:
+        assert f"benchmarks/results/report.{world}.md" in blocks, world
+    text, missing = update_readme.fill("<!-- generated: benchmarks/results/report.flow2d.md -->\nold\n"
+                                       "<!-- end generated -->")
+    assert ("old" in text) == bool(missing)  # filled from the file once the report has run, kept until then
