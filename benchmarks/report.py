@@ -1,25 +1,35 @@
 """The side-by-side report: every method and variant on the same world, seeds and machine, in one table.
 
-    python benchmarks/report.py --world toy2d        # about 6 min on 2 idle cores (3 seeds + a determinism re-run)
-    python benchmarks/report.py --world mnist        # about 35 min on 2 idle cores
+    python benchmarks/report.py --world toy2d        # 3 seeds + a determinism re-run, plus the frontier sweeps
+    python benchmarks/report.py --world flow2d       # the same rows on the flow-matching toy (toy/flow2d.py)
+    python benchmarks/report.py --world mnist        # shortened runs (WORLD_SCRIPT_ARGS)
     python benchmarks/report.py --world tiny         # tiny random diffusers pipelines on the CPU (plumbing and cost)
     python benchmarks/report.py --world cuda         # the launcher settings on real checkpoints, on a CUDA GPU
     python benchmarks/update_readme.py               # then copy the tables into README.md
+(wall times measured on this project's machine: README.md, "Side-by-side report").
 
 Every run is the method script itself in a fresh process, exactly as a user types it (the command is in the
 table's source JSON), `--jobs` at a time with `--threads` torch threads each (default 2 x 1 on a 2-core machine:
 torch's threads slow each other down badly when two processes share two cores). Per run it reads:
-  metrics.json  reward, quality and distance to the evaluation data, base vs tuned from the same seeds;
-                nfe_per_update = the minimum stated in the method's docstring (a function of the config)
+  metrics.json  reward, quality and distance to the evaluation data, base vs tuned from the same seeds, and every
+                further pair <name>_base / <name>_tuned the world or method writes (toy2d's transfer and sharpness,
+                1-step scores, ...), read generically (world_metrics); nfe_per_update = the minimum stated in the
+                method's docstring (a function of the config)
   log.csv       the NFEs counted in every update (common.CountingDenoiser) and the seconds of every update
   the process   peak resident memory (getrusage of that child, via os.wait4); on CUDA, peak GPU memory
                 (torch.cuda.max_memory_allocated, written by the child)
-Seed `--seeds[0]` of every row runs a second time into its own folder: the report compares the two metrics.json
-(timings excluded) and the two log.csv (every column but `seconds`) for exact equality.
+Seed `--seeds[0]` of every main row runs a second time into its own folder: the report compares the two
+metrics.json (timings excluded) and the two log.csv (every column but `seconds`) for exact equality.
 
-Writes benchmarks/results/report.json (every run: command, metrics, memory, checks), report.<world>.md (the tables),
-report.<world>.curves.png (reward during training, mean over seeds, min-max band) and report.<world>.samples.png
-(base vs tuned from the same seeds, first seed of every row). Run folders: runs/report/<world>/<row>/seed<k>.
+Reward-quality frontiers (toy worlds; FRONTIERS, `--no-frontier` skips the sweeps): PSO online and offline and
+Sharpening RLHF at three values of beta, DI++ at its three alpha_rew rows; one point per setting, (quality, reward)
+of the tuned model, mean ± sd over seeds, against the base model the frontier starts from. The methods are compared
+by where their points lie, not by raw gain on an unbounded reward (which ranks over-optimisation first).
+
+Writes benchmarks/results/report.json (every run: command, metrics, memory, checks), report.<world>.md (the tables:
+main, further read-outs, frontiers), report.<world>.curves.png (reward during training, mean over seeds, min-max
+band), report.<world>.frontier.png (reward vs quality per frontier setting) and report.<world>.samples.png (base vs
+tuned from the same seeds, first seed of every main row). Run folders: runs/report/<world>/<row>/seed<k>.
 
 What the numbers mean per world is in README.md ("Side-by-side report"); the per-method ablations stay in
 benchmarks/{pso,sharpening,diff_instruct_pp}.py.
@@ -55,15 +65,42 @@ class Row:
     args: list[str]
     setting: str = ""  # full backend: the launcher setting (full/launch.py) the row runs
     tiny: str = ""  # --world tiny: which tiny pipeline the setting runs on (xl or sd15)
+    frontier: str = ""  # the reward-quality frontier this row is a point of ("" = none)
+    knob: str = ""  # the frontier's regularisation knob (beta, alpha_rew) and this row's value of it
+    value: str = ""
+    main: bool = True  # a row of the main table (and of the determinism re-run); False: a frontier-only point
 
 
 # The toy rows: each method's variants at the script's defaults (what `python <script> --variant ...` does), and
 # the baselines each paper compares against. Per-world arguments only shrink MNIST runs to fit the time budget.
 # DI++'s alpha_rew is per world (the IKL term is summed over 2 vs 784 dimensions): none, moderate, strong.
-DIPP_REWARD_SCALES = {"toy2d": ["0", "0.1", "1"], "mnist": ["0", "0.3", "1"]}
+# flow2d is toy2d's data and reward under flow base models: toy2d's scales. The rows run DI++'s default variant
+# (dipp); `--variant di` reads the reference from a DDPM state and refuses flow worlds.
+DIPP_REWARD_SCALES = {"toy2d": ["0", "0.1", "1"], "flow2d": ["0", "0.1", "1"], "mnist": ["0", "0.3", "1"]}
+TOY_WORLDS = ("toy2d", "flow2d", "mnist")
+
+# The reward-quality frontiers: every reward method at three strengths of its regularisation knob, each point the
+# mean ± sd over seeds of (quality, reward) of the tuned model. Raw reward gain on an unbounded reward ranks
+# over-optimisation first; a frontier shows what each setting pays in quality for its reward. The values bracket
+# the paper's setting (PSO: beta 5 online, 50 offline; Sharpening's toy beta 100) by factors of about 5; DI++'s
+# frontier is its three main rows (DIPP_REWARD_SCALES). Frontier-only rows run every seed once (the main rows'
+# determinism re-run covers the same code paths).
+FRONTIERS = [  # (method, frontier name, script, variant arguments, option, knob, values)
+    ("PSO", "PSO online, Eq. 7", "pso.py", ["--variant", "online"], "--beta", "beta", ["1", "5", "25"]),
+    ("PSO", "PSO offline, Eq. 6", "pso.py", ["--variant", "offline"], "--beta", "beta", ["10", "50", "250"]),
+    ("Sharpening", "Sharpening RLHF, n=3 m=3", "sharpening.py", ["--variant", "rlhf"], "--beta", "beta",
+     ["25", "100", "400"]),
+]
+DIPP_FRONTIER = "DI++"
 
 
-def toy_rows(world: str) -> list[Row]:
+def frontier_rows() -> list[Row]:
+    return [Row(method, f"{name.split(' ', 1)[1]}, {knob} = {v}", script, [*args, option, v], frontier=name,
+                knob=knob, value=v, main=False)
+            for method, name, script, args, option, knob, values in FRONTIERS for v in values]
+
+
+def toy_rows(world: str, frontier: bool = True) -> list[Row]:
     return [
         Row("PSO", "pso, Eq. 5 (target split)", "pso.py", ["--variant", "pso", "--no-naive-baseline"]),
         Row("PSO", "naive eps-MSE baseline (target split)", "pso.py", ["--variant", "naive"]),
@@ -77,12 +114,15 @@ def toy_rows(world: str) -> list[Row]:
         Row("Sharpening", "RLHF baseline: Diffusion-DPO, n=2 m=1", "sharpening.py",
             ["--variant", "rlhf", "--n", "2", "--m", "1"]),
         *[Row("DI++", f"alpha_rew = {a}" + (" (Diff-Instruct)" if a == "0" else ""), "diff_instruct_pp.py",
-              ["--reward-scale", a]) for a in DIPP_REWARD_SCALES[world]],
+              ["--reward-scale", a], frontier=DIPP_FRONTIER, knob="alpha_rew", value=a)
+          for a in DIPP_REWARD_SCALES[world]],
+        *(frontier_rows() if frontier else []),
     ]
 
 
-WORLD_SCRIPT_ARGS = {  # toy2d runs at the scripts' defaults; MNIST fewer updates and samples (60-minute budget)
+WORLD_SCRIPT_ARGS = {  # toy2d and flow2d run at the scripts' defaults; MNIST fewer updates and samples (60 minutes)
     "toy2d": {},
+    "flow2d": {},
     "mnist": {"pso.py": ["--steps", "100", "--batch", "32", "--eval-samples", "500"],
               "sharpening.py": ["--steps", "100", "--batch", "16", "--final-samples", "200", "--eval-samples", "64"],
               "diff_instruct_pp.py": ["--steps", "150", "--batch", "64", "--eval-samples", "500"]},
@@ -179,10 +219,16 @@ def same_results(a: dict, b: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 # What each world runs
 # ---------------------------------------------------------------------------------------------------
+def rows_of(world: str, frontier: bool = True) -> list[Row]:
+    """The rows `--world` runs, in table order."""
+    return FULL_ROWS if world in ("tiny", "cuda") else toy_rows(world, frontier)
+
+
 def plan(world: str, seeds: list[int], smoke: bool, only: list[str] | None, model: str | None, steps: int | None,
-         batch: int | None, repeat: bool, setup: Path | None, runs_root: Path) -> list[tuple]:
-    """(row, seed, is_repeat, command, out folder) of every run, longest-running rows first."""
-    rows = FULL_ROWS if world in ("tiny", "cuda") else toy_rows(world)
+         batch: int | None, repeat: bool, setup: Path | None, runs_root: Path, frontier: bool = True) -> list[tuple]:
+    """(row, seed, is_repeat, command, out folder) of every run, longest-running rows first. The first seed of
+    every main row runs twice (`repeat`); frontier-only rows run once per seed."""
+    rows = rows_of(world, frontier)
     jobs = []
     for row in rows:
         if only and not any(o.lower() in row.label.lower() or o.lower() in row.method.lower() for o in only):
@@ -201,7 +247,7 @@ def plan(world: str, seeds: list[int], smoke: bool, only: list[str] | None, mode
         extra += ["--steps", str(steps)] if steps else []
         extra += ["--batch", str(batch)] if batch else []
         for seed in seeds:
-            for again in ([False, True] if repeat and seed == seeds[0] else [False]):
+            for again in ([False, True] if repeat and row.main and seed == seeds[0] else [False]):
                 out = runs_root / slug / (f"seed{seed}" + ("-repeat" if again else ""))
                 tail = [*row.args, *extra, "--seed", str(seed), "--out", str(out)]
                 if world in ("tiny", "cuda"):
@@ -226,7 +272,7 @@ def run_all(jobs, n_jobs: int, threads: int, resume: bool) -> list[dict]:
         print(f"[report] {row.method} | {row.label} | seed {seed}{' (repeat)' if again else ''}: "
               f"{rec['wall_seconds']:.0f} s, {rec['peak_rss_mib']:.0f} MiB", flush=True)
         return {"method": row.method, "label": row.label, "setting": row.setting, "seed": seed, "repeat": again,
-                **rec}
+                "frontier": row.frontier, "knob": row.knob, "value": row.value, "main": row.main, **rec}
 
     with concurrent.futures.ThreadPoolExecutor(n_jobs) as pool:
         return list(pool.map(work, jobs))
@@ -235,6 +281,26 @@ def run_all(jobs, n_jobs: int, threads: int, resume: bool) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------
 # Tables and figures
 # ---------------------------------------------------------------------------------------------------
+CORE_METRICS = ("reward", "quality", "distance")  # every world reports these; the main table's columns
+
+
+def world_metrics(metrics: dict) -> list[tuple[str, str]]:
+    """The world's read-outs in a run's metrics.json, read generically: every pair of numbers k_base<rest> and
+    k_tuned<rest> (base and tuned model on the same noise), in the file's order. Returns (name, key template)
+    pairs, name = k<rest> with "_1step" shown as " (1 step)", template.format("_base" or "_tuned") = the two keys.
+    A world or method that adds a read-out (toy2d's transfer and sharpness, MNIST's bold share, PSO's 1-step and
+    base-split scores) gets its column without a change here."""
+    out = []
+    for key, v in metrics.items():
+        k, sep, rest = key.partition("_base")
+        if not (k and sep) or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if any(t in key for t in TIMING_KEYS) or k + "_tuned" + rest not in metrics:
+            continue
+        out.append((k + rest.replace("_1step", " (1 step)").replace("_", " "), k + "{}" + rest))
+    return out
+
+
 def summarize(records: list[dict]) -> list[dict]:
     """One entry per row: mean and sd over seeds, the NFE check and the determinism check."""
     import statistics
@@ -268,6 +334,11 @@ def summarize(records: list[dict]) -> list[dict]:
             "reward_gain": stat(lambda r: r["metrics"]["reward_tuned"] - r["metrics"]["reward_base"]),
             "quality_base": stat(m("quality_base")), "quality_tuned": stat(m("quality_tuned")),
             "distance_base": stat(m("distance_base")), "distance_tuned": stat(m("distance_tuned")),
+            "extras": {name: [stat(m(stem.format("_base"))), stat(m(stem.format("_tuned")))]
+                       for name, stem in dict.fromkeys(w for r in runs for w in world_metrics(r["metrics"]))
+                       if name not in CORE_METRICS},
+            "frontier": runs[0].get("frontier", ""), "knob": runs[0].get("knob", ""),
+            "value": runs[0].get("value", ""), "main": runs[0].get("main", True),
             "nfe_counted": counted, "nfe_stated": stated, "nfe_ok": counted == stated,
             "s_per_update": statistics.median(updates) if updates else None,
             "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
@@ -285,8 +356,14 @@ def _ms(v, digits=3) -> str:
     return f"{mean:.{digits}f} ± {sd:.{digits}f}" if sd else f"{mean:.{digits}f}"
 
 
+def _arrow(pair) -> str:
+    base, tuned = pair
+    return "-" if base is None and tuned is None else f"{_ms(base)} → {_ms(tuned)}"
+
+
 def markdown(world: str, result: dict) -> str:
     rows, meta = result["rows"], result["meta"]
+    main = [r for r in rows if r.get("main", True)]
     seeds = rows[0]["seeds"] if rows else []
     lines = [f"Command: `{meta['command']}` ({meta['date']}). Machine: {meta['machine']}; {meta['jobs']} runs at a "
              f"time, {meta['threads']} torch thread(s) each; {meta['load']}. Total wall time "
@@ -301,31 +378,98 @@ def markdown(world: str, result: dict) -> str:
               "distance: base → tuned (split) | NFE counted / stated | s/update | peak RSS (MiB) |"
               + (" peak GPU (GiB) |" if gpu else "") + " same seed twice |",
               "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
-    for r in rows:
-        nfe = f"{'/'.join(f'{x:g}' for x in r['nfe_counted'])} / {'/'.join(f'{x:g}' for x in r['nfe_stated'])}"
-        nfe += "" if r["nfe_ok"] else " (differs)"
-        det = "-" if r["determinism"] is None else ("identical" if r["determinism"] == "identical"
-                                                      else "differs: " + ", ".join(r["determinism"][:4]))
+    for r in main:
         lines.append(
             f"| {r['method']} | {r['label']} | {r['updates']} | {_ms(r['reward_base'])} → {_ms(r['reward_tuned'])} | "
             f"{_ms(r['reward_gain'])} | {_ms(r['quality_base'])} → {_ms(r['quality_tuned'])} | "
-            f"{_ms(r['distance_base'])} → {_ms(r['distance_tuned'])} ({r['eval_split']}) | {nfe} | "
+            f"{_ms(r['distance_base'])} → {_ms(r['distance_tuned'])} ({r['eval_split']}) | {_nfe(r)} | "
             f"{r['s_per_update']:.3f} | {r['peak_rss_mib']:.0f} |"
-            + (f" {r['peak_gpu_gib']:.2f} |" if gpu else "") + f" {det} |")
+            + (f" {r['peak_gpu_gib']:.2f} |" if gpu else "") + f" {_det(r)} |")
+    lines += extras_table(main)
+    lines += frontier_table(world, rows)
     off = [r["label"] for r in rows if not r["nfe_ok"]]
-    checks = ["NFEs: counted == stated in every update of every run: "
+    checks = ["NFEs: counted == stated in every update of every run"
+              + (" (frontier rows included)" if len(main) < len(rows) else "") + ": "
               + ("yes." if not off else f"NO ({', '.join(off)}).")]
     det = [r for r in rows if r["determinism"] is not None]
     if det:
         same = all(r["determinism"] == "identical" for r in det)
-        checks.append(f"Determinism: seed {det[0]['seeds'][0]} of every row run twice: metrics.json (timings "
+        checks.append(f"Determinism: seed {det[0]['seeds'][0]} of every main row run twice: metrics.json (timings "
                       "excluded) and every log.csv column but `seconds` "
                       + (f"identical in all {len(det)} rows." if same else "DIFFER in some rows (table)."))
+    frontier_png = (f"`benchmarks/results/report.{world}.frontier.png` (reward vs quality per setting), "
+                    if any(r.get("frontier") for r in rows) else "")
     lines += ["", *checks, "",
-              f"Figures: `benchmarks/results/report.{world}.curves.png` (reward during training), "
+              f"Figures: `benchmarks/results/report.{world}.curves.png` (reward during training), {frontier_png}"
               f"`benchmarks/results/report.{world}.samples.png` (base vs tuned, seed {seeds[0] if seeds else 0}). "
               "The exact command of each run is in `benchmarks/results/report.json`.", ""]
     return "\n".join(lines)
+
+
+def _nfe(r: dict) -> str:
+    nfe = f"{'/'.join(f'{x:g}' for x in r['nfe_counted'])} / {'/'.join(f'{x:g}' for x in r['nfe_stated'])}"
+    return nfe + ("" if r["nfe_ok"] else " (differs)")
+
+
+def _det(r: dict) -> str:
+    return "-" if r["determinism"] is None else ("identical" if r["determinism"] == "identical"
+                                                 else "differs: " + ", ".join(r["determinism"][:4]))
+
+
+def extra_names(rows: list[dict], one_step: bool = True) -> list[str]:
+    """The read-outs beyond reward / quality / distance that any row reports, 4-step ones first."""
+    names = list(dict.fromkeys(n for r in rows for n in r.get("extras", {})))
+    four = [n for n in names if "(1 step)" not in n]
+    return four + ([n for n in names if "(1 step)" in n] if one_step else [])
+
+
+def extras_table(rows: list[dict]) -> list[str]:
+    """Every further read-out the world and the method write (base → tuned), one column each, '-' where a row
+    has none; nothing when no row has one."""
+    names = extra_names(rows)
+    rows = [r for r in rows if r.get("extras")]
+    if not names or not rows:
+        return []
+    return ["", "Further read-outs the runs report (base → tuned, same noise; names as in metrics.json; '1 step': "
+            "the same model sampled with one step):", "",
+            "| method | run | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names),
+            *[f"| {r['method']} | {r['label']} | " + " | ".join(_arrow(r["extras"].get(n, [None, None]))
+                                                             for n in names) + " |" for r in rows]]
+
+
+def frontiers(rows: list[dict]) -> dict[str, list[dict]]:
+    """The frontier rows grouped by frontier name, in table order (a group's rows in the order of their knob)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("frontier"):
+            groups.setdefault(r["frontier"], []).append(r)
+    return {name: sorted(g, key=lambda r: float(r["value"])) for name, g in groups.items()}
+
+
+def frontier_table(world: str, rows: list[dict]) -> list[str]:
+    """One line per frontier point (tuned model, mean ± sd over seeds) and one for the base model it starts from."""
+    groups = frontiers(rows)
+    if not groups:
+        return []
+    names = extra_names([r for g in groups.values() for r in g], one_step=False)
+    out = ["", f"Reward–quality frontiers ({world}): every reward method at three settings of its regularisation "
+           "knob; compare the methods by where their points lie in (quality, reward), not by reward gain alone "
+           "(figure: `report." + world + ".frontier.png`). Tuned model, mean ± sd over seeds; 'base' = the model "
+           "every point of the frontier starts from.", "",
+           "| frontier | setting | reward | quality | distance (split) | " + "".join(f"{n} | " for n in names)
+           + "NFE counted / stated |",
+           "|---|---|---|---|---|" + "---|" * len(names) + "---|"]
+    for name, group in groups.items():
+        b = group[0]
+        out.append(f"| {name} | base | {_ms(b['reward_base'])} | {_ms(b['quality_base'])} | "
+                   f"{_ms(b['distance_base'])} ({b['eval_split']}) | "
+                   + "".join(f"{_ms(b.get('extras', {}).get(n, [None, None])[0])} | " for n in names) + "- |")
+        for r in group:
+            out.append(f"| {name} | {r['knob']} = {r['value']} | {_ms(r['reward_tuned'])} | "
+                       f"{_ms(r['quality_tuned'])} | {_ms(r['distance_tuned'])} ({r['eval_split']}) | "
+                       + "".join(f"{_ms(r.get('extras', {}).get(n, [None, None])[1])} | " for n in names)
+                       + f"{_nfe(r)} |")
+    return out
 
 
 def plot_curves(world: str, records: list[dict], path: Path) -> None:
@@ -337,6 +481,7 @@ def plot_curves(world: str, records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    records = [r for r in records if r.get("main", True)]  # the frontier points have their own figure
     methods = list(dict.fromkeys(r["method"] for r in records))
     fig, axes = plt.subplots(1, len(methods), figsize=(5.2 * len(methods), 3.6), squeeze=False)
     for ax, method in zip(axes[0], methods):
@@ -366,6 +511,44 @@ def plot_curves(world: str, records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_frontier(world: str, rows: list[dict], path: Path) -> bool:
+    """Reward vs quality of the tuned model, one point per setting of each frontier (mean ± sd over seeds as error
+    bars on both axes), the points of a frontier joined in the order of its knob and labelled with its value; a
+    hollow marker for the base model of each frontier. False (and no file) when no row is a frontier point."""
+    groups = frontiers(rows)
+    if not groups:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for i, (name, group) in enumerate(groups.items()):
+        ok = [r for r in group if r["quality_tuned"] and r["reward_tuned"]]
+        if not ok:
+            continue
+        color, marker = f"C{i}", "osD^v<>p"[i % 8]
+        q = [r["quality_tuned"] for r in ok]
+        w = [r["reward_tuned"] for r in ok]
+        ax.errorbar([m for m, _ in q], [m for m, _ in w], xerr=[sd for _, sd in q], yerr=[sd for _, sd in w],
+                    color=color, marker=marker, ms=5, lw=1.2, capsize=2, label=f"{name} ({ok[0]['knob']})")
+        for r, (qm, _), (wm, _) in zip(ok, q, w):
+            ax.annotate(r["value"], (qm, wm), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+        b = group[0]
+        if b["quality_base"] and b["reward_base"]:
+            ax.plot([b["quality_base"][0]], [b["reward_base"][0]], marker=marker, ms=8, mfc="none", color=color,
+                    ls="none", label=f"{name}: base")
+    ax.set(title=f"reward-quality frontiers ({world}), tuned model, mean ± sd over seeds", xlabel="quality",
+           ylabel="reward")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def plot_samples(world: str, records: list[dict], path: Path) -> None:
     """The first seed's samples.png of every row (base vs tuned from the same noise), one tile per row."""
     import matplotlib
@@ -376,7 +559,7 @@ def plot_samples(world: str, records: list[dict], path: Path) -> None:
 
     first = {}
     for r in records:
-        if not r["repeat"] and r["label"] not in first:
+        if not r["repeat"] and r.get("main", True) and r["label"] not in first:
             first[r["label"]] = r
     tiles = [(f"{r['method']}: {r['label']}", Path(r["out"]) / "samples.png") for r in first.values()]
     tiles = [(t, p) for t, p in tiles if p.exists()]
@@ -413,11 +596,13 @@ def main(argv=None) -> dict:
         child(argv[1:])
         return {}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world", default="toy2d", choices=["toy2d", "mnist", "tiny", "cuda"])
+    p.add_argument("--world", default="toy2d", choices=[*TOY_WORLDS, "tiny", "cuda"])
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (toys), 0 (tiny, cuda)")
     p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: 2 on the CPU, 1 on a GPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--no-repeat", action="store_true", help="skip the determinism re-run of the first seed")
+    p.add_argument("--no-frontier", action="store_true", help="toy worlds: skip the frontier-only rows (the beta "
+                   "sweeps of FRONTIERS; DI++'s frontier is its main rows and stays)")
     p.add_argument("--only", nargs="*", default=None, help="rows whose method or label contains one of these")
     p.add_argument("--model", default=None, help="--world cuda: one model spec for every row (default: each "
                    "launcher setting's own spec in full/specs)")
@@ -440,6 +625,7 @@ def main(argv=None) -> dict:
                              f"--world {a.world}` first")
         result = saved[a.world]
         records = [{**r, **read_run(r["out"], metrics=False)} for r in result["runs"]]
+        result = {**result, "rows": summarize(records)}  # columns added since the runs are read from them too
         write_outputs(a.world, result, records, Path(a.results))
         return result
     if a.world == "cuda":
@@ -467,10 +653,10 @@ def main(argv=None) -> dict:
                         "--out", str(Path(a.runs) / a.world / "base")], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
     jobs = plan(a.world, seeds, a.smoke, a.only, a.model, steps, a.batch, not a.no_repeat, setup,
-                Path(a.runs) / a.world)
+                Path(a.runs) / a.world, not a.no_frontier)
     print(f"[report] {a.world}: {len(jobs)} runs, {a.jobs} at a time, {a.threads} thread(s) each", flush=True)
     records = run_all(jobs, a.jobs, a.threads, a.resume)
-    order = {row.label: i for i, row in enumerate(FULL_ROWS if a.world in ("tiny", "cuda") else toy_rows(a.world))}
+    order = {row.label: i for i, row in enumerate(rows_of(a.world))}
     records.sort(key=lambda r: (order[r["label"]], r["seed"], r["repeat"]))
     result = {"meta": {"command": "python benchmarks/report.py " + shlex.join(argv), "machine": machine(),
                        "date": datetime.date.today().isoformat(), "jobs": a.jobs, "threads": a.threads,
@@ -487,6 +673,7 @@ def main(argv=None) -> dict:
 def write_outputs(world: str, result: dict, records: list[dict], results: Path) -> None:
     (results / f"report.{world}.md").write_text(markdown(world, result))
     plot_curves(world, records, results / f"report.{world}.curves.png")
+    plot_frontier(world, result["rows"], results / f"report.{world}.frontier.png")
     plot_samples(world, records, results / f"report.{world}.samples.png")
     print(markdown(world, result))
 
