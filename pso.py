@@ -21,7 +21,8 @@ Variants (`--variant`), each one update function under its equation number, call
   naive      Fig. 1b baseline (`naive_update`): plain eps-MSE fine-tuning of the distilled model on the target data,
              t ~ U[0, T) as Ho et al. (`--naive-t uniform`) or at the training grid's times (`--naive-t grid`).
 `python pso.py` (`experiment`) trains, for the target-data variants, the naive baseline first into <out>/naive with
-the same budget, then the chosen variant, and reports both in one table.
+the same budget, then the chosen variant, and reports both in one table, plus the world's further read-outs
+(`readouts`: toy2d's transfer and sharpness, the Fig. 1 contrast) at the model's grid and at one step.
 
 Equation <-> code:
   Eq. 11 (data side, omega = 1)   eps_log_ratio        -(||eps - eps_theta||^2 - ||eps - eps_pre||^2)
@@ -95,6 +96,10 @@ Where this differs from the paper / the official code (and why):
   9. Naive baseline: t ~ U[0, T) by default (Ho et al., the paper's Fig. 1b baseline); `--naive-t grid` trains at
      the S training-grid times instead (t_1 included, which no PSO variant trains).
  10. Learning rate, steps and batch are scaled for CPU toys (see Config); the paper's values are in the help.
+ 11. A world may supply values for options the command line does not set (`method_defaults`, printed at the start):
+     toy2d gives `--variant pso` beta 7 on a 16-step training grid (`Toy2D.cli_defaults`; at the paper's beta 50
+     and N = 4 the 2-D toy does not move, docs/pso.md "Fig. 1 on toy2d"). `--beta 0 --train-steps 0` restores the
+     paper's values; a Config built in Python sets every field and gets no world defaults.
 
 Run `python pso.py --help` for every option; `docs/pso.md` has usage, metrics and measured results.
 """

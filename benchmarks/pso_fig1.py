@@ -79,9 +79,10 @@ def mean_sd(values) -> dict:
 
 
 def fmt(v: dict | None) -> str:
+    """mean ± sd; a bare mean for one seed (the seeds column says which)."""
     if v is None:
         return "-"
-    return f"{v['mean']:.3f}" + (f" ± {v['sd']:.3f}" if v["n"] > 1 else " (1 seed)")
+    return f"{v['mean']:.3f}" + (f" ± {v['sd']:.3f}" if v["n"] > 1 else "")
 
 
 def search_table() -> dict:
@@ -144,8 +145,8 @@ def markdown(doc: dict) -> str:
     if search:
         lines += ["## Setting search (`benchmarks/pso_fig1_search.py`, log `pso_fig1_search.jsonl`)", "",
                   "Same budget for naive and Eq. 5 in each row: 300 updates, batch 64, lr 1e-3, LoRA rank 16 unless "
-                  "the row says otherwise; naive = t ~ U[0, T) with 4 noised copies per sample. NB: rows are mean ± "
-                  "sd over the seeds listed.", "",
+                  "the row says otherwise ('steps N' = N updates); naive = t ~ U[0, T) with 4 noised copies per sample; "
+                  "T = transfer, S = sharpness; mean ± sd over the seeds listed, a bare number = one seed.", "",
                   "| setting | seeds | naive T / S (4 steps) | naive S (1 step) | Eq. 5 T / S (4 steps) | "
                   "Eq. 5 S (1 step) | Eq. 5 last frozen T / S | Eq. 5 last only T / S |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -163,7 +164,7 @@ def markdown(doc: dict) -> str:
                 row += ["(naive only)", "-", "-", "-"]
             lines.append("| " + " | ".join(row) + " |")
         base = next(iter(search.values())).get("naive", {})
-        lines += ["", f"Base model (same seeds as the rows): transfer {fmt(base.get('transfer_base'))}, sharpness "
+        lines += ["", f"Base model (seed 0): transfer {fmt(base.get('transfer_base'))}, sharpness "
                   f"{fmt(base.get('sharpness_base'))} (4 steps), {fmt(base.get('sharpness_base_1step'))} (1 step).",
                   ""]
     lines += [f"Machine: {platform.machine()}, torch {torch.__version__}, 1 torch thread per run; shared CPU.", ""]
@@ -178,7 +179,9 @@ def main(argv=None) -> None:
     command = "OMP_NUM_THREADS=1 python benchmarks/pso_fig1.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
     out_root = ROOT / "runs" / "pso-fig1"
     old = RESULTS / "pso_fig1.json"
-    if args.search_only and old.exists():
+    if args.search_only:
+        if not old.exists():
+            raise SystemExit(f"--search-only needs {old} from a full run")
         doc = json.loads(old.read_text())
     else:
         runs = default_runs(args.seeds, out_root)
