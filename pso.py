@@ -21,7 +21,8 @@ Variants (`--variant`), each one update function under its equation number, call
   naive      Fig. 1b baseline (`naive_update`): plain eps-MSE fine-tuning of the distilled model on the target data,
              t ~ U[0, T) as Ho et al. (`--naive-t uniform`) or at the training grid's times (`--naive-t grid`).
 `python pso.py` (`experiment`) trains, for the target-data variants, the naive baseline first into <out>/naive with
-the same budget, then the chosen variant, and reports both in one table.
+the same budget, then the chosen variant, and reports both in one table, plus the world's further read-outs
+(`readouts`: toy2d's transfer and sharpness, the Fig. 1 contrast) at the model's grid and at one step.
 
 Equation <-> code:
   Eq. 11 (data side, omega = 1)   eps_log_ratio        -(||eps - eps_theta||^2 - ||eps - eps_pre||^2)
@@ -95,6 +96,10 @@ Where this differs from the paper / the official code (and why):
   9. Naive baseline: t ~ U[0, T) by default (Ho et al., the paper's Fig. 1b baseline); `--naive-t grid` trains at
      the S training-grid times instead (t_1 included, which no PSO variant trains).
  10. Learning rate, steps and batch are scaled for CPU toys (see Config); the paper's values are in the help.
+ 11. A world may supply values for options the command line does not set (`method_defaults`, printed at the start):
+     toy2d gives `--variant pso` beta 7 on a 16-step training grid (`Toy2D.cli_defaults`; at the paper's beta 50
+     and N = 4 the 2-D toy does not move, docs/pso.md "Fig. 1 on toy2d"). `--beta 0 --train-steps 0` restores the
+     paper's values; a Config built in Python sets every field and gets no world defaults.
 
 Run `python pso.py --help` for every option; `docs/pso.md` has usage, metrics and measured results.
 """
@@ -581,13 +586,42 @@ def train(cfg: Config, world=None, baseline=None):
         panels[f"naive, {len(den.timesteps)} steps"] = (draw(naive_den, kernel, world, eval_cond, den.timesteps, seed),
                                                         eval_cond)
     panels[f"{cfg.variant}, {len(den.timesteps)} steps"] = (x_tuned, eval_cond)
+    if baseline is not None:
+        panels["naive, 1 step"] = (draw(baseline[1], kernel, world, eval_cond, one_step, seed), eval_cond)
     panels[f"{cfg.variant}, 1 step"] = (x1_tuned, eval_cond)
     metrics.update(seconds_train=train_seconds, seconds=timer(),
                    seconds_per_update=train_seconds / max(1, cfg.steps - start))
     curves = [("loss", "loss"), ("margin", "margin: sum_n r^target_n - r^reference_n"),
               ("eval_reward", "reward (eval)"), ("eval_quality", "quality (eval)")]
     run.finish(metrics, panels, [c for c in curves if cfg.variant != "naive" or c[0] != "margin"], adapter=den)
+    table = readouts(metrics)
+    if table and run.main:
+        print(table)
     return metrics, den
+
+
+SUMMARY_COLUMNS = ("reward", "quality", "distance")  # what common.summary prints; the rest are the world's read-outs
+
+
+def readouts(metrics: dict) -> str:
+    """The world's further read-outs (toy2d: transfer and sharpness, the Fig. 1 contrast) as one table: a row per
+    model (base, naive, the tuned variant), a column per read-out at the model's grid and at one step. '' when the
+    world has none beyond reward / quality / distance."""
+    models = [m for m in ("base", "naive", "tuned") if f"reward_{m}" in metrics]
+    names = [k[: -len("_base")] for k in metrics if k.endswith("_base") and k[: -len("_base")] not in SUMMARY_COLUMNS
+             and isinstance(metrics[k], (int, float)) and not isinstance(metrics[k], bool)]
+    if not names:
+        return ""
+    steps = len(metrics.get("sample_grid", [])) or "grid"
+    cols = [(f"{n}_{{}}{s}", f"{n} ({label})") for s, label in (("", f"{steps} steps"), ("_1step", "1 step"))
+            for n in names]
+    width = max(len(c[1]) for c in cols) + 2
+    lines = [f"{'model':16s}" + "".join(f"{c[1]:>{width}s}" for c in cols)]
+    for m in models:
+        cells = [metrics.get(key.format(m)) for key, _ in cols]
+        lines.append(f"{(metrics['variant'] if m == 'tuned' else m):16s}" + "".join(
+            f"{v:{width}.4f}" if isinstance(v, (int, float)) else f"{'-':>{width}s}" for v in cells))
+    return "\n".join(lines)
 
 
 def has_naive_baseline(cfg: Config) -> bool:

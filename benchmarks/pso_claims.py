@@ -106,7 +106,7 @@ def run(only: list[str] | None, seeds: list[int], steps: int | None, write=None)
                              out=str(ROOT / "runs" / "bench-pso-claims" / f"{slug}-seed{seed}"),
                              **{**({"steps": steps} if steps else {}), **overrides})
             start = time.perf_counter()
-            m, den = _reuse(cfg, world) or pso._train(cfg, world)
+            m, den = _reuse(cfg, world) or pso.train(cfg, world)
             if claim == "transfer":
                 m.update(last_step_frozen(world, den, cfg.eval_samples, seed + 10_000))
             m["wall_seconds"] = time.perf_counter() - start

@@ -311,6 +311,33 @@ def test_default_run_has_a_naive_baseline_panel_and_metrics(tmp_path, toy2d_tiny
     assert json.loads((tmp_path / "run" / "naive" / "config.json").read_text())["naive_t"] == "uniform"
 
 
+def test_the_command_line_run_takes_the_toys_eq5_defaults_and_prints_the_fig1_readouts(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """`python pso.py` on toy2d: the world's defaults for options not given (toy2d.Toy2D.cli_defaults), the
+    transfer / sharpness table for base, naive and pso at the model's grid and at one step, and the samples figure
+    with the naive run's 1-step panel; options given on the command line win over the world's defaults."""
+    from toy.toy2d import Toy2D
+
+    monkeypatch.setenv("FEWSTEP_TOY_BUDGET", "tiny")
+    argv = ["--steps", "1", "--batch", "4", "--eval-samples", "12", "--eval-every", "1000", "--no-progress"]
+    metrics = pso.main(argv + ["--out", str(tmp_path / "run")])
+    defaults = Toy2D.cli_defaults[("pso", "pso")]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert {k: saved[k] for k in defaults} == defaults and metrics["beta"] == defaults["beta"]
+    assert json.loads((tmp_path / "run" / "naive" / "config.json").read_text())["train_steps"] == defaults["train_steps"]
+    table = pso.readouts(metrics)
+    out = capsys.readouterr().out
+    assert table in out and "transfer (4 steps)" in table and "sharpness (1 step)" in table
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in table.splitlines()[1:]}
+    assert list(rows) == ["base", "naive", "pso"]
+    for row, name in (("naive", "naive"), ("pso", "tuned")):
+        want = [metrics[f"{k}_{name}{s}"] for s in ("", "_1step") for k in ("transfer", "sharpness")]
+        assert rows[row] == pytest.approx(want, abs=5e-5)  # printed with 4 decimals
+    assert pso.readouts({"variant": "pso", "reward_base": 1.0, "quality_base": 0.5, "reward_tuned": 2.0}) == ""
+    metrics = pso.main(argv + ["--beta", "0", "--train-steps", "0", "--out", str(tmp_path / "paper")])
+    assert metrics["beta"] == pso.PAPER_BETA["pso"] and metrics["train_grid"] == [999, 749, 499, 249]
+
+
 def test_mnist_end_to_end(tmp_path, mnist_tiny):
     metrics = fit(tiny(tmp_path, variant="online", batch=4, eval_samples=8), mnist_tiny)
     assert "bold_share_tuned" in metrics and metrics["nfe_per_update"] == 14

@@ -154,9 +154,9 @@ def test_toy2d_transfer_and_sharpness_are_not_fooled_by_overlapping_discs(toy2d_
     assert near.transfer(x) < 0.05 and near.transfer(target) > 0.95  # 5 degrees = 2 mode stds: a few cross
     assert near.sharpness(x) > 0.99 and near.sharpness(target) > 0.99
     assert near.sharpness(x * 0.6) < 0.05  # blur is far from every mode of either split
-    # the "half" target keeps each class's modes at 0-135 degrees: a new mixture over the same positions
-    assert toy2d_tiny.target_rotation == math.pi / 8 and toy2d_tiny.target_keep == tuple(range(8))  # the default
-    world = Toy2D(toy2d_tiny.weights, target_rotation=0.0, target_keep=(0, 1, 2, 3))
+    # the "half" target (the default) keeps each class's modes at 0-135 degrees: a new mixture over the same positions
+    world = Toy2D(toy2d_tiny.weights)
+    assert (world.target_rotation, world.target_scale, world.target_keep) == (0.0, 1.0, (0, 1, 2, 3))
     half = world.data_for(c, torch.Generator().manual_seed(1), "target")
     assert world.transfer(half) == 1.0 and world.sharpness(half) > 0.99
     upper = torch.isin(torch.arange(8), torch.tensor([0, 1, 2, 3]))
@@ -181,7 +181,13 @@ def test_toy2d_mode_reward_has_its_optimum_on_the_upper_modes(toy2d_tiny):
 
 
 def test_toy2d_target_and_reward_options_are_checked(toy2d_tiny):
+    from toy.flow2d import Flow2D
     from toy.toy2d import Toy2D
+
+    assert Flow2D(toy2d_tiny.weights).target_rotation == math.pi / 8  # flow2d keeps the rotated ring it was measured on
+    assert Flow2D(toy2d_tiny.weights).method_defaults("pso", "pso") == {}
+    assert toy2d_tiny.method_defaults("pso", "pso") == Toy2D.cli_defaults[("pso", "pso")]
+    assert toy2d_tiny.method_defaults("pso", "online") == {} and toy2d_tiny.method_defaults("sharpening", "") == {}
 
     with pytest.raises(ValueError, match="reward 'aesthetic'.*modes"):
         Toy2D(toy2d_tiny.weights, reward="aesthetic")
