@@ -198,8 +198,8 @@ def flow_shift(config: dict, image_seq_len: int, where: str, max_shift_default: 
     kernels do not model are an error."""
     if config.get("num_train_timesteps", 1000) != common.T:
         raise ModelError(f"{where}: num_train_timesteps={config['num_train_timesteps']}, the methods assume {common.T}")
-    for key in ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                "stochastic_sampling"):
+    # stochastic_sampling=true is allowed: its step is the flow_x0_renoise kernel, the sigmas are unchanged
+    for key in ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
         if config.get(key):
             raise ModelError(f"{where}: {key}=true is not supported (the flow kernels use the plain shifted sigmas "
                              "s' = shift s / (1 + (shift - 1) s)); set it to false in \"scheduler_config\"")

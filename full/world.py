@@ -405,7 +405,11 @@ class FullWorld:
         return [self.spec.negative_prompt if i < 0 else self._texts[i] for i in cond["prompt_id"].tolist()]
 
     @torch.no_grad()
-    def _encode_ids(self, ids: list[int], batch: int = 32) -> None:
+    def _encode_ids(self, ids: list[int], batch: int = 1) -> None:
+        """Encode the prompts not cached yet, `batch` at a time. One at a time by default: a BLAS matmul's result
+        for a row can depend on the batch it is in (SD3's CLIP text projection differs in the last bits), and a
+        prompt's embedding must not depend on which prompts were drawn with it, or a resumed run would not repeat
+        the uninterrupted one bit for bit."""
         todo = [i for i in dict.fromkeys(ids) if i not in self._embeds]
         if todo and self._encoder_pipe is None:
             raise RuntimeError(f"prompt {self._texts[todo[0]]!r} was not precomputed and the text encoders were "
