@@ -1,13 +1,18 @@
-"""Tiny random SD1.5 / SDXL pipelines and a tiny random CLIP reward model, built offline in a second.
+"""Tiny random SD1.5 / SDXL / SD3 / FLUX pipelines and a tiny random CLIP reward model, built offline in a second.
 
 They have the real architectures (diffusers' own test configurations: two UNet levels, one cross-attention
 level, a 2-level VAE, 2-5 layer CLIP text encoders) and random weights, so everything the full backend does
 (loading with `from_pretrained`, SDXL's two encoders and add_time_ids, peft LoRA, `save_lora_weights` /
 `load_lora_weights`, the reward wrappers) runs for real on a CPU in the tests, with no network. The CLIP
 tokenizer is byte-level with no merges (a 514-token vocabulary, `model_max_length=77`): every character is a
-token, which is all a random text encoder needs.
+token, which is all a random text encoder needs. The flow kinds follow diffusers' SD3 / FLUX pipeline tests: a
+2-block SD3Transformer2DModel (patch 2) or a 1 + 1-block FluxTransformer2DModel, a 16-channel VAE with a
+shift_factor, two CLIP encoders (SD3, with projection) or one (FLUX), a 2-layer T5EncoderModel with the
+`tiny_t5_tokenizer` (Unigram, one token per character, made locally), and FlowMatchEulerDiscreteScheduler: sd3
+(shift 3), flux (FLUX.1-dev-like: guidance_embeds, use_dynamic_shifting), flux_schnell (no guidance, shift 1).
 
-    python -m full.tiny OUT [--kind sdxl|sd15] [--scheduler euler_ancestral|lcm|ddim|euler] [--setup]
+    python -m full.tiny OUT [--kind sdxl|sd15|sd3|flux|flux_schnell] [--scheduler euler_ancestral|lcm|ddim|euler]
+                            [--setup]
 
 writes a pipeline folder that `--model OUT` loads; with --setup, OUT/spec.json plus everything it names (a tiny
 reward model, prompts, image-caption data, a concept folder, preference pairs): `--model OUT/spec.json`.

@@ -1,8 +1,10 @@
-"""The diffusers implementation of common.World / common.Denoiser (DESIGN.md section 8).
+"""The diffusers implementation of common.World / common.Denoiser (DESIGN.md sections 8 and 10).
 
-* `FullDenoiser`: eps = unet(x_t, t, prompt embeddings [, SDXL pooled embeds + add_time_ids]) with a peft LoRA on
-  to_q / to_k / to_v / to_out.0 (`unet.add_adapter`); `frozen()` disables the adapter, so the pre-trained model
-  costs no memory. UNets are loaded in the weight dtype (torch_dtype), the trainable weights cast to fp32 with
+* `FullDenoiser`: eps = unet(x_t, t, prompt embeddings [, SDXL pooled embeds + add_time_ids]), or for SD3 / FLUX
+  the velocity of the transformer called as their pipelines call it (FORWARDS: SD3 timestep sigma * 1000; FLUX
+  2x2-packed latents with img_ids / txt_ids, timestep sigma, guidance of guidance-distilled models), with a peft
+  LoRA on to_q / to_k / to_v / to_out.0 (+ the transformers' add_q/k/v_proj, to_add_out) (`add_adapter`);
+  `frozen()` disables the adapter, so the pre-trained model costs no memory. UNets are loaded in the weight dtype (torch_dtype), the trainable weights cast to fp32 with
   diffusers' `cast_training_params`, the forward runs under autocast; inputs follow the caller's device and come
   back on it. `module` is the UNet after `accelerator.prepare` (DDP with several processes), as diffusers' training
   examples do: the calls that can carry a gradient go through it, so DDP averages the gradients in the backward
@@ -11,7 +13,9 @@
 * `FullAccelerator`: accelerate's Accelerator; `adam_8bit` makes `prepare` swap a torch Adam/AdamW for
   bitsandbytes' AdamW8bit with the same hyperparameters. Its mixed precision is the spec's dtype, or accelerate's
   configuration when the spec names none (`accelerate launch --mixed_precision bf16`).
-* `FullWorld`: prompts -> cached embeddings (condition dicts with a `prompt_id` row so a reward can find the text),
+* `FullWorld`: the schedule (common.Schedule, or common.FlowSchedule(shift) from a flow model's
+  FlowMatchEulerDiscreteScheduler config), prompts -> cached embeddings (condition dicts with a `prompt_id` row so
+  a reward can find the text),
   VAE encode / decode (outside the caller's autocast, in the VAE's dtype), rewards on decoded images in chunks of
   `decode_batch`, image-caption data, preference pairs and concept images as latents (a bounded latent cache),
   metrics, figures, LoRA export in the diffusers format (`pipe.load_lora_weights(dir)` loads it), and the paper's
@@ -241,7 +245,8 @@ class FullDenoiser:
 
 
 class FullWorld:
-    """common.World for SD1.5 / SDXL-class diffusers checkpoints; built by full.load_world from a ModelSpec."""
+    """common.World for SD1.5 / SDXL / SD3 / FLUX-class diffusers checkpoints; built by full.load_world from a
+    ModelSpec."""
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
@@ -662,8 +667,12 @@ class FullWorld:
         unet = unet.to(self.device)
         extra = ({"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
                  if self.kind == "sd15" else {})
-        return p.pipeline_class(vae=self.vae, **p.text_components(), **{p.net_folder: unet},
-                                scheduler=self._role_scheduler(role), **extra)
+        scheduler = self._role_scheduler(role)
+        if p.flow:  # the pipeline's step is the role's MDP: Euler (flow_sde, eta 0) or x0-renoise (stochastic_sampling)
+            sampler, _ = self.role_sampler(role)
+            scheduler = type(scheduler).from_config(scheduler.config, stochastic_sampling=sampler == "flow_x0_renoise")
+        return p.pipeline_class(vae=self.vae, **p.text_components(), **{p.net_folder: unet}, scheduler=scheduler,
+                                **extra)
 
     def pipeline_embeds(self, prompts: list[str], guidance: float = 0.0) -> dict:
         """The pipeline's prompt arguments (prompt_embeds [, pooled_prompt_embeds, negative_...]) from this world's

@@ -179,23 +179,30 @@ def adapter(out):
     return load_file(str(out / "adapter" / "pytorch_lora_weights.safetensors"))
 
 
-# the fast suite runs each variant on one of the two kinds (alternating); the other pairing is marked slow
-CASES = [pytest.param(m, v, kind, marks=[pytest.mark.slow] if (i + j) % 2 else [], id=f"{m}-{v}-{kind}")
+# The fast suite runs each variant on one of the two kinds (alternating) and checks the resume for one variant of
+# each method (a resume costs two more runs); every other pairing, each with its resume, is marked slow.
+FAST_RESUME = {("pso", "online"), ("sharpening", "rlhf"), ("diff_instruct_pp", "dipp")}
+CASES = [pytest.param(m, v, kind, (m, v) in FAST_RESUME or bool((i + j) % 2),
+                      marks=[pytest.mark.slow] if (i + j) % 2 else [], id=f"{m}-{v}-{kind}")
          for i, (m, v) in enumerate(VARIANTS) for j, kind in enumerate(("sd3", "flux"))]
 
 
-@pytest.mark.parametrize("method, variant, kind", CASES)
-def test_every_method_and_variant_counts_its_nfes_and_resumes_bit_identically(method, variant, kind, specs, tmp_path):
+@pytest.mark.parametrize("method, variant, kind, resume", CASES)
+def test_every_method_and_variant_counts_its_nfes_and_resumes_bit_identically(method, variant, kind, resume, specs,
+                                                                             tmp_path):
     straight = run(method, variant, specs[kind], tmp_path / "a", 3)
     rows = list(csv.DictReader(open(tmp_path / "a" / "log.csv")))
     assert len(rows) == 3 and all(float(r["nfe"]) == straight["nfe_per_update"] for r in rows), rows
     assert straight["nfe_per_update"] > 0 and all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
+    a = adapter(tmp_path / "a")
+    assert any(float(v.abs().sum()) > 0 for k, v in a.items() if "lora_B" in k)  # it trained
+    if not resume:
+        return
     run(method, variant, specs[kind], tmp_path / "b", 2)  # interrupted after update 2 ...
     run(method, variant, specs[kind], tmp_path / "b", 3, "--resume")  # ... and resumed to 3
-    a, b = adapter(tmp_path / "a"), adapter(tmp_path / "b")
+    b = adapter(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in csv.DictReader(open(tmp_path / "b" / "log.csv"))] == [r["loss"] for r in rows]
-    assert any(float(v.abs().sum()) > 0 for k, v in a.items() if "lora_B" in k)  # it trained
 
 
 def test_diff_instruct_refuses_flow_worlds(specs, tmp_path):
@@ -229,3 +236,24 @@ def test_saved_lora_loads_with_the_pipelines_load_lora_weights_and_reproduces_th
     assert any("add_q_proj" in n for n, _ in pipe.transformer.named_modules() if n.endswith("lora_A"))
     assert (tuned - base).abs().max() > 1e-3
     assert torch.allclose(tuned, ours, atol=1e-5), float((tuned - ours).abs().max())
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_evaluate_samples_flow_pipelines_and_scores_a_lora(kind, worlds, specs, tmp_path):
+    """full.evaluate on a flow pipeline: the role's grid as sigmas, the x0-renoise MDP as the scheduler's
+    stochastic step, FLUX's packed latents unpacked; a LoRA changes the samples."""
+    from full import evaluate
+
+    w = worlds[kind]
+    den = w.denoiser("student", lora_rank=2)
+    with torch.no_grad():
+        for p in den.trainable_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    w.save_adapter(den, tmp_path / "run" / "adapter")
+    pipe = w.pipeline("student")
+    assert pipe.scheduler.config.stochastic_sampling  # flow_x0_renoise: the scheduler's stochastic step
+    base = evaluate.sample_latents(w, pipe, ["a red cube"], 0, GRID, "flow_x0_renoise", 0.0)
+    assert base.shape == (1, *w.shape)
+    results = evaluate.evaluate(str(specs[kind]), [str(tmp_path / "run" / "adapter")], None, 2, 0, "student", 0.0,
+                                None, str(tmp_path / "eval"))
+    assert set(results) == {"base", "run/adapter"} and results["base"] != results["run/adapter"]
