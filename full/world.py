@@ -42,9 +42,9 @@ from .spec import ROLES, ModelSpec, RoleSpec
 # peft LoRA targets per denoiser: the UNet's attention projections; for the SD3 / FLUX transformers also the
 # joint-attention context projections (diffusers' train_dreambooth_lora_sd3 / _flux examples; FLUX's single blocks
 # have to_q / to_k / to_v only, the last SD3 block no to_add_out: peft takes the ones present)
-LORA_TARGETS = {"unet": ["to_q", "to_k", "to_v", "to_out.0"],
-                "transformer": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                                "to_add_out"]}
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the UNet's (full/memory_plan.py imports this name)
+TRANSFORMER_LORA_TARGETS = LORA_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+LORA_TARGETS_BY_NET = {"unet": LORA_TARGETS, "transformer": TRANSFORMER_LORA_TARGETS}
 
 
 # ------------------------------------------------------------------------------------------- denoiser forwards
@@ -171,7 +171,7 @@ class FullDenoiser:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(world.spec.seed)  # the same initial A on every rank and every run
                 unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights=True,
-                                            target_modules=LORA_TARGETS[world.parts.net_folder]))
+                                            target_modules=LORA_TARGETS_BY_NET[world.parts.net_folder]))
         cast_training_params(unet, dtype=torch.float32)  # trainable weights in fp32, frozen ones in the spec's dtype
         if world.spec.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
