@@ -4,13 +4,14 @@
         --prompts data/pickapic_test_prompts.txt --out runs/eval-dmd2
 
 For each model (the base role, then each --lora / fully fine-tuned --unet folder) every prompt i is sampled from the
-seed `seed + i` with the role's own scheduler and grid (SDXL-Turbo: Euler ancestral, DMD2: LCMScheduler at
-[999, 749, 499, 249], a teacher: --steps with --guidance), exactly as a user of the pipeline would; the same noise
-for every model. SD3 / FLUX roles sample with FlowMatchEulerDiscreteScheduler on the role's grid as sigmas: the
-Euler step for a flow_sde teacher, its stochastic_sampling step (= the flow_x0_renoise MDP) for a few-step
-student / generator; FLUX's CFG is true_cfg_scale, a guidance-distilled FLUX gets the spec's embedded guidance. The scores are every reward the spec names (reward, quality, eval_rewards: PickScore, CLIP score,
-LAION aesthetic, ImageReward as in PSO Table 1 / DI++ Table 2), averaged over prompts. Writes results.json,
-table.md and samples.png (the first prompts, one row per model) to --out.
+seed `seed + i` with the role's own scheduler and grid (SDXL-Turbo: Euler ancestral, DMD2: LCMScheduler at [999,
+749, 499, 249], a teacher: --steps with --guidance), exactly as a user of the pipeline would; the same noise for
+every model. SD3 / FLUX roles sample with FlowMatchEulerDiscreteScheduler on the role's grid as sigmas: the Euler
+step for a flow_sde teacher, its stochastic_sampling step (= the flow_x0_renoise MDP) for a few-step student /
+generator; FLUX's CFG is true_cfg_scale, a guidance-distilled FLUX gets the spec's embedded guidance. The scores are
+every reward the spec names (reward, quality, eval_rewards: PickScore, CLIP score, LAION aesthetic, ImageReward as
+in PSO Table 1 / DI++ Table 2), averaged over prompts. Writes results.json, table.md and samples.png (the first
+prompts, one row per model) to --out.
 """
 from __future__ import annotations
 

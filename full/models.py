@@ -476,8 +476,8 @@ def _read_state_dict(source: str, filename: str, where: str) -> dict[str, torch.
 
 
 def fuse_lora(unet, role: RoleSpec, parts: PipelineParts, where: str):
-    """Fuse a distillation LoRA (LCM-LoRA, DMD2 LoRA, a FLUX / SD3 LoRA) into the denoiser weights with diffusers' own loaders:
-    the pipeline class's `lora_state_dict` (which converts kohya / old diffusers formats), the UNet's
+    """Fuse a distillation LoRA (LCM-LoRA, DMD2 LoRA, a FLUX / SD3 LoRA) into the denoiser weights with diffusers'
+    own loaders: the pipeline class's `lora_state_dict` (which converts kohya / old diffusers formats), the network's
     `load_lora_adapter` and `fuse_lora`, then `unload_lora`. Needs no text encoder (precompute_embeddings)."""
     _local(role.lora, f"LoRA of {where}")
     try:

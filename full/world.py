@@ -1,15 +1,15 @@
 """The diffusers implementation of common.World / common.Denoiser (DESIGN.md sections 8 and 10).
 
-* `FullDenoiser`: eps = unet(x_t, t, prompt embeddings [, SDXL pooled embeds + add_time_ids]), or for SD3 / FLUX
-  the velocity of the transformer called as their pipelines call it (FORWARDS: SD3 timestep sigma * 1000; FLUX
+* `FullDenoiser`: eps = unet(x_t, t, prompt embeddings [, SDXL pooled embeds + add_time_ids]), or for SD3 / FLUX the
+  velocity of the transformer called as their pipelines call it (FORWARDS: SD3 timestep sigma * 1000; FLUX
   2x2-packed latents with img_ids / txt_ids, timestep sigma, guidance of guidance-distilled models), with a peft
-  LoRA on to_q / to_k / to_v / to_out.0 (+ the transformers' add_q/k/v_proj, to_add_out) (`add_adapter`);
-  `frozen()` disables the adapter, so the pre-trained model costs no memory. UNets are loaded in the weight dtype (torch_dtype), the trainable weights cast to fp32 with
-  diffusers' `cast_training_params`, the forward runs under autocast; inputs follow the caller's device and come
-  back on it. `module` is the UNet after `accelerator.prepare` (DDP with several processes), as diffusers' training
-  examples do: the calls that can carry a gradient go through it, so DDP averages the gradients in the backward
-  pass (and `accelerator.accumulate(module)` skips the sync between micro-batches); no-grad and frozen calls use the
-  plain UNet. `adapter_state()` copies to the CPU.
+  LoRA on to_q / to_k / to_v / to_out.0 (+ the transformers' add_q/k/v_proj, to_add_out) (`add_adapter`); `frozen()`
+  disables the adapter, so the pre-trained model costs no memory. UNets are loaded in the weight dtype
+  (torch_dtype), the trainable weights cast to fp32 with diffusers' `cast_training_params`, the forward runs under
+  autocast; inputs follow the caller's device and come back on it. `module` is the UNet after `accelerator.prepare`
+  (DDP with several processes), as diffusers' training examples do: the calls that can carry a gradient go through
+  it, so DDP averages the gradients in the backward pass (and `accelerator.accumulate(module)` skips the sync
+  between micro-batches); no-grad and frozen calls use the plain UNet. `adapter_state()` copies to the CPU.
 * `FullAccelerator`: accelerate's Accelerator; `adam_8bit` makes `prepare` swap a torch Adam/AdamW for
   bitsandbytes' AdamW8bit with the same hyperparameters. Its mixed precision is the spec's dtype, or accelerate's
   configuration when the spec names none (`accelerate launch --mixed_precision bf16`).
@@ -302,7 +302,9 @@ class FullWorld:
         self.denoisers: list[FullDenoiser] = []
         self._encoder_pipe = self._make_encoder_pipe()
         if spec.precompute_embeddings:
-            texts = list(dict.fromkeys(self.prompts + self.eval_prompts + self._data_texts()))
+            # + the negative prompt: the null condition of CFG is its encoding (SD1.5, SD3, FLUX's true CFG)
+            texts = self.prompts + self.eval_prompts + self._data_texts() + [self.spec.negative_prompt]
+            texts = list(dict.fromkeys(texts))
             self._encode_ids([self._id(t) for t in texts])
             self.free_text_encoders()
 
@@ -345,7 +347,8 @@ class FullWorld:
         spec "guidance" (default 3.5, FluxPipeline's guidance_scale); None for every other model."""
         embeds = self.kind == "flux" and bool(self.net_config.get("guidance_embeds"))
         if self.spec.guidance is not None and not embeds:
-            raise models.ModelError(f"model spec of {self.name}: \"guidance\" is set but the denoiser of {self.spec.base} "
+            raise models.ModelError(f"model spec of {self.name}: \"guidance\" is set but the denoiser of "
+                                    f"{self.spec.base} "
                                     "has no guidance input (only guidance-distilled FLUX transformers, "
                                     "guidance_embeds=true, take one); remove it (CFG is the methods' cfg_scale)")
         return (3.5 if self.spec.guidance is None else float(self.spec.guidance)) if embeds else None

@@ -130,6 +130,15 @@ def test_flow_conditions_and_null_condition(worlds):
     assert "guidance" not in schnell.encode(["a red cube"])
 
 
+def test_precomputed_embeddings_include_the_null_condition_and_evaluate_runs_without_text_encoders(specs):
+    from full import evaluate
+
+    w = full.load_world(str(specs["sd3"]), precompute_embeddings=True)
+    assert w.parts.text_encoders == [] and w.null_condition(1)["prompt_embeds"].shape[0] == 1
+    x = evaluate.sample_latents(w, w.pipeline("teacher"), ["a yellow star"], 0, [999, 499], "flow_sde", 2.0)
+    assert x.shape == (1, *w.shape) and torch.isfinite(x).all()
+
+
 def test_flow_spec_errors_name_the_problem(specs, tmp_path):
     spec = json.loads(specs["flux_schnell"].read_text())
     with pytest.raises(models.ModelError, match="no guidance input"):
