@@ -1,5 +1,5 @@
-"""The full backend (DESIGN.md section 8): the methods on SD1.5 / SDXL-class checkpoints through diffusers, peft
-and accelerate, behind the same World / Denoiser interface as toy/.
+"""The full backend (DESIGN.md section 8): the methods on SD1.5 / SDXL and flow-matching SD3 / SD3.5 / FLUX-class
+checkpoints through diffusers, peft and accelerate, behind the same World / Denoiser interface as toy/.
 
     world = full.load_world("stabilityai/sdxl-turbo")          # a pipeline folder or hub id: every role from it
     world = full.load_world("full/specs/sdxl_dmd2.json")       # a model spec: roles, reward, prompts, data, dtype

@@ -5,6 +5,12 @@ checkpoint they would be wrong and run out of memory. `FullWorld.method_defaults
 fields the user did not set, the paper's hyperparameters (DESIGN.md sections 4-6, the launcher table in
 full/launch.py), evaluation sizes and cadence scaled for 1024^2 sampling, and a per-process batch from MICRO_BATCH.
 
+Flow-matching models (SD3 / SD3.5, FLUX): the same paper hyperparameters (the papers publish none for flow models;
+the methods read the velocity only through the schedule), with one difference: on a guidance-distilled FLUX
+(FLUX.1-dev, a spec with embedded guidance) the CFG defaults (Sharpening's eval_cfg, DI++'s cfg_scale) are 1 (off),
+as the embedded guidance already is the model's CFG. The MICRO_BATCH rows are SDXL estimates; full/memory_plan.py
+sizes the transformers.
+
 MICRO_BATCH holds estimates, not measurements: the largest per-GPU batch expected to fit a 24 GB and an 80 GB card
 at 1024^2 (SDXL) with the shipped specs' bf16 weights, gradient checkpointing and a LoRA, counted from the fixed
 memory table in docs/full.md plus the graph-carrying UNet rows of each method. `python -m full.bench` measures the
@@ -104,5 +110,9 @@ def method_defaults(method: str, variant: str, world=None) -> dict:
     student = getattr(getattr(world, "spec", None), "roles", {}).get("student")
     if method == "pso" and student is not None and student.lora:  # LCM-LoRA students: r = 32 (PSO App. B.1)
         out["lora_rank"] = 32
+    if getattr(world, "kind", None) == "flux" and getattr(world, "guidance", None) is not None:
+        # a guidance-distilled FLUX (FLUX.1-dev) has CFG built in (its embedded guidance, spec "guidance"): the
+        # papers' CFG on top of it (Sharpening's eval 5, DI++'s reference 4.5) would guide twice, so it is off
+        out.update({"eval_cfg": 1.0, "cfg_scale": 1.0})
     fields = config_fields(method)
     return {k: v for k, v in out.items() if k in fields}

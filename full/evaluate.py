@@ -4,11 +4,14 @@
         --prompts data/pickapic_test_prompts.txt --out runs/eval-dmd2
 
 For each model (the base role, then each --lora / fully fine-tuned --unet folder) every prompt i is sampled from the
-seed `seed + i` with the role's own scheduler and grid (SDXL-Turbo: Euler ancestral, DMD2: LCMScheduler at
-[999, 749, 499, 249], a teacher: --steps with --guidance), exactly as a user of the pipeline would; the same noise
-for every model. The scores are every reward the spec names (reward, quality, eval_rewards: PickScore, CLIP score,
-LAION aesthetic, ImageReward as in PSO Table 1 / DI++ Table 2), averaged over prompts. Writes results.json,
-table.md and samples.png (the first prompts, one row per model) to --out.
+seed `seed + i` with the role's own scheduler and grid (SDXL-Turbo: Euler ancestral, DMD2: LCMScheduler at [999,
+749, 499, 249], a teacher: --steps with --guidance), exactly as a user of the pipeline would; the same noise for
+every model. SD3 / FLUX roles sample with FlowMatchEulerDiscreteScheduler on the role's grid as sigmas: the Euler
+step for a flow_sde teacher, its stochastic_sampling step (= the flow_x0_renoise MDP) for a few-step student /
+generator; FLUX's CFG is true_cfg_scale, a guidance-distilled FLUX gets the spec's embedded guidance. The scores are
+every reward the spec names (reward, quality, eval_rewards: PickScore, CLIP score, LAION aesthetic, ImageReward as
+in PSO Table 1 / DI++ Table 2), averaged over prompts. Writes results.json, table.md and samples.png (the first
+prompts, one row per model) to --out.
 """
 from __future__ import annotations
 
@@ -33,11 +36,18 @@ def sample_latents(world, pipe, prompts: list[str], seed: int, timesteps: list[i
         kw = dict(num_inference_steps=len(timesteps))
         if sampler == "x0_renoise":  # LCMScheduler takes the exact grid, e.g. [999, 749, 499, 249] or DMD2's [399]
             kw = dict(timesteps=list(timesteps))
+        elif sampler in ("flow_sde", "flow_x0_renoise"):  # flow pipelines take the grid as unshifted sigmas
+            kw = dict(sigmas=[(t + 1) / common.T for t in timesteps])
         image_kw = dict(height=world.resolution, width=world.resolution)
+        args = {"guidance_scale": guidance, **world.pipeline_embeds(chunk, guidance)}
+        if world.kind == "flux":  # FluxPipeline: CFG is true_cfg_scale, guidance_scale the embedded guidance
+            args["true_cfg_scale"] = max(guidance, 1.0)
         with torch.no_grad():
-            res = pipe(**world.pipeline_embeds(chunk, guidance), guidance_scale=guidance, generator=gens,
-                       output_type="latent", **kw, **image_kw)
-        out.append(res.images.float())
+            res = pipe(**args, generator=gens, output_type="latent", **kw, **image_kw)
+        latents = res.images
+        if world.kind == "flux":  # FluxPipeline returns its packed latents with output_type="latent"
+            latents = pipe._unpack_latents(latents, world.resolution, world.resolution, pipe.vae_scale_factor)
+        out.append(latents.float())
     return torch.cat(out)
 
 
@@ -65,17 +75,17 @@ def evaluate(model: str, loras: list[str], prompts_src: str | None, n: int, seed
     prompts = (load_prompts(prompts_src) if prompts_src else world.eval_prompts)[:n]
     sampler, grid = world.role_sampler(role)  # the spec's sampler and grid, validated, without loading a UNet
     timesteps = common.few_step_timesteps(steps) if steps else grid
-    pipe = world.pipeline(role)  # the role's UNet, loaded once
-    base_unet = pipe.unet
+    pipe = world.pipeline(role)  # the role's UNet / transformer, loaded once
+    folder = world.parts.net_folder  # unet, or transformer (SD3 / FLUX)
+    base_unet = getattr(pipe, folder)
     results, panels = {}, {}
     for name, lora in [("base", None)] + [(Path(p).parent.name + "/" + Path(p).name, p) for p in loras]:
-        unet_dir = Path(lora) / "unet" if lora else None
-        if unet_dir is not None and unet_dir.is_dir():  # a fully fine-tuned UNet replaces the role's for one pass
-            from diffusers import UNet2DConditionModel
-
-            pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=world.dtype).to(world.device)
+        unet_dir = Path(lora) / folder if lora else None
+        if unet_dir is not None and unet_dir.is_dir():  # a fully fine-tuned network replaces the role's for one pass
+            tuned = world.parts.net_class().from_pretrained(unet_dir, torch_dtype=world.dtype).to(world.device)
+            setattr(pipe, folder, tuned)
             x0 = sample_latents(world, pipe, prompts, seed, timesteps, sampler, guidance, batch)
-            pipe.unet = base_unet
+            setattr(pipe, folder, base_unet)
         elif lora:
             pipe.load_lora_weights(lora, adapter_name="tuned")
             x0 = sample_latents(world, pipe, prompts, seed, timesteps, sampler, guidance, batch)

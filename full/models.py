@@ -1,19 +1,28 @@
-"""Loading SD1.5 / SDXL-class checkpoints with the real diffusers API, and validating them against the methods' MDPs.
+"""Loading SD1.5 / SDXL / SD3 / FLUX-class checkpoints with the real diffusers API, and validating them against the
+methods' MDPs.
 
 * `PipelineParts`: VAE, text encoder(s), tokenizer(s) and scheduler of `spec.base`, loaded component by component
-  with `from_pretrained(base, subfolder=...)` so a missing part is named in the error.
-* `load_unet(spec, role)`: the UNet of a role — the base's, another pipeline's (SDXL-Turbo, SD-Turbo), a bare UNet
-  folder, or a single state-dict file loaded into the base architecture (DMD2's `dmd2_sdxl_4step_unet_fp16.bin`) —
-  with a distillation LoRA (LCM-LoRA, DMD2 LoRA) fused first through `pipeline.load_lora_weights` + `fuse_lora`.
+  with `from_pretrained(base, subfolder=...)` (each class read from model_index.json) so a missing part is named in
+  the error. KINDS says, per pipeline class, which denoiser (unet/ or transformer/) and text parts it has:
+  SD3 two CLIPTextModelWithProjection + a T5EncoderModel, FLUX a CLIPTextModel (pooled) + a T5EncoderModel.
+* `load_unet(spec, role)`: the denoiser network of a role (a UNet, or an SD3 / FLUX transformer) — the base's,
+  another pipeline's (SDXL-Turbo, SD-Turbo, SD3.5-Large-Turbo), a bare folder, or a single state-dict file loaded
+  into the base architecture (DMD2's `dmd2_sdxl_4step_unet_fp16.bin`) — with a distillation LoRA (LCM-LoRA, DMD2
+  LoRA) fused first through `pipeline.load_lora_weights` + `fuse_lora`.
 * `role_sampler`: the MDP kernel and grid of a role, checked against its scheduler: an SDXL-Turbo checkpoint
   (EulerAncestralDiscreteScheduler, "trailing") is the `euler_ancestral` MDP; DMD2 / LCM (LCMScheduler) is
-  `x0_renoise` at [999, 749, 499, 249]; a multi-step teacher is sampled with DDIM whatever its scheduler; anything
-  else is an error that says how to fix the spec.
+  `x0_renoise` at [999, 749, 499, 249]; a multi-step teacher is sampled with DDIM whatever its scheduler. A flow
+  model (FlowMatchEulerDiscreteScheduler) has the flow kernels only: `flow_sde` for the teacher (eta = 0 is the
+  scheduler's Euler step), `flow_x0_renoise` for few-step distilled students and generators. Anything else is an
+  error that says how to fix the spec.
 * `schedule_name`: the scheduler config's betas must be one of common.SCHEDULES, eps-prediction, T = 1000.
+  `flow_shift`: the shift of a FlowMatchEulerDiscreteScheduler config (static, or FLUX's resolution-dependent
+  exp(mu)), refusing the options the flow kernels do not model.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +43,26 @@ SAMPLER_SCHEDULERS = {"euler_ancestral": {"EulerAncestralDiscreteScheduler"},
                       "x0_renoise": {"LCMScheduler", "TCDScheduler"}}
 DEFAULT_TIMESTEPS = {"teacher": common.few_step_timesteps(25), "student": common.few_step_timesteps(4),
                      "generator": common.few_step_timesteps(1)}
-PIPELINES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd15"}
-COMPONENTS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+PIPELINES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd15",
+             "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+# kind -> the denoiser's subfolder and the (text encoder, tokenizer) pairs, in the pipeline's order; `optional` parts
+# may be [null, null] in model_index.json (none so far: an SD3 without T5 would need the transformer to encode a
+# prompt, as the pipeline fills its zeros from transformer.config)
+KINDS = {
+    "sd15": dict(net="unet", text=[("text_encoder", "tokenizer")], optional=()),
+    "sdxl": dict(net="unet", text=[("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")], optional=()),
+    "sd3": dict(net="transformer", text=[("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"),
+                                         ("text_encoder_3", "tokenizer_3")], optional=()),
+    "flux": dict(net="transformer", text=[("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")],
+                 optional=()),
+}
+FLOW_KINDS = ("sd3", "flux")
+FLOW_SAMPLERS = ("flow_sde", "flow_x0_renoise")
+FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler"}
+# the prompt length the pipelines encode by default (their max_sequence_length)
+MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}
+COMPONENTS = ("unet", "transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+              "text_encoder_3", "tokenizer_3")
 
 
 class ModelError(ValueError):
@@ -162,13 +189,59 @@ def schedule_name(config: dict, where: str) -> str:
                      f"{config.get('beta_end')}) is none of {sorted(common.SCHEDULES)}")
 
 
+def flow_shift(config: dict, image_seq_len: int, where: str, max_shift_default: float = 1.15) -> float:
+    """The shift of FlowSchedule for a FlowMatchEulerDiscreteScheduler config: `shift` (SD3 / SD3.5: 3.0,
+    FLUX.1-schnell: 1.0), or with use_dynamic_shifting (FLUX.1-dev) the resolution-dependent one the pipelines
+    compute: mu linear in the image sequence length between (base_image_seq_len, base_shift) and
+    (max_image_seq_len, max_shift) (diffusers' calculate_shift), and time_shift_type "exponential" (exp(mu) /
+    (exp(mu) + 1/s - 1) = a static shift of exp(mu)) or "linear" (a shift of mu). The scheduler options the flow
+    kernels do not model are an error."""
+    if config.get("num_train_timesteps", 1000) != common.T:
+        raise ModelError(f"{where}: num_train_timesteps={config['num_train_timesteps']}, the methods assume {common.T}")
+    # stochastic_sampling=true is allowed: its step is the flow_x0_renoise kernel, the sigmas are unchanged
+    for key in ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+        if config.get(key):
+            raise ModelError(f"{where}: {key}=true is not supported (the flow kernels use the plain shifted sigmas "
+                             "s' = shift s / (1 + (shift - 1) s)); set it to false in \"scheduler_config\"")
+    if config.get("shift_terminal"):
+        raise ModelError(f"{where}: shift_terminal={config['shift_terminal']} (sigmas stretched to end above 0) is not "
+                         "supported; set \"scheduler_config\": {\"shift_terminal\": null}")
+    if not config.get("use_dynamic_shifting"):
+        shift = config.get("shift", 1.0)
+    else:
+        base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        lo, hi = config.get("base_shift", 0.5), config.get("max_shift", max_shift_default)
+        if None in (lo, hi) or top == base:
+            raise ModelError(f"{where}: use_dynamic_shifting needs base_shift, max_shift and base_image_seq_len != "
+                             f"max_image_seq_len, found {lo}, {hi}, {base}, {top}")
+        m = (hi - lo) / (top - base)
+        mu = image_seq_len * m + (lo - m * base)  # diffusers' calculate_shift
+        kind = config.get("time_shift_type", "exponential")
+        if kind not in ("exponential", "linear"):
+            raise ModelError(f"{where}: time_shift_type {kind!r} is neither 'exponential' nor 'linear'")
+        shift = math.exp(mu) if kind == "exponential" else mu
+    if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+        raise ModelError(f"{where}: the flow shift must be a number > 0, found {shift!r}")
+    return float(shift)
+
+
 def role_sampler(role: str, scheduler, sampler: str | None = None, timesteps: list[int] | None = None,
-                 where: str = "") -> tuple[str, list[int]]:
+                 where: str = "", flow: bool = False) -> tuple[str, list[int]]:
     """(sampler, timesteps) of a role, checked against its scheduler (a scheduler that does not match the MDP is
-    an error). The teacher is a multi-step eps-model: DDIM with eta is exact for it whatever scheduler it ships."""
+    an error). The teacher is a multi-step eps-model: DDIM with eta is exact for it whatever scheduler it ships.
+    `flow`: a flow-matching model (SD3 / FLUX): FlowMatchEulerDiscreteScheduler and the flow kernels only — the
+    teacher flow_sde, a few-step student / generator flow_x0_renoise."""
     cls = type(scheduler).__name__
     where = where or f"role {role}"
-    if sampler is None:
+    if flow:
+        if cls not in FLOW_SCHEDULERS:
+            raise ModelError(f"{where}: a flow-matching model needs FlowMatchEulerDiscreteScheduler (its sigmas are "
+                             f"what common.FlowSchedule models), found {cls}; fix \"scheduler\" in the model spec")
+        sampler = sampler or ("flow_sde" if role == "teacher" else "flow_x0_renoise")
+        if sampler not in FLOW_SAMPLERS:
+            raise ModelError(f"{where}: sampler {sampler!r} is a DDPM kernel; a flow-matching model (velocity "
+                             f"prediction) samples with one of {list(FLOW_SAMPLERS)}")
+    elif sampler is None:
         if role == "teacher":
             sampler = "ddim"
         elif cls in FEW_STEP_SCHEDULERS:
@@ -180,6 +253,9 @@ def role_sampler(role: str, scheduler, sampler: str | None = None, timesteps: li
                 f"{where}: scheduler {cls} is not a few-step sampler; a {role} needs EulerAncestralDiscreteScheduler "
                 "('trailing', SDXL-Turbo) or LCMScheduler (DMD2, LCM). For SDXL-DMD2 set \"scheduler\": "
                 "\"LCMScheduler\" in the role, or name \"sampler\" explicitly")
+    elif sampler in FLOW_SAMPLERS:
+        raise ModelError(f"{where}: sampler {sampler!r} is a flow-matching kernel, but this is an eps-prediction "
+                         "model; choose one of x0_renoise, euler_ancestral, ddim")
     if sampler not in common.KERNELS:
         raise ModelError(f"{where}: unknown sampler {sampler!r}; choose one of {sorted(common.KERNELS)}")
     timesteps = list(timesteps) if timesteps else list(DEFAULT_TIMESTEPS[role])
@@ -200,23 +276,61 @@ def role_sampler(role: str, scheduler, sampler: str | None = None, timesteps: li
 
 @dataclass
 class PipelineParts:
-    """The non-UNet components of `spec.base` and the facts the world needs about them."""
+    """The non-denoiser components of `spec.base` and the facts the world needs about them."""
 
-    kind: str  # "sdxl" | "sd15"
+    kind: str  # "sdxl" | "sd15" | "sd3" | "flux"
     pipeline_class: Any
     index: dict
     vae: Any
-    text_encoders: list
+    text_encoders: list  # in the pipeline's order (text_encoder, text_encoder_2[, text_encoder_3]); None if absent
     tokenizers: list
     scheduler: Any
     force_zeros_for_empty_prompt: bool
 
+    @property
+    def net_folder(self) -> str:
+        """unet or transformer: the denoiser's subfolder and its name in the pipeline."""
+        return KINDS[self.kind]["net"]
+
+    @property
+    def flow(self) -> bool:
+        return self.kind in FLOW_KINDS
+
+    def net_class(self):
+        """The denoiser class model_index.json names (UNet2DConditionModel, SD3Transformer2DModel, ...)."""
+        import diffusers
+
+        entry = self.index.get(self.net_folder) or ["diffusers", None]
+        name = entry[1] or {"unet": "UNet2DConditionModel", "transformer": None}[self.net_folder]
+        if not hasattr(diffusers, name or ""):
+            raise ModelError(f"model_index.json: {self.net_folder} class {name!r} is not a diffusers class")
+        return getattr(diffusers, name)
+
+    def text_components(self) -> dict:
+        """{text_encoder: ..., tokenizer: ..., ...} as the pipeline class takes them (absent ones None)."""
+        out = {}
+        for k, (enc, tok) in enumerate(KINDS[self.kind]["text"]):
+            out[enc] = self.text_encoders[k] if k < len(self.text_encoders) else None
+            out[tok] = self.tokenizers[k] if k < len(self.tokenizers) else None
+        return out
+
+
+def _component_class(index: dict, part: str, base: str):
+    import diffusers
+    import transformers
+
+    lib, name = index[part]
+    module = {"diffusers": diffusers, "transformers": transformers}.get(lib)
+    if module is None or not hasattr(module, name or ""):
+        raise ModelError(f"model_index.json of {base!r}: {part} is [{lib!r}, {name!r}], not a diffusers / "
+                         "transformers class")
+    return getattr(module, name)
+
 
 def load_parts(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> PipelineParts:
-    """The non-UNet components; text encoders loaded in `dtype` (torch_dtype), the VAE in fp32 when `dtype` is fp16
-    (whether it must stay fp32 depends on its config: world.vae_dtype), else in `dtype`."""
+    """The non-denoiser components; text encoders loaded in `dtype` (torch_dtype), the VAE in fp32 when `dtype` is
+    fp16 (whether it must stay fp32 depends on its config: world.vae_dtype), else in `dtype`."""
     import diffusers
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     index = read_model_index(spec.base, random_weights=spec.random_weights)
     cls_name = index.get("_class_name", "")
@@ -224,8 +338,10 @@ def load_parts(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> PipelineP
         raise ModelError(f"pipeline {spec.base!r} is a {cls_name or 'pipeline of unknown class'}; the full backend "
                          f"supports {sorted(PIPELINES)}")
     kind = PIPELINES[cls_name]
-    text_parts = ["text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if kind == "sdxl" else [])
-    _require_parts(spec.base, index, ["unet", "vae", "scheduler", *text_parts])
+    layout = KINDS[kind]
+    present = [(e, t) for e, t in layout["text"]
+               if not (e in layout["optional"] and (not index.get(e) or index[e][0] is None))]
+    _require_parts(spec.base, index, [layout["net"], "vae", "scheduler", *[x for pair in present for x in pair]])
     kw = dict(revision=spec.revision, random_weights=spec.random_weights)
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype
     if spec.vae:
@@ -236,13 +352,15 @@ def load_parts(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> PipelineP
     else:
         vae = _from_pretrained(diffusers.AutoencoderKL, spec.base, "the VAE", subfolder="vae", variant=spec.variant,
                                torch_dtype=vae_dtype, **kw)
-    encoders = [_from_pretrained(CLIPTextModel, spec.base, "text_encoder", subfolder="text_encoder",
-                                 variant=spec.variant, torch_dtype=dtype, **kw)]
-    tokenizers = [_from_pretrained(CLIPTokenizer, spec.base, "tokenizer", subfolder="tokenizer", **kw)]
-    if kind == "sdxl":
-        encoders.append(_from_pretrained(CLIPTextModelWithProjection, spec.base, "text_encoder_2",
-                                         subfolder="text_encoder_2", variant=spec.variant, torch_dtype=dtype, **kw))
-        tokenizers.append(_from_pretrained(CLIPTokenizer, spec.base, "tokenizer_2", subfolder="tokenizer_2", **kw))
+    encoders, tokenizers = [], []
+    for enc, tok in layout["text"]:
+        if (enc, tok) not in present:
+            encoders.append(None)
+            tokenizers.append(None)
+            continue
+        encoders.append(_from_pretrained(_component_class(index, enc, spec.base), spec.base, enc, subfolder=enc,
+                                         variant=spec.variant, torch_dtype=dtype, **kw))
+        tokenizers.append(_from_pretrained(_component_class(index, tok, spec.base), spec.base, tok, subfolder=tok, **kw))
     sched_name = index["scheduler"][1]
     if not hasattr(diffusers, sched_name or ""):
         raise ModelError(f"model_index.json of {spec.base!r}: scheduler class {sched_name!r} is not a diffusers class")
@@ -283,56 +401,58 @@ def role_scheduler(spec: ModelSpec, role: RoleSpec, parts: PipelineParts):
 
 def load_unet(spec: ModelSpec, role: RoleSpec, parts: PipelineParts, where: str,
               dtype: torch.dtype = torch.float32):
-    """The role's UNet on the CPU, loaded in `dtype` (torch_dtype: never materialised in fp32 first), with its
+    """The role's denoiser network (UNet, or the SD3 / FLUX transformer: parts.net_class from unet/ or
+    transformer/) on the CPU, loaded in `dtype` (torch_dtype: never materialised in fp32 first), with its
     distillation LoRA fused."""
-    from diffusers import UNet2DConditionModel
-
+    cls, folder = parts.net_class(), parts.net_folder
     kw = dict(variant=spec.variant, torch_dtype=dtype, random_weights=spec.random_weights)
     if role.unet is None:
-        unet = _from_pretrained(UNet2DConditionModel, spec.base, f"the UNet of {where}", subfolder="unet",
+        unet = _from_pretrained(cls, spec.base, f"the {folder} of {where}", subfolder=folder,
                                 revision=spec.revision, **kw)
     elif role.unet_file and spec.random_weights:  # random weights: the base architecture is the file's architecture
-        unet = _from_pretrained(UNet2DConditionModel, spec.base, f"the UNet of {where}", subfolder="unet",
+        unet = _from_pretrained(cls, spec.base, f"the {folder} of {where}", subfolder=folder,
                                 revision=spec.revision, **kw)
-    elif role.unet_file:  # DMD2: a bare state dict for the base architecture, loaded into an empty (meta) UNet
+    elif role.unet_file:  # DMD2: a bare state dict for the base architecture, loaded into an empty (meta) network
         from accelerate import init_empty_weights
 
         with init_empty_weights():
-            unet = UNet2DConditionModel.from_config(read_unet_config(spec))
+            unet = cls.from_config(read_unet_config(spec, parts))
         state = _read_state_dict(role.unet, role.unet_file, where)
         expected = unet.state_dict()
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         shapes = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
         if missing or unexpected or shapes:
-            raise ModelError(f"{role.unet_file} of {role.unet} ({where}) does not fit the UNet of {spec.base}: missing "
-                             f"{missing[:3]}, unexpected {unexpected[:3]}, other shapes {shapes[:3]}")
+            raise ModelError(f"{role.unet_file} of {role.unet} ({where}) does not fit the {folder} of {spec.base}: "
+                             f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {shapes[:3]}")
         unet.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
         del state
     else:
-        local = None if spec.random_weights else _local(role.unet, f"UNet source of {where}")
+        local = None if spec.random_weights else _local(role.unet, f"{folder} source of {where}")
         sub = role.unet_subfolder
-        if sub is None and (local is None or (local / "unet").is_dir() or (local / "model_index.json").exists()):
-            sub = "unet"
+        if sub is None and (local is None or (local / folder).is_dir() or (local / "model_index.json").exists()):
+            sub = folder
         if local is not None and not (local / (sub or "") / "config.json").is_file():
-            looked = f"{sub}/config.json" if sub else "unet/config.json (a pipeline) or config.json (a bare UNet)"
-            raise ModelError(f"UNet source {role.unet!r} of {where} lacks {looked}")
-        unet = _from_pretrained(UNet2DConditionModel, role.unet, f"the UNet of {where}", subfolder=sub, **kw)
+            looked = (f"{sub}/config.json" if sub else
+                      f"{folder}/config.json (a pipeline) or config.json (a bare {cls.__name__})")
+            raise ModelError(f"{folder} source {role.unet!r} of {where} lacks {looked}")
+        unet = _from_pretrained(cls, role.unet, f"the {folder} of {where}", subfolder=sub, **kw)
     if role.lora and not spec.random_weights:  # a fused LoRA changes no shape: random weights skip it
         unet = fuse_lora(unet, role, parts, where)
     return unet.requires_grad_(False).eval()
 
 
-def read_unet_config(spec: ModelSpec) -> dict:
-    from diffusers import UNet2DConditionModel
-
+def read_unet_config(spec: ModelSpec, parts: PipelineParts | None = None) -> dict:
+    """The config of the base's denoiser (unet/config.json, or transformer/config.json for SD3 / FLUX)."""
+    folder = parts.net_folder if parts is not None else "unet"
     if spec.random_weights:
         from . import architectures
 
-        return architectures.component_config(spec.base, "unet")
+        return architectures.component_config(spec.base, folder)
+    cls = parts.net_class() if parts is not None else __import__("diffusers").UNet2DConditionModel
     try:
-        return UNet2DConditionModel.load_config(spec.base, subfolder="unet", revision=spec.revision)
+        return cls.load_config(spec.base, subfolder=folder, revision=spec.revision)
     except Exception as e:
-        raise ModelError(f"cannot read unet/config.json of {spec.base}: {e}") from e
+        raise ModelError(f"cannot read {folder}/config.json of {spec.base}: {e}") from e
 
 
 def _read_state_dict(source: str, filename: str, where: str) -> dict[str, torch.Tensor]:
@@ -356,18 +476,20 @@ def _read_state_dict(source: str, filename: str, where: str) -> dict[str, torch.
 
 
 def fuse_lora(unet, role: RoleSpec, parts: PipelineParts, where: str):
-    """Fuse a distillation LoRA (LCM-LoRA, DMD2 LoRA) into the UNet weights with diffusers' own loaders:
-    the pipeline class's `lora_state_dict` (which converts kohya / old diffusers formats), the UNet's
+    """Fuse a distillation LoRA (LCM-LoRA, DMD2 LoRA, a FLUX / SD3 LoRA) into the denoiser weights with diffusers'
+    own loaders: the pipeline class's `lora_state_dict` (which converts kohya / old diffusers formats), the network's
     `load_lora_adapter` and `fuse_lora`, then `unload_lora`. Needs no text encoder (precompute_embeddings)."""
     _local(role.lora, f"LoRA of {where}")
     try:
         state, alphas, metadata = parts.pipeline_class.lora_state_dict(role.lora, weight_name=role.lora_weight_name,
                                                                        return_lora_metadata=True)
-        unet.load_lora_adapter(state, network_alphas=alphas, metadata=metadata, prefix="unet", adapter_name="distill")
+        unet.load_lora_adapter(state, network_alphas=alphas, metadata=metadata, prefix=parts.net_folder,
+                               adapter_name="distill")
     except Exception as e:
         raise ModelError(f"cannot load the LoRA {role.lora!r} of {where}{_offline_hint(role.lora) or ': ' + str(e)}") from e
     if not getattr(unet, "peft_config", None) or "distill" not in unet.peft_config:
-        raise ModelError(f"the LoRA {role.lora!r} of {where} holds no UNet layers (keys starting with 'unet.')")
+        raise ModelError(f"the LoRA {role.lora!r} of {where} holds no {parts.net_folder} layers (keys starting with "
+                         f"'{parts.net_folder}.')")
     unet.fuse_lora(lora_scale=role.lora_scale, adapter_names=["distill"])
     unet.unload_lora()
     return unet

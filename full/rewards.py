@@ -82,14 +82,16 @@ class CLIPReward(Reward):
 
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> torch.Tensor:
-        new = [p for p in dict.fromkeys(prompts) if p not in self._text]
-        if new:
-            tok = self.tokenizer(new, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        # one prompt per call: in a batch, a prompt's features would depend (in the last bits: padding length,
+        # BLAS blocking) on which uncached prompts came with it, and a resumed run would not repeat the original
+        for p in dict.fromkeys(prompts):
+            if p in self._text:
+                continue
+            tok = self.tokenizer([p], padding=True, truncation=True, max_length=77, return_tensors="pt")
             dev = next(self.model.parameters()).device
             feats = self.model.get_text_features(**{k: v.to(dev) for k, v in tok.items()})
             feats = getattr(feats, "pooler_output", feats)
-            for p, f in zip(new, F.normalize(feats.float(), dim=-1)):
-                self._text[p] = f
+            self._text[p] = F.normalize(feats.float(), dim=-1)[0]
         return torch.stack([self._text[p] for p in prompts])
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,9 @@ DTYPES = ("fp32", "fp16", "bf16")
 
 @dataclass
 class RoleSpec:
-    unet: str | None = None  # pipeline folder / hub id (its unet/ is used) or a bare UNet folder; default: base
+    # the role's denoiser: pipeline folder / hub id (its unet/ or, SD3 / FLUX, transformer/ is used) or a bare
+    # UNet / transformer folder; default: base. A spec file may write "transformer" for it.
+    unet: str | None = None
     unet_subfolder: str | None = None  # override the subfolder inside `unet`
     unet_file: str | None = None  # a single state-dict file inside `unet` loaded into the base UNet (DMD2)
     lora: str | None = None  # a distillation LoRA (LCM-LoRA, DMD2 LoRA) fused into the UNet before ours
@@ -72,6 +74,9 @@ class ModelSpec:
     negative_prompt: str = ""  # the null condition for CFG (SDXL: zeros when "" and force_zeros_for_empty_prompt)
     seed: int = 0  # seed of the LoRA initialisation (the same on every rank and every run)
     decode_batch: int = 4  # the most rows per sampling / evaluation / VAE-decode / reward call (world.decode_batch)
+    guidance: float | None = None  # FLUX.1-dev-class guidance-distilled transformers (guidance_embeds): the
+    # embedded guidance value every call gets (default 3.5, FluxPipeline's); an error for any other denoiser
+    max_sequence_length: int | None = None  # SD3 / FLUX T5 prompt length (default: the pipeline's, 256 / 512)
     random_weights: bool = False  # the real architectures of the named checkpoints from full/configs, random
     # weights, nothing downloaded (full/architectures.py): memory plans, benchmarks and tests at real size
 
@@ -120,6 +125,11 @@ def from_dict(d: dict, root: Path | None = None, where: str = "model spec") -> M
         if r is not None and not isinstance(r, dict):
             raise ValueError(f"{where}: role {role} must be a mapping (e.g. {{\"unet\": ...}}), found {r!r:.100}")
         r = dict(r or {})
+        if "transformer" in r:  # SD3 / FLUX: "transformer" names the same thing as "unet" (the denoiser's source)
+            if "unet" in r:
+                raise ValueError(f"{where}: role {role} names both 'unet' and 'transformer'; give one (the source of "
+                                 "its denoiser network)")
+            r["unet"] = r.pop("transformer")
         for k in ("unet", "lora"):
             if r.get(k):
                 r[k] = resolve(r[k], root)
@@ -136,6 +146,11 @@ def from_dict(d: dict, root: Path | None = None, where: str = "model spec") -> M
     spec = _build(ModelSpec, {**d, "roles": roles}, where)
     if spec.dtype is not None and spec.dtype not in DTYPES:
         raise ValueError(f"{where}: dtype {spec.dtype!r} is not one of {list(DTYPES)}")
+    if spec.max_sequence_length is not None and (not isinstance(spec.max_sequence_length, int)
+                                                 or spec.max_sequence_length < 1):
+        raise ValueError(f"{where}: max_sequence_length must be an integer >= 1, got {spec.max_sequence_length!r}")
+    if spec.guidance is not None and not isinstance(spec.guidance, (int, float)):
+        raise ValueError(f"{where}: guidance must be a number (FLUX.1-dev: 3.5), got {spec.guidance!r}")
     if not isinstance(spec.decode_batch, int) or spec.decode_batch < 1:
         raise ValueError(f"{where}: decode_batch must be an integer >= 1, got {spec.decode_batch!r}")
     return spec

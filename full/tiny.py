@@ -1,13 +1,18 @@
-"""Tiny random SD1.5 / SDXL pipelines and a tiny random CLIP reward model, built offline in a second.
+"""Tiny random SD1.5 / SDXL / SD3 / FLUX pipelines and a tiny random CLIP reward model, built offline in a second.
 
 They have the real architectures (diffusers' own test configurations: two UNet levels, one cross-attention
 level, a 2-level VAE, 2-5 layer CLIP text encoders) and random weights, so everything the full backend does
 (loading with `from_pretrained`, SDXL's two encoders and add_time_ids, peft LoRA, `save_lora_weights` /
 `load_lora_weights`, the reward wrappers) runs for real on a CPU in the tests, with no network. The CLIP
 tokenizer is byte-level with no merges (a 514-token vocabulary, `model_max_length=77`): every character is a
-token, which is all a random text encoder needs.
+token, which is all a random text encoder needs. The flow kinds follow diffusers' SD3 / FLUX pipeline tests: a
+2-block SD3Transformer2DModel (patch 2) or a 1 + 1-block FluxTransformer2DModel, a 16-channel VAE with a
+shift_factor, two CLIP encoders (SD3, with projection) or one (FLUX), a 2-layer T5EncoderModel with the
+`tiny_t5_tokenizer` (Unigram, one token per character, made locally), and FlowMatchEulerDiscreteScheduler: sd3
+(shift 3), flux (FLUX.1-dev-like: guidance_embeds, use_dynamic_shifting), flux_schnell (no guidance, shift 1).
 
-    python -m full.tiny OUT [--kind sdxl|sd15] [--scheduler euler_ancestral|lcm|ddim|euler] [--setup]
+    python -m full.tiny OUT [--kind sdxl|sd15|sd3|flux|flux_schnell] [--scheduler euler_ancestral|lcm|ddim|euler]
+                            [--setup]
 
 writes a pipeline folder that `--model OUT` loads; with --setup, OUT/spec.json plus everything it names (a tiny
 reward model, prompts, image-caption data, a concept folder, preference pairs): `--model OUT/spec.json`.
@@ -49,6 +54,18 @@ def tiny_tokenizer():
     return CLIPTokenizer(vocab=byte_vocab(), merges=[], model_max_length=77)
 
 
+def tiny_t5_tokenizer(model_max_length: int = 256):
+    """A T5-style (Unigram, sentencepiece-metaspace) tokenizer built offline: <pad>=0, </s>=1, <unk>=2, then every
+    printable ASCII character with and without the word-start mark, no sentinels (192 tokens). Every character is a
+    token, which is all a random T5 encoder needs; `save_pretrained` / `from_pretrained` round-trip it."""
+    from transformers import T5TokenizerFast
+
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [(c, -3.0) for c in chars]
+             + [("\u2581" + c, -2.5) for c in chars])
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
 def tiny_unet(sdxl: bool, sample_size: int = 16):
     from diffusers import UNet2DConditionModel
 
@@ -61,6 +78,81 @@ def tiny_unet(sdxl: bool, sample_size: int = 16):
                                     transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
                                     cross_attention_dim=64)
     return UNet2DConditionModel(**common, cross_attention_dim=32, attention_head_dim=8)
+
+
+T5 = dict(vocab_size=192, d_model=64, d_ff=37, d_kv=8, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+          pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+# flow kinds: sd3 (static shift 3, SD3 / SD3.5), flux (FLUX.1-dev-like: guidance-distilled, resolution-dependent
+# shift), flux_schnell (FLUX.1-schnell-like: no guidance input, shift 1)
+FLOW_KINDS = ("sd3", "flux", "flux_schnell")
+
+
+def tiny_t5(seed: int | None = None):
+    from transformers import T5Config, T5EncoderModel
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(**T5))
+
+
+def tiny_sd3_transformer(sample_size: int = 16):
+    """Two joint blocks (the last one context_pre_only, as in every SD3), patch 2, 16 latent channels; the joint
+    attention width is T5's d_model (the CLIP hidden states, 2 x 32, are padded to it), the pooled projection the
+    two CLIP projections concatenated."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(sample_size=sample_size, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                 attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                 joint_attention_dim=T5["d_model"], pooled_projection_dim=2 * 32)
+
+
+def tiny_flux_transformer(guidance_embeds: bool = True):
+    """One double and one single block, 2x2-packed 16-channel latents (64 input channels), rotary axes 4 + 4 + 8."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=T5["d_model"],
+                                  pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=guidance_embeds)
+
+
+def tiny_flow_vae():
+    """The SD3 / FLUX VAE layout: 16 latent channels, a shift_factor, no quant convs (the values are SD3's)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=16,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         norm_num_groups=32, sample_size=32, shift_factor=0.0609, scaling_factor=1.5035,
+                         use_quant_conv=False, use_post_quant_conv=False)
+
+
+def flow_scheduler(kind: str):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if kind == "flux":  # FLUX.1-dev's scheduler config
+        return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                               base_image_seq_len=256, max_image_seq_len=4096)
+    return FlowMatchEulerDiscreteScheduler(shift=3.0 if kind == "sd3" else 1.0)
+
+
+def tiny_flow_pipeline(kind: str = "sd3", seed: int = 0, sample_size: int = 16):
+    """A random StableDiffusion3Pipeline (kind sd3) or FluxPipeline (flux, flux_schnell)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if kind not in FLOW_KINDS:
+        raise ValueError(f"unknown tiny flow pipeline kind {kind!r}; choose one of {list(FLOW_KINDS)}")
+    torch.manual_seed(seed)
+    vae = tiny_flow_vae()
+    if kind == "sd3":
+        return StableDiffusion3Pipeline(
+            transformer=tiny_sd3_transformer(sample_size), vae=vae, scheduler=flow_scheduler(kind),
+            text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**TEXT, projection_dim=32)),
+            tokenizer=tiny_tokenizer(),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**TEXT, projection_dim=32)),
+            tokenizer_2=tiny_tokenizer(), text_encoder_3=tiny_t5(), tokenizer_3=tiny_t5_tokenizer())
+    return FluxPipeline(transformer=tiny_flux_transformer(guidance_embeds=kind == "flux"), vae=vae,
+                        scheduler=flow_scheduler(kind), text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT)),
+                        tokenizer=tiny_tokenizer(), text_encoder_2=tiny_t5(), tokenizer_2=tiny_t5_tokenizer(512))
 
 
 def tiny_vae():
@@ -82,12 +174,15 @@ def make_scheduler(sampler: str):
 
 
 def tiny_pipeline(kind: str = "sdxl", scheduler: str = "euler_ancestral", seed: int = 0, sample_size: int = 16):
-    """A random pipeline of the real class (StableDiffusionXLPipeline or StableDiffusionPipeline)."""
+    """A random pipeline of the real class (StableDiffusionXLPipeline, StableDiffusionPipeline; for the flow kinds
+    StableDiffusion3Pipeline / FluxPipeline with their own FlowMatchEulerDiscreteScheduler, `scheduler` unused)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    if kind in FLOW_KINDS:
+        return tiny_flow_pipeline(kind, seed, sample_size)
     if kind not in ("sdxl", "sd15"):
-        raise ValueError(f"unknown tiny pipeline kind {kind!r}; choose 'sdxl' or 'sd15'")
+        raise ValueError(f"unknown tiny pipeline kind {kind!r}; choose one of {['sdxl', 'sd15', *FLOW_KINDS]}")
     torch.manual_seed(seed)
     unet, vae = tiny_unet(kind == "sdxl", sample_size), tiny_vae()
     text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT))
@@ -108,9 +203,16 @@ def save_tiny_pipeline(path: str | Path, kind: str = "sdxl", scheduler: str = "e
 
 
 def save_tiny_unet(path: str | Path, kind: str = "sdxl", seed: int = 1, sample_size: int = 16) -> Path:
-    """A second random UNet of the same architecture (a stand-in for e.g. the DMD2 UNet weights)."""
+    """A second random UNet (or SD3 / FLUX transformer) of the same architecture (a stand-in for e.g. the DMD2 UNet
+    weights, or a distilled turbo / schnell transformer)."""
     torch.manual_seed(seed)
-    tiny_unet(kind == "sdxl", sample_size).save_pretrained(Path(path))
+    if kind == "sd3":
+        net = tiny_sd3_transformer(sample_size)
+    elif kind in ("flux", "flux_schnell"):
+        net = tiny_flux_transformer(guidance_embeds=kind == "flux")
+    else:
+        net = tiny_unet(kind == "sdxl", sample_size)
+    net.save_pretrained(Path(path))
     return Path(path)
 
 
@@ -177,8 +279,11 @@ def save_tiny_setup(out: str | Path, kind: str = "sdxl", scheduler: str = "lcm",
         _png(out / "pairs" / f"{i}_1.png", seed=200 + i)
         rows.append({"caption": caption, "jpg_0": f"{i}_0.png", "jpg_1": f"{i}_1.png", "label_0": label})
     (out / "pairs" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flow = {"max_sequence_length": 8} if kind in FLOW_KINDS else {}  # a short T5 prompt keeps the tests fast
+    if kind in ("flux", "flux_schnell"):  # FluxPipeline's default side is 128 latents: the tiny one is sample_size
+        flow["resolution"] = 2 * sample_size
     spec = {
-        "name": f"tiny-{kind}-{scheduler}", "base": "pipeline", "roles": roles or {},
+        "name": f"tiny-{kind}" + ("" if flow else f"-{scheduler}"), "base": "pipeline", "roles": roles or {}, **flow,
         "reward": {"name": "pickscore", "model": "clip"},
         "quality": {"name": "aesthetic", "model": "clip", "head": "aesthetic_head.pth"},
         "eval_rewards": [{"name": "clip", "model": "clip"}],
@@ -194,8 +299,9 @@ def save_tiny_setup(out: str | Path, kind: str = "sdxl", scheduler: str = "lcm",
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
-    p.add_argument("--kind", default="sdxl", choices=["sdxl", "sd15"])
-    p.add_argument("--scheduler", default="euler_ancestral", choices=sorted(SCHEDULERS))
+    p.add_argument("--kind", default="sdxl", choices=["sdxl", "sd15", *FLOW_KINDS])
+    p.add_argument("--scheduler", default="euler_ancestral", choices=sorted(SCHEDULERS),
+                   help="SD1.5 / SDXL only: the flow kinds ship their FlowMatchEulerDiscreteScheduler")
     p.add_argument("--sample-size", type=int, default=16, help="latent side; the image side is twice that")
     p.add_argument("--setup", action="store_true", help="also write a tiny reward model, prompts, data and spec.json")
     a = p.parse_args(argv)

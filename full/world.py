@@ -1,17 +1,21 @@
-"""The diffusers implementation of common.World / common.Denoiser (DESIGN.md section 8).
+"""The diffusers implementation of common.World / common.Denoiser (DESIGN.md sections 8 and 10).
 
-* `FullDenoiser`: eps = unet(x_t, t, prompt embeddings [, SDXL pooled embeds + add_time_ids]) with a peft LoRA on
-  to_q / to_k / to_v / to_out.0 (`unet.add_adapter`); `frozen()` disables the adapter, so the pre-trained model
-  costs no memory. UNets are loaded in the weight dtype (torch_dtype), the trainable weights cast to fp32 with
-  diffusers' `cast_training_params`, the forward runs under autocast; inputs follow the caller's device and come
-  back on it. `module` is the UNet after `accelerator.prepare` (DDP with several processes), as diffusers' training
-  examples do: the calls that can carry a gradient go through it, so DDP averages the gradients in the backward
-  pass (and `accelerator.accumulate(module)` skips the sync between micro-batches); no-grad and frozen calls use the
-  plain UNet. `adapter_state()` copies to the CPU.
+* `FullDenoiser`: eps = unet(x_t, t, prompt embeddings [, SDXL pooled embeds + add_time_ids]), or for SD3 / FLUX the
+  velocity of the transformer called as their pipelines call it (FORWARDS: SD3 timestep sigma * 1000; FLUX
+  2x2-packed latents with img_ids / txt_ids, timestep sigma, guidance of guidance-distilled models), with a peft
+  LoRA on to_q / to_k / to_v / to_out.0 (+ the transformers' add_q/k/v_proj, to_add_out) (`add_adapter`); `frozen()`
+  disables the adapter, so the pre-trained model costs no memory. UNets are loaded in the weight dtype
+  (torch_dtype), the trainable weights cast to fp32 with diffusers' `cast_training_params`, the forward runs under
+  autocast; inputs follow the caller's device and come back on it. `module` is the UNet after `accelerator.prepare`
+  (DDP with several processes), as diffusers' training examples do: the calls that can carry a gradient go through
+  it, so DDP averages the gradients in the backward pass (and `accelerator.accumulate(module)` skips the sync
+  between micro-batches); no-grad and frozen calls use the plain UNet. `adapter_state()` copies to the CPU.
 * `FullAccelerator`: accelerate's Accelerator; `adam_8bit` makes `prepare` swap a torch Adam/AdamW for
   bitsandbytes' AdamW8bit with the same hyperparameters. Its mixed precision is the spec's dtype, or accelerate's
   configuration when the spec names none (`accelerate launch --mixed_precision bf16`).
-* `FullWorld`: prompts -> cached embeddings (condition dicts with a `prompt_id` row so a reward can find the text),
+* `FullWorld`: the schedule (common.Schedule, or common.FlowSchedule(shift) from a flow model's
+  FlowMatchEulerDiscreteScheduler config), prompts -> cached embeddings (condition dicts with a `prompt_id` row so
+  a reward can find the text),
   VAE encode / decode (outside the caller's autocast, in the VAE's dtype), rewards on decoded images in chunks of
   `decode_batch`, image-caption data, preference pairs and concept images as latents (a bounded latent cache),
   metrics, figures, LoRA export in the diffusers format (`pipe.load_lora_weights(dir)` loads it), and the paper's
@@ -35,7 +39,50 @@ from . import models
 from .rewards import load_reward, reward_name
 from .spec import ROLES, ModelSpec, RoleSpec
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# peft LoRA targets per denoiser: the UNet's attention projections; for the SD3 / FLUX transformers also the
+# joint-attention context projections (diffusers' train_dreambooth_lora_sd3 / _flux examples; FLUX's single blocks
+# have to_q / to_k / to_v only, the last SD3 block no to_add_out: peft takes the ones present)
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the UNet's (full/memory_plan.py imports this name)
+TRANSFORMER_LORA_TARGETS = LORA_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+LORA_TARGETS_BY_NET = {"unet": LORA_TARGETS, "transformer": TRANSFORMER_LORA_TARGETS}
+
+
+# ------------------------------------------------------------------------------------------- denoiser forwards
+# One function per kind: the network's call, built from the condition dict exactly as the diffusers pipeline makes
+# it, with our integer time t (common.Schedule / FlowSchedule: t = 0..999). They return the raw prediction (eps for
+# a UNet, the velocity for SD3 / FLUX) in the state layout (B, C, H, W).
+def unet_forward(net, x: torch.Tensor, t: torch.Tensor, cond: dict, schedule) -> torch.Tensor:
+    kw = {"encoder_hidden_states": cond["prompt_embeds"]}
+    if "text_embeds" in cond:  # SDXL: pooled text_encoder_2 embedding and add_time_ids
+        kw["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+    return net(x, t, **kw, return_dict=False)[0]
+
+
+def sd3_forward(net, x: torch.Tensor, t: torch.Tensor, cond: dict, schedule) -> torch.Tensor:
+    """SD3 / SD3.5: the pipeline passes scheduler.timesteps = sigma_t * 1000 (float) as the timestep."""
+    timestep = schedule.sigma(t).to(x.device) * common.T
+    return net(hidden_states=x, timestep=timestep, encoder_hidden_states=cond["prompt_embeds"],
+               pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+
+
+def flux_forward(net, x: torch.Tensor, t: torch.Tensor, cond: dict, schedule) -> torch.Tensor:
+    """FLUX: the latents packed into 2x2 patches with their (0, row, column) img_ids, zero txt_ids, the timestep
+    scheduler.timesteps / 1000 (= sigma_t, computed as the pipeline does), and the embedded guidance of a
+    guidance-distilled transformer (FLUX.1-dev; cond["guidance"]); the output unpacked to (B, C, H, W)."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = x.shape
+    packed = FluxPipeline._pack_latents(x, b, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+    txt_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=x.device, dtype=cond["prompt_embeds"].dtype)
+    timestep = schedule.sigma(t).to(x.device) * common.T / 1000
+    out = net(hidden_states=packed, timestep=timestep, guidance=cond.get("guidance"),
+              pooled_projections=cond["pooled_projections"], encoder_hidden_states=cond["prompt_embeds"],
+              txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+    return FluxPipeline._unpack_latents(out, h, w, 1)
+
+
+FORWARDS = {"sd15": unet_forward, "sdxl": unet_forward, "sd3": sd3_forward, "flux": flux_forward}
 
 
 def _to(module, device, dtype):
@@ -93,7 +140,9 @@ def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class FullDenoiser:
-    """A role's UNet as an eps-model with a trainable LoRA (or every weight, `train_full`).
+    """A role's denoiser network (UNet: an eps-model; SD3 / FLUX transformer: a velocity model) with a trainable
+    LoRA (or every weight, `train_full`). `unet` is that network whatever its kind; the call goes through the
+    kind's forward (FORWARDS), which builds the network's inputs from the condition dict.
 
     `unet` is the plain UNet (its adapter is switched off by `frozen()`), `module` the same UNet after
     `accelerator.prepare` (DistributedDataParallel with several processes): the methods hand `module` to
@@ -108,6 +157,7 @@ class FullDenoiser:
 
         self.sampler, self.timesteps, self.train_full, self.role = sampler, list(timesteps), train_full, role
         self.device, self.dtype = world.device, world.dtype
+        self.schedule, self._forward = world.schedule, FORWARDS[world.kind]
         self._frozen = False
         if train_full:  # `reference` (loaded in the weight dtype) is the frozen model; the trained UNet is fp32
             if reference is None:
@@ -121,7 +171,7 @@ class FullDenoiser:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(world.spec.seed)  # the same initial A on every rank and every run
                 unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights=True,
-                                            target_modules=LORA_TARGETS))
+                                            target_modules=LORA_TARGETS_BY_NET[world.parts.net_folder]))
         cast_training_params(unet, dtype=torch.float32)  # trainable weights in fp32, frozen ones in the spec's dtype
         if world.spec.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -136,15 +186,12 @@ class FullDenoiser:
             net = self.reference_unet if self.train_full else self.unet
         else:
             net = self.module if torch.is_grad_enabled() else self.unet
-        kw = {"encoder_hidden_states": cond["prompt_embeds"].to(self.device)}
-        if "text_embeds" in cond:  # SDXL: pooled text_encoder_2 embedding and add_time_ids
-            kw["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"].to(self.device),
-                                       "time_ids": cond["time_ids"].to(self.device)}
+        cond = {k: v.to(self.device) for k, v in cond.items() if k != "prompt_id"}
         autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
                     else contextlib.nullcontext())
         with autocast:
-            eps = net(x_t.to(self.device), t, **kw, return_dict=False)[0]
-        return eps.to(x_t.device, torch.float32)
+            out = self._forward(net, x_t.to(self.device), t, cond, self.schedule)
+        return out.to(x_t.device, torch.float32)
 
     @contextlib.contextmanager
     def frozen(self):
@@ -198,7 +245,8 @@ class FullDenoiser:
 
 
 class FullWorld:
-    """common.World for SD1.5 / SDXL-class diffusers checkpoints; built by full.load_world from a ModelSpec."""
+    """common.World for SD1.5 / SDXL / SD3 / FLUX-class diffusers checkpoints; built by full.load_world from a
+    ModelSpec."""
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
@@ -216,9 +264,6 @@ class FullWorld:
         self.decode_batch = spec.decode_batch  # the largest batch any sampling / decoding / scoring call may use
         self.parts = models.load_parts(spec, self.dtype)
         self.kind = self.parts.kind
-        self.schedule = common.Schedule(models.schedule_name(self.parts.scheduler.config, f"scheduler of {spec.base}"))
-        for role in spec.roles:  # every role's scheduler must match (fails now, not after an hour of training)
-            self._role_scheduler(role)
         vae = self.parts.vae
         self.vae_dtype = vae_dtype(self.dtype, vae.config, fixed_vae=bool(spec.vae))
         self.vae = _to(vae, self.device, self.vae_dtype).requires_grad_(False).eval()
@@ -227,12 +272,26 @@ class FullWorld:
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         for enc in self.parts.text_encoders:
             _to(enc, self.device, self.dtype).requires_grad_(False).eval()
-        unet_config = models.read_unet_config(spec)
-        self.resolution = spec.resolution or unet_config["sample_size"] * self.vae_factor
+        self.net_config = models.read_unet_config(spec, self.parts)
+        # the default image side as the pipelines take it: sample_size x the VAE factor (FLUX: 128 x the factor)
+        self.resolution = spec.resolution or self.net_config.get("sample_size", 128) * self.vae_factor
         if self.resolution % self.vae_factor:
             raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE factor {self.vae_factor}")
         side = self.resolution // self.vae_factor
+        patch = 2 if self.kind == "flux" else self.net_config.get("patch_size", 1)  # FLUX packs 2x2 latent patches
+        if side % patch:
+            raise ValueError(f"resolution {self.resolution}: the latent side {side} is not a multiple of the "
+                             f"{self.kind} patch size {patch}; use a multiple of {patch * self.vae_factor}")
+        self.image_seq_len = (side // patch) ** 2  # what FLUX's resolution-dependent shift is computed from
         self.shape = (self.vae.config.latent_channels, side, side)
+        expected = self.shape[0] * (4 if self.kind == "flux" else 1)  # FLUX's packed latents: 4 C channels
+        if self.parts.flow and self.net_config.get("in_channels", expected) != expected:
+            raise models.ModelError(f"{spec.base}: the transformer takes {self.net_config['in_channels']} input "
+                                    f"channels, the VAE's {self.shape[0]}-channel latents need {expected}")
+        self.guidance = self._guidance()
+        self.schedule = self._schedule(self.parts.scheduler, f"scheduler of {spec.base}")
+        for role in spec.roles:  # every role's scheduler must match (fails now, not after an hour of training)
+            self._role_scheduler(role)
         self.prompts = data_lib.load_prompts(spec.prompts)
         self.eval_prompts = data_lib.load_prompts(spec.eval_prompts) if spec.eval_prompts else self.prompts
         self._texts: list[str] = []
@@ -243,7 +302,9 @@ class FullWorld:
         self.denoisers: list[FullDenoiser] = []
         self._encoder_pipe = self._make_encoder_pipe()
         if spec.precompute_embeddings:
-            texts = list(dict.fromkeys(self.prompts + self.eval_prompts + self._data_texts()))
+            # + the negative prompt: the null condition of CFG is its encoding (SD1.5, SD3, FLUX's true CFG)
+            texts = self.prompts + self.eval_prompts + self._data_texts() + [self.spec.negative_prompt]
+            texts = list(dict.fromkeys(texts))
             self._encode_ids([self._id(t) for t in texts])
             self.free_text_encoders()
 
@@ -270,10 +331,33 @@ class FullWorld:
         return method_defaults(method, variant, self)
 
     # ----------------------------------------------------------------------------------------- denoisers
+    def _schedule(self, scheduler, where: str):
+        """common.Schedule of a DDPM scheduler config, or common.FlowSchedule(shift) of a flow model's
+        FlowMatchEulerDiscreteScheduler (FLUX's dynamic shift at this world's image sequence length)."""
+        if not self.parts.flow:
+            return common.Schedule(models.schedule_name(scheduler.config, where))
+        if type(scheduler).__name__ not in models.FLOW_SCHEDULERS:
+            raise models.ModelError(f"{where}: a {self.kind} pipeline needs FlowMatchEulerDiscreteScheduler, found "
+                                    f"{type(scheduler).__name__}")
+        max_shift = 1.16 if self.kind == "sd3" else 1.15  # the pipelines' defaults when the config has none
+        return common.FlowSchedule(models.flow_shift(scheduler.config, self.image_seq_len, where, max_shift))
+
+    def _guidance(self) -> float | None:
+        """The embedded guidance value of a guidance-distilled FLUX transformer (FLUX.1-dev: config guidance_embeds),
+        spec "guidance" (default 3.5, FluxPipeline's guidance_scale); None for every other model."""
+        embeds = self.kind == "flux" and bool(self.net_config.get("guidance_embeds"))
+        if self.spec.guidance is not None and not embeds:
+            raise models.ModelError(f"model spec of {self.name}: \"guidance\" is set but the denoiser of "
+                                    f"{self.spec.base} "
+                                    "has no guidance input (only guidance-distilled FLUX transformers, "
+                                    "guidance_embeds=true, take one); remove it (CFG is the methods' cfg_scale)")
+        return (3.5 if self.spec.guidance is None else float(self.spec.guidance)) if embeds else None
+
     def _role_scheduler(self, role: str):
         rspec = self.spec.roles.get(role, RoleSpec())
         sched = models.role_scheduler(self.spec, rspec, self.parts)
-        name = models.schedule_name(sched.config, f"scheduler of role {role}")
+        where = f"scheduler of role {role}"
+        name = self._schedule(sched, where).name
         if name != self.schedule.name:
             raise models.ModelError(f"role {role} uses the {name} noise schedule but the base uses "
                                     f"{self.schedule.name}: every role must share one schedule")
@@ -287,7 +371,7 @@ class FullWorld:
         sched = self._role_scheduler(role)
         where = f"role {role} of {self.name}"
         sampler, timesteps = models.role_sampler(role, sched, sampler or rspec.sampler, timesteps or rspec.timesteps,
-                                                 where)
+                                                 where, flow=self.parts.flow)
         if train_full:  # the trained copy in fp32, the frozen reference in the weight dtype: two loads, no deepcopy
             unet = models.load_unet(self.spec, rspec, self.parts, where, torch.float32)
             reference = models.load_unet(self.spec, rspec, self.parts, where, self.dtype)
@@ -300,10 +384,17 @@ class FullWorld:
     # ----------------------------------------------------------------------------------------- prompts
     def _make_encoder_pipe(self):
         p = self.parts
-        extra = ({"text_encoder_2": p.text_encoders[1], "tokenizer_2": p.tokenizers[1]} if self.kind == "sdxl" else
-                 {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False})
-        return p.pipeline_class(vae=self.vae, text_encoder=p.text_encoders[0], tokenizer=p.tokenizers[0], unet=None,
-                                scheduler=p.scheduler, **extra)
+        extra = ({"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+                 if self.kind == "sd15" else {})
+        return p.pipeline_class(vae=self.vae, **p.text_components(), **{p.net_folder: None}, scheduler=p.scheduler,
+                                **extra)
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        """The T5 prompt length of SD3 / FLUX (spec max_sequence_length, else the pipeline's default)."""
+        if not self.parts.flow:
+            return None
+        return self.spec.max_sequence_length or models.MAX_SEQUENCE_LENGTH[self.kind]
 
     def free_text_encoders(self) -> None:
         """After precomputing every prompt's embedding the text encoders are dropped (SDXL: ~1.6 GB)."""
@@ -322,22 +413,35 @@ class FullWorld:
         return [self.spec.negative_prompt if i < 0 else self._texts[i] for i in cond["prompt_id"].tolist()]
 
     @torch.no_grad()
-    def _encode_ids(self, ids: list[int], batch: int = 32) -> None:
+    def _encode_ids(self, ids: list[int], batch: int = 1) -> None:
+        """Encode the prompts not cached yet, `batch` at a time. One at a time by default: a BLAS matmul's result
+        for a row can depend on the batch it is in (SD3's CLIP text projection differs in the last bits), and a
+        prompt's embedding must not depend on which prompts were drawn with it, or a resumed run would not repeat
+        the uninterrupted one bit for bit."""
         todo = [i for i in dict.fromkeys(ids) if i not in self._embeds]
         if todo and self._encoder_pipe is None:
             raise RuntimeError(f"prompt {self._texts[todo[0]]!r} was not precomputed and the text encoders were "
                                "freed (precompute_embeddings): add it to the spec's prompts")
         for k in range(0, len(todo), batch):
             chunk = todo[k:k + batch]
-            out = self._encoder_pipe.encode_prompt([self._texts[i] for i in chunk], device=self.device,
-                                                   num_images_per_prompt=1, do_classifier_free_guidance=False)
-            embeds, pooled = out[0], (out[2] if self.kind == "sdxl" else None)
+            texts = [self._texts[i] for i in chunk]
+            if self.kind == "flux":  # (prompt_embeds (T5), pooled_prompt_embeds (CLIP), text_ids)
+                out = self._encoder_pipe.encode_prompt(texts, device=self.device, num_images_per_prompt=1,
+                                                       max_sequence_length=self.max_sequence_length)
+                embeds, pooled = out[0], out[1]
+            else:  # (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
+                kw = ({"prompt_2": None, "prompt_3": None, "max_sequence_length": self.max_sequence_length}
+                      if self.kind == "sd3" else {})
+                out = self._encoder_pipe.encode_prompt(texts, device=self.device, num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=False, **kw)
+                embeds, pooled = out[0], (out[2] if self.kind in ("sdxl", "sd3") else None)
             for j, i in enumerate(chunk):
                 self._embeds[i] = (embeds[j].cpu(),) + ((pooled[j].cpu(),) if pooled is not None else ())
 
     @functools.cached_property
     def _null_embeds(self) -> tuple[torch.Tensor, ...]:
-        """The unconditional embedding for CFG, as the pipelines make it (SDXL: zeros for an empty negative)."""
+        """The unconditional embedding for CFG, as the pipelines make it (SDXL: zeros for an empty negative; SD3:
+        the encoded negative prompt, "" by default; FLUX's true-CFG negative likewise)."""
         if self.kind == "sdxl" and self.parts.force_zeros_for_empty_prompt and not self.spec.negative_prompt:
             return tuple(torch.zeros_like(e) for e in self._embed_rows([self._id(self.prompts[0])]))
         return self._embed_rows([self._id(self.spec.negative_prompt)])
@@ -352,7 +456,9 @@ class FullWorld:
         return torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32).expand(n, 6).clone()
 
     def encode(self, texts: list[str]) -> dict:
-        """Prompts -> condition dict {prompt_embeds, [text_embeds, time_ids,] prompt_id} on the world's device."""
+        """Prompts -> condition dict on the world's device: {prompt_embeds, prompt_id} and SDXL's text_embeds +
+        time_ids, SD3's pooled_projections, FLUX's pooled_projections [+ guidance] (txt_ids are zeros: the forward
+        makes them)."""
         ids = [self._id(t) for t in texts]
         self._encode_ids(ids)
         return self._cond([self._embeds[i] for i in ids], ids)
@@ -362,6 +468,10 @@ class FullWorld:
         if self.kind == "sdxl":
             cond["text_embeds"] = torch.stack([r[1] for r in rows]).to(self.device)
             cond["time_ids"] = self._time_ids(len(ids)).to(self.device, cond["prompt_embeds"].dtype)
+        elif self.parts.flow:
+            cond["pooled_projections"] = torch.stack([r[1] for r in rows]).to(self.device)
+            if self.guidance is not None:  # FluxPipeline: torch.full([1], guidance_scale).expand(batch), float32
+                cond["guidance"] = torch.full((len(ids),), self.guidance, dtype=torch.float32, device=self.device)
         cond["prompt_id"] = torch.tensor(ids, dtype=torch.long, device=self.device)
         return cond
 
@@ -529,52 +639,65 @@ class FullWorld:
         plt.close(fig)
 
     def save_adapter(self, denoiser: FullDenoiser, path) -> None:
-        """The LoRA in the diffusers format (pytorch_lora_weights.safetensors): pipe.load_lora_weights(path).
-        A fully fine-tuned UNet is saved with save_pretrained into path/unet instead."""
+        """The LoRA in the diffusers format (pytorch_lora_weights.safetensors): pipe.load_lora_weights(path) loads it
+        (UNet layers as unet_lora_layers; SD3 / FLUX transformer layers as transformer_lora_layers, as diffusers'
+        train_dreambooth_lora_sd3 / _flux examples save them). A fully fine-tuned network is saved with
+        save_pretrained into path/unet (path/transformer) instead."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        folder = self.parts.net_folder
         if denoiser.train_full:
-            denoiser.unet.save_pretrained(path / "unet")
+            denoiser.unet.save_pretrained(path / folder)
             return
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser.unet))
+        layers = get_peft_model_state_dict(denoiser.unet)
+        if folder == "unet":
+            layers = convert_state_dict_to_diffusers(layers)
         layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
         metadata = denoiser.unet.peft_config["default"].to_dict()
-        self.parts.pipeline_class.save_lora_weights(path, unet_lora_layers=layers,
-                                                    unet_lora_adapter_metadata=metadata)
+        self.parts.pipeline_class.save_lora_weights(path, **{f"{folder}_lora_layers": layers,
+                                                             f"{folder}_lora_adapter_metadata": metadata})
 
     def pipeline(self, role: str = "student", denoiser: FullDenoiser | None = None):
-        """A diffusers pipeline of a role (its scheduler, its UNet or the given denoiser's), for evaluate.py. After
-        precompute_embeddings freed the text encoders it has none: call it with prompt_embeds from `encode`
-        (`pipeline_embeds`), which works either way."""
+        """A diffusers pipeline of a role (its scheduler, its UNet / transformer or the given denoiser's), for
+        evaluate.py. After precompute_embeddings freed the text encoders it has none: call it with prompt_embeds
+        from `encode` (`pipeline_embeds`), which works either way."""
         p = self.parts
         unet = denoiser.unet if denoiser is not None else models.load_unet(
             self.spec, self.spec.roles.get(role, RoleSpec()), p, f"role {role}", self.dtype)
         unet = unet.to(self.device)
-        encoders = p.text_encoders + [None] * (2 - len(p.text_encoders))
-        extra = ({"text_encoder_2": encoders[1], "tokenizer_2": p.tokenizers[1]} if self.kind == "sdxl" else
-                 {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False})
-        return p.pipeline_class(vae=self.vae, text_encoder=encoders[0], tokenizer=p.tokenizers[0], unet=unet,
-                                scheduler=self._role_scheduler(role), **extra)
+        extra = ({"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+                 if self.kind == "sd15" else {})
+        scheduler = self._role_scheduler(role)
+        if p.flow:  # the pipeline's step is the role's MDP: Euler (flow_sde, eta 0) or x0-renoise (stochastic_sampling)
+            sampler, _ = self.role_sampler(role)
+            scheduler = type(scheduler).from_config(scheduler.config, stochastic_sampling=sampler == "flow_x0_renoise")
+        return p.pipeline_class(vae=self.vae, **p.text_components(), **{p.net_folder: unet}, scheduler=scheduler,
+                                **extra)
 
     def pipeline_embeds(self, prompts: list[str], guidance: float = 0.0) -> dict:
         """The pipeline's prompt arguments (prompt_embeds [, pooled_prompt_embeds, negative_...]) from this world's
-        condition cache: the same embeddings the methods train on, with or without the text encoders loaded."""
+        condition cache: the same embeddings the methods train on, with or without the text encoders loaded. A
+        guidance-distilled FLUX gets the world's embedded guidance as guidance_scale (FluxPipeline's name for it);
+        CFG then is FluxPipeline's true_cfg_scale, which the caller sets."""
         cond = self.encode(prompts)
+        pooled = {"sdxl": "text_embeds", "sd3": "pooled_projections", "flux": "pooled_projections"}.get(self.kind)
         kw = {"prompt_embeds": cond["prompt_embeds"].to(self.dtype)}
-        if self.kind == "sdxl":
-            kw["pooled_prompt_embeds"] = cond["text_embeds"].to(self.dtype)
+        if pooled:
+            kw["pooled_prompt_embeds"] = cond[pooled].to(self.dtype)
+        if self.kind == "flux" and self.guidance is not None:
+            kw["guidance_scale"] = self.guidance
         if guidance > 1:
             null = self.null_condition(len(prompts))
             kw["negative_prompt_embeds"] = null["prompt_embeds"].to(self.dtype)
-            if self.kind == "sdxl":
-                kw["negative_pooled_prompt_embeds"] = null["text_embeds"].to(self.dtype)
+            if pooled:
+                kw["negative_pooled_prompt_embeds"] = null[pooled].to(self.dtype)
         return kw
 
     def role_sampler(self, role: str) -> tuple[str, list[int]]:
         """(sampler, timesteps) of a role from its spec and scheduler, without loading its UNet."""
         rspec = self.spec.roles.get(role, RoleSpec())
         return models.role_sampler(role, self._role_scheduler(role), rspec.sampler, rspec.timesteps,
-                                   f"role {role} of {self.name}")
+                                   f"role {role} of {self.name}", flow=self.parts.flow)

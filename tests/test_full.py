@@ -129,8 +129,13 @@ def test_v_prediction_and_foreign_schedules_are_rejected(xl_spec):
 def test_sdxl_conditions_are_the_pipelines_own_prompt_embeddings(xl):
     texts = ["a red cube", "a blue sphere"]
     cond = xl.encode(texts)
-    embeds, _, pooled, _ = xl._make_encoder_pipe().encode_prompt(texts, device="cpu", do_classifier_free_guidance=False)
+    # the pipeline's own encode_prompt, one prompt per call as the world encodes them (a batch may change the
+    # pooled projection in the last bits, and a prompt's embedding must not depend on its batch: exact resume)
+    rows = [xl._make_encoder_pipe().encode_prompt([t], device="cpu", do_classifier_free_guidance=False) for t in texts]
+    embeds, pooled = torch.cat([r[0] for r in rows]), torch.cat([r[2] for r in rows])
     assert torch.equal(cond["prompt_embeds"], embeds) and torch.equal(cond["text_embeds"], pooled)
+    batched = xl._make_encoder_pipe().encode_prompt(texts, device="cpu", do_classifier_free_guidance=False)
+    assert torch.allclose(batched[0], embeds, atol=1e-5) and torch.allclose(batched[2], pooled, atol=1e-5)
     r = xl.resolution
     assert cond["time_ids"].tolist() == [[r, r, 0, 0, r, r]] * 2  # SDXL add_time_ids: no crop, native size
     null = xl.null_condition(3)  # force_zeros_for_empty_prompt: SDXL's unconditional input is all zeros
