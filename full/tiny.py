@@ -49,6 +49,18 @@ def tiny_tokenizer():
     return CLIPTokenizer(vocab=byte_vocab(), merges=[], model_max_length=77)
 
 
+def tiny_t5_tokenizer(model_max_length: int = 256):
+    """A T5-style (Unigram, sentencepiece-metaspace) tokenizer built offline: <pad>=0, </s>=1, <unk>=2, then every
+    printable ASCII character with and without the word-start mark, no sentinels (192 tokens). Every character is a
+    token, which is all a random T5 encoder needs; `save_pretrained` / `from_pretrained` round-trip it."""
+    from transformers import T5TokenizerFast
+
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [(c, -3.0) for c in chars]
+             + [("\u2581" + c, -2.5) for c in chars])
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
 def tiny_unet(sdxl: bool, sample_size: int = 16):
     from diffusers import UNet2DConditionModel
 
