@@ -167,7 +167,8 @@ def test_sdxl_unet_config_is_the_sdxl_architecture():
 def test_every_shipped_spec_resolves_to_shipped_configs(spec):
     s = load_spec(str(launch.SPECS / spec), random_weights=True)
     index = architectures.model_index(s.base)
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    denoiser = "transformer" if "transformer" in index else "unet"  # SD3 / FLUX pipelines have a transformer
+    for part in (denoiser, "vae", "text_encoder", "tokenizer", "scheduler"):
         assert part in index
         if part != "scheduler":
             architectures.component_config(s.base, part)
