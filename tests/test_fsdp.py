@@ -9,7 +9,7 @@ from that environment); from there on everything is accelerate's and torch's FSD
 One Sharpening RLHF run of 3 updates on the tiny SDXL pipeline: under DDP, under FSDP2, and under FSDP2 stopped
 after 2 updates and resumed to 3. The frozen UNet weights are sharded DTensors (half on each rank), the LoRA whole
 and plain; both FSDP ranks end with the same adapter, it moved, the resumed run equals the straight one exactly,
-and the FSDP adapter equals the DDP one within float tolerance (another all-reduce order)."""
+and the FSDP adapter equals the DDP one within float tolerance (another all-reduce order; see the bounds)."""
 import json
 import os
 import subprocess
@@ -139,8 +139,13 @@ def test_lora_under_fsdp2_trains_resumes_and_matches_ddp(spec, tmp_path):
     assert a0.keys() == a1.keys() == ddp.keys()
     assert all(torch.equal(a0[k], a1[k]) for k in a0)  # the ranks' LoRAs agree: gradients were averaged
     assert any(a0[k].abs().sum() > 0 for k in a0 if "lora_B" in k)  # it trained (B starts at 0)
-    for k in a0:  # the same training as DDP, up to the order of the gradient all-reduce
-        assert torch.allclose(a0[k], ddp[k], rtol=1e-4, atol=1e-6), (k, (a0[k] - ddp[k]).abs().max())
+    # the same training as DDP, up to the summation order of the gradient all-reduce, which Adam's per-entry
+    # normalisation amplifies where a gradient is ~0: every entry within a fifth of one update's size (lr 1e-3),
+    # and the adapter as a whole within 1e-3 relative
+    for k in a0:
+        assert torch.allclose(a0[k], ddp[k], rtol=0, atol=2e-4), (k, (a0[k] - ddp[k]).abs().max())
+    diff = torch.cat([(a0[k] - ddp[k]).flatten() for k in a0]).norm()
+    assert diff <= 1e-3 * torch.cat([ddp[k].flatten() for k in a0]).norm(), diff
     _run(spec, tmp_path / "resumed", 2, fsdp=True)
     (r0, r1), _ = _run(spec, tmp_path / "resumed", 3, True, "--resume")
     for k in a0:

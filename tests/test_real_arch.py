@@ -298,7 +298,7 @@ def test_planned_update_makes_the_nfes_the_method_states(name, monkeypatch):
     from full.spec import RoleSpec
 
     module, cfg, s = memory_plan.method_config(name, None)
-    spec = load_spec(str(launch.SPECS / s.spec))
+    spec, _ = memory_plan.setting_spec(s)  # the spec file, or PENDING_SPECS until the flow specs are shipped
     method, update, evaluate, _, role = memory_plan.METHODS[s.script]
     sim = _tiny_sim()
     ns = dict(vars(cfg))
@@ -332,6 +332,33 @@ def test_planned_update_makes_the_nfes_the_method_states(name, monkeypatch):
     with memory_plan.counting(torch.bfloat16):
         update(sim, SimpleNamespace(**ns), 2, opts)
     assert sim.rows / 2 == stated
+
+
+def test_fsdp_units_split_the_frozen_weights_into_blocks_and_a_root():
+    """The FSDP rows' all-gathered units: the blocks of _no_split_modules (outermost first, none counted twice)
+    and the root's remaining weights add up to every frozen weight; the LoRA is not in any unit."""
+    from peft import LoraConfig
+
+    from full.world import LORA_TARGETS
+
+    with torch.device("meta"):
+        unet = tiny.tiny_unet(sdxl=True, sample_size=8).to(torch.bfloat16).requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS))
+    largest, root = memory_plan.fsdp_units(unet)
+    frozen = memory_plan.param_bytes(unet, trainable=False)
+    names = set(unet._no_split_modules)
+    blocks = [m for n, m in unet.named_modules() if type(m).__name__ in names]
+    outer = [m for m in blocks if not any(m is not b and any(m is x for x in b.modules()) for b in blocks)]
+    sizes = [memory_plan.param_bytes(m, trainable=False) for m in outer]
+    assert 0 < largest == max(sizes) and 0 < root and root + sum(sizes) == frozen
+
+
+def test_pending_flow_specs_plan_on_their_base_checkpoints():
+    for name in ("pso-online-flux-schnell", "sharpening-rlhf-sd35-medium", "dipp-sd35-large-turbo"):
+        s = launch.SETTINGS[name]
+        spec, note = memory_plan.setting_spec(s)
+        assert architectures.entry(spec.base)["architecture"] in ("sd3", "flux") and spec.dtype == "bf16"
+        assert (note is None) == (launch.SPECS / s.spec).is_file()
 
 
 def test_bench_plumbing_on_a_tiny_pipeline(tmp_path):
