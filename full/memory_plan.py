@@ -711,6 +711,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines + ([""] + [f"* {n}" for n in notes] if notes else [])) + "\n"
 
 
+def ordered(rows: list[dict]) -> list[dict]:
+    """The table's order: launcher settings as listed, own training mode first, checkpointing on first, GPUs."""
+    from . import launch
+
+    order = {n: i for i, n in enumerate(launch.SETTINGS)}
+    return sorted(rows, key=lambda r: (order[r["setting"]], r["variant"] != "own", not r["checkpointing"],
+                                       r.get("gpus", 1)))
+
+
 BEGIN, END = "<!-- memory-plan:begin (python -m full.memory_plan --write-docs) -->", "<!-- memory-plan:end -->"
 
 
@@ -751,8 +760,7 @@ def main(argv=None) -> list[dict]:
                       file=sys.stderr, flush=True)
             if a.json:
                 Path(a.json).write_text(json.dumps(rows, indent=1))
-    order = {n: i for i, n in enumerate(launch.SETTINGS)}
-    rows.sort(key=lambda r: (order[r["setting"]], r["variant"] != "own", not r["checkpointing"], r.get("gpus", 1)))
+    rows = ordered(rows)
     text = table(rows)
     print(text)
     if a.write_docs:

@@ -353,6 +353,19 @@ def test_fsdp_units_split_the_frozen_weights_into_blocks_and_a_root():
     assert 0 < largest == max(sizes) and 0 < root and root + sum(sizes) == frozen
 
 
+def test_the_docs_table_is_the_generated_one_of_every_setting():
+    """docs/full.md holds `python -m full.memory_plan --write-docs`'s table of benchmarks/results/memory_plan.json,
+    and that file has rows of every launcher setting (FSDP settings: also at 8 GPUs)."""
+    root = launch.ROOT
+    rows = json.loads((root / "benchmarks" / "results" / "memory_plan.json").read_text())
+    doc = (root / "docs" / "full.md").read_text()
+    inside = doc.split(memory_plan.BEGIN, 1)[1].split(memory_plan.END, 1)[0]
+    assert inside == "\n" + memory_plan.table(memory_plan.ordered(rows))
+    for name, s in launch.SETTINGS.items():
+        gpus = {r.get("gpus", 1) for r in rows if r["setting"] == name}
+        assert gpus == ({1, memory_plan.FSDP_GPUS} if s.fsdp else {1}), (name, gpus)
+
+
 def test_pending_flow_specs_plan_on_their_base_checkpoints():
     for name in ("pso-online-flux-schnell", "sharpening-rlhf-sd35-medium", "dipp-sd35-large-turbo"):
         s = launch.SETTINGS[name]
