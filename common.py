@@ -854,6 +854,12 @@ class Run:
     def main(self) -> bool:
         return self.acc is None or self.acc.is_main_process
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the trained models are sharded over the processes (accelerate's FSDP, full/fsdp.py): then every
+        forward is a collective of all ranks, so every process runs the evaluations (the main one writes them)."""
+        return self.acc is not None and getattr(self.acc, "distributed_type", None) == "FSDP"
+
     def start(self, world, models: dict[str, Any], optimizers: dict[str, Any]) -> int:
         """Restore the last complete checkpoint (--resume) or begin a fresh run; returns the last finished update."""
         self.world, self.acc, self.models, self.optimizers = world, world.accelerator, models, optimizers

@@ -456,15 +456,16 @@ def train(cfg: Config, world=None) -> dict:
         row = {k: sum(r[k] for r in logs) / G for k in logs[0]}  # means over the micro-batches
         row = {"step": step, "loss": sum(losses) / G, **row, "nfe": net.rows / (B * G), "seconds": t0(),
                "grad_norm": "" if grad_norm is None else grad_norm, "eval_reward": ""}  # every row, every column
-        if run.main and (step % cfg.eval_every == 0 or step == cfg.steps):
+        if (run.main or run.sharded) and (step % cfg.eval_every == 0 or step == cfg.steps):
             row["eval_reward"] = evaluate(world, den, eval_kernel, grid, curve_noise, curve_cond,
                                           cfg.eval_cfg)[1]["reward"]
         run.log(row)
 
     # ---- base vs tuned from the same seeds ----
     result = {}
-    if run.main:
+    if run.main or run.sharded:  # under FSDP every rank takes part in each forward
         x_tuned, m_tuned = evaluate(world, den, eval_kernel, grid, final_noise, final_cond, cfg.eval_cfg)
+    if run.main:
         log = run.read_log()
         result = {f"{k}_{which}": v for which, mm in (("base", m_base), ("tuned", m_tuned)) for k, v in mm.items()}
         result.update(steps=cfg.steps, nfe_per_update=nfe_per_update(cfg, len(grid)),

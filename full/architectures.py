@@ -8,11 +8,15 @@ random weights, so the shapes, parameter counts, memory and speed are the real o
 full/configs/index.json maps each hub id the shipped specs name to its components' config files (the values of
 the public config.json files; tests/test_real_arch.py checks their parameter counts). Per component:
 
-* UNet / VAE / text encoders: the module is built with its parameters on the meta device (no memory, no init
-  cost), then each parameter gets a CPU tensor: norm weights 1, biases 0, every other weight N(0, 1/fan_in)
-  (finite activations through any depth; the values mean nothing). Buffers (CLIP's position ids) keep their values.
-* Tokenizers: CLIP's tokenizer settings (model_max_length 77, pad token) on full/tiny.py's byte-level vocabulary
-  (token ids do not change memory or speed; a 77-token sequence is a 77-token sequence).
+* UNet / transformer (SD3, FLUX) / VAE / text encoders (CLIP, T5): the module is built with its parameters on
+  the meta device (no memory, no init cost), then each parameter gets a CPU tensor: norm weights 1 (GroupNorm,
+  LayerNorm and every module whose class name has "Norm": T5's and the transformers' RMSNorms), biases 0, every
+  other weight N(0, 1/fan_in) (finite activations through any depth; the values mean nothing). Buffers (CLIP's
+  position ids, SD3's sin-cos position table) keep their values.
+* Tokenizers: CLIP's tokenizer settings (model_max_length 77, pad token) on full/tiny.py's byte-level vocabulary;
+  a T5 tokenizer (`"_class_name": "T5TokenizerFast"`) is full/tiny.py's character-level `tiny_t5_tokenizer` with
+  the shipped model_max_length (token ids do not change memory or speed; a 256-token sequence is a 256-token
+  sequence, and the pipelines pad T5 prompts to max_sequence_length).
 * Schedulers: the shipped scheduler config (these are real: the MDP checks in models.py run on them).
 * A state-dict file (DMD2's `unet_file`) is not read: its UNet is the base architecture with random weights.
   A distillation LoRA (LCM-LoRA) is not fused: fused, it changes no shape.
@@ -27,7 +31,7 @@ from pathlib import Path
 import torch
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-TOKENIZERS = ("tokenizer", "tokenizer_2")
+TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,15 +70,18 @@ def model_index(source: str) -> dict:
     if "_class_name" not in e:
         raise ValueError(f"random_weights: {source!r} is not a whole pipeline in {CONFIGS / 'index.json'} "
                          "(only some of its parts are listed); use it as a role's UNet or as the VAE")
-    libs = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
-            "text_encoder": ("transformers", "CLIPTextModel"),
-            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
-            "tokenizer": ("transformers", "CLIPTokenizer"), "tokenizer_2": ("transformers", "CLIPTokenizer")}
     out = {"_class_name": e["_class_name"],
            "force_zeros_for_empty_prompt": e.get("force_zeros_for_empty_prompt", False)}
-    for part, lib in libs.items():
-        if part in e:
-            out[part] = list(lib)
+    for part, file in e.items():  # each part's library and class, from its shipped config
+        if part in ("_class_name", "force_zeros_for_empty_prompt", "architecture", "scheduler"):
+            continue
+        config = read_config(file)
+        if part in TOKENIZERS:
+            out[part] = ["transformers", config.get("_class_name", "CLIPTokenizer")]
+        elif "_class_name" in config:
+            out[part] = ["diffusers", config["_class_name"]]
+        else:
+            out[part] = ["transformers", config["architectures"][0]]
     out["scheduler"] = ["diffusers", read_config(e["scheduler"])["_class_name"]]
     return out
 
@@ -90,7 +97,7 @@ def random_init_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             value = torch.empty(p.shape, dtype=torch.float32)
             if name == "bias" or p.ndim == 0:
                 value.zero_()
-            elif isinstance(mod, norms):
+            elif isinstance(mod, norms) or (name == "weight" and p.ndim == 1 and "Norm" in type(mod).__name__):
                 value.fill_(1.0)
             else:
                 fan_in = p[0].numel() if p.ndim > 1 else p.shape[-1]
@@ -103,7 +110,9 @@ def build(cls, source: str, part: str | None, seed: int = 0):
     """`cls.from_pretrained(source, subfolder=part)` with random weights: from the shipped config of that part."""
     from accelerate import init_empty_weights
 
-    part = part or ("unet" if "UNet" in cls.__name__ else "vae" if "Autoencoder" in cls.__name__ else None)
+    name = cls.__name__
+    part = part or ("unet" if "UNet" in name else "transformer" if "Transformer2D" in name
+                    else "vae" if "Autoencoder" in name else None)
     if part in TOKENIZERS:
         return tokenizer(component_config(source, part))
     if "Scheduler" in cls.__name__:
@@ -112,7 +121,7 @@ def build(cls, source: str, part: str | None, seed: int = 0):
     with init_empty_weights(include_buffers=False):
         if hasattr(cls, "from_config") and not hasattr(cls, "config_class"):  # diffusers
             module = cls.from_config(config)
-        else:  # transformers: CLIPTextModel(WithProjection) / CLIPModel
+        else:  # transformers: CLIPTextModel(WithProjection) / CLIPModel / T5EncoderModel
             module = cls(cls.config_class(**{k: v for k, v in config.items() if not k.startswith("_")
                                               and k not in ("architectures", "model_type")}))
     return random_init_(module, seed).eval()
@@ -121,9 +130,15 @@ def build(cls, source: str, part: str | None, seed: int = 0):
 def tokenizer(settings: dict):
     from transformers import CLIPTokenizer
 
-    from .tiny import byte_vocab
+    from .tiny import byte_vocab, tiny_t5_tokenizer
 
     kw = {k: v for k, v in settings.items() if not k.startswith("_")}
+    cls = settings.get("_class_name", "CLIPTokenizer")
+    if cls == "T5TokenizerFast":
+        return tiny_t5_tokenizer(kw.pop("model_max_length"))
+    if cls != "CLIPTokenizer":
+        raise ValueError(f"random_weights: no offline stand-in for the tokenizer class {cls!r} (CLIPTokenizer and "
+                         "T5TokenizerFast have one)")
     return CLIPTokenizer(vocab=byte_vocab(), merges=[], **kw)
 
 
@@ -145,13 +160,23 @@ def reward_model(name: str, seed: int = 0):
     return random_init_(model, seed).eval()
 
 
-def parameter_count(cls, config_file: str) -> int:
-    """Parameters of a shipped config, counted on the meta device (no memory)."""
+def meta_module(cls, config_file: str) -> torch.nn.Module:
+    """The module of a shipped config with every tensor on the meta device (no memory)."""
     config = read_config(config_file)
     with torch.device("meta"):
         if hasattr(cls, "config_class"):
-            m = cls(cls.config_class(**{k: v for k, v in config.items() if not k.startswith("_")
-                                        and k not in ("architectures", "model_type")}))
-        else:
-            m = cls.from_config(config)
-    return sum(p.numel() for p in m.parameters())
+            return cls(cls.config_class(**{k: v for k, v in config.items() if not k.startswith("_")
+                                           and k not in ("architectures", "model_type")}))
+        return cls.from_config(config)
+
+
+def parameter_count(cls, config_file: str) -> int:
+    """Parameters of a shipped config, counted on the meta device (no memory)."""
+    return sum(p.numel() for p in meta_module(cls, config_file).parameters())
+
+
+def checkpoint_elements(cls, config_file: str) -> tuple[int, int]:
+    """(elements, tensors) of the module's state dict: what its safetensors file holds (parameters and persistent
+    buffers, e.g. SD3's position table), which is what the hub's parameter counts report."""
+    state = meta_module(cls, config_file).state_dict()
+    return sum(v.numel() for v in state.values()), len(state)

@@ -12,7 +12,9 @@ rows from `common.step_generator(seed, step, rank)`) and is the per-GPU batch es
 24 or 80 GB card (full/defaults.py MICRO_BATCH: estimates, run `python -m full.bench` to measure); the rest of the
 global batch comes from `--gradient-accumulation-steps` = global / (per-GPU batch x processes). The number of
 processes must divide the global batch. `--launcher torchrun` runs the same command with torchrun (what the CPU multi-process test uses;
-accelerate's CPU mode cannot start several processes on one machine).
+accelerate's CPU mode cannot start several processes on one machine). Settings of models with 4 B parameters and
+more (FLUX.1, SD3.5-large) launch with several processes under accelerate's FSDP2 (`--config_file
+full/accelerate/fsdp.yaml`, full/fsdp.py): the frozen weights sharded over the GPUs, the LoRA whole on each.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class Setting:
     batch: int  # global batch (split over processes)
     source: str  # where the numbers come from
     extra: list[str] = field(default_factory=list)
+    fsdp: bool = False  # >= 4 B parameters: with several processes, accelerate's FSDP2 (full/accelerate/fsdp.yaml)
 
 
 PSO_APP_B1 = "PSO App. B.1: LoRA r=16 (DMD2, Turbo) / 32 (LCM), N=4, beta 50 offline / 5 online, lr 1e-5"
@@ -88,7 +91,28 @@ SETTINGS = {
                                 "--cfg-scale", "4.5", "--lr", "5e-6", "--ta-lr", "5e-6", "--adam-beta1", "0",
                                 "--adam-beta2", "0.999", "--train-full"], 1024,
                                 "DI++ App. A.3 pre-training stage (Diff-Instruct): batch 1024, CFG 4.5, no reward"),
+    # --- flow-matching few-step models (issue 16): the papers' hyperparameters on SD3.5 / FLUX.1 (their specs:
+    # full/specs/flux_schnell.json, sd35_medium.json, sd35_large_turbo_dipp.json; LoRA only under FSDP)
+    "pso-online-flux-schnell": Setting("pso.py", "flux_schnell.json", ["--variant", "online", "--beta", "5", "--lr",
+                                       "1e-5", "--lora-rank", "16", "--steps", "20000"], 32,
+                                       "PSO App. B.1 online (Eq. 7) on the 4-step FLUX.1-schnell (12 B): r=16, beta 5, "
+                                       "lr 1e-5, batch 32, 20k steps; FSDP2", fsdp=True),
+    "sharpening-rlhf-sd35-medium": Setting("sharpening.py", "sd35_medium.json", ["--variant", "rlhf", "--n", "3", "--m",
+                                           "3", "--lr", "5e-6", "--adam-beta1", "0", "--adam-beta2", "0.99",
+                                           "--full-finetune", "--beta", "2500", "--eval-cfg", "4.5", "--recompute"], 8,
+                                           "Sharpening App. A.3 RLHF on SD3.5-medium (2.2 B transformer, DDP like "
+                                           "SDXL): beta 2500, batch 8, n=m=3, full transformer; CFG 4.5 (the model "
+                                           "card's)"),
+    "dipp-sd35-large-turbo": Setting("diff_instruct_pp.py", "sd35_large_turbo_dipp.json", ["--variant", "dipp",
+                                     "--reward-scale", "100", "--cfg-scale", "4.5", "--lr", "5e-6", "--ta-lr", "5e-6",
+                                     "--adam-beta1", "0", "--adam-beta2", "0.999", "--lora-rank", "64",
+                                     "--ta-lora-rank", "64"], 256,
+                                     "DI++ hyperparameters: SD3.5-large-turbo at 1 step as the generator, SD3.5-large "
+                                     "(the model it is distilled from, same 8 B transformer and latents) as the "
+                                     "reference + TA, LoRA r=64 both; FSDP2", fsdp=True),
 }
+
+ACCELERATE_FSDP = Path(__file__).resolve().parent / "accelerate" / "fsdp.yaml"
 
 
 # Not paper hyperparameters: evaluation sizes and checkpoint cadence scaled for 1024^2 sampling (the methods' defaults
@@ -164,13 +188,15 @@ def command(name: str, num_processes: int = 1, launcher: str = "accelerate", mod
             extra: list[str] = (), port: int = 29500, gpu_memory: int = 80) -> list[str]:
     script, argv = method_argv(name, model, num_processes, list(extra), gpu_memory)
     model = argv[1]
+    fsdp = SETTINGS[name].fsdp and num_processes > 1
     if launcher == "accelerate":
-        head = ["accelerate", "launch", "--num_processes", str(num_processes), "--num_machines", "1",
+        head = ["accelerate", "launch", *(["--config_file", str(ACCELERATE_FSDP)] if fsdp else []),
+                "--num_processes", str(num_processes), "--num_machines", "1",
                 "--mixed_precision", mixed_precision_of(model), "--dynamo_backend", "no",
                 "--main_process_port", str(port)]
-        if num_processes > 1:
+        if num_processes > 1 and not fsdp:  # the FSDP config names its distributed type (--multi_gpu would clash)
             head.append("--multi_gpu")
-    elif launcher == "torchrun":
+    elif launcher == "torchrun":  # DDP only (the FSDP settings need accelerate launch for their config)
         head = ["torchrun", "--nproc_per_node", str(num_processes), "--master_port", str(port)]
     elif launcher == "python":
         if num_processes != 1:

@@ -22,7 +22,13 @@ How a number is computed (docs/full.md, "Real architectures and memory plan", sa
 * Attention as a fused kernel (flash / memory-efficient SDPA, what torch picks on a recent GPU): it saves q, k, v,
   the output and a [batch, heads, tokens] fp32 log-sum-exp; no tokens x tokens matrix (`FusedAttention`).
 
-What it ignores: the CUDA context (~0.3-0.5 GiB per process, outside max_memory_allocated), allocator rounding and
+Flow models (SD3.5 / FLUX.1): the transformer with the pipelines' conditioning shapes (T5 tokens, pooled
+projections, FLUX's packed latent tokens and guidance), the 16-channel VAE, T5-XXL among the resident text encoders.
+FSDP rows (`Row.gpus` > 1, the settings with `fsdp`): the trained models' frozen weights / N, plus the root unit
+(gathered for the whole forward) and two blocks gathered at a time; everything else per GPU as without FSDP.
+
+What it ignores: the FSDP all-gather / reduce buffers and the LoRA gradient all-reduce's temporaries, the CUDA
+context (~0.3-0.5 GiB per process, outside max_memory_allocated), allocator rounding and
 fragmentation (reserved > allocated), cuDNN / cuBLAS workspaces, the fused attention's internal scratch, the
 kernels' own temporaries inside one op, the CPU-side data pipeline, DDP buckets (the methods do not wrap the UNet
 in DDP). The smallest GPU listed is the smallest of 24 / 40 / 48 / 80 GB whose capacity holds the peak plus a
@@ -131,8 +137,8 @@ class Autocast(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            q, k, v = args[:3]
+        if func is F.scaled_dot_product_attention:  # diffusers' attention dispatcher passes them by keyword
+            q, k, v = (list(args[:3]) + [kwargs.get(n) for n in ("query", "key", "value")][len(args[:3]):])
             if self.dtype is not None:
                 (q, k, v), _ = self._cast((q, k, v), {}, self.dtype)
             return FusedAttention.apply(q, k, v)
@@ -200,29 +206,35 @@ def reward_image_size(name: str) -> int:
 class Sim:
     """The models of one run on the meta device and the calls a method makes with them."""
 
-    unet_config: dict
+    unet_config: dict  # the UNet's or the transformer's config
     vae_config: dict
-    kind: str  # sdxl | sd
+    kind: str  # sdxl | sd | sd3 | flux
     side: int  # latent side
     dtype: torch.dtype
     checkpointing: bool
     resident_extra: int = 0  # bytes of models not built here (text encoders, reward models), counted from configs
+    text_tokens: int = 77  # SD3: 77 CLIP + the T5 tokens; FLUX: the T5 tokens (the pipelines' max_sequence_length)
     unets: dict = field(default_factory=dict)
     vae: torch.nn.Module | None = None
     rewards: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     rows: int = 0  # UNet rows evaluated (NFE x batch), as common.CountingDenoiser counts them
 
+    def denoiser_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.unet_config.get("_class_name", "UNet2DConditionModel"))
+
     def add_unet(self, role: str, lora_rank: int | None, train_full: bool) -> None:
-        from diffusers import UNet2DConditionModel
         from peft import LoraConfig
 
         from .world import LORA_TARGETS
 
-        unet = _meta(UNet2DConditionModel, self.unet_config)
+        cls = self.denoiser_class()
+        unet = _meta(cls, self.unet_config)
         ref = None
         if train_full:  # FullDenoiser: trained copy in fp32 + a frozen reference in the weight dtype
-            ref = _meta(UNet2DConditionModel, self.unet_config).to(self.dtype).requires_grad_(False)
+            ref = _meta(cls, self.unet_config).to(self.dtype).requires_grad_(False)
             unet.float().requires_grad_(True)
         else:
             unet.to(self.dtype).requires_grad_(False)
@@ -262,6 +274,18 @@ class Sim:
 
     # ---- the calls ----
     def cond(self, rows: int):
+        c, meta = self.unet_config, dict(device="meta", dtype=self.dtype)
+        if self.kind == "sd3":  # CLIP-L + CLIP-G pooled, [CLIP-L | CLIP-G] padded to 4096 ++ T5 tokens
+            return {"encoder_hidden_states": torch.empty(rows, self.text_tokens, c["joint_attention_dim"], **meta),
+                    "pooled_projections": torch.empty(rows, c["pooled_projection_dim"], **meta)}
+        if self.kind == "flux":  # T5 tokens, CLIP-L pooled, position ids of text and image tokens, guidance
+            kw = {"encoder_hidden_states": torch.empty(rows, self.text_tokens, c["joint_attention_dim"], **meta),
+                  "pooled_projections": torch.empty(rows, c["pooled_projection_dim"], **meta),
+                  "txt_ids": torch.empty(self.text_tokens, 3, **meta),
+                  "img_ids": torch.empty((self.side // 2) ** 2, 3, **meta)}
+            if c.get("guidance_embeds"):
+                kw["guidance"] = torch.empty(rows, device="meta")
+            return kw
         d = self.unet_config["cross_attention_dim"]
         kw = {"encoder_hidden_states": torch.empty(rows, 77, d, device="meta", dtype=self.dtype)}
         if self.kind == "sdxl":
@@ -277,13 +301,19 @@ class Sim:
         temporaries are freed before the next, but counted `repeat` times in `rows` (the NFE check)."""
         self.rows += rows * repeat
         unet, ref = self.unets[role]
-        x = torch.empty(rows, 4, self.side, self.side, device="meta")
+        x = self.latents(rows)
         t = torch.empty(rows, dtype=torch.long, device="meta")
+        if self.kind in ("sd3", "flux"):  # flow models: float timesteps (sigma x 1000; FLUX takes sigma)
+            t = torch.empty(rows, device="meta")
+        if self.kind == "flux":  # 2x2 patches packed into 64-channel tokens, as FluxPipeline._pack_latents
+            x = torch.empty(rows, (self.side // 2) ** 2, 4 * self.latent_channels, device="meta")
         with torch.set_grad_enabled(grad and not frozen), contextlib.ExitStack() as stack:
             if frozen and ref is None:
                 unet.disable_adapters()
                 stack.callback(unet.enable_adapters)
             net = ref if frozen and ref is not None else unet
+            if self.kind in ("sd3", "flux"):
+                return net(hidden_states=x, timestep=t, **self.cond(rows), return_dict=False)[0].float()
             return net(x, t, **self.cond(rows), return_dict=False)[0].float()
 
     def decode(self, x0: torch.Tensor, grad: bool) -> torch.Tensor:
@@ -304,8 +334,13 @@ class Sim:
             feats = getattr(feats, "pooler_output", feats)
             return F.normalize(feats.float(), dim=-1).sum(-1)
 
+    @property
+    def latent_channels(self) -> int:
+        return self.vae_config.get("latent_channels", 4)
+
     def latents(self, rows: int, requires_grad: bool = False) -> torch.Tensor:
-        return torch.empty(rows, 4, self.side, self.side, device="meta", requires_grad=requires_grad)
+        return torch.empty(rows, self.latent_channels, self.side, self.side, device="meta",
+                           requires_grad=requires_grad)
 
 
 def adamw(params, **kw):
@@ -469,6 +504,7 @@ class Row:
     stated_nfe: float  # the method's nfe_per_update
     smallest_gpu: str
     notes: list = field(default_factory=list)
+    gpus: int = 1  # > 1: FSDP2 over that many GPUs (full/fsdp.py), the state per GPU
 
 
 def smallest_gpu(peak_bytes: float) -> str:
@@ -500,32 +536,88 @@ def method_config(name: str, training: str | None):
     return module, common.parse_config(module.Config, argv), s
 
 
+# The flow settings' specs (full/specs/flux_schnell.json, ...) come with the SD3 / FLUX backend; until a spec file
+# is there, its setting is planned on these values (the base checkpoint, and the shipped SDXL / DI++ specs' dtype,
+# resolution and rewards), and its rows say so.
+PENDING_SPECS = {
+    "flux_schnell.json": dict(base="black-forest-labs/FLUX.1-schnell", reward="pickscore", quality="aesthetic",
+                              eval_rewards=["clip"], resolution=1024, dtype="bf16", gradient_checkpointing=True),
+    "flux_dev.json": dict(base="black-forest-labs/FLUX.1-dev", reward="pickscore", quality="aesthetic",
+                          eval_rewards=["clip"], resolution=1024, dtype="bf16", gradient_checkpointing=True),
+    "sd35_medium.json": dict(base="stabilityai/stable-diffusion-3.5-medium", reward="pickscore", quality="aesthetic",
+                             eval_rewards=["clip"], resolution=1024, dtype="bf16", gradient_checkpointing=True),
+    "sd35_large_turbo_dipp.json": dict(base="stabilityai/stable-diffusion-3.5-large", reward="imagereward",
+                                       quality="aesthetic", eval_rewards=["pickscore", "clip"], resolution=1024,
+                                       dtype="bf16", gradient_checkpointing=True, precompute_embeddings=True,
+                                       roles={"generator": {"unet": "stabilityai/stable-diffusion-3.5-large-turbo",
+                                                            "timesteps": [999]}, "teacher": {}}),
+}
+# T5 tokens of the flow pipelines (their max_sequence_length: SD3 256 after CLIP's 77; FLUX.1-schnell 256, dev 512)
+T5_TOKENS = {"sd3": 256, "flux": 256, "black-forest-labs/FLUX.1-dev": 512}
+
+
+def setting_spec(s):
+    """(ModelSpec, note) of a launcher setting: its spec file, or PENDING_SPECS while the file is not shipped."""
+    from . import launch
+    from .spec import ModelSpec, RoleSpec, load_spec
+
+    path = launch.SPECS / s.spec
+    if path.is_file() or s.spec not in PENDING_SPECS:
+        return load_spec(str(path)), None
+    d = dict(PENDING_SPECS[s.spec])
+    roles = {k: RoleSpec(**v) for k, v in d.pop("roles", {}).items()}
+    return ModelSpec(roles=roles, **d), (f"{s.spec} is not in full/specs yet: planned on {d['base']} with "
+                                         "PENDING_SPECS's dtype, resolution and rewards (full/memory_plan.py)")
+
+
+def fsdp_units(module: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of the largest FSDP unit's frozen weights, bytes of the root unit's): the units are the blocks of
+    the model's `_no_split_modules` (the shipped FSDP config's TRANSFORMER_BASED_WRAP), the root holds the rest."""
+    names = set(getattr(module, "_no_split_modules", None) or [])
+    blocks, inside = [], set()
+    for m in module.modules():
+        if type(m).__name__ in names and not any(id(p) in inside for p in m.parameters()):
+            blocks.append(m)
+            inside |= {id(p) for p in m.parameters()}
+    frozen = lambda ps: sum(p.numel() * p.element_size() for p in ps if not p.requires_grad)  # noqa: E731
+    largest = max((frozen(b.parameters()) for b in blocks), default=0)
+    return largest, frozen(p for p in module.parameters() if id(p) not in inside)
+
+
 def plan_setting(name: str, checkpointing: bool, training: str | None = None, batch: int = 1,
-                 resolution: int | None = None, decode_batch: int = 1) -> Row:
+                 resolution: int | None = None, decode_batch: int = 1, gpus: tuple = (1,)) -> list[Row]:
+    """The rows of one setting: one simulation; with FSDP over N GPUs (N > 1) the frozen weights of the trained
+    models are split N ways, one unit at a time is whole (the root unit for the whole forward, the current block
+    and the prefetched next), and the rest (LoRA, optimizer, activations, other models) is per GPU as without."""
     import common
 
-    from . import architectures, launch, models
-    from .spec import RoleSpec, load_spec
+    from . import architectures, models
+    from .spec import RoleSpec
 
     module, cfg, s = method_config(name, training)
-    spec = load_spec(str(launch.SPECS / s.spec))
+    spec, pending = setting_spec(s)
     e = architectures.entry(spec.base)
     dtype = DTYPES[spec.dtype]
     vae_source = spec.vae or spec.base
-    unet_config = architectures.read_config(e["unet"])
+    unet_config = architectures.read_config(e["unet"] if "unet" in e else e["transformer"])
     vae_config = architectures.component_config(vae_source, "vae")
     side = (resolution or spec.resolution or unet_config["sample_size"] * 8) // 8
     method, update, evaluate, startup, role = METHODS[s.script]
-    sim = Sim(unet_config, vae_config, "sdxl" if e["_class_name"].endswith("XLPipeline") else "sd", side, dtype,
-              checkpointing)
+    kind = e.get("architecture") if e.get("architecture") in ("sd3", "flux") else (
+        "sdxl" if e["_class_name"].endswith("XLPipeline") else "sd")
+    t5 = T5_TOKENS.get(spec.base, T5_TOKENS.get(kind, 0))
+    sim = Sim(unet_config, vae_config, kind, side, dtype, checkpointing,
+              text_tokens=77 + t5 if kind == "sd3" else t5 if kind == "flux" else 77)
     train_full = cfg.full_finetune if method == "sharpening" else cfg.train_full
     lora = {"pso": cfg.lora_rank, "sharpening": cfg.lora_rank, "diff_instruct_pp": cfg.lora_rank}[method]
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    import transformers
 
-    if not spec.precompute_embeddings:  # the text encoders stay resident
-        for part, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
-            if part in e:
-                sim.resident_extra += architectures.parameter_count(cls, e[part]) * torch.finfo(dtype).bits // 8
+    if not spec.precompute_embeddings:  # the text encoders stay resident (CLIP, OpenCLIP, T5-XXL)
+        for part, lib in architectures.model_index(spec.base).items():
+            if part.startswith("text_encoder"):
+                cls = lib[1]
+                sim.resident_extra += architectures.parameter_count(getattr(transformers, cls), e[part]) * (
+                    torch.finfo(dtype).bits // 8)
     ns = dict(vars(cfg), batch=batch)  # the per-GPU batch planned (DI++ evaluates in chunks of it)
     if method == "pso":
         rs = spec.roles.get("student", RoleSpec())
@@ -568,40 +660,64 @@ def plan_setting(name: str, checkpointing: bool, training: str | None = None, ba
             counter.reset_peak()
             startup(sim, c, batch)
             startup_peak = counter.peak
-    worst = resident + max(update_peak, eval_peak, startup_peak or 0)
-    mode = "full UNet" if train_full else f"LoRA r={lora}"
+    net = "transformer" if kind in ("sd3", "flux") else "UNet"
+    mode = f"full {net}" if train_full else f"LoRA r={lora}"
     if method == "diff_instruct_pp":
         mode += f" + TA LoRA r={cfg.ta_lora_rank}"
-    notes = list(sim.notes)
+    notes = list(sim.notes) + ([pending] if pending else [])
     if spec.precompute_embeddings:
         notes.append("text encoders freed after precomputing the prompts' embeddings (not counted)")
-    return Row(name, mode, checkpointing, side * 8, batch, s.batch, resident / GiB, (resident + update_peak) / GiB,
-               (resident + eval_peak) / GiB, None if startup_peak is None else (resident + startup_peak) / GiB,
-               nfe, stated, smallest_gpu(worst), notes)
+    rows = []
+    frozen = sum(param_bytes(m, trainable=False) for m, _ in sim.unets.values())  # the trained models' frozen weights
+    largest, root = max((fsdp_units(m) for m, _ in sim.unets.values()), default=(0, 0))
+    for n in gpus:
+        if n > 1 and train_full:
+            continue  # full/fsdp.py trains LoRAs only
+        here = resident if n == 1 else resident - frozen + frozen / n + root * (1 - 1 / n) + 2 * largest * (1 - 1 / n)
+        worst = here + max(update_peak, eval_peak, startup_peak or 0)
+        rows.append(Row(name, mode, checkpointing, side * 8, batch, s.batch, here / GiB, (here + update_peak) / GiB,
+                        (here + eval_peak) / GiB, None if startup_peak is None else (here + startup_peak) / GiB,
+                        nfe, stated, smallest_gpu(worst), notes, n))
+    return rows
 
 
-def variants(name: str) -> list[tuple[str | None, bool]]:
-    """(training, checkpointing) rows of a setting: its own training mode with checkpointing on and off, and a
-    LoRA r=16 alternative (with checkpointing) where the launcher trains every UNet weight."""
+FSDP_GPUS = 8  # the FSDP rows: the state per GPU of an 8-GPU node
+
+
+def variants(name: str) -> list[tuple[str | None, bool, tuple]]:
+    """(training, checkpointing, GPU counts) of a setting's rows: its own training mode with checkpointing on and
+    off, a LoRA r=16 alternative (with checkpointing) where the launcher trains every weight, and for the FSDP
+    settings also the state per GPU under FSDP2 over FSDP_GPUS GPUs (from the same simulation)."""
     from . import launch
 
-    own = [(None, True), (None, False)]
-    args = launch.SETTINGS[name].args
-    return own + ([("lora", True)] if "--full-finetune" in args or "--train-full" in args else [])
+    s = launch.SETTINGS[name]
+    gpus = (1, FSDP_GPUS) if s.fsdp else (1,)
+    own = [(None, True, gpus), (None, False, gpus)]
+    return own + ([("lora", True, (1,))] if "--full-finetune" in s.args or "--train-full" in s.args else [])
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| setting | training | checkpointing | resolution | batch/GPU (global) | resident | update peak | "
-            "evaluation peak | start-up peak | NFE planned / stated | smallest GPU |")
+    head = ("| setting | training | checkpointing | GPUs (FSDP) | resolution | batch/GPU (global) | resident | "
+            "update peak | evaluation peak | start-up peak | NFE planned / stated | smallest GPU |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         start = f"{r['startup_gib']:.1f}" if r["startup_gib"] is not None else "-"
+        gpus = r.get("gpus", 1)
         lines.append(f"| {r['setting']} | {r['training']} | {'on' if r['checkpointing'] else 'off'} | "
-                     f"{r['resolution']}² | {r['batch']} ({r['global_batch']}) | {r['resident_gib']:.1f} | "
+                     f"{gpus if gpus > 1 else '1 (no FSDP)'} | {r['resolution']}² | {r['batch']} ({r['global_batch']}) | {r['resident_gib']:.1f} | "
                      f"{r['update_gib']:.1f} | {r['eval_gib']:.1f} | {start} | {r['nfe']:g} / {r['stated_nfe']:g} | "
                      f"{r['smallest_gpu']} |")
     notes = sorted({n for r in rows for n in r["notes"]})
     return "\n".join(lines + ([""] + [f"* {n}" for n in notes] if notes else [])) + "\n"
+
+
+def ordered(rows: list[dict]) -> list[dict]:
+    """The table's order: launcher settings as listed, own training mode first, checkpointing on first, GPUs."""
+    from . import launch
+
+    order = {n: i for i, n in enumerate(launch.SETTINGS)}
+    return sorted(rows, key=lambda r: (order[r["setting"]], r["variant"] != "own", not r["checkpointing"],
+                                       r.get("gpus", 1)))
 
 
 BEGIN, END = "<!-- memory-plan:begin (python -m full.memory_plan --write-docs) -->", "<!-- memory-plan:end -->"
@@ -632,19 +748,19 @@ def main(argv=None) -> list[dict]:
     done = json.loads(Path(a.json).read_text()) if a.json and Path(a.json).is_file() else []
     rows = list(done)
     for name in a.settings or list(launch.SETTINGS):
-        for training, ckpt in variants(name):
+        for training, ckpt, gpus in variants(name):
             key = dict(setting=name, checkpointing=ckpt, variant=training or "own")
             if any(all(r.get(k) == v for k, v in key.items()) for r in done):
                 continue
-            row = {**asdict(plan_setting(name, ckpt, training, a.batch, a.resolution, a.decode_batch)),
-                   "variant": training or "own"}
-            rows.append(row)
-            print(f"{name} {row['training']} checkpointing={ckpt}: update {row['update_gib']:.1f} GiB, evaluation "
-                  f"{row['eval_gib']:.1f} GiB -> {row['smallest_gpu']}", file=sys.stderr, flush=True)
+            for r in plan_setting(name, ckpt, training, a.batch, a.resolution, a.decode_batch, gpus):
+                row = {**asdict(r), "variant": training or "own"}
+                rows.append(row)
+                print(f"{name} {row['training']} checkpointing={ckpt} GPUs={row['gpus']}: update "
+                      f"{row['update_gib']:.1f} GiB, evaluation {row['eval_gib']:.1f} GiB -> {row['smallest_gpu']}",
+                      file=sys.stderr, flush=True)
             if a.json:
                 Path(a.json).write_text(json.dumps(rows, indent=1))
-    order = {n: i for i, n in enumerate(launch.SETTINGS)}
-    rows.sort(key=lambda r: (order[r["setting"]], r["variant"] != "own", not r["checkpointing"]))
+    rows = ordered(rows)
     text = table(rows)
     print(text)
     if a.write_docs:

@@ -116,7 +116,9 @@ def _accelerator_class():
         def prepare(self, *args, **kw):
             if self.adam_8bit:
                 args = tuple(_adam_8bit(a) for a in args)
-            return super().prepare(*args, **kw)
+            from . import fsdp  # under FSDP2: a pending UNet is sharded together with its LoRA's optimizer
+
+            return fsdp.prepare(self, super().prepare, args, kw)
 
     return FullAccelerator
 
@@ -176,8 +178,11 @@ class FullDenoiser:
         if world.spec.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.unet = unet
-        # DDP where there are several processes (it also broadcasts rank 0's weights, so every rank starts equal)
-        self.module = world.accelerator.prepare(unet)
+        # DDP where there are several processes (it also broadcasts rank 0's weights, so every rank starts equal);
+        # under FSDP2 the same object, sharded in place when its optimizer is prepared (full/fsdp.py)
+        from . import fsdp
+
+        self.module = fsdp.prepare_module(world.accelerator, unet, train_full)
 
     def __call__(self, x_t: torch.Tensor, t, cond: dict) -> torch.Tensor:
         t = torch.as_tensor(t, device=self.device)

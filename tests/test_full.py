@@ -383,7 +383,12 @@ def test_precomputed_embeddings_free_the_text_encoders(xl_spec):
 
 
 # --------------------------------------------------------------------------------------------- launchers
-@pytest.mark.parametrize("name", sorted(launch.SETTINGS))
+def _spec_pending(name):  # the flow settings' specs come with the SD3 / FLUX backend (branch flowfull)
+    return pytest.param(name, marks=pytest.mark.xfail(not (launch.SPECS / launch.SETTINGS[name].spec).is_file(),
+                                                      reason="its spec file is not in full/specs yet", strict=True))
+
+
+@pytest.mark.parametrize("name", [_spec_pending(n) for n in sorted(launch.SETTINGS)])
 def test_every_launcher_setting_is_a_valid_method_command(name):
     import importlib
 
@@ -400,7 +405,32 @@ def test_every_launcher_setting_is_a_valid_method_command(name):
         assert getattr(cfg, "gradient_accumulation_steps", steps) == steps
     assert load_spec(cfg.model).base  # the spec file parses
     cmd = launch.command(name, num_processes=4, launcher="accelerate")
-    assert cmd[:2] == ["accelerate", "launch"] and "--multi_gpu" in cmd and cmd[cmd.index("--num_processes") + 1] == "4"
+    assert cmd[:2] == ["accelerate", "launch"] and cmd[cmd.index("--num_processes") + 1] == "4"
+    assert ("--multi_gpu" in cmd) != s.fsdp and ("--config_file" in cmd) == s.fsdp
+
+
+def test_fsdp_settings_launch_with_the_shipped_fsdp_config_accelerate_accepts():
+    """The >= 4 B settings get --config_file full/accelerate/fsdp.yaml with several processes (not --multi_gpu,
+    which accelerate refuses next to an FSDP config), plain accelerate with one; accelerate's own launch parser
+    reads the command as FSDP2 with 8 processes."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    fsdp = sorted(n for n, s in launch.SETTINGS.items() if s.fsdp)
+    assert fsdp == ["dipp-sd35-large-turbo", "pso-online-flux-schnell"]
+    for name in fsdp:
+        cmd = launch.command(name, num_processes=8)
+        assert cmd[cmd.index("--config_file") + 1] == str(launch.ACCELERATE_FSDP) and "--multi_gpu" not in cmd
+        args, _, _ = _validate_launch_command(launch_command_parser().parse_args(cmd[2:]))
+        assert args.use_fsdp and str(args.fsdp_version) == "2" and args.num_processes == 8 and not args.multi_gpu
+        assert "--config_file" not in launch.command(name, num_processes=1)
+    assert "--config_file" not in launch.command("sharpening-rlhf-sd35-medium", num_processes=8)
+
+
+def test_every_launcher_setting_has_its_script():
+    scripts = {p.name: p.read_text() for p in (launch.ROOT / "full" / "launchers").glob("*.sh")}
+    for name in launch.SETTINGS:
+        text = scripts[name.replace("-", "_") + ".sh"]
+        assert f"python -m full.launch {name} " in text and launch.SETTINGS[name].spec in text
 
 
 def test_launcher_rejects_a_batch_the_processes_do_not_divide():

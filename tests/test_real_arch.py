@@ -29,7 +29,22 @@ COUNTS = {
     ("CLIPTextModel", "text_openclip_h.json"): 340_387_840,  # SD 2.x text_encoder
     ("CLIPModel", "reward_clip_vit_l14.json"): 427_616_513,  # openai/clip-vit-large-patch14
     ("CLIPModel", "reward_clip_vit_h14.json"): 986_109_441,  # PickScore_v1 (CLIP ViT-H/14)
+    # flow-matching pipelines. FLUX.1: the transformer counts of the hub's bf16 safetensors (dev 11,901,408,320, as
+    # diffusers' examples/controlnet/train_controlnet_flux.py states too; schnell has no guidance embedder).
+    ("FluxTransformer2DModel", "transformer_flux_dev.json"): 11_901_408_320,
+    ("FluxTransformer2DModel", "transformer_flux_schnell.json"): 11_891_178_560,
+    ("AutoencoderKL", "vae_flux.json"): 83_819_683,  # FLUX.1 / SD3 16-channel VAE: 244 tensors
+    ("AutoencoderKL", "vae_sd3.json"): 83_819_683,
+    # SD3 / SD3.5 text encoders (the module table of stable-diffusion-3-medium-diffusers in NVIDIA's aitune docs)
+    ("CLIPTextModelWithProjection", "text_clip_vit_l_projection.json"): 123_650_304,
+    ("T5EncoderModel", "text_t5_xxl.json"): 4_762_310_656,  # google/t5-v1_1-xxl encoder, SD3 / FLUX text_encoder_3/_2
 }
+
+# SD3.5 transformers: the hub's counts are of the safetensors file, i.e. parameters plus the persistent sin-cos
+# position table (pos_embed_max_size^2 x hidden, a buffer). Medium: 2,469,663,936 elements in 909 tensors (a public
+# checkpoint audit of an SD3.5-medium transformer file; the model card says 2.5 B); large: the model card's 8.1 B.
+CHECKPOINT_ELEMENTS = {"transformer_sd35_medium.json": (2_469_663_936, 909)}
+ROUNDED_BILLIONS = {"transformer_sd35_medium.json": 2.5, "transformer_sd35_large.json": 8.1}
 
 
 def _cls(name):
@@ -42,6 +57,100 @@ def _cls(name):
 @pytest.mark.parametrize("cls,file", sorted(COUNTS))
 def test_shipped_configs_have_the_public_parameter_counts(cls, file):
     assert architectures.parameter_count(_cls(cls), file) == COUNTS[(cls, file)]
+
+
+@pytest.mark.parametrize("file", sorted(ROUNDED_BILLIONS))
+def test_sd35_transformer_configs_have_the_public_checkpoint_sizes(file):
+    from diffusers import SD3Transformer2DModel
+
+    elements, tensors = architectures.checkpoint_elements(SD3Transformer2DModel, file)
+    if file in CHECKPOINT_ELEMENTS:
+        assert (elements, tensors) == CHECKPOINT_ELEMENTS[file]
+    assert round(elements / 1e9, 1) == ROUNDED_BILLIONS[file]
+    c = architectures.read_config(file)  # the position table is a buffer: parameters + table = file
+    table = c["pos_embed_max_size"] ** 2 * c["num_attention_heads"] * c["attention_head_dim"]
+    assert architectures.parameter_count(SD3Transformer2DModel, file) + table == elements
+
+
+FLOW_PIPELINES = {  # hub id -> (pipeline class, transformer config, scheduler config, T5 part)
+    "stabilityai/stable-diffusion-3.5-medium": ("StableDiffusion3Pipeline", "transformer_sd35_medium.json",
+                                                "scheduler_sd3.json", "text_encoder_3"),
+    "stabilityai/stable-diffusion-3.5-large": ("StableDiffusion3Pipeline", "transformer_sd35_large.json",
+                                               "scheduler_sd3.json", "text_encoder_3"),
+    "stabilityai/stable-diffusion-3.5-large-turbo": ("StableDiffusion3Pipeline", "transformer_sd35_large.json",
+                                                     "scheduler_sd3.json", "text_encoder_3"),
+    "black-forest-labs/FLUX.1-schnell": ("FluxPipeline", "transformer_flux_schnell.json",
+                                         "scheduler_flux_schnell.json", "text_encoder_2"),
+    "black-forest-labs/FLUX.1-dev": ("FluxPipeline", "transformer_flux_dev.json", "scheduler_flux_dev.json",
+                                     "text_encoder_2"),
+}
+
+
+@pytest.mark.parametrize("hub_id", sorted(FLOW_PIPELINES))
+def test_flow_pipelines_model_index_names_every_part_the_pipeline_takes(hub_id):
+    import inspect
+
+    import diffusers
+
+    pipe, transformer, scheduler, t5 = FLOW_PIPELINES[hub_id]
+    index = architectures.model_index(hub_id)
+    assert index["_class_name"] == pipe
+    cls = getattr(diffusers, pipe)
+    wanted = {n for n, p in inspect.signature(cls.__init__).parameters.items()
+              if n != "self" and p.default is inspect.Parameter.empty}
+    assert wanted <= set(index), sorted(wanted - set(index))  # every required component is there
+    assert index[t5] == ["transformers", "T5EncoderModel"]
+    assert architectures.entry(hub_id)["transformer"] == transformer
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    sched = architectures.build(diffusers.FlowMatchEulerDiscreteScheduler, hub_id, "scheduler")
+    assert architectures.entry(hub_id)["scheduler"] == scheduler
+    if pipe == "StableDiffusion3Pipeline":  # SD3 / SD3.5: a fixed shift 3.0
+        assert sched.config.shift == 3.0 and not sched.config.use_dynamic_shifting
+    elif "dev" in hub_id:  # FLUX.1-dev: the resolution-dependent shift mu(image tokens) between 256 and 4096 tokens
+        assert sched.config.use_dynamic_shifting and (sched.config.base_shift, sched.config.max_shift) == (0.5, 1.15)
+        assert (sched.config.base_image_seq_len, sched.config.max_image_seq_len) == (256, 4096)
+    else:  # FLUX.1-schnell: no shift (shift 1.0, no dynamic shifting), timestep-distilled for 1-4 steps
+        assert sched.config.shift == 1.0 and not sched.config.use_dynamic_shifting
+
+
+def test_flow_architectures_fit_together():
+    """The transformers' conditioning widths are their text encoders' outputs; the VAE has the 16 latent channels
+    the transformers take (FLUX packs 2x2 patches: 64 = 16 x 4)."""
+    bigg, clip_l = architectures.read_config("text_openclip_bigg.json"), architectures.read_config("text_clip_vit_l.json")
+    t5 = architectures.read_config("text_t5_xxl.json")
+    for file in ("transformer_sd35_medium.json", "transformer_sd35_large.json"):
+        c = architectures.read_config(file)
+        assert c["pooled_projection_dim"] == clip_l["projection_dim"] + bigg["projection_dim"]  # 768 + 1280
+        assert c["joint_attention_dim"] == t5["d_model"] and c["in_channels"] == 16
+    for file in ("transformer_flux_schnell.json", "transformer_flux_dev.json"):
+        c = architectures.read_config(file)
+        assert c["pooled_projection_dim"] == clip_l["hidden_size"] and c["joint_attention_dim"] == t5["d_model"]
+        assert c["in_channels"] == 4 * architectures.read_config("vae_flux.json")["latent_channels"]
+        assert sum(c["axes_dims_rope"]) == c["attention_head_dim"]
+    assert architectures.read_config("vae_sd3.json")["latent_channels"] == 16
+
+
+def test_t5_tokenizer_and_rms_norms_under_random_weights():
+    """The T5 tokenizer is tiny_t5_tokenizer with the shipped length; RMSNorm weights get 1 (not N(0, 1/d)), so a
+    random T5 keeps its activations' scale."""
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    tok = architectures.build(T5TokenizerFast, "black-forest-labs/FLUX.1-schnell", "tokenizer_2")
+    assert tok.model_max_length == 512
+    ids = tok(["a photo of a cat"], padding="max_length", max_length=256, truncation=True, return_tensors="pt")
+    assert ids.input_ids.shape == (1, 256)
+    cfg = {k: v for k, v in architectures.read_config("text_t5_xxl.json").items()
+           if k not in ("architectures", "model_type")}
+    cfg.update(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=tok.vocab_size)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        enc = T5EncoderModel(T5Config(**cfg))
+    architectures.random_init_(enc)
+    norms = [m.weight for n, m in enc.named_modules() if type(m).__name__ == "T5LayerNorm"]
+    assert norms and all(torch.equal(w, torch.ones_like(w)) for w in norms)
+    out = enc(ids.input_ids).last_hidden_state
+    assert out.shape == (1, 256, 32) and torch.isfinite(out).all()
 
 
 def test_sdxl_unet_config_is_the_sdxl_architecture():
@@ -58,7 +167,8 @@ def test_sdxl_unet_config_is_the_sdxl_architecture():
 def test_every_shipped_spec_resolves_to_shipped_configs(spec):
     s = load_spec(str(launch.SPECS / spec), random_weights=True)
     index = architectures.model_index(s.base)
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    denoiser = "transformer" if "transformer" in index else "unet"  # SD3 / FLUX pipelines have a transformer
+    for part in (denoiser, "vae", "text_encoder", "tokenizer", "scheduler"):
         assert part in index
         if part != "scheduler":
             architectures.component_config(s.base, part)
@@ -188,7 +298,7 @@ def test_planned_update_makes_the_nfes_the_method_states(name, monkeypatch):
     from full.spec import RoleSpec
 
     module, cfg, s = memory_plan.method_config(name, None)
-    spec = load_spec(str(launch.SPECS / s.spec))
+    spec, _ = memory_plan.setting_spec(s)  # the spec file, or PENDING_SPECS until the flow specs are shipped
     method, update, evaluate, _, role = memory_plan.METHODS[s.script]
     sim = _tiny_sim()
     ns = dict(vars(cfg))
@@ -222,6 +332,46 @@ def test_planned_update_makes_the_nfes_the_method_states(name, monkeypatch):
     with memory_plan.counting(torch.bfloat16):
         update(sim, SimpleNamespace(**ns), 2, opts)
     assert sim.rows / 2 == stated
+
+
+def test_fsdp_units_split_the_frozen_weights_into_blocks_and_a_root():
+    """The FSDP rows' all-gathered units: the blocks of _no_split_modules (outermost first, none counted twice)
+    and the root's remaining weights add up to every frozen weight; the LoRA is not in any unit."""
+    from peft import LoraConfig
+
+    from full.world import LORA_TARGETS
+
+    with torch.device("meta"):
+        unet = tiny.tiny_unet(sdxl=True, sample_size=8).to(torch.bfloat16).requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS))
+    largest, root = memory_plan.fsdp_units(unet)
+    frozen = memory_plan.param_bytes(unet, trainable=False)
+    names = set(unet._no_split_modules)
+    blocks = [m for n, m in unet.named_modules() if type(m).__name__ in names]
+    outer = [m for m in blocks if not any(m is not b and any(m is x for x in b.modules()) for b in blocks)]
+    sizes = [memory_plan.param_bytes(m, trainable=False) for m in outer]
+    assert 0 < largest == max(sizes) and 0 < root and root + sum(sizes) == frozen
+
+
+def test_the_docs_table_is_the_generated_one_of_every_setting():
+    """docs/full.md holds `python -m full.memory_plan --write-docs`'s table of benchmarks/results/memory_plan.json,
+    and that file has rows of every launcher setting (FSDP settings: also at 8 GPUs)."""
+    root = launch.ROOT
+    rows = json.loads((root / "benchmarks" / "results" / "memory_plan.json").read_text())
+    doc = (root / "docs" / "full.md").read_text()
+    inside = doc.split(memory_plan.BEGIN, 1)[1].split(memory_plan.END, 1)[0]
+    assert inside == "\n" + memory_plan.table(memory_plan.ordered(rows))
+    for name, s in launch.SETTINGS.items():
+        gpus = {r.get("gpus", 1) for r in rows if r["setting"] == name}
+        assert gpus == ({1, memory_plan.FSDP_GPUS} if s.fsdp else {1}), (name, gpus)
+
+
+def test_pending_flow_specs_plan_on_their_base_checkpoints():
+    for name in ("pso-online-flux-schnell", "sharpening-rlhf-sd35-medium", "dipp-sd35-large-turbo"):
+        s = launch.SETTINGS[name]
+        spec, note = memory_plan.setting_spec(s)
+        assert architectures.entry(spec.base)["architecture"] in ("sd3", "flux") and spec.dtype == "bf16"
+        assert (note is None) == (launch.SPECS / s.spec).is_file()
 
 
 def test_bench_plumbing_on_a_tiny_pipeline(tmp_path):
