@@ -228,9 +228,10 @@ class Sim:
     def add_unet(self, role: str, lora_rank: int | None, train_full: bool) -> None:
         from peft import LoraConfig
 
-        from .world import LORA_TARGETS
+        from .world import LORA_TARGETS_BY_NET
 
         cls = self.denoiser_class()
+        targets = LORA_TARGETS_BY_NET["unet" if cls.__name__ == "UNet2DConditionModel" else "transformer"]
         unet = _meta(cls, self.unet_config)
         ref = None
         if train_full:  # FullDenoiser: trained copy in fp32 + a frozen reference in the weight dtype
@@ -239,7 +240,7 @@ class Sim:
         else:
             unet.to(self.dtype).requires_grad_(False)
             unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights=True,
-                                        target_modules=LORA_TARGETS))
+                                        target_modules=targets))
             for p in unet.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
@@ -536,38 +537,16 @@ def method_config(name: str, training: str | None):
     return module, common.parse_config(module.Config, argv), s
 
 
-# The flow settings' specs (full/specs/flux_schnell.json, ...) come with the SD3 / FLUX backend; until a spec file
-# is there, its setting is planned on these values (the base checkpoint, and the shipped SDXL / DI++ specs' dtype,
-# resolution and rewards), and its rows say so.
-PENDING_SPECS = {
-    "flux_schnell.json": dict(base="black-forest-labs/FLUX.1-schnell", reward="pickscore", quality="aesthetic",
-                              eval_rewards=["clip"], resolution=1024, dtype="bf16", gradient_checkpointing=True),
-    "flux_dev.json": dict(base="black-forest-labs/FLUX.1-dev", reward="pickscore", quality="aesthetic",
-                          eval_rewards=["clip"], resolution=1024, dtype="bf16", gradient_checkpointing=True),
-    "sd35_medium.json": dict(base="stabilityai/stable-diffusion-3.5-medium", reward="pickscore", quality="aesthetic",
-                             eval_rewards=["clip"], resolution=1024, dtype="bf16", gradient_checkpointing=True),
-    "sd35_large_turbo_dipp.json": dict(base="stabilityai/stable-diffusion-3.5-large", reward="imagereward",
-                                       quality="aesthetic", eval_rewards=["pickscore", "clip"], resolution=1024,
-                                       dtype="bf16", gradient_checkpointing=True, precompute_embeddings=True,
-                                       roles={"generator": {"unet": "stabilityai/stable-diffusion-3.5-large-turbo",
-                                                            "timesteps": [999]}, "teacher": {}}),
-}
 # T5 tokens of the flow pipelines (their max_sequence_length: SD3 256 after CLIP's 77; FLUX.1-schnell 256, dev 512)
 T5_TOKENS = {"sd3": 256, "flux": 256, "black-forest-labs/FLUX.1-dev": 512}
 
 
 def setting_spec(s):
-    """(ModelSpec, note) of a launcher setting: its spec file, or PENDING_SPECS while the file is not shipped."""
+    """(ModelSpec, note) of a launcher setting: its spec file in full/specs."""
     from . import launch
-    from .spec import ModelSpec, RoleSpec, load_spec
+    from .spec import load_spec
 
-    path = launch.SPECS / s.spec
-    if path.is_file() or s.spec not in PENDING_SPECS:
-        return load_spec(str(path)), None
-    d = dict(PENDING_SPECS[s.spec])
-    roles = {k: RoleSpec(**v) for k, v in d.pop("roles", {}).items()}
-    return ModelSpec(roles=roles, **d), (f"{s.spec} is not in full/specs yet: planned on {d['base']} with "
-                                         "PENDING_SPECS's dtype, resolution and rewards (full/memory_plan.py)")
+    return load_spec(str(launch.SPECS / s.spec)), None
 
 
 def fsdp_units(module: torch.nn.Module) -> tuple[int, int]:

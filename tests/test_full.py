@@ -383,12 +383,7 @@ def test_precomputed_embeddings_free_the_text_encoders(xl_spec):
 
 
 # --------------------------------------------------------------------------------------------- launchers
-def _spec_pending(name):  # the flow settings' specs come with the SD3 / FLUX backend (branch flowfull)
-    return pytest.param(name, marks=pytest.mark.xfail(not (launch.SPECS / launch.SETTINGS[name].spec).is_file(),
-                                                      reason="its spec file is not in full/specs yet", strict=True))
-
-
-@pytest.mark.parametrize("name", [_spec_pending(n) for n in sorted(launch.SETTINGS)])
+@pytest.mark.parametrize("name", sorted(launch.SETTINGS))
 def test_every_launcher_setting_is_a_valid_method_command(name):
     import importlib
 
