@@ -130,7 +130,7 @@ def test_a_unet_file_is_loaded_into_an_empty_unet_not_over_the_base_weights(xl_s
     state = ref.state_dict()
     state.pop(next(iter(state)))
     save_file(state, str(tmp_path / "w.safetensors"))
-    with pytest.raises(full.ModelError, match=r"w.safetensors .* does not fit the UNet .*missing \["):
+    with pytest.raises(full.ModelError, match=r"w.safetensors .* does not fit the unet .*missing \["):
         world.denoiser("student")
 
 
