@@ -351,3 +351,21 @@ def test_mnist_idx_files_with_different_counts_name_both_files(tmp_path, monkeyp
         toy.mnist.load_digits()
     assert str(tmp_path / "train-images-idx3-ubyte") in str(err.value)
     assert str(tmp_path / "train-labels-idx1-ubyte") in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------ --model options
+def test_a_model_value_carries_world_options_and_bad_ones_are_named(tmp_path, builds):
+    import common
+
+    world = common.load_world("toy2d:reward=modes", cache=tmp_path, budget="tiny", progress=False)
+    assert world.reward_kind == "modes" and world.name == "toy2d"
+    x = world.modes("base")[[2, 6]]  # mode 2 (90 degrees) is preferred, mode 6 (270 degrees) is not
+    r = world.reward(x, torch.zeros(2, dtype=torch.long))
+    assert r[0] > 0.99 and r[1] < 0.01  # the in-distribution optimum, not the height
+    assert toy.load_world("toy2d", cache=tmp_path, budget="tiny", progress=False).reward_kind == "height"
+    assert len(list(tmp_path.glob("toy2d-tiny-*.safetensors"))) == 1  # options share the base models' cache
+    for bad, match in [("toy2d:reward=aesthetic", r"reward='aesthetic', expected one of \['modes', 'height'\]"),
+                       ("toy2d:beta=5", r"unknown world option 'beta=5' for 'toy2d'; expected reward=<modes\|height>"),
+                       ("mnist:reward=modes", r"unknown world option 'reward=modes' for 'mnist'; expected no options")]:
+        with pytest.raises(ValueError, match=match):
+            common.load_world(bad, cache=tmp_path, budget="tiny", progress=False)

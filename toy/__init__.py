@@ -55,9 +55,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep-finetune")).expanduser()
 
 
+# world options a `--model` value may carry after a colon: `--model toy2d:reward=modes` (the in-distribution reward)
+MODEL_OPTIONS = {"toy2d": {"reward": ("modes", "height")}, "flow2d": {"reward": ("modes", "height")}}
+
+
+def parse_model(model: str) -> tuple[str, dict]:
+    """'toy2d:reward=modes' -> ('toy2d', {'reward': 'modes'}); a bad option is an error naming it and the choices."""
+    name, _, rest = model.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        allowed = MODEL_OPTIONS.get(name, {})
+        if not eq or key not in allowed:
+            expected = ", ".join(f"{k}=<{'|'.join(v)}>" for k, v in allowed.items()) or "no options"
+            raise ValueError(f"--model {model!r}: unknown world option {item!r} for {name!r}; expected {expected}")
+        if value not in allowed[key]:
+            raise ValueError(f"--model {model!r}: {key}={value!r}, expected one of {list(allowed[key])}")
+        options[key] = value
+    return name, options
+
+
 def load_world(name: str, cache: str | Path | None = None, budget: str | None = None, progress: bool = True,
                **kw):
-    """Build the world `name`, loading its base models from the cache or training them once."""
+    """Build the world `name` (optionally with options, 'toy2d:reward=modes'), loading its base models from the
+    cache or training them once."""
+    name, options = parse_model(name)
+    kw = {**options, **kw}
     if name not in WORLDS:
         raise ValueError(f"unknown toy world {name!r}; choose one of {sorted(WORLDS)} "
                          "(or give a diffusers checkpoint path / hub id for the full backend)")
@@ -163,7 +186,8 @@ def _write(path: Path, weights, spec) -> None:
 
 
 def register() -> None:
-    """Entry point (pyproject.toml, group fewstep_finetune.worlds): `--model toy2d | mnist` goes to this backend."""
+    """Entry point (pyproject.toml, group fewstep_finetune.worlds): `--model toy2d | mnist | flow2d` (with options,
+    e.g. `toy2d:reward=modes`) goes to this backend."""
     import common
 
-    common.register_world("toy", lambda model: model in WORLDS, load_world, priority=10)
+    common.register_world("toy", lambda model: model.partition(":")[0] in WORLDS, load_world, priority=10)

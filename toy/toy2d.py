@@ -47,7 +47,7 @@ class Toy2D(ToyWorld):
         `default_target`: "half" (`target_rotation=0, target_keep=(0, 1, 2, 3)`); the earlier default, the ring
         rotated by 22.5 degrees, is `target_rotation=math.pi / 8, target_keep=range(8)`.
         `reward`: "height" (y, unbounded: shows over-optimisation; the default) or "modes" (soft membership of
-        the upper modes, in-distribution optimum 1)."""
+        the upper modes, in-distribution optimum 1; on the command line `--model toy2d:reward=modes`)."""
         super().__init__(weights)
         d = self.default_target
         target_rotation = d["target_rotation"] if target_rotation is None else target_rotation
