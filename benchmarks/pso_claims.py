@@ -22,7 +22,6 @@ runs/bench-pso-claims/.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -74,21 +73,12 @@ def experiments() -> list[tuple[str, str, str, dict]]:
     return out
 
 
-@torch.no_grad()
 def last_step_frozen(world, den, n: int, seed: int) -> dict:
     """Sample with the tuned model on every step but the last (t_1 -> x_0), which the frozen model takes."""
-    kernel = common.make_kernel(den.sampler, world.schedule)
-    cond = world.eval_conditions(n)
-    times = list(den.timesteps) + [-1]
-    g = torch.Generator().manual_seed(seed)
-    x = kernel.init(torch.randn(n, *world.shape, generator=g), times[0])
-    for k, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
-        with den.frozen() if k == len(times) - 2 else contextlib.nullcontext():
-            eps = den(kernel.net_input(x, t), t, cond)
-        mean, std = kernel.step(x, eps, t, t_next)
-        x = mean + std * torch.randn(x.shape, generator=g)
-    m = world.metrics(x, cond, "target")
-    return {"transfer_tuned_last_frozen": m["transfer"], "sharpness_tuned_last_frozen": m["sharpness"]}
+    from pso_fig1_search import mixed_sample  # the one mixed tuned/frozen sampler of the PSO probes
+
+    transfer, sharpness = mixed_sample(world, den, n, seed, set(range(len(den.timesteps) - 1)))
+    return {"transfer_tuned_last_frozen": transfer, "sharpness_tuned_last_frozen": sharpness}
 
 
 def run(only: list[str] | None, seeds: list[int], steps: int | None, write=None) -> dict:
