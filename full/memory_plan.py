@@ -392,11 +392,16 @@ def pso_update(sim: Sim, cfg, B: int, opts: dict) -> None:
     elif cfg.variant == "naive":
         sim.encode_images(B)
         kept.append(sim.unet("student", B * S, grad=True))
+    backward_and_step(sim, kept, opts, "student")
+
+
+def backward_and_step(sim: Sim, kept: list, opts: dict, role: str) -> None:
+    """One backward through every kept graph (their activations are freed by it), then the role's optimizer step."""
     loss = sum(k.mean() for k in kept)
-    del kept
+    kept.clear()
     loss.backward()
     del loss
-    optimizer_step(opts["student"], sim.trainable("student"))
+    optimizer_step(opts[role], sim.trainable(role))
 
 
 def pso_eval(sim: Sim, cfg, D: int) -> None:
@@ -434,11 +439,7 @@ def sharpening_update(sim: Sim, cfg, B: int, opts: dict) -> None:
             sim.unet("teacher", rows, grad=False, frozen=True)
         with torch.no_grad():  # logs: world.reward(x0, cond) of the B*n samples
             sim.reward("reward", sim.decode(sim.latents(B * n), grad=False), grad=False)
-    loss = sum(k.mean() for k in kept)
-    del kept
-    loss.backward()
-    del loss
-    optimizer_step(opts["teacher"], sim.trainable("teacher"))
+    backward_and_step(sim, kept, opts, "teacher")
 
 
 def sharpening_eval(sim: Sim, cfg, D: int) -> None:
