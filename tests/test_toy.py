@@ -107,6 +107,20 @@ def test_mnist_data_are_real_digits(mnist_tiny):
     assert (bold >= x).all() and bold.mean() > x.mean()  # dilation only adds ink
 
 
+def test_mnist_reward_is_the_bold_probability_by_default_and_the_logit_as_an_option(mnist_tiny):
+    from toy.mnist import MNIST
+
+    assert mnist_tiny.reward_kind == "prob"
+    logit = MNIST(mnist_tiny.weights, reward="logit")
+    x, c = mnist_tiny.data(8, torch.Generator().manual_seed(0))
+    p, z = mnist_tiny.reward(x, c), logit.reward(x, c)
+    assert torch.allclose(p, z.sigmoid()) and (0 < p).all() and (p < 1).all()  # optimum 1: bounded
+    assert mnist_tiny.metrics(x, c)["reward"] == pytest.approx(float(p.mean()), abs=1e-6)
+    assert logit.metrics(x, c)["reward"] == pytest.approx(float(z.mean()), abs=1e-5)
+    with pytest.raises(ValueError, match="reward 'height'.*prob"):
+        MNIST(mnist_tiny.weights, reward="height")
+
+
 def test_corrupt_cache_is_rebuilt_with_a_message(tmp_path, capsys):
     toy.load_world("toy2d", cache=tmp_path, budget="tiny", progress=False)
     (path,) = tmp_path.glob("toy2d-tiny-*.safetensors")
@@ -169,14 +183,15 @@ def test_toy2d_transfer_and_sharpness_are_not_fooled_by_overlapping_discs(toy2d_
 def test_toy2d_mode_reward_has_its_optimum_on_the_upper_modes(toy2d_tiny):
     from toy.toy2d import PREFERRED, Toy2D
 
-    world = Toy2D(toy2d_tiny.weights, reward="modes")
+    world = toy2d_tiny  # the default reward: soft membership of the upper modes
+    assert world.reward_kind == "modes"
     modes, c = world.modes("base"), torch.zeros(8, dtype=torch.long)
     r = world.reward(modes, c)
     upper = torch.isin(torch.arange(8), torch.tensor(PREFERRED))
     assert torch.allclose(r[upper], torch.ones(3), atol=0.01) and r[~upper].max() < 0.01
     assert world.reward(modes[upper] * 2.0, c[:3]).max() < 0.01  # no pay-off for leaving the ring
     assert world.reward(modes * 0.6, c).max() < 0.2  # blur toward the centre pays far less than a mode
-    height = toy2d_tiny  # the default reward: the height y
+    height = Toy2D(toy2d_tiny.weights, reward="height")  # the unbounded option: the height y
     assert height.reward(modes[upper] * 2.0, c[:3]).min() > height.reward(modes[upper], c[:3]).max()  # unbounded
 
 

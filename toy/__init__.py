@@ -55,12 +55,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep-finetune")).expanduser()
 
 
-# world options a `--model` value may carry after a colon: `--model toy2d:reward=modes` (the in-distribution reward)
-MODEL_OPTIONS = {"toy2d": {"reward": ("modes", "height")}, "flow2d": {"reward": ("modes", "height")}}
+# world options a `--model` value may carry after a colon: `--model toy2d:reward=height` (the unbounded reward; the
+# first choice of each option is the world's default, an in-distribution reward)
+MODEL_OPTIONS = {"toy2d": {"reward": ("modes", "height")}, "flow2d": {"reward": ("modes", "height")},
+                 "mnist": {"reward": ("prob", "logit")}}
 
 
 def parse_model(model: str) -> tuple[str, dict]:
-    """'toy2d:reward=modes' -> ('toy2d', {'reward': 'modes'}); a bad option is an error naming it and the choices."""
+    """'toy2d:reward=height' -> ('toy2d', {'reward': 'height'}); a bad option is an error naming it and the choices."""
     name, _, rest = model.partition(":")
     options = {}
     for item in filter(None, rest.split(",")):
@@ -77,7 +79,7 @@ def parse_model(model: str) -> tuple[str, dict]:
 
 def load_world(name: str, cache: str | Path | None = None, budget: str | None = None, progress: bool = True,
                **kw):
-    """Build the world `name` (optionally with options, 'toy2d:reward=modes'), loading its base models from the
+    """Build the world `name` (optionally with options, 'toy2d:reward=height'), loading its base models from the
     cache or training them once."""
     name, options = parse_model(name)
     kw = {**options, **kw}
@@ -187,7 +189,7 @@ def _write(path: Path, weights, spec) -> None:
 
 def register() -> None:
     """Entry point (pyproject.toml, group fewstep_finetune.worlds): `--model toy2d | mnist | flow2d` (with options,
-    e.g. `toy2d:reward=modes`) goes to this backend."""
+    e.g. `toy2d:reward=height`) goes to this backend."""
     import common
 
     common.register_world("toy", lambda model: model.partition(":")[0] in WORLDS, load_world, priority=10)

@@ -6,8 +6,10 @@ Digits are 1x28x28 in [-1, 1]; the condition is the digit, label 10 is the null 
 
 Target split ("bold" style): the same digits with strokes thickened by a 3x3 grey dilation.
 A small classifier trained here on regular and bold digits gives
-  * the reward: the logit of its "bold" head, a differentiable style attribute (unbounded above, so a large
-    reward weight can over-optimise it, as a real reward model can be);
+  * the reward: by default (`reward="prob"`) the probability of its "bold" head, a differentiable style attribute
+    with an in-distribution optimum (bold digits of the target split score ~1); `reward="logit"` (on the command
+    line `--model mnist:reward=logit`) is the head's logit, unbounded above, so a large reward weight can
+    over-optimise it, as a real reward model can be;
   * quality: the mean probability it gives the conditioned digit (blurry or malformed digits score low);
   * distance: sliced Wasserstein distance between its 64-d features of samples and of real digits of the
     split with the same labels (an FID-like score that needs no network download)."""
@@ -27,6 +29,7 @@ from .backend import ToyWorld
 from .nets import DigitClassifier, TinyUNet
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+REWARDS = ("prob", "logit")  # the classifier's bold head: probability (default, optimum 1) or logit (unbounded)
 
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
@@ -103,8 +106,11 @@ class MNIST(ToyWorld):
     shape = (1, 28, 28)
     num_classes = 10
 
-    def __init__(self, weights=None, mnist_path: str | None = None):
+    def __init__(self, weights=None, mnist_path: str | None = None, reward: str = "prob"):
         super().__init__(weights)
+        if reward not in REWARDS:
+            raise ValueError(f"unknown mnist reward {reward!r}; choose one of {list(REWARDS)}")
+        self.reward_kind = reward
         self.images, self.labels, self.source = load_digits(mnist_path)
         self.by_digit = [torch.nonzero(self.labels == d).squeeze(1) for d in range(10)]
         self.classifier = DigitClassifier().eval().requires_grad_(False)
@@ -133,15 +139,18 @@ class MNIST(ToyWorld):
         return self.data_for(cond, generator, split), cond
 
     def reward(self, x0, cond):
-        """Logit of the classifier's bold-stroke head (differentiable in x0)."""
-        return self.classifier(x0.clamp(-1, 1))[1]
+        """The classifier's bold-stroke head, differentiable in x0: its probability ("prob") or its logit ("logit")."""
+        return self._reward(self.classifier(x0.clamp(-1, 1))[1])
+
+    def _reward(self, bold_logit):
+        return bold_logit.sigmoid() if self.reward_kind == "prob" else bold_logit
 
     @torch.no_grad()
     def metrics(self, x0, cond, split="base"):
         logits, bold, feats = self.classifier(x0.clamp(-1, 1))
         ref = self.data_for(cond, torch.Generator().manual_seed(1234), split)
         return {
-            "reward": float(bold.mean()),
+            "reward": float(self._reward(bold).mean()),
             "quality": float(logits.softmax(1).gather(1, cond[:, None]).mean()),
             "distance": metrics.sliced_wasserstein(feats, self.classifier(ref)[2]),
             "bold_share": float((bold > 0).float().mean()),

@@ -4,8 +4,8 @@ Eight tight Gaussian modes on a ring of radius 1.2 (std 0.05). Three "prompts": 
 class 1 the odd ones, class 2 all eight; label 3 is the null condition for classifier-free guidance. The
 "target" split (configurable, see Toy2D.__init__) is by default "half": each class keeps its modes at 0-135
 degrees (the earlier default, the ring rotated by 22.5 degrees, is `target_rotation=math.pi / 8,
-target_keep=range(8)`); the reward
-prefers the upper modes (the unbounded height y by default, or a soft membership with an in-distribution optimum); quality is the share of samples
+target_keep=range(8)`); the reward prefers the upper modes (by default a soft membership with an in-distribution
+optimum, `reward="modes"`; the unbounded height y, `reward="height"`, shows over-optimisation); quality is the share of samples
 within 0.2 of one of their class's modes (blur shows as mass between modes). Transfer read-outs that close or
 overlapping mode sets cannot fool: `transfer` (nearer a target mode than any other base mode) and `sharpness`
 (within 0.2 of any mode of either split)."""
@@ -40,14 +40,14 @@ class Toy2D(ToyWorld):
     cli_defaults = {("pso", "pso"): {"beta": 7.0, "train_steps": 16}}
 
     def __init__(self, weights, target_rotation: float | None = None, target_scale: float | None = None,
-                 target_keep: tuple[int, ...] | None = None, reward: str = "height"):
+                 target_keep: tuple[int, ...] | None = None, reward: str = "modes"):
         """The target split: the base modes rotated by `target_rotation` (radians), scaled about the origin by
         `target_scale`, and only the modes in `target_keep` kept (each class keeps its own modes among them). None
         of these touch the base data, so every target shares the cached base models. An option left None takes
         `default_target`: "half" (`target_rotation=0, target_keep=(0, 1, 2, 3)`); the earlier default, the ring
         rotated by 22.5 degrees, is `target_rotation=math.pi / 8, target_keep=range(8)`.
-        `reward`: "height" (y, unbounded: shows over-optimisation; the default) or "modes" (soft membership of
-        the upper modes, in-distribution optimum 1; on the command line `--model toy2d:reward=modes`)."""
+        `reward`: "modes" (soft membership of the upper modes, in-distribution optimum 1; the default) or "height"
+        (y, unbounded: shows over-optimisation; on the command line `--model toy2d:reward=height`)."""
         super().__init__(weights)
         d = self.default_target
         target_rotation = d["target_rotation"] if target_rotation is None else target_rotation
