@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = [  # (label, script, arguments)
-    ("PSO Eq. 5 (toward the rotated target)", "pso.py", ["--variant", "pso", "--no-naive-baseline"]),
+    ("PSO Eq. 5 (toward the target split)", "pso.py", ["--variant", "pso", "--no-naive-baseline"]),
     ("PSO naive baseline (t ~ U[0, T))", "pso.py", ["--variant", "naive"]),
     ("PSO online Eq. 7", "pso.py", ["--variant", "online"]),
     ("PSO offline Eq. 6", "pso.py", ["--variant", "offline"]),
@@ -60,7 +60,7 @@ def main(argv=None):
     lines = [f"Command: `OMP_NUM_THREADS=1 python benchmarks/flow2d.py --seeds {' '.join(map(str, a.seeds))} --steps "
              f"{a.steps}` ({time.strftime('%Y-%m-%d')}; {platform.processor() or platform.machine()}, 1 torch thread). "
              f"Mean ± sd over seeds {a.seeds}; {a.steps} updates each; quality and distance against the split the run "
-             "is scored on (the rotated target for Eq. 5 / naive, the base data otherwise); NFE = network evaluations "
+             "is scored on (the target split for Eq. 5 / naive, the base data otherwise); NFE = network evaluations "
              "per condition per update, counted in every update / stated.", "",
              "| run | reward: base → tuned | quality: base → tuned | distance: base → tuned | NFE counted / stated | "
              "s per run |", "|---|---|---|---|---|---|"]

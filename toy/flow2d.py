@@ -1,7 +1,7 @@
 """flow2d: toy2d's data and rewards under a flow-matching model (DESIGN.md section 10).
 
-The same eight-mode conditional ring as toy2d, but every base model is a flow model in the SD3 / FLUX
-parametrisation: x_t = (1 - sigma_t) x_0 + sigma_t eps with diffusers' shifted sigmas (shift 3, SD3's), and the
+The same eight-mode conditional ring, target split and rewards as toy2d, but every base model is a flow model in
+the SD3 / FLUX parametrisation: x_t = (1 - sigma_t) x_0 + sigma_t eps with diffusers' shifted sigmas (shift 3, SD3's), and the
 network predicts the velocity v = eps - x_0. The teacher samples with the marginal-preserving stochastic Euler step
 (common.FlowSDE; eta = 0 is the scheduler's Euler step), the 4-step student and the one-step generator with the
 flow x0-renoise kernel (a few-step distilled flow model, FLUX-schnell / SANA-Sprint style). The method scripts run
@@ -9,18 +9,13 @@ on it unchanged with `--model flow2d`: they read the prediction only through the
 kernels."""
 from __future__ import annotations
 
-import math
-
 import common
 
 from .toy2d import Toy2D
 
 
 class Flow2D(Toy2D):
-    name = "flow2d"
-    # benchmarks/flow2d.py was measured toward the rotated ring, and toy2d's Eq. 5 defaults were not measured here
-    default_target = dict(target_rotation=math.pi / 8, target_scale=1.0, target_keep=tuple(range(8)))
-    cli_defaults = {}
+    name = "flow2d"  # toy2d's target split ("half"), rewards and command-line defaults for Eq. 5
     shift = 3.0
     ode_sampler = "flow_sde"
     roles = {  # role -> (sampler, timesteps)
