@@ -84,7 +84,7 @@ def markdown(results: dict) -> str:
     made = "".join(f"`{c}`, " for c in results.get("reused", []))
     lines = [f"Commands: {made}then `{results['command']}`. Machine: {results['machine']}. toy2d, "
              f"{results['steps']} updates, seeds {results['seeds']}, batch 64 (SFT) / {results['rlhf_batch']} (RLHF); "
-             f"mean ± sd over seeds of the reward (height) and quality (share within 0.2 "
+             f"mean ± sd over seeds of the reward ({results.get('reward', 'height')}) and quality (share within 0.2 "
              f"of a mode of the class) of {results['final_samples']} fixed-seed 25-step DDIM samples; base model "
              f"reward {results['reward_base']:.3f}, quality {results['quality_base']:.3f}. Total "
              f"{results['cpu_seconds_total']:.0f} CPU s.", ""]
@@ -134,7 +134,7 @@ def main():
                    machine=f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, 1 torch thread, "
                            f"torch {torch.__version__}",
                    steps=args.steps, seeds=args.seeds, final_samples=args.final_samples, rlhf_batch=args.rlhf_batch,
-                   sections={}, runs={})
+                   reward="toy2d's default: soft membership of the upper modes, optimum 1", sections={}, runs={})
     for path in args.reuse:
         old = json.loads(Path(path).read_text())
         same = {k: old.get(k) for k in ("steps", "seeds", "final_samples", "rlhf_batch")}
