@@ -368,7 +368,9 @@ def test_a_model_value_carries_world_options_and_bad_ones_are_named(tmp_path, bu
     assert len(list(tmp_path.glob("toy2d-tiny-*.safetensors"))) == 1  # options share the base models' cache
     for bad, match in [("toy2d:reward=aesthetic", r"reward='aesthetic', expected one of \['modes', 'height'\]"),
                        ("toy2d:beta=5", r"unknown world option 'beta=5' for 'toy2d'; expected reward=<modes\|height>"),
-                       ("mnist:reward=modes", r"mnist:reward=modes'?: reward='modes', expected one of \['prob', 'logit'\]"),
-                       ("mnist:beta=5", r"unknown world option 'beta=5' for 'mnist'; expected reward=<prob\|logit>")]:
+                       ("mnist:reward=modes",
+                        r"mnist:reward=modes'?: reward='modes', expected one of \['logprob', 'prob', 'logit'\]"),
+                       ("mnist:beta=5",
+                        r"unknown world option 'beta=5' for 'mnist'; expected reward=<logprob\|prob\|logit>")]:
         with pytest.raises(ValueError, match=match):
             common.load_world(bad, cache=tmp_path, budget="tiny", progress=False)

@@ -107,17 +107,18 @@ def test_mnist_data_are_real_digits(mnist_tiny):
     assert (bold >= x).all() and bold.mean() > x.mean()  # dilation only adds ink
 
 
-def test_mnist_reward_is_the_bold_probability_by_default_and_the_logit_as_an_option(mnist_tiny):
+def test_mnist_reward_is_the_bold_log_probability_by_default_the_others_options(mnist_tiny):
     from toy.mnist import MNIST
 
-    assert mnist_tiny.reward_kind == "prob"
-    logit = MNIST(mnist_tiny.weights, reward="logit")
+    assert mnist_tiny.reward_kind == "logprob"
+    prob, logit = MNIST(mnist_tiny.weights, reward="prob"), MNIST(mnist_tiny.weights, reward="logit")
     x, c = mnist_tiny.data(8, torch.Generator().manual_seed(0))
-    p, z = mnist_tiny.reward(x, c), logit.reward(x, c)
-    assert torch.allclose(p, z.sigmoid()) and (0 < p).all() and (p < 1).all()  # optimum 1: bounded
-    assert mnist_tiny.metrics(x, c)["reward"] == pytest.approx(float(p.mean()), abs=1e-6)
+    lp, p, z = mnist_tiny.reward(x, c), prob.reward(x, c), logit.reward(x, c)
+    assert torch.allclose(p, z.sigmoid()) and torch.allclose(lp, torch.nn.functional.logsigmoid(z))
+    assert (lp < 0).all() and (0 < p).all() and (p < 1).all()  # optima 0 and 1, reached by a bold digit
+    assert mnist_tiny.metrics(x, c)["reward"] == pytest.approx(float(lp.mean()), abs=1e-5)
     assert logit.metrics(x, c)["reward"] == pytest.approx(float(z.mean()), abs=1e-5)
-    with pytest.raises(ValueError, match="reward 'height'.*prob"):
+    with pytest.raises(ValueError, match="reward 'height'.*logprob"):
         MNIST(mnist_tiny.weights, reward="height")
 
 

@@ -58,7 +58,7 @@ def cache_dir() -> Path:
 # world options a `--model` value may carry after a colon: `--model toy2d:reward=height` (the unbounded reward; the
 # first choice of each option is the world's default, an in-distribution reward)
 MODEL_OPTIONS = {"toy2d": {"reward": ("modes", "height")}, "flow2d": {"reward": ("modes", "height")},
-                 "mnist": {"reward": ("prob", "logit")}}
+                 "mnist": {"reward": ("logprob", "prob", "logit")}}
 
 
 def parse_model(model: str) -> tuple[str, dict]:

@@ -6,10 +6,12 @@ Digits are 1x28x28 in [-1, 1]; the condition is the digit, label 10 is the null 
 
 Target split ("bold" style): the same digits with strokes thickened by a 3x3 grey dilation.
 A small classifier trained here on regular and bold digits gives
-  * the reward: by default (`reward="prob"`) the probability of its "bold" head, a differentiable style attribute
-    with an in-distribution optimum (bold digits of the target split score ~1); `reward="logit"` (on the command
-    line `--model mnist:reward=logit`) is the head's logit, unbounded above, so a large reward weight can
-    over-optimise it, as a real reward model can be;
+  * the reward: by default (`reward="logprob"`) the log-probability of its "bold" head, log sigmoid(logit), a
+    differentiable style attribute with an in-distribution optimum (0, which bold digits of the target split
+    reach) whose gradient does not vanish on regular digits (their bold probability is ~1e-6, where the
+    probability itself, `reward="prob"`, is flat); `reward="logit"` (on the command line
+    `--model mnist:reward=logit`) is the head's logit, unbounded above, so a large reward weight can over-optimise
+    it, as a real reward model can be;
   * quality: the mean probability it gives the conditioned digit (blurry or malformed digits score low);
   * distance: sliced Wasserstein distance between its 64-d features of samples and of real digits of the
     split with the same labels (an FID-like score that needs no network download)."""
@@ -29,7 +31,8 @@ from .backend import ToyWorld
 from .nets import DigitClassifier, TinyUNet
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
-REWARDS = ("prob", "logit")  # the classifier's bold head: probability (default, optimum 1) or logit (unbounded)
+# the classifier's bold head: log-probability (default, optimum 0), probability (optimum 1), logit (unbounded)
+REWARDS = ("logprob", "prob", "logit")
 
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
@@ -106,7 +109,7 @@ class MNIST(ToyWorld):
     shape = (1, 28, 28)
     num_classes = 10
 
-    def __init__(self, weights=None, mnist_path: str | None = None, reward: str = "prob"):
+    def __init__(self, weights=None, mnist_path: str | None = None, reward: str = "logprob"):
         super().__init__(weights)
         if reward not in REWARDS:
             raise ValueError(f"unknown mnist reward {reward!r}; choose one of {list(REWARDS)}")
@@ -139,10 +142,12 @@ class MNIST(ToyWorld):
         return self.data_for(cond, generator, split), cond
 
     def reward(self, x0, cond):
-        """The classifier's bold-stroke head, differentiable in x0: its probability ("prob") or its logit ("logit")."""
+        """The classifier's bold-stroke head, differentiable in x0: log-probability, probability or logit."""
         return self._reward(self.classifier(x0.clamp(-1, 1))[1])
 
     def _reward(self, bold_logit):
+        if self.reward_kind == "logprob":
+            return F.logsigmoid(bold_logit)
         return bold_logit.sigmoid() if self.reward_kind == "prob" else bold_logit
 
     @torch.no_grad()
