@@ -23,6 +23,15 @@ def toy2d_tiny():
 
 
 @pytest.fixture(scope="session")
+def toy2d_tiny_height(toy2d_tiny):
+    """toy2d_tiny with the unbounded height reward (`--model toy2d:reward=height`): large, steady reward gains for
+    the loop tests that check a method climbs its reward."""
+    from toy.toy2d import Toy2D
+
+    return Toy2D(toy2d_tiny.weights, reward="height")
+
+
+@pytest.fixture(scope="session")
 def mnist_tiny():
     import toy
 

@@ -288,7 +288,7 @@ def test_base_metrics_come_from_the_frozen_model_and_tuned_from_the_policy(tmp_p
 # ---------------------------------------------------------------------------------------------------
 # Direction: a handful of updates move the objective the right way
 # ---------------------------------------------------------------------------------------------------
-def test_sft_updates_lower_the_denoising_loss_on_held_out_curated_pairs(tmp_path, toy2d_tiny):
+def test_sft_updates_lower_the_denoising_loss_on_held_out_curated_pairs(tmp_path, toy2d_tiny_height):
     """Eq. 9 regresses the model on reward-curated data (--data-top 0.5): after a few updates the eps-MSE on held-out
     curated pairs (fresh data and noise at the training start time) is well below the base model's, and the samples
     moved up the reward; a sign error (ascent on Eq. 9) or training on the wrong rows does not do both."""
@@ -296,23 +296,23 @@ def test_sft_updates_lower_the_denoising_loss_on_held_out_curated_pairs(tmp_path
 
     m = sharpening.train(sharpening.Config(variant="sft", out=str(tmp_path), **{**SMALL, "steps": 30, "batch": 32,
                                                                                 "start_t": 519, "final_samples": 256}),
-                         toy2d_tiny)
-    base, tuned = toy2d_tiny.denoiser("teacher"), toy2d_tiny.denoiser("teacher")
+                         toy2d_tiny_height)
+    base, tuned = toy2d_tiny_height.denoiser("teacher"), toy2d_tiny_height.denoiser("teacher")
     tuned.load_adapter_state(load_file(str(tmp_path / "checkpoint-30" / "model-model.safetensors")))
     g = torch.Generator().manual_seed(99)
-    x0, cond = sharpening.sft_data(toy2d_tiny, sharpening.Config(batch=512), g)
+    x0, cond = sharpening.sft_data(toy2d_tiny_height, sharpening.Config(batch=512), g)
     eps = torch.randn(x0.shape, generator=g)
-    x_t = common.add_noise(toy2d_tiny.schedule, x0, eps, 519)
+    x_t = common.add_noise(toy2d_tiny_height.schedule, x0, eps, 519)
     with torch.no_grad():
         mse_base, mse_tuned = (float(((d(x_t, 519, cond) - eps) ** 2).mean()) for d in (base, tuned))
     assert mse_tuned < 0.85 * mse_base, (mse_base, mse_tuned)
     assert m["reward_tuned"] > m["reward_base"] + 0.25, m
 
 
-def test_rlhf_updates_raise_the_reward_of_fixed_seed_samples(tmp_path, toy2d_tiny):
+def test_rlhf_updates_raise_the_reward_of_fixed_seed_samples(tmp_path, toy2d_tiny_height):
     """Eq. 11 prefers the higher-reward sample of each pair: a few updates raise the reward (height) of fixed-seed
     samples far above the base model's; with winner and loser swapped, or the margin's sign flipped, it falls."""
     m = sharpening.train(sharpening.Config(variant="rlhf", out=str(tmp_path), **{**SMALL, "steps": 20, "batch": 16,
                                                                                   "lr": 3e-3, "final_samples": 256}),
-                         toy2d_tiny)
+                         toy2d_tiny_height)
     assert m["reward_tuned"] > m["reward_base"] + 0.5, m
