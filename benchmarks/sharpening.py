@@ -51,13 +51,16 @@ TABLE2 = {"1 (Diffusion-DPO: n=2, m=1)": dict(n=2, m=1), **{str(n): dict(n=n, m=
 TABLE3 = {str(m): dict(n=3, m=m) for m in (1, 2, 3, 4, 8)}
 READINGS = {"inside (default, the paper's text)": dict(n=3, m=3),
             "outside-plus (the official code)": dict(n=3, m=3, reward_gap="outside-plus")}
+REWARDS = {"toy2d": "toy2d's default: soft membership of the upper modes, optimum 1",
+           "toy2d:reward=height": "height, unbounded"}
 SECTIONS = {"sft": ("sft", SFT), "table2": ("rlhf", TABLE2), "table3": ("rlhf", TABLE3), "readings": ("rlhf", READINGS)}
 
 
 def run_one(variant: str, over: dict, seed: int, args) -> dict:
     label = "-".join(f"{k}{v}" for k, v in over.items())
-    out = ROOT / "runs" / "bench-sharpening" / f"toy2d-{variant}-{label}-s{seed}"
-    cfg = sharpening.Config(model="toy2d", variant=variant, steps=args.steps, seed=seed, out=str(out),
+    world = args.model.replace(":", "-").replace("=", "-")
+    out = ROOT / "runs" / "bench-sharpening" / f"{world}-{variant}-{label}-s{seed}"
+    cfg = sharpening.Config(model=args.model, variant=variant, steps=args.steps, seed=seed, out=str(out),
                             eval_every=args.eval_every, final_samples=args.final_samples, save_every=args.steps,
                             progress=False, **({"batch": args.rlhf_batch} if variant == "rlhf" else {}), **over)
     cpu = time.process_time()
@@ -82,7 +85,7 @@ def stats(runs: list[dict], key: str) -> tuple[float, float]:
 
 def markdown(results: dict) -> str:
     made = "".join(f"`{c}`, " for c in results.get("reused", []))
-    lines = [f"Commands: {made}then `{results['command']}`. Machine: {results['machine']}. toy2d, "
+    lines = [f"Commands: {made}then `{results['command']}`. Machine: {results['machine']}. {results.get('model', 'toy2d')}, "
              f"{results['steps']} updates, seeds {results['seeds']}, batch 64 (SFT) / {results['rlhf_batch']} (RLHF); "
              f"mean ± sd over seeds of the reward ({results.get('reward', 'height')}) and quality (share within 0.2 "
              f"of a mode of the class) of {results['final_samples']} fixed-seed 25-step DDIM samples; base model "
@@ -115,6 +118,7 @@ def markdown(results: dict) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    p.add_argument("--model", default="toy2d", help="the toy world (toy2d:reward=height: the unbounded reward)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--eval-every", type=int, default=50)
@@ -134,11 +138,12 @@ def main():
                    machine=f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, 1 torch thread, "
                            f"torch {torch.__version__}",
                    steps=args.steps, seeds=args.seeds, final_samples=args.final_samples, rlhf_batch=args.rlhf_batch,
-                   reward="toy2d's default: soft membership of the upper modes, optimum 1", sections={}, runs={})
+                   model=args.model, reward=REWARDS.get(args.model, args.model), sections={}, runs={})
     for path in args.reuse:
         old = json.loads(Path(path).read_text())
-        same = {k: old.get(k) for k in ("steps", "seeds", "final_samples", "rlhf_batch")}
-        want = {"steps": args.steps, "seeds": args.seeds, "final_samples": args.final_samples,
+        same = {k: old.get(k, "toy2d" if k == "model" else None)
+                for k in ("model", "steps", "seeds", "final_samples", "rlhf_batch")}
+        want = {"model": args.model, "steps": args.steps, "seeds": args.seeds, "final_samples": args.final_samples,
                 "rlhf_batch": args.rlhf_batch}
         if not any(k.startswith("rlhf") for k in old["runs"]):  # SFT runs do not depend on --rlhf-batch
             same.pop("rlhf_batch"), want.pop("rlhf_batch")
