@@ -1,12 +1,12 @@
 """flow2d: toy2d's data and rewards under a flow-matching model (DESIGN.md section 10).
 
-The same eight-mode conditional ring, target split and rewards as toy2d, but every base model is a flow model in
-the SD3 / FLUX parametrisation: x_t = (1 - sigma_t) x_0 + sigma_t eps with diffusers' shifted sigmas (shift 3,
-SD3's), and the network predicts the velocity v = eps - x_0. The teacher samples with the marginal-preserving stochastic Euler step
-(common.FlowSDE; eta = 0 is the scheduler's Euler step), the 4-step student and the one-step generator with the
-flow x0-renoise kernel (a few-step distilled flow model, FLUX-schnell / SANA-Sprint style). The method scripts run
-on it unchanged with `--model flow2d`: they read the prediction only through the schedule's conversions and the
-kernels."""
+The same eight-mode conditional ring, target split and rewards as toy2d, but every base model is a flow model in the
+SD3 / FLUX parametrisation: x_t = (1 - sigma_t) x_0 + sigma_t eps with diffusers' shifted sigmas (shift 3, SD3's),
+and the network predicts the velocity v = eps - x_0. The teacher samples with the marginal-preserving stochastic
+Euler step (common.FlowSDE; eta = 0 is the scheduler's Euler step), the 4-step student and the one-step generator
+with the flow x0-renoise kernel (a few-step distilled flow model, FLUX-schnell / SANA-Sprint style). The method
+scripts run on it unchanged with `--model flow2d`: they read the prediction only through the schedule's conversions
+and the kernels."""
 from __future__ import annotations
 
 import common

@@ -1,12 +1,12 @@
 """toy2d: class-conditional 2D mixtures (DESIGN.md section 7).
 
-Eight tight Gaussian modes on a ring of radius 1.2 (std 0.05). Three "prompts": class 0 owns the even modes,
-class 1 the odd ones, class 2 all eight; label 3 is the null condition for classifier-free guidance. The
-"target" split (configurable, see Toy2D.__init__) is by default "half": each class keeps its modes at 0-135
-degrees (the earlier default, the ring rotated by 22.5 degrees, is `target_rotation=math.pi / 8,
-target_keep=range(8)`); the reward prefers the upper modes (by default a soft membership with an in-distribution
-optimum, `reward="modes"`; the unbounded height y, `reward="height"`, shows over-optimisation); quality is the share of samples
-within 0.2 of one of their class's modes (blur shows as mass between modes). Transfer read-outs that close or
+Eight tight Gaussian modes on a ring of radius 1.2 (std 0.05). Three "prompts": class 0 owns the even modes, class 1
+the odd ones, class 2 all eight; label 3 is the null condition for classifier-free guidance. The "target" split
+(configurable, see Toy2D.__init__) is by default "half": each class keeps its modes at 0-135 degrees (the earlier
+default, the ring rotated by 22.5 degrees, is `target_rotation=math.pi / 8, target_keep=range(8)`); the reward
+prefers the upper modes (by default a soft membership with an in-distribution optimum, `reward="modes"`; the
+unbounded height y, `reward="height"`, shows over-optimisation); quality is the share of samples within 0.2 of one
+of their class's modes (blur shows as mass between modes). Transfer read-outs that close or
 overlapping mode sets cannot fool: `transfer` (nearer a target mode than any other base mode) and `sharpness`
 (within 0.2 of any mode of either split)."""
 from __future__ import annotations
