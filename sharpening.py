@@ -96,7 +96,8 @@ Where this differs from the paper or the official code, and why
      JourneyDB plays in the paper). --data-top 1 is plain data (use it for a curated data set of your own).
   13. --target x0 (off by default, not in the paper): regress state k on the eps that takes it back to x_0
      instead of the candidate's eps, which below the start no longer points from the state to x_0.
-  14. --choose random / worst are SFT controls, not in the paper. The gradient clip (--max-grad-norm 1) is this
+  14. --choose random / worst are controls, not in the paper (SFT: train on a random / the worst candidate; RLHF:
+     the winner-loser pair in a random order / swapped). The gradient clip (--max-grad-norm 1) is this
      project's choice; 0 turns it off.
 
 Outputs (DESIGN.md section 9, common.Run): runs/sharpening-<variant>-<model>/ config.json, log.csv (step, loss,
@@ -123,7 +124,9 @@ class Config(common.RunConfig):
                            "fine-tuning; rlhf needs n >= 2 (n=2, m=1 is Diffusion-DPO)")
     m: int = common.arg(3, "states per trajectory, i.e. m-1 DDIM steps (paper Table 3: 3)")
     choose: str = common.arg("best", "sft: which candidate of each condition Eq. 9 trains on: best (Alg. 1), or the "
-                                     "controls random / worst (not in the paper; the winner's-curse check)",
+                                     "controls random / worst (not in the paper; the winner's-curse check); rlhf: "
+                                     "best = Alg. 2's winner best, loser worst; worst = the pair swapped; random = "
+                                     "the pair in a random order per condition (controls)",
                              choices=["best", "random", "worst"])
     start_t: int = common.arg(-1, "start time of the roll-outs, a time on the sampler grid; -1 draws a grid "
                                   "time with m-1 grid times below it, uniformly, each update")
@@ -173,7 +176,7 @@ def validate(cfg: Config) -> None:
     common.check_choice(cfg, "variant", ["sft", "rlhf"])
     common.check_range(cfg, "n", 2 if cfg.variant == "rlhf" else 1)  # rlhf: a winner and a loser per condition
     common.check_range(cfg, "m", 1)
-    common.check_choice(cfg, "choose", ["best", "random", "worst"] if cfg.variant == "sft" else ["best"])
+    common.check_choice(cfg, "choose", ["best", "random", "worst"])
     common.check_range(cfg, "start_t", -1, common.T - 1)
     common.check_range(cfg, "eta", 0)
     common.check_choice(cfg, "target", ["noise", "x0"])
@@ -239,9 +242,17 @@ def choose(scores: torch.Tensor, n: int, how: str = "best", generator: torch.Gen
     raise ValueError(f"choose: expected best, worst or random, got {how!r}")
 
 
-def choose_best_worst(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best and the worst candidate of each condition (Alg. 2's winner and loser), row indices [B] each."""
-    return choose(scores, n, "best"), choose(scores, n, "worst")
+def choose_best_worst(scores: torch.Tensor, n: int, how: str = "best",
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best and the worst candidate of each condition (Alg. 2's winner and loser), row indices [B] each.
+    Controls (not in the paper): how="worst" swaps them (the preference reversed), "random" orders each condition's
+    pair by a coin (no preference)."""
+    best, worst = choose(scores, n, "best"), choose(scores, n, "worst")
+    if how == "best":
+        return best, worst
+    swap = torch.ones_like(best, dtype=torch.bool) if how == "worst" else \
+        (torch.rand(best.shape, generator=generator) < 0.5).to(best.device)
+    return torch.where(swap, worst, best), torch.where(swap, best, worst)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -352,7 +363,7 @@ def rlhf_update(net, world, cfg: Config, roll, gen):
     """Eq. 11 between the best (w) and the worst (l) trajectory of each condition (Alg. 2) -> (loss, logs)."""
     x0, cond, eps, states, eps_pred, rewards, scores, times = roll
     B = cfg.batch
-    best, worst = choose_best_worst(scores, cfg.n)
+    best, worst = choose_best_worst(scores, cfg.n, cfg.choose, gen)  # --choose worst / random: the controls
     rows = torch.cat([best, worst])  # [2B]: winners, then losers
     eps_theta = policy_eps(net, cfg, rows, eps_pred, states, times, cond)
     with torch.no_grad(), net.frozen():  # the frozen reference at the same m states (2m NFEs)

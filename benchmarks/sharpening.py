@@ -15,6 +15,9 @@ Sections:
            with m).
   readings RLHF n = m = 3 with Eq. 11's reward gap outside log sigma (--reward-gap outside-plus, the official code;
            outside-minus has the same gradient, tested) against the default inside reading.
+  rlhf_controls  RLHF n = m = 3 at beta 100 (default) and 25 with the winner-loser pair as Alg. 2 has it, swapped
+           (--choose worst: the preference reversed) and in a random order (--choose random: no preference); not
+           in the paper, the check of what moves the reward.
 Runs shared by sections (e.g. RLHF n = m = 3) are run once. Every run uses sharpening.py's defaults except the
 overrides named in its row and --steps / --final-samples / --eval-every given here, and RLHF rows run with
 --rlhf-batch conditions per update (default 16, a quarter of sharpening.py's 64: CPU time on a shared machine).
@@ -53,7 +56,12 @@ READINGS = {"inside (default, the paper's text)": dict(n=3, m=3),
             "outside-plus (the official code)": dict(n=3, m=3, reward_gap="outside-plus")}
 REWARDS = {"toy2d": "toy2d's default: soft membership of the upper modes, optimum 1",
            "toy2d:reward=height": "height, unbounded"}
-SECTIONS = {"sft": ("sft", SFT), "table2": ("rlhf", TABLE2), "table3": ("rlhf", TABLE3), "readings": ("rlhf", READINGS)}
+RLHF_CONTROLS = {  # beta 100 is sharpening.py's default: its "best" row is the n = m = 3 run of the other sections
+    f"beta {b}, {how}": dict(n=3, m=3, **({} if b == 100 else {"beta": float(b)}),
+                             **({} if how.startswith("best") else {"choose": how.split()[0]}))
+    for b in (100, 25) for how in ("best (Alg. 2)", "worst (pair swapped)", "random (pair order)")}
+SECTIONS = {"sft": ("sft", SFT), "table2": ("rlhf", TABLE2), "table3": ("rlhf", TABLE3), "readings": ("rlhf", READINGS),
+            "rlhf_controls": ("rlhf", RLHF_CONTROLS)}
 
 
 def run_one(variant: str, over: dict, seed: int, args) -> dict:
@@ -93,7 +101,8 @@ def markdown(results: dict) -> str:
              f"{results['cpu_seconds_total']:.0f} CPU s.", ""]
     titles = {"sft": "SFT choice controls (not in the paper)",
               "table2": "RLHF, n at m = 3 (paper Table 2)", "table3": "RLHF, m at n = 3 (paper Table 3)",
-              "readings": "RLHF, Eq. 11's reward gap (n = m = 3)"}
+              "readings": "RLHF, Eq. 11's reward gap (n = m = 3)",
+              "rlhf_controls": "RLHF controls: the winner-loser pair (n = m = 3; not in the paper)"}
     for name, section in results["sections"].items():
         variant = SECTIONS[name][0]
         extra = ("loss first 10 → last 10 updates" if variant == "sft" else

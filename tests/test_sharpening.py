@@ -181,6 +181,21 @@ def test_random_and_worst_choices_stay_within_each_condition():
     assert torch.equal(again, picks[7])  # drawn from the update's generator: reproducible on resume
 
 
+def test_rlhf_controls_swap_or_shuffle_the_winner_and_loser_of_each_condition():
+    scores = torch.tensor([3.0, 1.0, 1.3, -3.0, -6.0, -3.5, 0.0, 9.0, 2.0])
+    best, worst = sharpening.choose_best_worst(scores, 3)
+    assert best.tolist() == [0, 3, 7] and worst.tolist() == [1, 4, 6]
+    w, l = sharpening.choose_best_worst(scores, 3, "worst")
+    assert w.tolist() == [1, 4, 6] and l.tolist() == [0, 3, 7]  # the preference reversed
+    pairs = [sharpening.choose_best_worst(scores, 3, "random", torch.Generator().manual_seed(s)) for s in range(200)]
+    for c in range(3):
+        winners = {int(w[c]) for w, _ in pairs}
+        assert winners == {int(best[c]), int(worst[c])}  # a coin between this condition's best and worst
+        assert all({int(w[c]), int(l[c])} == {int(best[c]), int(worst[c])} for w, l in pairs)
+    w7, _ = sharpening.choose_best_worst(scores, 3, "random", torch.Generator().manual_seed(7))
+    assert torch.equal(w7, pairs[7][0])  # drawn from the update's generator: reproducible on resume
+
+
 def test_rlhf_with_one_state_is_diffusion_dpo():
     # Wallace et al. (Diffusion-DPO): -log sigma(-beta (||e_w - e_theta(x_w)||^2 - ||e_w - e_ref(x_w)||^2
     #                                                 - (||e_l - e_theta(x_l)||^2 - ||e_l - e_ref(x_l)||^2)))
@@ -346,7 +361,7 @@ def test_gradient_accumulation_runs_and_counts_the_same_nfes_per_micro_batch(tmp
     (dict(m=0), "--m: expected a finite number >= 1, got 0"),
     (dict(data_top=0.0), "--data-top: expected a finite number > 0 and <= 1, got 0.0"),
     (dict(lr=float("nan")), "--lr: expected a finite number > 0"),
-    (dict(variant="rlhf", choose="random"), "--choose: expected one of ['best'], got 'random'"),
+    (dict(variant="rlhf", choose="any"), "--choose: expected one of ['best', 'random', 'worst'], got 'any'"),
     (dict(reward_gap="outside"), "--reward-gap: expected one of"),
     (dict(beta=0.0), "--beta: expected a finite number > 0"),
 ])

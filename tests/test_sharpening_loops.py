@@ -210,7 +210,8 @@ def test_sft_target_x0_regresses_each_state_on_the_noise_back_to_its_x0(tmp_path
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("reading,extra", [
     ("inside", {}), ("outside-minus", {}), ("outside-plus", {}), ("inside", dict(recompute=True)),
-    ("inside", dict(same_noise=False, m_reduce="sum", reward_gap_scale=2.0))])
+    ("inside", dict(same_noise=False, m_reduce="sum", reward_gap_scale=2.0)),
+    ("inside", dict(choose="worst"))])  # the control: winner and loser swapped
 def test_rlhf_loss_gets_winner_and_loser_of_each_condition_against_the_frozen_reference(tmp_path, monkeypatch,
                                                                                         toy2d_tiny, reading, extra):
     cfg, updates, _ = record(tmp_path, monkeypatch, toy2d_tiny, variant="rlhf", reward_gap=reading, **extra)
@@ -238,6 +239,8 @@ def test_rlhf_loss_gets_winner_and_loser_of_each_condition_against_the_frozen_re
         scores = rewards.sum(0).view(B, n)
         best = torch.arange(B) * n + scores.argmax(1)
         worst = torch.arange(B) * n + scores.argmin(1)
+        if cfg.choose == "worst":
+            best, worst = worst, best
         rows = torch.cat([best, worst])
         # the frozen reference at the winner's and loser's m states, the same times as the policy, no autograd
         assert [c["t"] for c in ref] == times
@@ -258,7 +261,8 @@ def test_rlhf_loss_gets_winner_and_loser_of_each_condition_against_the_frozen_re
         assert not (ref_w.requires_grad or ref_l.requires_grad or gap.requires_grad)
         # R_w - R_l: per-state mean score difference, times the scale
         assert torch.allclose(gap, cfg.reward_gap_scale * (rewards[:, best] - rewards[:, worst]).mean(0))
-        assert (gap >= 0).all() and beta == cfg.beta and where == reading
+        assert ((gap >= 0) if cfg.choose == "best" else (gap <= 0)).all()  # swapped: the winner scored lower
+        assert beta == cfg.beta and where == reading
 
 
 def test_rlhf_logged_loss_is_the_chosen_reading(tmp_path, monkeypatch, toy2d_tiny):
