@@ -91,19 +91,45 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=300, help="updates per run (300: the default python pso.py)")
     p.add_argument("--out", default=str(RESULTS / "pso_one_step.json"))
+    p.add_argument("--replot", action="store_true", help="run nothing: rewrite the markdown from --out")
     args = p.parse_args(argv)
     world = common.load_world("toy2d")
+    if args.replot:
+        saved = json.loads(Path(args.out).read_text())
+        write_markdown(args, world, saved["runs"], saved["command"], saved["machine"], saved["wall_seconds"])
+        return
     start, results = time.perf_counter(), {}
     for label, keep in ROWS.items():
         results[label] = [run(label, keep, seed, world, args.steps) for seed in args.seeds]
         r = results[label]
         print(f"[pso_one_step] {label}: " + ", ".join(f"{name} {mean_sd([m[k.format('tuned')] for m in r])}"
                                                       for k, name in READ), flush=True)
-    command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/pso_one_step.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/pso_one_step.py",
+                        *(argv if argv is not None else sys.argv[1:])])
     machine = f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)"
+    wall = time.perf_counter() - start
     Path(args.out).write_text(json.dumps({"command": command, "machine": machine, "setting": SETTING,
-                                          "seeds": args.seeds, "wall_seconds": time.perf_counter() - start,
-                                          "runs": results}, indent=1, default=str))
+                                          "seeds": args.seeds, "wall_seconds": wall, "runs": results},
+                                         indent=1, default=str))
+    write_markdown(args, world, results, command, machine, wall)
+
+
+def snr_line(world, grid) -> str:
+    """How much an x0-prediction error at t_n weighs in the transition t_n -> t_{n-1} of the x0-renoise MDP: its
+    mean is alpha_{t_{n-1}} x0_hat with std sigma_{t_{n-1}}, so an error d enters the log-ratio (Eq. 12) as
+    SNR(t_{n-1}) ||d||^2 / 2, and enters the next sampling state scaled by alpha_{t_{n-1}} under unit noise."""
+    a = world.schedule.alphas_cumprod
+    return ", ".join(f"{t} → {u}: {float(a[u] / (1 - a[u])):.4f}" for t, u in zip(grid[:-1], grid[1:]))
+
+
+def amplification_line(world, grid) -> str:
+    """sigma_t / alpha_t: how much an error of the eps-prediction at t moves x0_hat = (x_t - sigma_t eps) / alpha_t
+    (the 1-step sample is x0_hat at t = 999)."""
+    a = world.schedule.alphas_cumprod
+    return ", ".join(f"{t}: {float(((1 - a[t]) / a[t]) ** 0.5):.2f}" for t in grid)
+
+
+def write_markdown(args, world, results, command, machine, wall):
     first = next(iter(results.values()))
     lines = ["# Eq. 5 at one step on toy2d: the t = 999 transition (PSO Table 2 probe)", "",
              f"Command: `{command}`. Setting: the default `python pso.py` (target half, beta 7, 16-step training "
@@ -114,7 +140,13 @@ def main(argv=None):
              "| base model | " + " | ".join(mean_sd([m[k.format("base")] for m in first]) for k, _ in READ) + " |"]
     for label, r in results.items():
         lines.append(f"| {label} | " + " | ".join(mean_sd([m[k.format("tuned")] for m in r]) for k, _ in READ) + " |")
-    lines += ["", f"Machine: {machine}. Wall {time.perf_counter() - start:.0f} s."]
+    lines += ["", "SNR(t_{n-1}) = the weight of an x0-prediction error at t_n in the transition's log-ratio (Eq. 12, "
+              "x0-renoise kernel: mean alpha_{t_{n-1}} x0_hat, std sigma_{t_{n-1}}), on the 16-step training grid: "
+              + snr_line(world, common.few_step_timesteps(16)) + "; on the model's 4-step sampling grid: "
+              + snr_line(world, common.few_step_timesteps(4)) + ".", "",
+              "sigma_t / alpha_t = how far an error of the eps-prediction at t moves x0_hat (the 1-step sample is "
+              "x0_hat at t = 999): " + amplification_line(world, common.few_step_timesteps(16)) + ".",
+              "", f"Machine: {machine}. Wall {wall:.0f} s."]
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
