@@ -1,21 +1,23 @@
-"""Why Eq. 5 on toy2d loses the 1-step quality the paper keeps (its Table 2): a probe on the t = 999 transition.
+"""Why Eq. 5 on toy2d loses the 1-step quality the paper keeps (its Table 2): which transitions cause it.
 
-    OMP_NUM_THREADS=1 python benchmarks/pso_one_step.py            # 4 rows x 3 seeds, ~15 min of CPU
+    OMP_NUM_THREADS=1 python benchmarks/pso_one_step.py            # 4 rows x 3 seeds, ~10 min of CPU
+    python benchmarks/pso_one_step.py --replot                     # rewrite the markdown from the json
 
-The 1-step sampler reads one prediction only: f_theta(x_999), from pure noise. Every Eq. 5 training grid starts
-at t = 999, where the data side (Eq. 11) regresses the prediction on target data forward-diffused with fresh noise,
-which is nearly independent of x_999: its minimiser is the posterior mean E[x_0 | x_999, c] ~ the class mean of
-the target data, a point between the modes. Probe: the default `python pso.py` setting (toy2d target "half", beta
-7, 16-step training grid, 300 updates, batch 64, lr 1e-3) with the per-transition log-ratios of the t = 999
-transition masked out of the loss (both sides), with every transition from t > 750 masked (x_t nearly pure noise
-there too, and the shared LoRA carries a change at t = 937 to t = 999), and the converse (only the t = 999 transition
-kept). If the mechanism is right, masking the high-noise transitions keeps the 1-step samples as sharp as the base model's (and as unmoved: the 1-step sampler then
-reads an untrained prediction through the shared LoRA only) while the 4-step transfer stays; keeping only it blurs
-the 1-step samples toward the class means without 4-step transfer.
+The 1-step sampler reads one prediction only: x0_hat(x_999), from pure noise. Two readings of its blur: (a) the
+data side (Eq. 11) at t = 999 regresses the prediction on target data forward-diffused with fresh noise, nearly
+independent of x_999, so it pulls x0_hat toward the posterior mean (the class mean of the target data, between
+the modes); (b) nothing holds x0_hat(x_999) in place: an eps-error at t = 999 moves x0_hat by sigma/alpha (large),
+while it weighs little in the transition log-ratios (Eq. 12: SNR of the next time) and the 4-step sampler passes
+it on at the next time's small alpha, so a LoRA update made anywhere (shared across t) moves it freely.
+Probe: the default `python pso.py` setting (toy2d target "half", beta 7, 16-step training grid, 300 updates, batch
+64, lr 1e-3) with transitions masked out of the loss (both sides): the t = 999 one, every one from t > 750, or all
+but the t = 999 one. Reading (a) predicts sharp 1-step samples when the high-noise transitions are masked; (b)
+predicts blur in every row. The markdown also lists the schedule's weights behind (b): SNR of each transition's
+next time, and sigma_t / alpha_t.
 
 Read-outs (1000 evaluation samples from fixed noise, as pso.train): transfer and sharpness at 4 and 1 step, and
-`to class mean (1 step)`: the mean distance of the 1-step samples to the mean of their class's target data (base
-model: about the ring's distance from it; posterior-mean blur: near 0).
+`to class mean (1 step)`: the mean distance of the 1-step samples to the mean of their class's target data
+(posterior-mean blur: near 0).
 The mask is applied by wrapping `pso.dpo` (the one function every Eq. 5 update sends its [B, S'] log-ratios to)
 in this process: a probe, not an option of pso.py. Writes benchmarks/results/pso_one_step.{json,md}.
 """
