@@ -93,7 +93,8 @@ def stats(runs: list[dict], key: str) -> tuple[float, float]:
 
 def markdown(results: dict) -> str:
     made = "".join(f"`{c}`, " for c in results.get("reused", []))
-    lines = [f"Commands: {made}then `{results['command']}`. Machine: {results['machine']}. {results.get('model', 'toy2d')}, "
+    lines = [f"Commands: {made}then `{results['command']}`. Machine: {results['machine']}. "
+             f"{results.get('model', 'toy2d')}, "
              f"{results['steps']} updates, seeds {results['seeds']}, batch 64 (SFT) / {results['rlhf_batch']} (RLHF); "
              f"mean ± sd over seeds of the reward ({results.get('reward', 'height')}) and quality (share within 0.2 "
              f"of a mode of the class) of {results['final_samples']} fixed-seed 25-step DDIM samples; base model "
