@@ -2,7 +2,7 @@
 to a frozen reference diffusion model.
 
 Paper: Luo, "Diff-Instruct++: Training One-step Text-to-image Generator Model to Align with Human Preferences",
-arXiv 2410.18881 (equations restored in DESIGN.md section 6). There is no public DI++ code; the author's public
+arXiv 2410.18881 (equations restored in docs/design.md section 6). There is no public DI++ code; the author's public
 Diff-Instruct code (github.com/pkulwj1994/diff_instruct: training/di_loss.py, training/di_training_loop.py) is
 the official reference for the parts the two methods share (the IKL weighting, the EMA, sigma_init).
 
@@ -93,55 +93,56 @@ from dataclasses import dataclass
 import torch
 
 import common
+import harness
 
 METHOD = "diff_instruct_pp"
 DI_CFG_SCALE = 4.5  # the paper's CFG teacher for Diff-Instruct pre-training (variant di) when --cfg-scale is not given
 
 
 @dataclass
-class Config(common.RunConfig):
-    model: str = common.arg("toy2d", "toy world (toy2d, mnist) or a diffusers checkpoint folder / hub id")
-    variant: str = common.arg("dipp", "dipp: align the one-step generator; di: Diff-Instruct pre-training from the "
+class Config(harness.RunConfig):
+    model: str = harness.arg("toy2d", "toy world (toy2d, mnist) or a diffusers checkpoint folder / hub id")
+    variant: str = harness.arg("dipp", "dipp: align the one-step generator; di: Diff-Instruct pre-training from the "
                               "reference network (no reward)", choices=["dipp", "di"])
-    steps: int = common.arg(400, "generator updates")
-    batch: int = common.arg(256, "samples per micro-batch (paper: 256 in alignment)")
-    reward_scale: float = common.arg(0.1, "alpha_rew, weight of the explicit reward (paper: 1-10 PixArt, 100-1000 "
+    steps: int = harness.arg(400, "generator updates")
+    batch: int = harness.arg(256, "samples per micro-batch (paper: 256 in alignment)")
+    reward_scale: float = harness.arg(0.1, "alpha_rew, weight of the explicit reward (paper: 1-10 PixArt, 100-1000 "
                                      "SD1.5; per-world scale, see docstring)")
-    cfg_scale: float = common.arg(1.0, "omega, CFG scale of the reference = implicit reward at scale omega-1 "
+    cfg_scale: float = harness.arg(1.0, "omega, CFG scale of the reference = implicit reward at scale omega-1 "
                                   f"(Thm 3.4; paper 1.5-4.5); variant di: {DI_CFG_SCALE} when not given")
-    ta_steps: int = common.arg(2, "K_TA: TA updates per generator update (Alg. 1 and the author's DI loop: 1; "
+    ta_steps: int = harness.arg(2, "K_TA: TA updates per generator update (Alg. 1 and the author's DI loop: 1; "
                                "DMD2: 5)")
-    ta_warmup: int = common.arg(0, "TA-only updates on generator samples before alignment starts (not in the paper)")
-    weighting: str = common.arg("snr_inv", "w(t): snr_inv = sigma^2/alpha^2, weight 1 on x0_hat_psi - x0_hat_ref "
+    ta_warmup: int = harness.arg(0, "TA-only updates on generator samples before alignment starts (not in the paper)")
+    weighting: str = harness.arg("snr_inv", "w(t): snr_inv = sigma^2/alpha^2, weight 1 on x0_hat_psi - x0_hat_ref "
                                 "(the author's Diff-Instruct code); unit = 1 on the score difference",
                                 choices=["snr_inv", "unit"])
-    time_density: str = common.arg("uniform", "pi(t): uniform on [t_min, t_max] (DMD2 / SiD) or lognormal (paper "
+    time_density: str = harness.arg("uniform", "pi(t): uniform on [t_min, t_max] (DMD2 / SiD) or lognormal (paper "
                                    "App. C: ln sigma_VE ~ N(-2, 2^2) truncated to [t_min, t_max]; the paper's "
                                    "pairing: --weighting snr_inv --time-density lognormal --t-min 0 --t-max 999)",
                                    choices=["uniform", "lognormal"])
-    t_min: int = common.arg(20, "pi(t): smallest timestep (0.02 T)")
-    t_max: int = common.arg(980, "pi(t): largest timestep (0.98 T)")
-    init_sigma: float = common.arg(2.5, "variant di: the generator reads the reference at the t whose sigma_VE is "
+    t_min: int = harness.arg(20, "pi(t): smallest timestep (0.02 T)")
+    t_max: int = harness.arg(980, "pi(t): largest timestep (0.98 T)")
+    init_sigma: float = harness.arg(2.5, "variant di: the generator reads the reference at the t whose sigma_VE is "
                                    "nearest to this (Diff-Instruct / SiD / DI++: 2.5)")
-    ema: bool = common.arg(False, "keep an EMA of the generator and evaluate it too (paper: decay 0.95)")
-    ema_decay: float = common.arg(0.95, "EMA decay per generator update (paper: 0.95)")
-    lr: float = common.arg(1e-4, "generator learning rate (paper 5e-6 on full networks; toy LoRA scale)")
-    ta_lr: float = common.arg(3e-3, "TA learning rate (paper 5e-6; the TA must track the generator)")
-    adam_beta1: float = common.arg(0.0, "Adam beta1 for both optimizers (paper 0)")
-    adam_beta2: float = common.arg(0.999, "Adam beta2 for both optimizers (paper 0.999)")
-    max_grad_norm: float = common.arg(10.0, "gradient-norm clip of each optimizer step (0 = off; not in the paper)")
-    lora_rank: int = common.arg(16, "generator LoRA rank")
-    ta_lora_rank: int = common.arg(16, "TA LoRA rank (on the reference network)")
-    train_full: bool = common.arg(False, "fine-tune every generator weight instead of a LoRA (paper)")
-    ta_train_full: bool = common.arg(False, "fine-tune every TA weight (a frozen copy of the reference is then kept)")
-    eval_samples: int = common.arg(2000, "samples for the base vs tuned metrics")
+    ema: bool = harness.arg(False, "keep an EMA of the generator and evaluate it too (paper: decay 0.95)")
+    ema_decay: float = harness.arg(0.95, "EMA decay per generator update (paper: 0.95)")
+    lr: float = harness.arg(1e-4, "generator learning rate (paper 5e-6 on full networks; toy LoRA scale)")
+    ta_lr: float = harness.arg(3e-3, "TA learning rate (paper 5e-6; the TA must track the generator)")
+    adam_beta1: float = harness.arg(0.0, "Adam beta1 for both optimizers (paper 0)")
+    adam_beta2: float = harness.arg(0.999, "Adam beta2 for both optimizers (paper 0.999)")
+    max_grad_norm: float = harness.arg(10.0, "gradient-norm clip of each optimizer step (0 = off; not in the paper)")
+    lora_rank: int = harness.arg(16, "generator LoRA rank")
+    ta_lora_rank: int = harness.arg(16, "TA LoRA rank (on the reference network)")
+    train_full: bool = harness.arg(False, "fine-tune every generator weight instead of a LoRA (paper)")
+    ta_train_full: bool = harness.arg(False, "fine-tune every TA weight (a frozen copy of the reference is then kept)")
+    eval_samples: int = harness.arg(2000, "samples for the base vs tuned metrics")
 
 
 def resolve_variant(cfg: Config) -> Config:
     """Variant di is Diff-Instruct: no explicit reward, and the paper's CFG-4.5 teacher unless --cfg-scale is given."""
     if cfg.variant != "di":
         return cfg
-    given, changes = common.explicit_fields(cfg), {}
+    given, changes = harness.explicit_fields(cfg), {}
     if cfg.reward_scale != 0:
         print(f"[{METHOD}] variant di is Diff-Instruct: --reward-scale {cfg.reward_scale} is ignored (set to 0)")
         changes["reward_scale"] = 0.0
@@ -154,21 +155,21 @@ def resolve_variant(cfg: Config) -> Config:
 
 def validate(cfg: Config) -> None:
     """Every option's range, naming the flag (before anything is loaded or written)."""
-    common.check_choice(cfg, "variant", ["dipp", "di"])
-    common.check_choice(cfg, "weighting", ["snr_inv", "unit"])
-    common.check_choice(cfg, "time_density", ["uniform", "lognormal"])
+    harness.check_choice(cfg, "variant", ["dipp", "di"])
+    harness.check_choice(cfg, "weighting", ["snr_inv", "unit"])
+    harness.check_choice(cfg, "time_density", ["uniform", "lognormal"])
     for name in ("steps", "batch", "ta_steps", "eval_samples", "lora_rank", "ta_lora_rank"):
-        common.check_range(cfg, name, 1)
-    common.check_range(cfg, "ta_warmup", 0)
-    common.check_range(cfg, "t_min", 0, common.T - 1)
-    common.check_range(cfg, "t_max", cfg.t_min, common.T - 1)
+        harness.check_range(cfg, name, 1)
+    harness.check_range(cfg, "ta_warmup", 0)
+    harness.check_range(cfg, "t_min", 0, common.T - 1)
+    harness.check_range(cfg, "t_max", cfg.t_min, common.T - 1)
     for name in ("reward_scale", "cfg_scale", "max_grad_norm"):
-        common.check_range(cfg, name, 0)
+        harness.check_range(cfg, name, 0)
     for name in ("lr", "ta_lr"):
-        common.check_range(cfg, name, 0, 1, lo_open=True)
+        harness.check_range(cfg, name, 0, 1, lo_open=True)
     for name in ("adam_beta1", "adam_beta2", "ema_decay"):
-        common.check_range(cfg, name, 0, 1, hi_open=True)
-    common.check_range(cfg, "init_sigma", 0, lo_open=True)
+        harness.check_range(cfg, name, 0, 1, hi_open=True)
+    harness.check_range(cfg, "init_sigma", 0, lo_open=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -406,12 +407,12 @@ CURVES = [("reward", "reward of the generator batch"), ("ikl_pull", "IKL pull |a
 
 
 def train(cfg: Config, world=None) -> dict:
-    timer = common.Timer()
+    timer = harness.Timer()
     cfg = resolve_variant(cfg)
     validate(cfg)
-    run = common.Run(METHOD, cfg)  # folder + resume rule; writes nothing
+    run = harness.Run(METHOD, cfg)  # folder + resume rule; writes nothing
     common.seed_everything(cfg.seed)
-    world = world or common.load_world(cfg.model)
+    world = world or harness.load_world(cfg.model)
     cfg = run.configure(world)
     validate(cfg)
     acc, sched, dev, G = world.accelerator, world.schedule, world.accelerator.device, cfg.gradient_accumulation_steps
@@ -465,7 +466,7 @@ def train(cfg: Config, world=None) -> dict:
             ta_update([common.step_generator(cfg.seed, step, acc.process_index, micro=m) for m in range(G)], step)
 
     for step in run.updates():
-        t0 = common.Timer()
+        t0 = harness.Timer()
         gens = [common.step_generator(cfg.seed, step, acc.process_index, micro=m) for m in range(G)]
         g_net.rows = ta_net.rows = 0
 
@@ -519,8 +520,8 @@ def train(cfg: Config, world=None) -> dict:
 
 
 def main(argv=None) -> dict:
-    return train(common.parse_config(Config, argv, description=__doc__.split("\n\n")[0]))
+    return train(harness.parse_config(Config, argv, description=__doc__.split("\n\n")[0]))
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    harness.run_cli(main)

@@ -92,7 +92,7 @@ Where this differs from the paper / the official code (and why):
      Its sigma^-2-weighted x0-space error equals the eps-MSE used here.
   8. Eq. 5 has no official trainer either. The training grid can be denser than the sampling grid
      (`--train-steps 8`): with the model's own 4-step grid the deterministic last step (t_1 = 249 -> x_0) is never
-     trained (DESIGN.md section 7).
+     trained (docs/design.md section 7).
   9. Naive baseline: t ~ U[0, T) by default (Ho et al., the paper's Fig. 1b baseline); `--naive-t grid` trains at
      the S training-grid times instead (t_1 included, which no PSO variant trains).
  10. Learning rate, steps and batch are scaled for CPU toys (see Config); the paper's values are in the help.
@@ -114,6 +114,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import harness
 
 VARIANTS = ("pso", "offline", "online", "customize", "naive")
 SAMPLERS = ("", "x0_renoise", "euler_ancestral")
@@ -122,58 +123,58 @@ FREE = ("eval_every", "eval_samples", "naive_baseline")  # a resumed run may cha
 
 
 @dataclasses.dataclass
-class Config(common.RunConfig):
-    model: str = common.arg("toy2d", "toy world (toy2d | mnist) or a diffusers checkpoint for the full backend")
-    variant: str = common.arg("pso", "objective: pso (Eq. 5), offline (Eq. 6), online (Eq. 7), customize (App. B.3), "
+class Config(harness.RunConfig):
+    model: str = harness.arg("toy2d", "toy world (toy2d | mnist) or a diffusers checkpoint for the full backend")
+    variant: str = harness.arg("pso", "objective: pso (Eq. 5), offline (Eq. 6), online (Eq. 7), customize (App. B.3), "
                               "naive (Fig. 1b baseline)", choices=list(VARIANTS))
-    sampler: str = common.arg("", "MDP of the distilled model, passed to the backend: x0_renoise (DMD2/LCM, Eq. 4) or "
+    sampler: str = harness.arg("", "MDP of the distilled model, passed to the backend: x0_renoise (DMD2/LCM, Eq. 4) or "
                               "euler_ancestral (SDXL-Turbo, Eq. 14); empty = the backend's default",
                               choices=list(SAMPLERS))
-    steps: int = common.arg(300, "updates (paper: 5k offline, 20k online, 3k style transfer, 1k customize)")
-    batch: int = common.arg(64, "pairs (conditions) per micro-batch (paper: 64; customize 4)")
-    lr: float = common.arg(1e-3, "AdamW learning rate (paper: 1e-5 on SDXL; the toys' LoRA needs ~100x more)")
-    weight_decay: float = common.arg(1e-6, "AdamW weight decay (official code: 1e-6)")
-    beta: float = common.arg(0.0, "DPO regularisation beta; 0 = the paper's value: 50 (pso, offline), 5 (online, "
+    steps: int = harness.arg(300, "updates (paper: 5k offline, 20k online, 3k style transfer, 1k customize)")
+    batch: int = harness.arg(64, "pairs (conditions) per micro-batch (paper: 64; customize 4)")
+    lr: float = harness.arg(1e-3, "AdamW learning rate (paper: 1e-5 on SDXL; the toys' LoRA needs ~100x more)")
+    weight_decay: float = harness.arg(1e-6, "AdamW weight decay (official code: 1e-6)")
+    beta: float = harness.arg(0.0, "DPO regularisation beta; 0 = the paper's value: 50 (pso, offline), 5 (online, "
                              "customize)")
-    reduce: str = common.arg("mean", "reduce squared norms / log-probs over dimensions: mean (official code, what "
+    reduce: str = harness.arg("mean", "reduce squared norms / log-probs over dimensions: mean (official code, what "
                              "beta = 50 is tuned for) or sum (the paper's equations)", choices=["mean", "sum"])
-    train_steps: int = common.arg(0, "length S of the training grid (trailing spacing); 0 = the model's own grid "
+    train_steps: int = harness.arg(0, "length S of the training grid (trailing spacing); 0 = the model's own grid "
                                   "(N = 4 in the paper). E.g. 8 trains 7 transitions incl. t = 249 (the official "
                                   "online DMD2 run), evaluation stays on the model's grid")
-    lora_rank: int = common.arg(16, "LoRA rank (paper: 16 for DMD2 / Turbo, 32 for LCM)")
-    train_full: bool = common.arg(False, "fine-tune every weight instead of a LoRA")
-    grad_clip: float = common.arg(1.0, "max gradient norm (official code: 1.0); 0 = off")
-    per_step_loss: bool = common.arg(False, "official online code: -log sigmoid per transition, averaged, instead "
+    lora_rank: int = harness.arg(16, "LoRA rank (paper: 16 for DMD2 / Turbo, 32 for LCM)")
+    train_full: bool = harness.arg(False, "fine-tune every weight instead of a LoRA")
+    grad_clip: float = harness.arg(1.0, "max gradient norm (official code: 1.0); 0 = off")
+    per_step_loss: bool = harness.arg(False, "official online code: -log sigmoid per transition, averaged, instead "
                                      "of the sum over transitions inside one sigmoid")
-    clamp_ratio: float = common.arg(0.0, "official online code / D3PO: clamp each per-step ratio exp(r_n) to "
+    clamp_ratio: float = harness.arg(0.0, "official online code / D3PO: clamp each per-step ratio exp(r_n) to "
                                     "[1 - c, 1 + c] (official: 0.1; on Eq. 11 terms a bound on the surrogate); 0 = off")
-    one_timestep: bool = common.arg(False, "offline / customize: one random timestep per pair instead of the sum over "
+    one_timestep: bool = harness.arg(False, "offline / customize: one random timestep per pair instead of the sum over "
                                     "the grid's transitions (see --one-timestep-from)")
-    one_timestep_from: str = common.arg("grid", "--one-timestep draws t from: grid (the training grid's stochastic "
+    one_timestep_from: str = harness.arg("grid", "--one-timestep draws t from: grid (the training grid's stochastic "
                                         "transitions t_N..t_2), uniform (U[0, T): Diffusion-DPO), leading (T - n T/S, "
                                         "n = 1..S: {750, 500, 250, 0}, the official DreamBooth script's)",
                                         choices=["grid", "uniform", "leading"])
-    offline_pairs: str = common.arg("preference", "offline pairs: preference (world.preference_pairs: reward-ranked, "
+    offline_pairs: str = harness.arg("preference", "offline pairs: preference (world.preference_pairs: reward-ranked, "
                                     "Pick-a-Pic-like) or target (target data vs. a frozen-model sample)",
                                     choices=["preference", "target"])
-    pairs: str = common.arg("", "offline: a stored pairs file (.jsonl / .safetensors / .pt rows of win, lose, cond); "
+    pairs: str = harness.arg("", "offline: a stored pairs file (.jsonl / .safetensors / .pt rows of win, lose, cond); "
                             "overrides --offline-pairs")
-    hinge: bool = common.arg(False, "relu(1 - beta * margin) instead of -log sigmoid: the official customization "
+    hinge: bool = harness.arg(False, "relu(1 - beta * margin) instead of -log sigmoid: the official customization "
                              "script's loss when eps_pre is dropped (bounded: no push past margin 1 / beta)")
-    reference_scale: float = common.arg(1.0, "customize: weight of the reference term in the margin (official "
+    reference_scale: float = harness.arg(1.0, "customize: weight of the reference term in the margin (official "
                                         "DreamBooth script: 0.1)")
-    concept_images: int = common.arg(5, "customize: number of concept images (DreamBooth: 3-5)")
-    reference_images: int = common.arg(64, "customize: reference images sampled once from the frozen model "
+    concept_images: int = harness.arg(5, "customize: number of concept images (DreamBooth: 3-5)")
+    reference_images: int = harness.arg(64, "customize: reference images sampled once from the frozen model "
                                        "(official: 20)")
-    prior_weight: float = common.arg(1.0, "customize: lambda of the prior-preservation eps-MSE on the references "
+    prior_weight: float = harness.arg(1.0, "customize: lambda of the prior-preservation eps-MSE on the references "
                                      "(official DreamBooth script: 0.5)")
-    naive_t: str = common.arg("uniform", "naive baseline's timesteps: uniform (t ~ U[0, T), Ho et al., the paper's "
+    naive_t: str = harness.arg("uniform", "naive baseline's timesteps: uniform (t ~ U[0, T), Ho et al., the paper's "
                               "baseline) or grid (the training grid's times, t_1 included)",
                               choices=["uniform", "grid"])
-    naive_baseline: bool = common.arg(True, "for target-data variants (pso, offline --offline-pairs target): also "
+    naive_baseline: bool = harness.arg(True, "for target-data variants (pso, offline --offline-pairs target): also "
                                       "fine-tune the naive baseline with the same budget, for the figure and metrics")
-    eval_samples: int = common.arg(1000, "samples for the final evaluation (same seeds for every model)")
-    eval_every: int = common.arg(25, "updates between quick evaluations (256 samples) logged in log.csv")
+    eval_samples: int = harness.arg(1000, "samples for the final evaluation (same seeds for every model)")
+    eval_every: int = harness.arg(25, "updates between quick evaluations (256 samples) logged in log.csv")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -447,23 +448,23 @@ def validate(cfg: Config) -> None:
     for name, choices in (("variant", VARIANTS), ("sampler", SAMPLERS), ("reduce", ("mean", "sum")),
                           ("offline_pairs", ("preference", "target")), ("naive_t", ("uniform", "grid")),
                           ("one_timestep_from", ("grid", "uniform", "leading"))):
-        common.check_choice(cfg, name, choices)
+        harness.check_choice(cfg, name, choices)
     for name, lo in (("steps", 0), ("batch", 1), ("weight_decay", 0), ("beta", 0), ("lora_rank", 1),
                      ("grad_clip", 0), ("reference_scale", 0), ("concept_images", 1), ("reference_images", 1),
                      ("prior_weight", 0), ("eval_samples", 1), ("eval_every", 1)):
-        common.check_range(cfg, name, lo)
-    common.check_range(cfg, "lr", 0, 1, lo_open=True)
-    common.check_range(cfg, "clamp_ratio", 0, 1, hi_open=True)
-    common.check_range(cfg, "train_steps", 0, common.T)
-    common.check(cfg.train_steps != 1, "train_steps", "0 (the model's grid) or >= 2 (one stochastic transition)", 1)
-    common.check(not (cfg.hinge and cfg.per_step_loss), "hinge", "not with --per-step-loss (two different losses)",
+        harness.check_range(cfg, name, lo)
+    harness.check_range(cfg, "lr", 0, 1, lo_open=True)
+    harness.check_range(cfg, "clamp_ratio", 0, 1, hi_open=True)
+    harness.check_range(cfg, "train_steps", 0, common.T)
+    harness.check(cfg.train_steps != 1, "train_steps", "0 (the model's grid) or >= 2 (one stochastic transition)", 1)
+    harness.check(not (cfg.hinge and cfg.per_step_loss), "hinge", "not with --per-step-loss (two different losses)",
                  "--hinge --per-step-loss")
-    common.check(not cfg.pairs or cfg.variant == "offline", "pairs", "a file of offline pairs, with --variant offline",
+    harness.check(not cfg.pairs or cfg.variant == "offline", "pairs", "a file of offline pairs, with --variant offline",
                  f"--variant {cfg.variant}")
-    common.check(not cfg.pairs or Path(cfg.pairs).is_file(), "pairs", "an existing file", cfg.pairs)
-    common.check(not cfg.one_timestep or cfg.variant in ("offline", "customize"), "one_timestep",
+    harness.check(not cfg.pairs or Path(cfg.pairs).is_file(), "pairs", "an existing file", cfg.pairs)
+    harness.check(not cfg.one_timestep or cfg.variant in ("offline", "customize"), "one_timestep",
                  "--variant offline or customize (the forward-diffused objectives)", f"--variant {cfg.variant}")
-    common.check(cfg.reference_scale == 1.0 or cfg.variant == "customize", "reference_scale",
+    harness.check(cfg.reference_scale == 1.0 or cfg.variant == "customize", "reference_scale",
                  "1 unless --variant customize", cfg.reference_scale)
 
 
@@ -499,13 +500,13 @@ def customize_images(s: Setup):
 
 
 def train(cfg: Config, world=None, baseline=None):
-    """One run of cfg.variant: fine-tune, evaluate, write the run folder (DESIGN.md section 9). `world`: an already
-    loaded world (default common.load_world(cfg.model)); `baseline`: (metrics, denoiser) of a naive run with the same
+    """One run of cfg.variant: fine-tune, evaluate, write the run folder (docs/design.md section 9). `world`: an already
+    loaded world (default harness.load_world(cfg.model)); `baseline`: (metrics, denoiser) of a naive run with the same
     settings (see `experiment`), whose samples and metrics join this run's. Returns (metrics, trained denoiser)."""
     validate(cfg)
-    timer = common.Timer()
-    run = common.Run("pso", cfg, free=FREE)  # folder and resume checks; writes nothing
-    world = world or common.load_world(cfg.model)
+    timer = harness.Timer()
+    run = harness.Run("pso", cfg, free=FREE)  # folder and resume checks; writes nothing
+    world = world or harness.load_world(cfg.model)
     cfg = run.configure(world)  # the backend's defaults for options not given; the same-experiment rule
     validate(cfg)
     beta = cfg.beta or PAPER_BETA[cfg.variant]
@@ -514,7 +515,7 @@ def train(cfg: Config, world=None, baseline=None):
     den = world.denoiser("student", lora_rank=cfg.lora_rank, train_full=cfg.train_full, sampler=cfg.sampler or None)
     kernel = common.make_kernel(den.sampler, world.schedule)  # the backend's sampler decides the MDP (Eq. 4 / 14)
     grid = common.few_step_timesteps(cfg.train_steps) if cfg.train_steps else list(den.timesteps)
-    common.check(len(grid) >= 2 or cfg.variant == "naive", "train_steps",
+    harness.check(len(grid) >= 2 or cfg.variant == "naive", "train_steps",
                  f">= 2 training steps (one stochastic transition; the model samples in {len(grid)})", cfg.train_steps)
     params = den.trainable_parameters()
     opt = acc.prepare(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
@@ -528,7 +529,7 @@ def train(cfg: Config, world=None, baseline=None):
 
     update, accumulation, train_seconds = UPDATES[cfg.variant], cfg.gradient_accumulation_steps, 0.0
     for step in run.updates():
-        tick = common.Timer()
+        tick = harness.Timer()
         s.net.rows, losses, infos = 0, [], []
         for micro in range(accumulation):
             # update k (from 1) draws the stream that index k - 1 drew before the harness: results stay the same
@@ -600,7 +601,7 @@ def train(cfg: Config, world=None, baseline=None):
     return metrics, den
 
 
-SUMMARY_COLUMNS = ("reward", "quality", "distance")  # what common.summary prints; the rest are the world's read-outs
+SUMMARY_COLUMNS = ("reward", "quality", "distance")  # what harness.summary prints; the rest are the world's read-outs
 
 
 def readouts(metrics: dict) -> str:
@@ -635,8 +636,8 @@ def experiment(cfg: Config, world=None) -> dict:
     validate(cfg)
     baseline = None
     if has_naive_baseline(cfg):
-        run = common.Run("pso", cfg, free=FREE)  # the main run's folder and resume checks come first (write nothing)
-        world = world or common.load_world(cfg.model)
+        run = harness.Run("pso", cfg, free=FREE)  # the main run's folder and resume checks come first (write nothing)
+        world = world or harness.load_world(cfg.model)
         resolved = run.configure(world)
         naive = dataclasses.replace(resolved, variant="naive", out=str(run.path / "naive"), naive_baseline=False,
                                     one_timestep=False, one_timestep_from="grid")
@@ -660,9 +661,9 @@ def nfe_per_update(cfg: Config, S: int, model_steps: int) -> int:
 
 
 def main(argv=None) -> dict:
-    cfg = common.parse_config(Config, argv, description=__doc__.split("\n\n")[0])
+    cfg = harness.parse_config(Config, argv, description=__doc__.split("\n\n")[0])
     return experiment(cfg)
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    harness.run_cli(main)

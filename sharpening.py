@@ -2,7 +2,7 @@
 
 Paper: Y. Tian et al., "Diffusion-Sharpening: Fine-tuning Diffusion Models with Denoising Trajectory
 Sharpening", arXiv 2502.12146 (2025); official code: github.com/Gen-Verse/Diffusion-Sharpening.
-The paper copy in shared/papers/ lost its equations; DESIGN.md section 5 restores the ones used here.
+The paper copy in shared/papers/ lost its equations; docs/design.md section 5 restores the ones used here.
 Measured results: docs/sharpening.md (made by benchmarks/sharpening.py).
 
     python sharpening.py                               # SFT sharpening on toy2d
@@ -81,7 +81,7 @@ Where this differs from the paper or the official code, and why
   7. n > 1 works: the official SFT script crashes in diffusers' DDIMScheduler.step with a per-row timestep
      tensor; here a step is common.DDIM with one time per batch.
   8. RLHF candidates: the official script samples n images per prompt and re-noises each with the very noise
-     that generated it. We sample n per condition too (DESIGN.md's "generate x_0" read per candidate: with one
+     that generated it. We sample n per condition too (docs/design.md's "generate x_0" read per candidate: with one
      shared x_0 the candidates differ only by noise and Eq. 11 has no reward signal about samples), and re-noise
      them with one eps shared within the condition (--same-noise, Diffusion-DPO's pairing of winner and loser):
      the ranking then reflects the samples, not the noise, and the pair difference has less variance.
@@ -100,7 +100,7 @@ Where this differs from the paper or the official code, and why
      the winner-loser pair in a random order / swapped). The gradient clip (--max-grad-norm 1) is this
      project's choice; 0 turns it off.
 
-Outputs (DESIGN.md section 9, common.Run): runs/sharpening-<variant>-<model>/ config.json, log.csv (step, loss,
+Outputs (docs/design.md section 9, harness.Run): runs/sharpening-<variant>-<model>/ config.json, log.csv (step, loss,
 reward, nfe, seconds, ...), metrics.json, samples.png (base vs tuned, same seeds), curves.png, adapter/,
 checkpoint-<step>/.
 """
@@ -113,58 +113,59 @@ import torch
 import torch.nn.functional as F
 
 import common
+import harness
 
 
 @dataclasses.dataclass
-class Config(common.RunConfig):
-    model: str = common.arg("toy2d", "toy world (toy2d, mnist) or a diffusers checkpoint for the full backend")
-    variant: str = common.arg("sft", "sft = Alg. 1 (data pairs), rlhf = Alg. 2 (prompts only)",
+class Config(harness.RunConfig):
+    model: str = harness.arg("toy2d", "toy world (toy2d, mnist) or a diffusers checkpoint for the full backend")
+    variant: str = harness.arg("sft", "sft = Alg. 1 (data pairs), rlhf = Alg. 2 (prompts only)",
                               choices=["sft", "rlhf"])
-    n: int = common.arg(3, "candidate noises per condition (paper Table 2: 3); sft n=1 with m=1 is standard "
+    n: int = harness.arg(3, "candidate noises per condition (paper Table 2: 3); sft n=1 with m=1 is standard "
                            "fine-tuning; rlhf needs n >= 2 (n=2, m=1 is Diffusion-DPO)")
-    m: int = common.arg(3, "states per trajectory, i.e. m-1 DDIM steps (paper Table 3: 3)")
-    choose: str = common.arg("best", "sft: which candidate of each condition Eq. 9 trains on: best (Alg. 1), or the "
+    m: int = harness.arg(3, "states per trajectory, i.e. m-1 DDIM steps (paper Table 3: 3)")
+    choose: str = harness.arg("best", "sft: which candidate of each condition Eq. 9 trains on: best (Alg. 1), or the "
                                      "controls random / worst (not in the paper; the winner's-curse check); rlhf: "
                                      "best = Alg. 2's winner best, loser worst; worst = the pair swapped; random = "
                                      "the pair in a random order per condition (controls)",
                              choices=["best", "random", "worst"])
-    start_t: int = common.arg(-1, "start time of the roll-outs, a time on the sampler grid; -1 draws a grid "
+    start_t: int = harness.arg(-1, "start time of the roll-outs, a time on the sampler grid; -1 draws a grid "
                                   "time with m-1 grid times below it, uniformly, each update")
-    eta: float = common.arg(0.0, "DDIM eta of the roll-outs and of RLHF's samples (0: deterministic, diffusers' "
+    eta: float = harness.arg(0.0, "DDIM eta of the roll-outs and of RLHF's samples (0: deterministic, diffusers' "
                                  "default)")
-    same_noise: bool = common.arg(True, "rlhf: re-noise the n samples of a condition with one shared eps (the "
+    same_noise: bool = harness.arg(True, "rlhf: re-noise the n samples of a condition with one shared eps (the "
                                          "Diffusion-DPO pairing) instead of one eps each")
-    target: str = common.arg("noise", "what the m states regress on: noise = the candidate's eps at every state "
+    target: str = harness.arg("noise", "what the m states regress on: noise = the candidate's eps at every state "
                                       "(Eq. 9-10, official code); x0 = the eps that maps each state back to x_0 "
                                       "(not in the paper; see docs)", choices=["noise", "x0"])
-    beta: float = common.arg(100.0, "DPO beta of Eq. 11 (official 2500 on SDXL per-pixel means; toy 100)")
-    reward_gap: str = common.arg("inside", "rlhf: Eq. 11's reward gap: inside log sigma as a per-pair margin (the "
+    beta: float = harness.arg(100.0, "DPO beta of Eq. 11 (official 2500 on SDXL per-pixel means; toy 100)")
+    reward_gap: str = harness.arg("inside", "rlhf: Eq. 11's reward gap: inside log sigma as a per-pair margin (the "
                                            "paper's text), outside-minus (shifts the logged loss only), "
                                            "outside-plus (the official code; shifts the logged loss only)",
                                  choices=["inside", "outside-minus", "outside-plus"])
-    reward_gap_scale: float = common.arg(1.0, "rlhf: factor on the reward gap R_w - R_l (per-state mean score)")
-    m_reduce: str = common.arg("mean", "how Eq. 9-10 combine the m states: mean (official code; beta and the loss "
+    reward_gap_scale: float = harness.arg(1.0, "rlhf: factor on the reward gap R_w - R_l (per-state mean score)")
+    m_reduce: str = harness.arg("mean", "how Eq. 9-10 combine the m states: mean (official code; beta and the loss "
                                        "scale do not change with m) or sum (as printed)", choices=["mean", "sum"])
-    reduce: str = common.arg("mean", "eps-MSE over dimensions: mean (diffusers / official) or sum",
+    reduce: str = harness.arg("mean", "eps-MSE over dimensions: mean (diffusers / official) or sum",
                              choices=["mean", "sum"])
-    data_top: float = common.arg(0.5, "sft: keep this top fraction of each drawn data batch by reward "
+    data_top: float = harness.arg(0.5, "sft: keep this top fraction of each drawn data batch by reward "
                                       "(1 = the data as is)")
-    batch: int = common.arg(64, "conditions per update (per micro-batch; paper 8 on SDXL; toy 64)")
-    steps: int = common.arg(300, "updates")
-    lr: float = common.arg(1e-3, "AdamW learning rate (paper 5e-6 full UNet on SDXL; toy LoRA 1e-3)")
-    adam_beta1: float = common.arg(0.0, "AdamW beta1 (paper App. A.3: 0)")
-    adam_beta2: float = common.arg(0.99, "AdamW beta2 (paper App. A.3: 0.99)")
-    weight_decay: float = common.arg(0.0, "AdamW weight decay")
-    max_grad_norm: float = common.arg(1.0, "gradient clipping (0: off)")
-    lora_rank: int = common.arg(16, "LoRA rank")
-    full_finetune: bool = common.arg(False, "train every weight instead of a LoRA (the official code's choice)")
-    recompute: bool = common.arg(False, "roll out without autograd and re-evaluate the chosen trajectories "
+    batch: int = harness.arg(64, "conditions per update (per micro-batch; paper 8 on SDXL; toy 64)")
+    steps: int = harness.arg(300, "updates")
+    lr: float = harness.arg(1e-3, "AdamW learning rate (paper 5e-6 full UNet on SDXL; toy LoRA 1e-3)")
+    adam_beta1: float = harness.arg(0.0, "AdamW beta1 (paper App. A.3: 0)")
+    adam_beta2: float = harness.arg(0.99, "AdamW beta2 (paper App. A.3: 0.99)")
+    weight_decay: float = harness.arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = harness.arg(1.0, "gradient clipping (0: off)")
+    lora_rank: int = harness.arg(16, "LoRA rank")
+    full_finetune: bool = harness.arg(False, "train every weight instead of a LoRA (the official code's choice)")
+    recompute: bool = harness.arg(False, "roll out without autograd and re-evaluate the chosen trajectories "
                                         "with it: +m (sft) / +2m (rlhf) NFEs, activation memory for B / 2B rows "
                                         "instead of n*B")
-    eval_every: int = common.arg(10, "updates between fixed-seed reward evaluations (the reward curve)")
-    eval_samples: int = common.arg(256, "samples per curve evaluation")
-    final_samples: int = common.arg(1000, "samples for the base vs tuned metrics")
-    eval_cfg: float = common.arg(1.0, "classifier-free guidance of evaluation samples (paper: 5 on SDXL)")
+    eval_every: int = harness.arg(10, "updates between fixed-seed reward evaluations (the reward curve)")
+    eval_samples: int = harness.arg(256, "samples per curve evaluation")
+    final_samples: int = harness.arg(1000, "samples for the base vs tuned metrics")
+    eval_cfg: float = harness.arg(1.0, "classifier-free guidance of evaluation samples (paper: 5 on SDXL)")
 
 
 # options a resumed run may change: they do not change what the updates compute
@@ -172,28 +173,28 @@ FREE = ("eval_every", "eval_samples", "final_samples")
 
 
 def validate(cfg: Config) -> None:
-    """Every option, named by its flag; raises common.ConfigError before anything is written."""
-    common.check_choice(cfg, "variant", ["sft", "rlhf"])
-    common.check_range(cfg, "n", 2 if cfg.variant == "rlhf" else 1)  # rlhf: a winner and a loser per condition
-    common.check_range(cfg, "m", 1)
-    common.check_choice(cfg, "choose", ["best", "random", "worst"])
-    common.check_range(cfg, "start_t", -1, common.T - 1)
-    common.check_range(cfg, "eta", 0)
-    common.check_choice(cfg, "target", ["noise", "x0"])
-    common.check_range(cfg, "beta", 0, lo_open=True)
-    common.check_choice(cfg, "reward_gap", ["inside", "outside-minus", "outside-plus"])
-    common.check_range(cfg, "reward_gap_scale", 0)
-    common.check_choice(cfg, "m_reduce", ["mean", "sum"])
-    common.check_choice(cfg, "reduce", ["mean", "sum"])
-    common.check_range(cfg, "data_top", 0, 1, lo_open=True)
+    """Every option, named by its flag; raises harness.ConfigError before anything is written."""
+    harness.check_choice(cfg, "variant", ["sft", "rlhf"])
+    harness.check_range(cfg, "n", 2 if cfg.variant == "rlhf" else 1)  # rlhf: a winner and a loser per condition
+    harness.check_range(cfg, "m", 1)
+    harness.check_choice(cfg, "choose", ["best", "random", "worst"])
+    harness.check_range(cfg, "start_t", -1, common.T - 1)
+    harness.check_range(cfg, "eta", 0)
+    harness.check_choice(cfg, "target", ["noise", "x0"])
+    harness.check_range(cfg, "beta", 0, lo_open=True)
+    harness.check_choice(cfg, "reward_gap", ["inside", "outside-minus", "outside-plus"])
+    harness.check_range(cfg, "reward_gap_scale", 0)
+    harness.check_choice(cfg, "m_reduce", ["mean", "sum"])
+    harness.check_choice(cfg, "reduce", ["mean", "sum"])
+    harness.check_range(cfg, "data_top", 0, 1, lo_open=True)
     for name in ("batch", "steps", "eval_every", "eval_samples", "final_samples", "lora_rank"):
-        common.check_range(cfg, name, 1)
-    common.check_range(cfg, "lr", 0, 1, lo_open=True)
-    common.check_range(cfg, "adam_beta1", 0, 1, hi_open=True)
-    common.check_range(cfg, "adam_beta2", 0, 1, hi_open=True)
-    common.check_range(cfg, "weight_decay", 0)
-    common.check_range(cfg, "max_grad_norm", 0)
-    common.check_range(cfg, "eval_cfg", 0)
+        harness.check_range(cfg, name, 1)
+    harness.check_range(cfg, "lr", 0, 1, lo_open=True)
+    harness.check_range(cfg, "adam_beta1", 0, 1, hi_open=True)
+    harness.check_range(cfg, "adam_beta2", 0, 1, hi_open=True)
+    harness.check_range(cfg, "weight_decay", 0)
+    harness.check_range(cfg, "max_grad_norm", 0)
+    harness.check_range(cfg, "eval_cfg", 0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -303,12 +304,12 @@ def rlhf_loss(mse_w, mse_l, mse_ref_w, mse_ref_l, reward_gap, beta: float, where
 # ---------------------------------------------------------------------------------------------------
 def rollout_times(grid: list[int], m: int, start_t: int) -> list[int]:
     """Grid times a start time may take: those with m - 1 grid times below. Raises ConfigError on bad input."""
-    common.check(m <= len(grid), "m", f"at most the sampler grid's {len(grid)} times ({grid[0]}..{grid[-1]})", m)
+    harness.check(m <= len(grid), "m", f"at most the sampler grid's {len(grid)} times ({grid[0]}..{grid[-1]})", m)
     if start_t == -1:
         return grid[: len(grid) - m + 1]
-    common.check(start_t in grid, "start_t", f"a time of the sampler grid {grid} or -1", start_t)
+    harness.check(start_t in grid, "start_t", f"a time of the sampler grid {grid} or -1", start_t)
     left = len(grid) - 1 - grid.index(start_t)
-    common.check(m - 1 <= left, "m", f"at most {left + 1} states: only {left} grid times lie below --start-t "
+    harness.check(m - 1 <= left, "m", f"at most {left + 1} states: only {left} grid times lie below --start-t "
                  f"{start_t} (lower --m or raise --start-t)", m)
     return [start_t]
 
@@ -410,11 +411,11 @@ def evaluate(world, denoiser, kernel, grid, noise, cond, cfg_scale: float, split
 # Training (Alg. 1 and Alg. 2)
 # ---------------------------------------------------------------------------------------------------
 def train(cfg: Config, world=None) -> dict:
-    timer = common.Timer()
+    timer = harness.Timer()
     validate(cfg)
-    run = common.Run("sharpening", cfg, free=FREE)  # folder and resume checks; writes nothing
+    run = harness.Run("sharpening", cfg, free=FREE)  # folder and resume checks; writes nothing
     common.seed_everything(cfg.seed)
-    world = world or common.load_world(cfg.model)
+    world = world or harness.load_world(cfg.model)
     cfg = run.configure(world)
     validate(cfg)  # the backend's defaults too
     acc = world.accelerator
@@ -441,7 +442,7 @@ def train(cfg: Config, world=None) -> dict:
     B, G, update = cfg.batch, cfg.gradient_accumulation_steps, UPDATES[cfg.variant]
 
     for step in run.updates():
-        t0 = common.Timer()
+        t0 = harness.Timer()
         net.rows, losses, logs, grad_norm = 0, [], [], None
         for micro in range(G):
             gen = common.step_generator(cfg.seed, step, acc.process_index, micro=micro)
@@ -456,8 +457,8 @@ def train(cfg: Config, world=None) -> dict:
                 scores = trajectory_scores(rewards)
                 try:
                     run.check_finite(scores, step)
-                except common.NonFiniteLoss as e:
-                    raise common.NonFiniteLoss(f"the reward returned non-finite scores: {e}") from None
+                except harness.NonFiniteLoss as e:
+                    raise harness.NonFiniteLoss(f"the reward returned non-finite scores: {e}") from None
                 loss, row = update(net, world, cfg, (x0, cond, eps, states, eps_pred, rewards, scores, times), gen)
                 run.check_finite(loss, step)
                 norm = run.optimizer_step(loss, opt, params, cfg.max_grad_norm)
@@ -491,8 +492,8 @@ def train(cfg: Config, world=None) -> dict:
 
 
 def main(argv=None) -> dict:
-    return train(common.parse_config(Config, argv, description=__doc__.split("\n\n")[0]))
+    return train(harness.parse_config(Config, argv, description=__doc__.split("\n\n")[0]))
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    harness.run_cli(main)

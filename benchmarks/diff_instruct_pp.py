@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import harness  # noqa: E402
 import diff_instruct_pp as dipp  # noqa: E402
 
 SETTINGS = {"defaults": {}, "paper": dict(time_density="lognormal", t_min=0, t_max=999)}
@@ -201,11 +202,11 @@ def main():
     if args.replot or args.only_mnist or args.only_di:
         results = json.loads(out.read_text())
         if args.only_di:
-            results["toy2d"]["di"] = run_di(common.load_world(MODELS["toy2d"]))
+            results["toy2d"]["di"] = run_di(harness.load_world(MODELS["toy2d"]))
             results["command"] += "; the di row: --only-di"
             out.write_text(json.dumps(results, indent=2, default=str))
         if args.only_mnist:
-            results["mnist"] = sweep(common.load_world(MODELS["mnist"]), "mnist", MNIST)
+            results["mnist"] = sweep(harness.load_world(MODELS["mnist"]), "mnist", MNIST)
             results["mnist_seconds"] = time.perf_counter() - t0
             results["command"] += " (the MNIST runs: --only-mnist)"
             out.write_text(json.dumps(results, indent=2, default=str))
@@ -224,12 +225,12 @@ def main():
         figure(results, out.with_name(f"{out.stem}_toy2d.png"))
         out.with_suffix(".md").write_text(markdown(results))
 
-    world = common.load_world(MODELS["toy2d"])
+    world = harness.load_world(MODELS["toy2d"])
     results["toy2d"] = sweep(world, "toy2d", TOY2D)
     results["toy2d"]["di"] = run_di(world)
     write()  # the toy2d results are kept even if the MNIST runs are stopped
     if args.mnist:
-        results["mnist"] = sweep(common.load_world(MODELS["mnist"]), "mnist", MNIST)
+        results["mnist"] = sweep(harness.load_world(MODELS["mnist"]), "mnist", MNIST)
         write()
     print(markdown(results))
 

@@ -32,7 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+import harness  # noqa: E402
 import pso  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -65,7 +65,7 @@ WORLD_KW = {"toy2d": dict(target_rotation=math.pi / 8, target_keep=tuple(range(8
 
 
 def run_world(name: str, steps: int | None, only: list[str] | None, seeds: list[int]) -> dict:
-    world = common.load_world(MODELS[name], **WORLD_KW.get(name, {}))
+    world = harness.load_world(MODELS[name], **WORLD_KW.get(name, {}))
     out = {"runs": {}}
     for label, (claim, overrides) in EXPERIMENTS.items():
         if only and not any(o in label for o in only):

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import common  # noqa: E402
+import harness  # noqa: E402
 from pso_fig1_search import CANDIDATES, LOG, mixed_sample  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -61,7 +61,7 @@ def default_runs(seeds, out_root: Path) -> list[dict]:
 
 
 def probes(cfg: dict, out: Path, seed: int) -> dict:
-    world = common.load_world(cfg["model"])
+    world = harness.load_world(cfg["model"])
     res = {}
     for name, folder in (("tuned", out), ("naive", out / "naive")):
         den = world.denoiser("student", lora_rank=cfg["lora_rank"], train_full=cfg["train_full"],

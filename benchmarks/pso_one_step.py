@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import harness  # noqa: E402
 import pso  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -95,7 +96,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(RESULTS / "pso_one_step.json"))
     p.add_argument("--replot", action="store_true", help="run nothing: rewrite the markdown from --out")
     args = p.parse_args(argv)
-    world = common.load_world("toy2d")
+    world = harness.load_world("toy2d")
     if args.replot:
         saved = json.loads(Path(args.out).read_text())
         write_markdown(args, world, saved["runs"], saved["command"], saved["machine"], saved["wall_seconds"])

@@ -1,4 +1,4 @@
-"""The full backend (DESIGN.md section 8): the methods on SD1.5 / SDXL and flow-matching SD3 / SD3.5 / FLUX-class
+"""The full backend (docs/design.md section 8): the methods on SD1.5 / SDXL and flow-matching SD3 / SD3.5 / FLUX-class
 checkpoints through diffusers, peft and accelerate, behind the same World / Denoiser interface as toy/.
 
     world = full.load_world("stabilityai/sdxl-turbo")          # a pipeline folder or hub id: every role from it
@@ -26,9 +26,9 @@ def load_world(model: str, **overrides):
 def register() -> None:
     """Entry point (pyproject.toml, group fewstep_finetune.worlds): every `--model` no other backend takes (a
     checkpoint folder, a hub id or a model spec) comes here; load_spec says what is wrong with it."""
-    import common
+    import harness
 
-    common.register_world("full", lambda model: True, load_world, priority=0)
+    harness.register_world("full", lambda model: True, load_world, priority=0)
 
 
 __all__ = ["load_world", "load_spec", "ModelSpec", "ModelError", "register"]

@@ -108,7 +108,7 @@ def unet_fwd_bwd_seconds(world, batch: int, repeats: int = 3) -> float:
 
 
 def bench(name: str, model: str | None, steps: int, batch: int | None, overrides: dict, out: Path) -> dict:
-    import common
+    import harness
 
     s = launch.SETTINGS[name]
     model, tmp_spec = spec_with(model or str(launch.SPECS / s.spec), overrides)
@@ -121,18 +121,18 @@ def bench(name: str, model: str | None, steps: int, batch: int | None, overrides
     sys.path.insert(0, str(script.parent))
     method = importlib.import_module(script.stem)
     worlds = []
-    load = common.load_world
+    load = harness.load_world
 
     def keep(*a, **kw):  # the method's world, for the UNet timing afterwards
         worlds.append(load(*a, **kw))
         return worlds[-1]
 
-    common.load_world = keep  # the methods call common.load_world(cfg.model) at run time
+    harness.load_world = keep  # the methods call harness.load_world(cfg.model) at run time
     try:
         with PeakSplit() as peaks:
             method.main(argv)
     finally:
-        common.load_world = load
+        harness.load_world = load
         if tmp_spec is not None:
             tmp_spec.unlink(missing_ok=True)
     with open(run / "log.csv") as f:

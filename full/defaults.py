@@ -2,7 +2,7 @@
 
 The methods' own defaults are sized for the toy worlds (lr 1e-3, batch 64, 1000 evaluation samples); on an SDXL
 checkpoint they would be wrong and run out of memory. `FullWorld.method_defaults(method, variant)` returns, for the
-fields the user did not set, the paper's hyperparameters (DESIGN.md sections 4-6, the launcher table in
+fields the user did not set, the paper's hyperparameters (docs/design.md sections 4-6, the launcher table in
 full/launch.py), evaluation sizes and cadence scaled for 1024^2 sampling, and a per-process batch from MICRO_BATCH.
 
 Flow-matching models (SD3 / SD3.5, FLUX): the same paper hyperparameters (the papers publish none for flow models;

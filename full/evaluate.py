@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import common
+import harness
 
 
 def sample_latents(world, pipe, prompts: list[str], seed: int, timesteps: list[int], sampler: str, guidance: float,
@@ -99,7 +100,7 @@ def evaluate(model: str, loras: list[str], prompts_src: str | None, n: int, seed
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": model, "role": role, "sampler": sampler, "timesteps": timesteps, "guidance": guidance,
             "prompts": len(prompts), "seed": seed}
-    common.write_json_atomic(out / "results.json", {"setup": meta, "results": results})
+    harness.write_json_atomic(out / "results.json", {"setup": meta, "results": results})
     (out / "table.md").write_text(table(results, meta))
     world.plot_samples(panels, out / "samples.png")
     return results

@@ -82,7 +82,7 @@ SETTINGS = {
                              "--cfg-scale", "4.5", "--lr", "5e-6", "--ta-lr", "5e-6", "--adam-beta1", "0",
                              "--adam-beta2", "0.999", "--train-full", "--ta-lora-rank", "64"], 256,
                              "DI++ Sec. 5 / App. A.3: alpha_rew 100 (SD1.5 range 100-1000), CFG reward 4.5, lr 5e-6, "
-                             "Adam (0, 0.999), batch 256; TA as a LoRA (DESIGN.md section 6)"),
+                             "Adam (0, 0.999), batch 256; TA as a LoRA (docs/design.md section 6)"),
     "dipp-sdxl-dmd2": Setting("diff_instruct_pp.py", "sdxl_dmd2_dipp.json", ["--variant", "dipp", "--reward-scale", "100",
                               "--cfg-scale", "4.5", "--lr", "5e-6", "--ta-lr", "5e-6", "--adam-beta1", "0",
                               "--adam-beta2", "0.999", "--lora-rank", "64", "--ta-lora-rank", "64"], 256,

@@ -521,7 +521,7 @@ def method_config(name: str, training: str | None):
     training mode replaced when `training` is given ("lora" or "full")."""
     import importlib
 
-    import common
+    import harness
 
     from . import launch
 
@@ -535,7 +535,7 @@ def method_config(name: str, training: str | None):
         argv = [a for a in argv if a != flag]
     elif training == "full" and flag not in argv:
         argv = [*argv, flag]
-    return module, common.parse_config(module.Config, argv), s
+    return module, harness.parse_config(module.Config, argv), s
 
 
 # T5 tokens of the flow pipelines (their max_sequence_length: SD3 256 after CLIP's 77; FLUX.1-schnell 256, dev 512)

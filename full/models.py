@@ -33,7 +33,7 @@ import common
 
 from .spec import ModelSpec, RoleSpec, looks_like_hub_id
 
-# scheduler class -> the MDP kernel it samples (DESIGN.md section 3)
+# scheduler class -> the MDP kernel it samples (docs/design.md section 3)
 FEW_STEP_SCHEDULERS = {
     "EulerAncestralDiscreteScheduler": "euler_ancestral",  # SDXL-Turbo (trailing)
     "LCMScheduler": "x0_renoise",  # DMD2, LCM, LCM-LoRA

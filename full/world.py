@@ -1,4 +1,4 @@
-"""The diffusers implementation of common.World / common.Denoiser (DESIGN.md sections 8 and 10).
+"""The diffusers implementation of common.World / common.Denoiser (docs/design.md sections 8 and 10).
 
 * `FullDenoiser`: eps = unet(x_t, t, prompt embeddings [, SDXL pooled embeds + add_time_ids]), or for SD3 / FLUX the
   velocity of the transformer called as their pipelines call it (FORWARDS: SD3 timestep sigma * 1000; FLUX

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import harness
 import diff_instruct_pp as dipp
 
 SCHED = common.Schedule("scaled_linear")
@@ -339,11 +340,11 @@ def test_each_variant_runs_end_to_end_and_writes_its_outputs(tmp_path, tiny, kw,
 
 
 def test_variant_di_defaults_to_the_papers_cfg_teacher_only_when_not_given(tmp_path):
-    cfg = dipp.resolve_variant(common.parse_config(dipp.Config, ["--variant", "di"]))
+    cfg = dipp.resolve_variant(harness.parse_config(dipp.Config, ["--variant", "di"]))
     assert (cfg.cfg_scale, cfg.reward_scale) == (dipp.DI_CFG_SCALE, 0.0)
-    cfg = dipp.resolve_variant(common.parse_config(dipp.Config, ["--variant", "di", "--cfg-scale", "1"]))
+    cfg = dipp.resolve_variant(harness.parse_config(dipp.Config, ["--variant", "di", "--cfg-scale", "1"]))
     assert cfg.cfg_scale == 1.0
-    assert dipp.resolve_variant(common.parse_config(dipp.Config, [])).cfg_scale == 1.0  # dipp: unchanged
+    assert dipp.resolve_variant(harness.parse_config(dipp.Config, [])).cfg_scale == 1.0  # dipp: unchanged
 
 
 def test_ta_is_a_lora_on_the_reference_and_only_it_trains(tmp_path, tiny):
@@ -380,7 +381,7 @@ def test_ta_is_a_lora_on_the_reference_and_only_it_trains(tmp_path, tiny):
 def test_resume_with_a_changed_setting_is_refused_before_anything_is_written(tmp_path, tiny, change, message):
     dipp.train(tiny_cfg(tmp_path, steps=2), world=tiny)
     before = files_of(tmp_path / "run")
-    with pytest.raises(common.ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(harness.ConfigError, match=message.replace("(", r"\(")):
         dipp.train(tiny_cfg(tmp_path, steps=3, resume=True, **change), world=tiny)
     assert files_of(tmp_path / "run") == before
 
@@ -390,7 +391,7 @@ def test_resume_of_another_methods_folder_is_refused_before_anything_is_written(
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"method": "pso", "variant": "pso", "steps": 4}))
     before = files_of(out)
-    with pytest.raises(common.ConfigError, match="is a run of 'pso', not of 'diff_instruct_pp'"):
+    with pytest.raises(harness.ConfigError, match="is a run of 'pso', not of 'diff_instruct_pp'"):
         dipp.train(tiny_cfg(tmp_path, resume=True), world=tiny)
     assert files_of(out) == before
 
@@ -402,17 +403,17 @@ def test_an_interrupted_and_resumed_run_ends_bit_identical(tmp_path, tiny, monke
 
     kw = dict(reward_scale=0.1, cfg_scale=2.0, ta_steps=2, ema=True, steps=6, save_every=3)
     dipp.train(tiny_cfg(tmp_path, out=str(tmp_path / "full"), **kw), world=tiny)
-    real = common.Run.check_finite
+    real = harness.Run.check_finite
 
     def killed_in_update_4(self, loss, step):
         if step == 4:
             raise KeyboardInterrupt("simulated kill")
         return real(self, loss, step)
 
-    monkeypatch.setattr(common.Run, "check_finite", killed_in_update_4)
+    monkeypatch.setattr(harness.Run, "check_finite", killed_in_update_4)
     with pytest.raises(KeyboardInterrupt):
         dipp.train(tiny_cfg(tmp_path, out=str(tmp_path / "split"), **kw), world=tiny)
-    monkeypatch.setattr(common.Run, "check_finite", real)
+    monkeypatch.setattr(harness.Run, "check_finite", real)
     assert not (tmp_path / "split" / "checkpoint-6").exists() and (tmp_path / "split" / "checkpoint-3").exists()
     dipp.train(tiny_cfg(tmp_path, out=str(tmp_path / "split"), resume=True, **kw), world=tiny)
     names = ["adapter/adapter.safetensors"] + [f"checkpoint-6/model-{m}.safetensors"
@@ -454,7 +455,7 @@ def test_nan_loss_stops_with_the_message_and_keeps_the_last_checkpoint(tmp_path,
         return r * float("nan") if calls["n"] > 4 else r  # probe + updates 1..3 fine, update 4 NaN
 
     monkeypatch.setattr(tiny, "reward", nan_after_a_while)
-    with pytest.raises(common.NonFiniteLoss, match=r"update 4 .*checkpoint-2\) is kept"):
+    with pytest.raises(harness.NonFiniteLoss, match=r"update 4 .*checkpoint-2\) is kept"):
         dipp.train(tiny_cfg(tmp_path, steps=6, save_every=2, reward_scale=0.1), world=tiny)
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
     monkeypatch.setattr(tiny, "reward", reward)
@@ -499,7 +500,7 @@ def test_the_differentiability_probe_uses_one_sample_and_a_non_differentiable_re
     (dict(gradient_accumulation_steps=0), "--gradient-accumulation-steps: expected"),
 ])
 def test_bad_input_is_a_clear_error_before_anything_is_written(tmp_path, tiny, kw, message):
-    with pytest.raises(common.ConfigError, match=message):
+    with pytest.raises(harness.ConfigError, match=message):
         dipp.train(tiny_cfg(tmp_path, **kw), world=tiny)
     assert not (tmp_path / "run").exists()
 
@@ -512,7 +513,7 @@ def test_unknown_variant_and_weighting_are_rejected_by_the_command_line():
 
 
 def test_mnist_runs_end_to_end(tmp_path, monkeypatch, mnist_tiny):
-    monkeypatch.setattr(common, "load_world", lambda name: mnist_tiny)
+    monkeypatch.setattr(harness, "load_world", lambda name: mnist_tiny)
     metrics = dipp.main(["--model", "mnist", "--steps", "2", "--batch", "8", "--eval-samples", "20",
                          "--reward-scale", "0.1", "--cfg-scale", "2", "--no-progress", "--out", str(tmp_path / "m")])
     assert math.isfinite(metrics["quality_tuned"]) and (tmp_path / "m" / "samples.png").exists()

@@ -1,4 +1,4 @@
-"""Flow-matching math of common.py (DESIGN.md section 10): the shifted sigmas and the Euler step are diffusers'
+"""Flow-matching math of common.py (docs/design.md section 10): the shifted sigmas and the Euler step are diffusers'
 FlowMatchEulerDiscreteScheduler's, and the MDP kernels have the right Gaussian policies in a linear-Gaussian world
 where the velocity is known in closed form."""
 import math

@@ -1,4 +1,4 @@
-"""full/: the diffusers backend on tiny random SD1.5 / SDXL pipelines built offline (DESIGN.md section 8).
+"""full/: the diffusers backend on tiny random SD1.5 / SDXL pipelines built offline (docs/design.md section 8).
 
 Loading and validation errors, SDXL conditioning against the pipeline's own encode_prompt, the world's sampler
 against the diffusers pipelines, LoRA export into `load_lora_weights`, the reward wrappers against CLIP's own
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+import harness
 import full
 from full import data as data_lib
 from full import defaults, launch, models, rewards, tiny
@@ -52,9 +53,9 @@ def perturb_lora(den, seed=0, scale=0.3):
 # --------------------------------------------------------------------------------------------- loading errors
 def test_a_model_path_that_does_not_exist_is_named(tmp_path):
     with pytest.raises(full.ModelError, match=r"nope.*does not exist"):
-        common.load_world(str(tmp_path / "nope"))
+        harness.load_world(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="model spec file .*missing.json.* does not exist"):
-        common.load_world(str(tmp_path / "missing.json"))
+        harness.load_world(str(tmp_path / "missing.json"))
 
 
 def test_a_pipeline_without_unet_names_the_missing_unet(xl_spec, tmp_path):
@@ -393,7 +394,7 @@ def test_every_launcher_setting_is_a_valid_method_command(name):
     for gpu in (24, 80):
         script, argv = launch.method_argv(name, num_processes=procs, gpu_memory=gpu)
         method = importlib.import_module(script.stem)
-        cfg = common.parse_config(method.Config, argv)  # every flag exists in the method's CLI
+        cfg = harness.parse_config(method.Config, argv)  # every flag exists in the method's CLI
         micro, steps = launch.per_process_batch(s, procs, gpu)
         assert cfg.batch == micro <= defaults.MICRO_BATCH[(method_name, variant)][gpu == 80]
         assert micro * steps * procs == s.batch  # the paper's global batch, by accumulation

@@ -1,5 +1,5 @@
 """full/ end to end: every method and variant through its launcher setting on tiny random SDXL / SD1.5 pipelines
-(the real loading code: model spec -> common.load_world -> full.load_world), the saved LoRA in a fresh pipeline,
+(the real loading code: model spec -> harness.load_world -> full.load_world), the saved LoRA in a fresh pipeline,
 resume after an interruption, and a 2-process CPU (gloo) run whose ranks end with identical adapters."""
 import csv
 import importlib
@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+import harness
 from full import launch, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,17 +90,17 @@ def test_resume_after_an_interruption_gives_the_same_adapter(specs, tmp_path, mo
     args = lambda out: ["--model", str(specs["xl"]), "--variant", "online", "--steps", "3", "--batch", "2",  # noqa: E731
                         "--lr", "1e-3", "--eval-samples", "2", "--eval-every", "100", "--save-every", "2", "--out", str(out)]
     pso.main(args(tmp_path / "a"))
-    real = common.Run.check_finite
+    real = harness.Run.check_finite
 
     def killed_at_update_3(self, loss, step):
         if step == 3:
             raise KeyboardInterrupt("simulated kill")
         return real(self, loss, step)
 
-    monkeypatch.setattr(common.Run, "check_finite", killed_at_update_3)
+    monkeypatch.setattr(harness.Run, "check_finite", killed_at_update_3)
     with pytest.raises(KeyboardInterrupt):
         pso.main(args(tmp_path / "b"))
-    monkeypatch.setattr(common.Run, "check_finite", real)
+    monkeypatch.setattr(harness.Run, "check_finite", real)
     assert json.loads((tmp_path / "b" / "checkpoint-2" / "state.json").read_text())["step"] == 2
     pso.main(args(tmp_path / "b") + ["--resume"])
     a = load_file(str(tmp_path / "a" / "adapter" / "pytorch_lora_weights.safetensors"))

@@ -1,4 +1,4 @@
-"""The experiment harness (common.Run and the config helpers): crash-safe checkpoints, one resume rule, clear errors,
+"""The experiment harness (harness.Run and the config helpers): crash-safe checkpoints, one resume rule, clear errors,
 accumulation, the summary table. A stub world and stub models keep these independent of any method."""
 import dataclasses
 import json
@@ -8,16 +8,16 @@ import shutil
 import pytest
 import torch
 
-import common
+import harness
 
 
 @dataclasses.dataclass
-class Cfg(common.RunConfig):
-    model: str = common.arg("toy2d", "world")
-    variant: str = common.arg("pso", "variant", choices=["pso", "online"])
-    steps: int = common.arg(6, "updates")
-    beta: float = common.arg(5.0, "DPO beta")
-    lr: float = common.arg(1e-3, "learning rate")
+class Cfg(harness.RunConfig):
+    model: str = harness.arg("toy2d", "world")
+    variant: str = harness.arg("pso", "variant", choices=["pso", "online"])
+    steps: int = harness.arg(6, "updates")
+    beta: float = harness.arg(5.0, "DPO beta")
+    lr: float = harness.arg(1e-3, "learning rate")
 
 
 class StubModel:
@@ -54,7 +54,7 @@ class StubWorld:
 
 def start_run(out, cfg=None, value=0.0, method="pso", keys=("a.lora_A", "a.lora_B")):
     cfg = cfg or Cfg(out=str(out))
-    run = common.Run(method, cfg)
+    run = harness.Run(method, cfg)
     world = StubWorld()
     cfg = run.configure(world)
     model = StubModel(value, keys)
@@ -113,10 +113,10 @@ def _kill_at(monkeypatch, n):
     import safetensors.torch
 
     monkeypatch.setattr(safetensors.torch, "save_file", wrap(safetensors.torch.save_file))
-    monkeypatch.setattr(common.torch, "save", wrap(torch.save))
+    monkeypatch.setattr(harness.torch, "save", wrap(torch.save))
     for name in ("fsync", "replace", "rename"):
-        monkeypatch.setattr(common.os, name, wrap(getattr(os, name)))
-    monkeypatch.setattr(common.shutil, "rmtree", wrap(shutil.rmtree))
+        monkeypatch.setattr(harness.os, name, wrap(getattr(os, name)))
+    monkeypatch.setattr(harness.shutil, "rmtree", wrap(shutil.rmtree))
     return calls
 
 
@@ -156,16 +156,16 @@ def test_a_flipped_byte_falls_back_to_the_previous_checkpoint_or_is_an_error(tmp
     run, model, opt, start = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2, resume=True))
     assert start == 2  # the damaged newest checkpoint is skipped, with a message
     shutil.rmtree(tmp_path / "checkpoint-2")
-    with pytest.raises(common.CheckpointError, match="model-student.safetensors is damaged"):
+    with pytest.raises(harness.CheckpointError, match="model-student.safetensors is damaged"):
         start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2, resume=True))
 
 
 def test_checkpoint_keys_are_checked_both_ways(tmp_path):
     run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path)))
     run.save_checkpoint(3)
-    with pytest.raises(common.CheckpointError, match=r"missing keys \['b.lora_A'\]"):
+    with pytest.raises(harness.CheckpointError, match=r"missing keys \['b.lora_A'\]"):
         start_run(tmp_path, Cfg(out=str(tmp_path), resume=True), keys=("a.lora_A", "a.lora_B", "b.lora_A"))
-    with pytest.raises(common.CheckpointError, match=r"unexpected keys \['a.lora_B'\]"):
+    with pytest.raises(harness.CheckpointError, match=r"unexpected keys \['a.lora_B'\]"):
         start_run(tmp_path, Cfg(out=str(tmp_path), resume=True), keys=("a.lora_A",))
 
 
@@ -173,12 +173,12 @@ def test_resume_of_another_method_or_changed_settings_is_refused_before_anything
     run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path)))
     train_steps(run, model, opt, 6)
     before = {p.name: p.read_bytes() for p in tmp_path.glob("*") if p.is_file()}
-    with pytest.raises(common.ConfigError, match="is a run of 'pso', not of 'sharpening'"):
-        common.Run("sharpening", Cfg(out=str(tmp_path), resume=True))
-    run = common.Run("pso", Cfg(out=str(tmp_path), resume=True, beta=50.0))
-    with pytest.raises(common.ConfigError, match="--beta saved 5.0, now 50.0"):
+    with pytest.raises(harness.ConfigError, match="is a run of 'pso', not of 'sharpening'"):
+        harness.Run("sharpening", Cfg(out=str(tmp_path), resume=True))
+    run = harness.Run("pso", Cfg(out=str(tmp_path), resume=True, beta=50.0))
+    with pytest.raises(harness.ConfigError, match="--beta saved 5.0, now 50.0"):
         run.configure(StubWorld())
-    with pytest.raises(common.ConfigError, match="expected --steps >= 6"):
+    with pytest.raises(harness.ConfigError, match="expected --steps >= 6"):
         start_run(tmp_path, Cfg(out=str(tmp_path), resume=True, steps=4))
     after = {p.name: p.read_bytes() for p in tmp_path.glob("*") if p.is_file()}
     assert after == before
@@ -189,32 +189,32 @@ def test_resume_of_another_method_or_changed_settings_is_refused_before_anything
 
 def test_bad_run_folders_and_configs_are_named(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(common.ConfigError, match="is a file"):
-        common.Run("pso", Cfg(out=str(tmp_path / "file")))
+    with pytest.raises(harness.ConfigError, match="is a file"):
+        harness.Run("pso", Cfg(out=str(tmp_path / "file")))
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.json").write_text('{"method": "pso", "be')
     with pytest.raises(ValueError, match=r"config.json is not valid JSON.*truncated"):
-        common.Run("pso", Cfg(out=str(tmp_path / "r"), resume=True))
+        harness.Run("pso", Cfg(out=str(tmp_path / "r"), resume=True))
     (tmp_path / "r" / "config.json").write_text("")
     with pytest.raises(ValueError, match="config.json is empty"):
-        common.Run("pso", Cfg(out=str(tmp_path / "r"), resume=True))
-    with pytest.raises(common.ConfigError, match="--keep-checkpoints: expected a finite number >= 1, got 0"):
-        common.Run("pso", Cfg(out=str(tmp_path / "s"), keep_checkpoints=0))
+        harness.Run("pso", Cfg(out=str(tmp_path / "r"), resume=True))
+    with pytest.raises(harness.ConfigError, match="--keep-checkpoints: expected a finite number >= 1, got 0"):
+        harness.Run("pso", Cfg(out=str(tmp_path / "s"), keep_checkpoints=0))
 
 
 def test_check_range_names_the_flag_and_rejects_non_finite_values():
-    common.check_range(Cfg(lr=1e-3), "lr", 0, 1, lo_open=True)
+    harness.check_range(Cfg(lr=1e-3), "lr", 0, 1, lo_open=True)
     for bad in (0.0, 1e39, float("nan"), float("inf")):
-        with pytest.raises(common.ConfigError, match=r"--lr: expected a finite number > 0 and <= 1, got"):
-            common.check_range(Cfg(lr=bad), "lr", 0, 1, lo_open=True)
+        with pytest.raises(harness.ConfigError, match=r"--lr: expected a finite number > 0 and <= 1, got"):
+            harness.check_range(Cfg(lr=bad), "lr", 0, 1, lo_open=True)
 
 
 def test_non_finite_loss_message_says_what_is_kept(tmp_path):
     run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path)))
-    with pytest.raises(common.NonFiniteLoss, match="no checkpoint was written yet"):
+    with pytest.raises(harness.NonFiniteLoss, match="no checkpoint was written yet"):
         run.check_finite(torch.tensor(float("nan")), 1)
     run.save_checkpoint(1)
-    with pytest.raises(common.NonFiniteLoss, match=r"checkpoint-1\) is kept.*another --out"):
+    with pytest.raises(harness.NonFiniteLoss, match=r"checkpoint-1\) is kept.*another --out"):
         run.check_finite(torch.tensor(float("inf")), 2)
     run.check_finite(torch.tensor(0.5), 2)
 
@@ -237,7 +237,7 @@ def test_gradient_accumulation_of_k_micro_batches_equals_one_step_on_k_times_the
     def fit(k):
         w = torch.nn.Parameter(torch.zeros(3))
         cfg = Cfg(out=str(tmp_path / f"acc{k}"), gradient_accumulation_steps=k, steps=3)
-        run = common.Run("pso", cfg)
+        run = harness.Run("pso", cfg)
         world = StubWorld()
         world.accelerator.gradient_state._set_sync_gradients(True)
         model = StubModel()
@@ -260,16 +260,16 @@ def test_backend_defaults_fill_only_the_options_the_user_did_not_set():
         def method_defaults(self, method, variant):
             return {"lr": 1e-5, "beta": 50.0}
 
-    cfg = common.parse_config(Cfg, ["--beta", "2"])
-    assert common.explicit_fields(cfg) == {"beta"}
-    new, used = common.apply_world_defaults(cfg, World(), "pso")
+    cfg = harness.parse_config(Cfg, ["--beta", "2"])
+    assert harness.explicit_fields(cfg) == {"beta"}
+    new, used = harness.apply_world_defaults(cfg, World(), "pso")
     assert used == {"lr": 1e-5} and new.beta == 2.0 and new.lr == 1e-5
-    assert common.apply_world_defaults(Cfg(), World(), "pso")[1] == {}  # a config built in code: all explicit
+    assert harness.apply_world_defaults(Cfg(), World(), "pso")[1] == {}  # a config built in code: all explicit
 
 
 def test_summary_table_lists_every_scored_model_and_the_run_files(tmp_path):
     (tmp_path / "samples.png").write_bytes(b"x")
-    text = common.summary({"reward_base": 0.1, "quality_base": 0.9, "distance_base": 0.2, "reward_tuned": 0.5,
+    text = harness.summary({"reward_base": 0.1, "quality_base": 0.9, "distance_base": 0.2, "reward_tuned": 0.5,
                            "quality_tuned": 0.8, "distance_tuned": 0.1, "quality_tuned_1step": 0.7,
                            "quality_tuned_on_base_split": 0.3, "nfe_per_update": 12, "seconds": 3.5,
                            "seconds_per_update": 0.01}, tmp_path)

@@ -355,15 +355,15 @@ def test_mnist_idx_files_with_different_counts_name_both_files(tmp_path, monkeyp
 
 # ------------------------------------------------------------------------------------------ --model options
 def test_a_model_value_carries_world_options_and_bad_ones_are_named(tmp_path, builds):
-    import common
+    import harness
 
-    world = common.load_world("toy2d:reward=modes", cache=tmp_path, budget="tiny", progress=False)
+    world = harness.load_world("toy2d:reward=modes", cache=tmp_path, budget="tiny", progress=False)
     assert world.reward_kind == "modes" and world.name == "toy2d"
     x = world.modes("base")[[2, 6]]  # mode 2 (90 degrees) is preferred, mode 6 (270 degrees) is not
     r = world.reward(x, torch.zeros(2, dtype=torch.long))
     assert r[0] > 0.99 and r[1] < 0.01  # the in-distribution optimum, not the height
     assert toy.load_world("toy2d", cache=tmp_path, budget="tiny", progress=False).reward_kind == "modes"  # default
-    height = common.load_world("toy2d:reward=height", cache=tmp_path, budget="tiny", progress=False)
+    height = harness.load_world("toy2d:reward=height", cache=tmp_path, budget="tiny", progress=False)
     assert height.reward_kind == "height" and torch.allclose(height.reward(x, torch.zeros(2, dtype=torch.long)), x[:, 1])  # the unbounded option
     assert len(list(tmp_path.glob("toy2d-tiny-*.safetensors"))) == 1  # options share the base models' cache
     for bad, match in [("toy2d:reward=aesthetic", r"reward='aesthetic', expected one of \['modes', 'height'\]"),
@@ -373,4 +373,4 @@ def test_a_model_value_carries_world_options_and_bad_ones_are_named(tmp_path, bu
                        ("mnist:beta=5",
                         r"unknown world option 'beta=5' for 'mnist'; expected reward=<logprob\|prob\|logit>")]:
         with pytest.raises(ValueError, match=match):
-            common.load_world(bad, cache=tmp_path, budget="tiny", progress=False)
+            harness.load_world(bad, cache=tmp_path, budget="tiny", progress=False)

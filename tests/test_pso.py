@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import common
+import harness
 import pso
 
 KERNELS = ["x0_renoise", "euler_ancestral"]
@@ -345,14 +346,14 @@ def test_mnist_end_to_end(tmp_path, mnist_tiny):
 
 def kill_at_update(monkeypatch, n):
     """Simulate a kill (an exception no handler catches) when update n checks its loss."""
-    real = common.Run.check_finite
+    real = harness.Run.check_finite
 
     def killed(self, loss, step):
         if step == n:
             raise KeyboardInterrupt("simulated kill")
         return real(self, loss, step)
 
-    monkeypatch.setattr(common.Run, "check_finite", killed)
+    monkeypatch.setattr(harness.Run, "check_finite", killed)
     return real
 
 
@@ -365,7 +366,7 @@ def test_an_interrupted_and_resumed_run_ends_bit_identical_to_an_uninterrupted_o
     with pytest.raises(KeyboardInterrupt):
         fit(tiny(tmp_path, out=str(tmp_path / "b"), **kw), toy2d_tiny)
     assert [r["step"] for r in read_log(tmp_path / "b")] == ["1", "2", "3"]  # update 3 logged, checkpoint at 2
-    monkeypatch.setattr(common.Run, "check_finite", real)
+    monkeypatch.setattr(harness.Run, "check_finite", real)
     resumed = fit(tiny(tmp_path, out=str(tmp_path / "b"), resume=True, **kw), toy2d_tiny)
     a = load_file(str(tmp_path / "a" / "adapter" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "b" / "adapter" / "adapter.safetensors"))
@@ -409,7 +410,7 @@ def test_nan_loss_stops_with_the_message_and_keeps_the_last_good_checkpoint(tmp_
         return (loss * float("nan"), margin) if len(calls) == 3 else (loss, margin)
 
     monkeypatch.setattr(pso, "pso_loss", nan_on_third)
-    with pytest.raises(common.NonFiniteLoss, match=r"update 3 of .*checkpoint-2\) is kept.*another --out"):
+    with pytest.raises(harness.NonFiniteLoss, match=r"update 3 of .*checkpoint-2\) is kept.*another --out"):
         fit(tiny(tmp_path, steps=5, save_every=2), toy2d_tiny)
     assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-2"]
     tensors = load_file(str(tmp_path / "run" / "checkpoint-2" / "model-student.safetensors"))
@@ -418,7 +419,7 @@ def test_nan_loss_stops_with_the_message_and_keeps_the_last_good_checkpoint(tmp_
 
 def test_nan_before_any_checkpoint_says_none_was_written(tmp_path, toy2d_tiny, monkeypatch):
     monkeypatch.setattr(pso, "naive_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
-    with pytest.raises(common.NonFiniteLoss, match="update 1 .*no checkpoint was written yet"):
+    with pytest.raises(harness.NonFiniteLoss, match="update 1 .*no checkpoint was written yet"):
         fit(tiny(tmp_path, variant="naive"), toy2d_tiny)
 
 
@@ -446,9 +447,9 @@ def test_resume_of_another_methods_run_folder_is_refused_before_anything_is_writ
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"method": "sharpening", "variant": "sft", "model": "toy2d"}))
     before = _files(folder)
-    with pytest.raises(common.ConfigError, match="is a run of 'sharpening', not of 'pso'"):
+    with pytest.raises(harness.ConfigError, match="is a run of 'sharpening', not of 'pso'"):
         fit(tiny(tmp_path, resume=True), toy2d_tiny)
-    with pytest.raises(common.ConfigError, match="is a run of 'sharpening', not of 'pso'"):
+    with pytest.raises(harness.ConfigError, match="is a run of 'sharpening', not of 'pso'"):
         pso.experiment(tiny(tmp_path, resume=True, naive_baseline=True), toy2d_tiny)
     assert _files(folder) == before
 
@@ -504,7 +505,7 @@ def test_bad_configs_fail_before_anything_is_written(bad, message, tmp_path, toy
 
 
 def test_cli_parses_every_option():
-    cfg = common.parse_config(pso.Config, ["--variant", "online", "--sampler", "euler_ancestral", "--per-step-loss",
+    cfg = harness.parse_config(pso.Config, ["--variant", "online", "--sampler", "euler_ancestral", "--per-step-loss",
                                            "--clamp-ratio", "0.1", "--train-steps", "8", "--no-naive-baseline",
                                            "--naive-t", "grid", "--one-timestep-from", "uniform",
                                            "--gradient-accumulation-steps", "2"])

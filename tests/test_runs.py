@@ -3,24 +3,24 @@ import dataclasses
 
 import pytest
 
-import common
+import harness
 
 
 @dataclasses.dataclass
 class Cfg:
-    model: str = common.arg("toy2d", "world")
-    steps: int = common.arg(10, "updates")
-    beta: float = common.arg(5.0, "DPO beta")
-    resume: bool = common.arg(False, "resume")
-    variant: str = common.arg("pso", "variant", choices=["pso", "online"])
+    model: str = harness.arg("toy2d", "world")
+    steps: int = harness.arg(10, "updates")
+    beta: float = harness.arg(5.0, "DPO beta")
+    resume: bool = harness.arg(False, "resume")
+    variant: str = harness.arg("pso", "variant", choices=["pso", "online"])
 
 
 def test_parse_config_from_dataclass():
-    cfg = common.parse_config(Cfg, ["--steps", "3", "--beta", "50", "--resume", "--variant", "online"])
+    cfg = harness.parse_config(Cfg, ["--steps", "3", "--beta", "50", "--resume", "--variant", "online"])
     assert cfg == Cfg(steps=3, beta=50.0, resume=True, variant="online")
-    assert common.parse_config(Cfg, []) == Cfg()
+    assert harness.parse_config(Cfg, []) == Cfg()
     with pytest.raises(SystemExit):
-        common.parse_config(Cfg, ["--variant", "offline-ish"])
+        harness.parse_config(Cfg, ["--variant", "offline-ish"])
 
 
 def test_main_job_writes_samples_and_metrics(tmp_path, monkeypatch, toy2d_tiny):

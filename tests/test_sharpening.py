@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 import common
+import harness
 import sharpening
 
 SDXL = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -24,7 +25,7 @@ def read_log(out):
 
 @pytest.fixture
 def tiny_world(monkeypatch, toy2d_tiny):
-    monkeypatch.setattr(common, "load_world", lambda name: toy2d_tiny)
+    monkeypatch.setattr(harness, "load_world", lambda name: toy2d_tiny)
     return toy2d_tiny
 
 
@@ -257,7 +258,7 @@ def test_sft_data_top_keeps_the_highest_reward_pairs(toy2d_tiny):
 @pytest.mark.parametrize("variant", ["sft", "rlhf"])
 def test_each_variant_runs_end_to_end_and_writes_its_outputs(tmp_path, monkeypatch, request, world_name, variant):
     world = request.getfixturevalue(world_name)
-    monkeypatch.setattr(common, "load_world", lambda name: world)
+    monkeypatch.setattr(harness, "load_world", lambda name: world)
     cfg = ["--variant", variant, "--out", str(tmp_path), "--batch", "3", "--steps", "2", "--eval-every", "1",
            "--eval-samples", "4", "--final-samples", "12", "--m", "2", "--no-progress"]
     metrics = sharpening.main(cfg)
@@ -329,7 +330,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, t
         return (out[0] * float("nan"), out[1]) if isinstance(out, tuple) else out * float("nan")
 
     monkeypatch.setattr(sharpening, f"{variant}_loss", nan_at_3)
-    with pytest.raises(common.NonFiniteLoss, match=r"non-finite loss \(nan\) at update 3.*checkpoint-2\) is kept"):
+    with pytest.raises(harness.NonFiniteLoss, match=r"non-finite loss \(nan\) at update 3.*checkpoint-2\) is kept"):
         sharpening.train(sharpening.Config(variant=variant, out=str(tmp_path), **{**TINY, "steps": 5}))
     assert json.loads((tmp_path / "checkpoint-2" / "state.json").read_text())["step"] == 2
     assert [r["step"] for r in read_log(tmp_path)] == ["1", "2"]
@@ -337,7 +338,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, t
 
 def test_non_finite_rewards_stop_the_run(tmp_path, tiny_world, monkeypatch):
     monkeypatch.setattr(tiny_world, "reward", lambda x0, cond: torch.full((len(x0),), float("nan")))
-    with pytest.raises(common.NonFiniteLoss, match="reward returned non-finite scores.*no checkpoint was written"):
+    with pytest.raises(harness.NonFiniteLoss, match="reward returned non-finite scores.*no checkpoint was written"):
         sharpening.train(sharpening.Config(out=str(tmp_path), **TINY))
 
 
@@ -368,9 +369,9 @@ def test_gradient_accumulation_runs_and_counts_the_same_nfes_per_micro_batch(tmp
 def test_bad_input_gets_a_clear_error_and_keeps_saved_files(tmp_path, tiny_world, overrides, message):
     sharpening.train(sharpening.Config(out=str(tmp_path), **{**TINY, "steps": 1}))
     before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    with pytest.raises(common.ConfigError, match=re.escape(message)):
+    with pytest.raises(harness.ConfigError, match=re.escape(message)):
         sharpening.train(sharpening.Config(out=str(tmp_path), **{**TINY, "steps": 1}, **overrides))
-    with pytest.raises(common.ConfigError):  # on --resume: this error or the changed-setting one, before any write
+    with pytest.raises(harness.ConfigError):  # on --resume: this error or the changed-setting one, before any write
         sharpening.train(sharpening.Config(out=str(tmp_path), resume=True, **{**TINY, "steps": 1}, **overrides))
     assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
@@ -381,7 +382,7 @@ def test_resume_with_a_changed_setting_is_refused_before_anything_is_written(tmp
     sharpening.train(sharpening.Config(out=str(tmp_path), **TINY))
     before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     (name, value), = change.items()
-    with pytest.raises(common.ConfigError, match=re.escape(f"{common.flag(name)} saved")):
+    with pytest.raises(harness.ConfigError, match=re.escape(f"{harness.flag(name)} saved")):
         sharpening.train(sharpening.Config(out=str(tmp_path), resume=True, **{**TINY, **change}))
     assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     # --steps and the evaluation sizes may change: a longer run of the same experiment
@@ -391,7 +392,7 @@ def test_resume_with_a_changed_setting_is_refused_before_anything_is_written(tmp
 
 def test_resume_of_another_methods_run_folder_is_refused(tmp_path, tiny_world):
     (tmp_path / "config.json").write_text(json.dumps({"method": "pso", "seed": 0}))
-    with pytest.raises(common.ConfigError, match="is a run of 'pso', not of 'sharpening'"):
+    with pytest.raises(harness.ConfigError, match="is a run of 'pso', not of 'sharpening'"):
         sharpening.train(sharpening.Config(out=str(tmp_path), resume=True, **TINY))
     assert json.loads((tmp_path / "config.json").read_text()) == {"method": "pso", "seed": 0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]

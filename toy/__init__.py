@@ -1,4 +1,4 @@
-"""CPU toy worlds (DESIGN.md section 7): `load_world("toy2d")` or `load_world("mnist")`.
+"""CPU toy worlds (docs/design.md section 7): `load_world("toy2d")` or `load_world("mnist")`.
 
 Base models (teacher, 4-step student, one-step generator, and MNIST's classifier) are built on first use with
 a progress bar and cached as safetensors in $FEWSTEP_CACHE (default ~/.cache/fewstep-finetune). A cache file
@@ -190,6 +190,6 @@ def _write(path: Path, weights, spec) -> None:
 def register() -> None:
     """Entry point (pyproject.toml, group fewstep_finetune.worlds): `--model toy2d | mnist | flow2d` (with options,
     e.g. `toy2d:reward=height`) goes to this backend."""
-    import common
+    import harness
 
-    common.register_world("toy", lambda model: model.partition(":")[0] in WORLDS, load_world, priority=10)
+    harness.register_world("toy", lambda model: model.partition(":")[0] in WORLDS, load_world, priority=10)

