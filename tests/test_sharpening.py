@@ -369,8 +369,8 @@ def test_gradient_accumulation_runs_and_counts_the_same_nfes_per_micro_batch(tmp
 def test_bad_input_gets_a_clear_error_and_keeps_saved_files(tmp_path, tiny_world, overrides, message):
     sharpening.train(sharpening.Config(out=str(tmp_path), **{**TINY, "steps": 1}))
     before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    with pytest.raises(harness.ConfigError, match=re.escape(message)):
-        sharpening.train(sharpening.Config(out=str(tmp_path), **{**TINY, "steps": 1}, **overrides))
+    with pytest.raises(harness.ConfigError, match=re.escape(message)):  # even where it would replace the run
+        sharpening.train(sharpening.Config(out=str(tmp_path), overwrite=True, **{**TINY, "steps": 1}, **overrides))
     with pytest.raises(harness.ConfigError):  # on --resume: this error or the changed-setting one, before any write
         sharpening.train(sharpening.Config(out=str(tmp_path), resume=True, **{**TINY, "steps": 1}, **overrides))
     assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
