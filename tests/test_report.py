@@ -1,6 +1,7 @@
 """benchmarks/report.py: the determinism comparison, and one row end to end in child processes (tiny toy models)."""
 import copy
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def test_a_row_runs_twice_in_child_processes_with_counted_nfes_and_identical_res
     again = report.main(["--world", "toy2d", "--replot", "--results", str(tmp_path / "results")])
     assert json.loads(json.dumps(again["rows"])) == json.loads(json.dumps(result["rows"]))  # re-summarized: same
     assert (tmp_path / "results" / "report.toy2d.md").is_file()
+    first = result["runs"][0]  # running a row again replaces its run folder
+    assert report.run_one(shlex.split(first["command"])[1:], Path(first["out"]), 1, {})["returncode"] == 0
 
 
 def test_a_failing_run_names_its_command(tmp_path):
