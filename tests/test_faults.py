@@ -53,6 +53,23 @@ def test_ctrl_c_says_what_was_saved_and_the_resume_command_continues_the_run(tmp
     assert again.returncode == 130 and f"resumed {out} from checkpoint-{m[1]} (update {m[1]})" in err, err
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_pso_py_names_the_naive_runs_checkpoint_and_the_command_resumes_the_experiment(tmp_path):
+    """The same through a method script (the stub test above covers the wiring fast): pso.py trains the naive
+    baseline first, into <out>/naive."""
+    out = tmp_path / "run"
+    cmd = [str(ROOT / "pso.py"), "--out", str(out), "--steps", "100000", "--save-every", "2", "--eval-every", "1000",
+           "--no-progress"]
+    p = subprocess.Popen([sys.executable, *cmd], stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    _wait_for(out / "naive" / "checkpoint-4", p, timeout=300)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    line = err.strip().splitlines()[-1]
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert re.fullmatch(rf"interrupted: {re.escape(str(out / 'naive'))} keeps checkpoint-\d+ \(update \d+ of 100000; it "
+                        rf"was at update \d+\)\. Continue with: python {re.escape(shlex.join(cmd))} --resume", line), line
+
+
 def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken_over(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, STUB, "--out", str(out), "--save-every", "2", "--no-progress"]
