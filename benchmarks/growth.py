@@ -2,7 +2,7 @@
 harness's default bound (harness.GROWTH, docs/harness.md "When a run stops").
 
     python benchmarks/report.py --world toy2d --no-frontier --no-repeat --seeds 0 --runs R --results R/results
-    python benchmarks/growth.py R
+    python benchmarks/growth.py R/toy2d
 
 For every run folder below R (a log.csv with a run config.json) and every column the bound applies to (loss,
 eval_*), the largest |value| / max(1, |first value|) over the run's updates. Writes benchmarks/results/growth.json
