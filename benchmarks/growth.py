@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", help="a folder holding run folders")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "growth.json"))
+    p.add_argument("--made-by", default="", help="the command that made the runs (recorded with the result)")
     a = p.parse_args(argv)
     rows = []
     for log in sorted(Path(a.runs).rglob("log.csv")):
@@ -47,11 +49,13 @@ def main(argv=None) -> dict:
         for col, g in r["growth"].items():
             if g > worst.get(col, (0, ""))[0]:
                 worst[col] = (g, r["run"])
-    result = {"command": "python benchmarks/growth.py " + " ".join(argv or sys.argv[1:]), "bound": harness.GROWTH,
+    result = {"command": "python benchmarks/growth.py " + shlex.join(argv or sys.argv[1:]), "runs_made_by": a.made_by,
+              "bound": harness.GROWTH,
               "runs": rows, "largest": {c: {"growth": g, "run": run} for c, (g, run) in worst.items()}}
     Path(a.out).write_text(json.dumps(result, indent=2))
-    lines = [f"Largest |value| / max(1, |first value|) over {len(rows)} runs ({result['command']}); the harness "
-             f"stops a run at {harness.GROWTH:g}.", "", "| column | largest growth | run |", "|---|---|---|"]
+    lines = [f"Largest |value| / max(1, |first value|) over {len(rows)} runs ({result['command']}"
+             + (f"; the runs: {a.made_by}" if a.made_by else "") + f"); the harness stops a run at {harness.GROWTH:g}.",
+             "", "| column | largest growth | run |", "|---|---|---|"]
     lines += [f"| {c} | {g:.3g} | {run} |" for c, (g, run) in sorted(worst.items())]
     Path(a.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
