@@ -506,15 +506,7 @@ def load_parts(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> PipelineP
     else:
         vae = _from_pretrained(diffusers.AutoencoderKL, spec.base, "the VAE", subfolder="vae", variant=spec.variant,
                                torch_dtype=vae_dtype, **kw)
-    encoders, tokenizers = [], []
-    for enc, tok in layout["text"]:
-        if (enc, tok) not in present:
-            encoders.append(None)
-            tokenizers.append(None)
-            continue
-        encoders.append(_from_pretrained(_component_class(index, enc, spec.base), spec.base, enc, subfolder=enc,
-                                         variant=spec.variant, torch_dtype=dtype, **kw))
-        tokenizers.append(_from_pretrained(_component_class(index, tok, spec.base), spec.base, tok, subfolder=tok, **kw))
+    encoders, tokenizers = load_text_parts(spec, index, kind, dtype)
     sched_name = index["scheduler"][1]
     if not hasattr(diffusers, sched_name or ""):
         raise ModelError(f"model_index.json of {spec.base!r}: scheduler class {sched_name!r} is not a diffusers class")
@@ -522,6 +514,23 @@ def load_parts(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> PipelineP
     scheduler = _from_pretrained(sched_cls, spec.base, "the scheduler", subfolder="scheduler", **kw)
     return PipelineParts(kind, getattr(diffusers, cls_name), index, vae, encoders, tokenizers, scheduler,
                          bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")))
+
+
+def load_text_parts(spec: ModelSpec, index: dict, kind: str, dtype: torch.dtype) -> tuple[list, list]:
+    """The text encoders (in `dtype`) and tokenizers of `spec.base`, in the pipeline's order (None where absent):
+    at start-up, and again when precompute_embeddings freed them and a data source's captions must be encoded."""
+    layout = KINDS[kind]
+    kw = dict(revision=spec.revision, random_weights=spec.random_weights)
+    encoders, tokenizers = [], []
+    for enc, tok in layout["text"]:
+        if enc in layout["optional"] and (not index.get(enc) or index[enc][0] is None):
+            encoders.append(None)
+            tokenizers.append(None)
+            continue
+        encoders.append(_from_pretrained(_component_class(index, enc, spec.base), spec.base, enc, subfolder=enc,
+                                         variant=spec.variant, torch_dtype=dtype, **kw))
+        tokenizers.append(_from_pretrained(_component_class(index, tok, spec.base), spec.base, tok, subfolder=tok, **kw))
+    return encoders, tokenizers
 
 
 def role_scheduler(spec: ModelSpec, role: RoleSpec, base_scheduler):

@@ -27,6 +27,7 @@ import collections
 import contextlib
 import functools
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -92,7 +93,8 @@ def _to(module, device, dtype):
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate's names
 LATENT_CACHE = 4096  # data latents kept (1 GiB at 1024^2); the rest are re-encoded when drawn again
-PRECOMPUTE_LIMIT = 20000  # prompt embeddings precompute_embeddings may hold (SDXL: 77 x 2048 each)
+PRECOMPUTE_LIMIT = 20000  # prompt embeddings precompute_embeddings may encode before training (per source opened)
+EMBED_RAM_BYTES = 1 << 30  # prompt embeddings kept in RAM (the rest on disk): 256 T5-XXL ones at 512 tokens
 
 
 def vae_dtype(dtype: torch.dtype, vae_config, fixed_vae: bool) -> torch.dtype:
@@ -310,32 +312,75 @@ class FullWorld:
         self.eval_prompts = data_lib.load_prompts(spec.eval_prompts) if spec.eval_prompts else self.prompts
         self._texts: list[str] = []
         self._ids: dict[str, int] = {}
-        self._embeds: dict[int, tuple[torch.Tensor, ...]] = {}
+        # prompt embeddings: on disk (keyed by model + prompt) behind a bounded RAM cache (data.EmbeddingCache)
+        self.embeddings = data_lib.EmbeddingCache(self._embedding_folder(), self._embedding_key(), EMBED_RAM_BYTES)
         # VAE latents of data images, bounded: a data set of any size costs at most LATENT_CACHE latents
         self._latents: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
         self.denoisers: list[FullDenoiser] = []
         self._encoder_pipe = self._make_encoder_pipe()
         if spec.precompute_embeddings:
-            # + the negative prompt: the null condition of CFG is its encoding (SD1.5, SD3, FLUX's true CFG)
-            texts = self.prompts + self.eval_prompts + self._data_texts() + [self.spec.negative_prompt]
-            texts = list(dict.fromkeys(texts))
-            self._encode_ids([self._id(t) for t in texts])
+            # the text every run reads (+ the negative prompt: the null condition of CFG is its encoding in SD1.5, SD3,
+            # FLUX's true CFG); a data source's captions when the run opens it (_precompute in _dataset / _pairs)
+            self._precompute([self.spec.negative_prompt] + self.prompts + self.eval_prompts, "the prompts")
             self.free_text_encoders()
 
-    def _data_texts(self) -> list[str]:
-        """Every caption of the spec's data sets and pairs (what precompute_embeddings must encode), bounded."""
-        texts = []
-        for split, source in self.spec.data.items():
-            texts += self._dataset(split).captions()
-            texts += [source[k] for k in ("prompt", "class_prompt") if k in source]
-        if self.spec.pairs:
-            texts += self._pairs().captions()
-        unique = len(dict.fromkeys(texts))
-        if unique > PRECOMPUTE_LIMIT:
-            raise ValueError(f"precompute_embeddings would keep {unique} prompt embeddings of the data sets / pairs in "
-                             f"memory (more than {PRECOMPUTE_LIMIT}): set \"precompute_embeddings\": false in the "
-                             f"model spec of {self.name} (prompts are then encoded as they are drawn)")
-        return texts
+    def _precompute(self, texts: list[str], what: str) -> None:
+        """precompute_embeddings: encode the texts not in the embedding cache yet (with the text encoders loaded again
+        if they were freed), at most PRECOMPUTE_LIMIT of them: every one is a network pass before training and a file
+        on disk (T5-XXL at 512 tokens: 4 MiB)."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self.embeddings]
+        if len(missing) > PRECOMPUTE_LIMIT:
+            raise ValueError(f"precompute_embeddings would encode {len(missing):,} prompt embeddings of {what} before "
+                             f"training (more than {PRECOMPUTE_LIMIT:,}; {len(dict.fromkeys(texts)) - len(missing):,} "
+                             f"are in the cache {self.embeddings.dir} already): take a subset of the source (\"split\": "
+                             f"\"train[:10000]\", or \"streaming\": true with \"rows\"), or set "
+                             f"\"precompute_embeddings\": false in the model spec of {self.name} (the text encoders "
+                             "then stay loaded and prompts are encoded as they are drawn)")
+        if missing:
+            with self._text_encoders(what, len(missing)):
+                self._encode_texts(missing)
+
+    @contextlib.contextmanager
+    def _text_encoders(self, what: str, n: int):
+        """The text encoders for a batch of encoding: the loaded ones, or (after precompute_embeddings freed them)
+        loaded again for it and freed after, so a data source opened during the run gets its captions encoded."""
+        if self._encoder_pipe is not None:
+            yield
+            return
+        self._say(f"precompute_embeddings: loading the text encoders of {self.spec.base} again to encode {n:,} "
+                  f"captions of {what} (kept in {self.embeddings.dir}: a later run reads them from there)")
+        encoders, tokenizers = models.load_text_parts(self.spec, self.parts.index, self.kind, self.dtype)
+        for enc in encoders:
+            if enc is not None:
+                _to(enc, self.device, self.dtype).requires_grad_(False).eval()
+        self.parts.text_encoders, self.parts.tokenizers = encoders, tokenizers
+        self._encoder_pipe = self._make_encoder_pipe()
+        try:
+            yield
+        finally:
+            self.free_text_encoders()
+
+    def _say(self, line: str) -> None:
+        if self.accelerator.is_main_process:
+            data_lib.say(line)
+
+    def _embedding_folder(self) -> Path:
+        return Path(self.spec.embedding_cache or os.environ.get("FEWSTEP_EMBEDDING_CACHE")
+                    or Path.home() / ".cache" / "fewstep-finetune" / "embeddings")
+
+    def _embedding_key(self) -> dict:
+        """What a prompt's embedding depends on: the text encoders (the base, its revision / variant, or a local
+        folder with the modification times of its text-encoder files), their dtype and device type, the prompt
+        length, random weights."""
+        base = Path(self.spec.base).expanduser()
+        key = {"base": self.spec.base, "revision": self.spec.revision, "variant": self.spec.variant,
+               "kind": self.kind, "dtype": str(self.dtype), "device": self.device.type,
+               "max_sequence_length": self.max_sequence_length, "random_weights": self.spec.random_weights}
+        if base.is_dir():
+            key["base"] = str(base.resolve())
+            key["files"] = {str(f.relative_to(base)): f.stat().st_mtime_ns for enc, tok in models.KINDS[self.kind]["text"]
+                            for part in (enc, tok) if (base / part).is_dir() for f in sorted((base / part).iterdir())}
+        return key
 
     def method_defaults(self, method: str, variant: str) -> dict:
         """The paper's settings of `method` / `variant` for config fields the user did not set (the harness applies
@@ -435,42 +480,40 @@ class FullWorld:
         return [self.spec.negative_prompt if i < 0 else self._texts[i] for i in cond["prompt_id"].tolist()]
 
     @torch.no_grad()
-    def _encode_ids(self, ids: list[int], batch: int = 1) -> None:
-        """Encode the prompts not cached yet, `batch` at a time. One at a time by default: a BLAS matmul's result
-        for a row can depend on the batch it is in (SD3's CLIP text projection differs in the last bits), and a
-        prompt's embedding must not depend on which prompts were drawn with it, or a resumed run would not repeat
-        the uninterrupted one bit for bit."""
-        todo = [i for i in dict.fromkeys(ids) if i not in self._embeds]
+    def _encode_texts(self, texts: list[str]) -> None:
+        """Encode the prompts not in the embedding cache yet, one at a time: a BLAS matmul's result for a row can
+        depend on the batch it is in (SD3's CLIP text projection differs in the last bits), and a prompt's embedding
+        must not depend on which prompts were drawn with it, or a resumed run would not repeat the uninterrupted one
+        bit for bit."""
+        todo = [t for t in dict.fromkeys(texts) if t not in self.embeddings]
         if todo and self._encoder_pipe is None:
-            raise RuntimeError(f"prompt {self._texts[todo[0]]!r} was not precomputed and the text encoders were "
-                               "freed (precompute_embeddings): add it to the spec's prompts")
-        for k in range(0, len(todo), batch):
-            chunk = todo[k:k + batch]
-            texts = [self._texts[i] for i in chunk]
+            raise RuntimeError(f"prompt {todo[0]!r} was not precomputed and the text encoders were freed "
+                               "(precompute_embeddings): add it to the spec's prompts")
+        for text in todo:
             if self.kind == "flux":  # (prompt_embeds (T5), pooled_prompt_embeds (CLIP), text_ids)
-                out = self._encoder_pipe.encode_prompt(texts, device=self.device, num_images_per_prompt=1,
+                out = self._encoder_pipe.encode_prompt([text], device=self.device, num_images_per_prompt=1,
                                                        max_sequence_length=self.max_sequence_length)
                 embeds, pooled = out[0], out[1]
             else:  # (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
                 kw = ({"prompt_2": None, "prompt_3": None, "max_sequence_length": self.max_sequence_length}
                       if self.kind == "sd3" else {})
-                out = self._encoder_pipe.encode_prompt(texts, device=self.device, num_images_per_prompt=1,
+                out = self._encoder_pipe.encode_prompt([text], device=self.device, num_images_per_prompt=1,
                                                        do_classifier_free_guidance=False, **kw)
                 embeds, pooled = out[0], (out[2] if self.kind in ("sdxl", "sd3") else None)
-            for j, i in enumerate(chunk):
-                self._embeds[i] = (embeds[j].cpu(),) + ((pooled[j].cpu(),) if pooled is not None else ())
+            self.embeddings.put(text, (embeds[0],) + ((pooled[0],) if pooled is not None else ()))
+
+    def _rows(self, texts: list[str]) -> list[tuple[torch.Tensor, ...]]:
+        """The embedding rows of `texts` (encoded first where the cache has none)."""
+        self._encode_texts(texts)
+        return [self.embeddings.get(t) for t in texts]
 
     @functools.cached_property
     def _null_embeds(self) -> tuple[torch.Tensor, ...]:
         """The unconditional embedding for CFG, as the pipelines make it (SDXL: zeros for an empty negative; SD3:
         the encoded negative prompt, "" by default; FLUX's true-CFG negative likewise)."""
         if self.kind == "sdxl" and self.parts.force_zeros_for_empty_prompt and not self.spec.negative_prompt:
-            return tuple(torch.zeros_like(e) for e in self._embed_rows([self._id(self.prompts[0])]))
-        return self._embed_rows([self._id(self.spec.negative_prompt)])
-
-    def _embed_rows(self, ids: list[int]):
-        self._encode_ids(ids)
-        return self._embeds[ids[0]]
+            return tuple(torch.zeros_like(e) for e in self._rows([self.prompts[0]])[0])
+        return self._rows([self.spec.negative_prompt])[0]
 
     def _time_ids(self, n: int) -> torch.Tensor:
         """SDXL add_time_ids: (original size, crop top-left, target size) = (R, R, 0, 0, R, R)."""
@@ -481,9 +524,7 @@ class FullWorld:
         """Prompts -> condition dict on the world's device: {prompt_embeds, prompt_id} and SDXL's text_embeds +
         time_ids, SD3's pooled_projections, FLUX's pooled_projections [+ guidance] (txt_ids are zeros: the forward
         makes them)."""
-        ids = [self._id(t) for t in texts]
-        self._encode_ids(ids)
-        return self._cond([self._embeds[i] for i in ids], ids)
+        return self._cond(self._rows(texts), [self._id(t) for t in texts])
 
     def _cond(self, rows, ids) -> dict:
         cond = {"prompt_embeds": torch.stack([r[0] for r in rows]).to(self.device)}
@@ -544,19 +585,31 @@ class FullWorld:
         return z
 
     # ----------------------------------------------------------------------------------------- data
+    # A data source is opened (and validated) when the run first reads it, so a run never touches a source it does
+    # not use (online PSO never opens the pairs); with precompute_embeddings its captions are encoded then.
     @functools.lru_cache(maxsize=None)
     def _dataset(self, split: str) -> data_lib.ImageCaptions:
         if split not in self.spec.data:
             raise ValueError(f"this run needs data split {split!r}, which the model spec of {self.name} does not "
                              f"define: add \"data\": {{\"{split}\": {{\"folder\": ...}}}} (it has "
                              f"{sorted(self.spec.data) or 'none'})")
-        return data_lib.ImageCaptions(self.spec.data[split])
+        source = self.spec.data[split]
+        ds = data_lib.ImageCaptions(source)
+        self._say(f"data.{split}: {ds.where}: {len(ds):,} images")
+        if self.spec.precompute_embeddings:
+            self._precompute(ds.captions() + [source[k] for k in ("prompt", "class_prompt") if k in source],
+                             f"data.{split} ({ds.where})")
+        return ds
 
-    def data(self, n: int, generator: torch.Generator, split: str = "base") -> tuple[torch.Tensor, dict]:
+    def _data_latents(self, n: int, generator: torch.Generator, split: str) -> tuple[torch.Tensor, list[int]]:
         ds = self._dataset(split)
         idx = torch.randint(0, len(ds), (n,), generator=generator).tolist()
         x0 = torch.stack([self._latent((split, i), lambda i=i: ds.image(i, self.resolution)) for i in idx])
-        return x0.to(self.device), self.encode([ds.caption(i) for i in idx])
+        return x0.to(self.device), idx
+
+    def data(self, n: int, generator: torch.Generator, split: str = "base") -> tuple[torch.Tensor, dict]:
+        x0, idx = self._data_latents(n, generator, split)
+        return x0, self.encode([self._dataset(split).caption(i) for i in idx])
 
     @functools.lru_cache(maxsize=None)
     def _pairs(self, path: str | None = None) -> data_lib.PreferencePairs:
@@ -564,7 +617,10 @@ class FullWorld:
         if not source:
             raise ValueError(f"no preference pairs: the model spec of {self.name} has no \"pairs\" source "
                              "(a folder with pairs.jsonl, or {\"dataset\": \"yuvalkirstain/pickapic_v2\"})")
-        return data_lib.PreferencePairs(source)
+        pairs = data_lib.PreferencePairs(source, log=self._say)
+        if self.spec.precompute_embeddings:
+            self._precompute(pairs.captions(), f"the preference pairs ({pairs.where})")
+        return pairs
 
     def preference_pairs(self, n: int, generator: torch.Generator, path=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """World.preference_pairs: n (preferred, rejected, caption) rows of Pick-a-Pic-style pairs as latents."""
@@ -629,7 +685,7 @@ class FullWorld:
             return math.nan
         from toy.metrics import sliced_wasserstein
 
-        ref, _ = self.data(len(x0), torch.Generator().manual_seed(1234), split)
+        ref, _ = self._data_latents(len(x0), torch.Generator().manual_seed(1234), split)  # latents only
         pool = lambda x: F.adaptive_avg_pool2d(x.float().cpu(), min(8, x.shape[-1])).flatten(1)  # noqa: E731
         return sliced_wasserstein(pool(x0), pool(ref))
 
