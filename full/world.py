@@ -13,11 +13,13 @@
 * `FullAccelerator`: accelerate's Accelerator; `adam_8bit` makes `prepare` swap a torch Adam/AdamW for
   bitsandbytes' AdamW8bit with the same hyperparameters. Its mixed precision is the spec's dtype, or accelerate's
   configuration when the spec names none (`accelerate launch --mixed_precision bf16`).
-* `FullWorld`: the schedule (common.Schedule, or common.FlowSchedule(shift) from a flow model's
-  FlowMatchEulerDiscreteScheduler config), prompts -> cached embeddings (condition dicts with a `prompt_id` row so
-  a reward can find the text),
+* `FullWorld`: the schedule (common.Schedule, or common.FlowSchedule from a flow model's
+  FlowMatchEulerDiscreteScheduler), every role's sampler and grid (its own pipeline's: models.role_grid; a flow
+  grid's sigmas placed exactly on integer times once, at start-up), prompts -> embeddings cached on disk behind a
+  bounded RAM cache (data.EmbeddingCache; condition dicts with a `prompt_id` row so a reward can find the text),
   VAE encode / decode (outside the caller's autocast, in the VAE's dtype), rewards on decoded images in chunks of
-  `decode_batch`, image-caption data, preference pairs and concept images as latents (a bounded latent cache),
+  `decode_batch`, image-caption data, preference pairs and concept images as latents (a bounded latent cache; each
+  source opened when the run first reads it),
   metrics, figures, LoRA export in the diffusers format (`pipe.load_lora_weights(dir)` loads it), and the paper's
   defaults for a run on a checkpoint (`method_defaults`).
 """

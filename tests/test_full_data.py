@@ -151,3 +151,14 @@ def test_preference_pairs_streamed_subset_through_a_shuffle_buffer(tmp_path, cap
     assert win.shape == (3, 8, 8)
     with pytest.raises(data_lib.DataError, match='needs "rows" as an integer >= 1'):
         data_lib.PreferencePairs({**source, "rows": None})
+
+
+def test_prepare_data_embed_fills_the_cache_so_the_run_encodes_nothing(xl, tmp_path, monkeypatch):
+    from full import prepare_data
+
+    monkeypatch.setenv("FEWSTEP_EMBEDDING_CACHE", str(tmp_path / "cache"))
+    assert prepare_data.main(["embed", str(xl), "pairs", "data.target"]) == 0
+    w = full.load_world(str(xl), precompute_embeddings=True)
+    monkeypatch.setattr(w, "_text_encoders", lambda *a: pytest.fail("encoded again"))
+    w.preference_pairs(2, torch.Generator().manual_seed(0))
+    w.data(2, torch.Generator().manual_seed(0), "target")
