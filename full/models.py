@@ -209,7 +209,8 @@ def check_flow_scheduler(config: dict, where: str) -> None:
         raise ModelError(f"{where}: shift_terminal={config['shift_terminal']} (sigmas stretched to end above 0) is not "
                          "supported; set \"scheduler_config\": {\"shift_terminal\": null}")
     if config.get("time_shift_type", "exponential") not in ("exponential", "linear"):
-        raise ModelError(f"{where}: time_shift_type {config['time_shift_type']!r} is neither 'exponential' nor 'linear'")
+        raise ModelError(f"{where}: time_shift_type {config['time_shift_type']!r} is neither 'exponential' nor "
+                         "'linear'")
     shift = config.get("shift", 1.0)
     if not config.get("use_dynamic_shifting") and not (
             isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
@@ -529,7 +530,8 @@ def load_text_parts(spec: ModelSpec, index: dict, kind: str, dtype: torch.dtype)
             continue
         encoders.append(_from_pretrained(_component_class(index, enc, spec.base), spec.base, enc, subfolder=enc,
                                          variant=spec.variant, torch_dtype=dtype, **kw))
-        tokenizers.append(_from_pretrained(_component_class(index, tok, spec.base), spec.base, tok, subfolder=tok, **kw))
+        tokenizers.append(_from_pretrained(_component_class(index, tok, spec.base), spec.base, tok, subfolder=tok,
+                                           **kw))
     return encoders, tokenizers
 
 

@@ -334,8 +334,8 @@ class FullWorld:
         if len(missing) > PRECOMPUTE_LIMIT:
             raise ValueError(f"precompute_embeddings would encode {len(missing):,} prompt embeddings of {what} before "
                              f"training (more than {PRECOMPUTE_LIMIT:,}; {len(dict.fromkeys(texts)) - len(missing):,} "
-                             f"are in the cache {self.embeddings.dir} already): take a subset of the source (\"split\": "
-                             f"\"train[:10000]\", or \"streaming\": true with \"rows\"), or set "
+                             f"are in the cache {self.embeddings.dir} already): take a subset of the source "
+                             f"(\"split\": \"train[:10000]\", or \"streaming\": true with \"rows\"), or set "
                              f"\"precompute_embeddings\": false in the model spec of {self.name} (the text encoders "
                              "then stay loaded and prompts are encoded as they are drawn)")
         if missing:
@@ -380,8 +380,8 @@ class FullWorld:
                "max_sequence_length": self.max_sequence_length, "random_weights": self.spec.random_weights}
         if base.is_dir():
             key["base"] = str(base.resolve())
-            key["files"] = {str(f.relative_to(base)): f.stat().st_mtime_ns for enc, tok in models.KINDS[self.kind]["text"]
-                            for part in (enc, tok) if (base / part).is_dir() for f in sorted((base / part).iterdir())}
+            parts = [base / p for pair in models.KINDS[self.kind]["text"] for p in pair if (base / p).is_dir()]
+            key["files"] = {str(f.relative_to(base)): f.stat().st_mtime_ns for d in parts for f in sorted(d.iterdir())}
         return key
 
     def method_defaults(self, method: str, variant: str) -> dict:
@@ -780,7 +780,7 @@ class FullWorld:
 
     def role_sampler(self, role: str, sampler: str | None = None, steps: int | None = None) -> tuple[str, list[int]]:
         """(sampler, timesteps) of a role from its spec and scheduler, without loading its UNet: its pipeline's
-        grid (`_role_grid`), or that pipeline's grid at `steps` steps."""
+        grid (`models.role_grid`), or that pipeline's grid at `steps` steps."""
         if role not in ROLES:
             raise ValueError(f"unknown model role {role!r}; choose one of {list(ROLES)}")
         key = (role, sampler, steps)
