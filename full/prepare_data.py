@@ -227,7 +227,7 @@ def main(argv=None) -> int:
             q.add_argument("--caption-column", default=None)
             q.add_argument("--caption", default=None, help="one caption for every image (a DreamBooth concept)")
     a = p.parse_args(argv)
-    if a.command != "check" and Path(a.out).exists() and Path(a.out).is_dir() != (a.command != "prompts"):
+    if hasattr(a, "out") and Path(a.out).exists() and Path(a.out).is_dir() != (a.command != "prompts"):
         p.error(f"{a.command} {a.out}: expected {'a file' if a.command == 'prompts' else 'a folder'}, found "
                 f"{'a folder' if Path(a.out).is_dir() else 'a file'}")
     if a.command == "check":
