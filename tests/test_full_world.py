@@ -352,7 +352,7 @@ def test_evaluate_refuses_an_adapter_with_missing_or_extra_weights_naming_the_fi
         evaluate.evaluate(str(xl_spec), [str(tmp_path / "adapter")], None, 2, 0, "student", 0.0, None,
                           str(tmp_path / "eval"))
     assert not (tmp_path / "eval").exists()  # refused before any sample or file
-    save_file({**state, "unet.mid_block.extra.lora.down.weight": state[keys[0]]}, str(f), metadata=meta)
+    save_file({**state, "unet.mid_block.extra.lora.down.weight": state[keys[0]].clone()}, str(f), metadata=meta)
     with pytest.raises(ValueError, match=rf"0 of the {len(keys)} .* and 1 of its {len(keys) + 1} weights are not of "
                                          r"this unet \(e.g. mid_block.extra A\)"):
         evaluate.check_adapter(str(tmp_path / "adapter"), xl.pipeline("student").unet, "unet")
