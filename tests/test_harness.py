@@ -387,6 +387,33 @@ def test_only_the_main_process_holds_the_lock_and_checks_the_folder_early(tmp_pa
     assert str(tmp_path.resolve()) in harness._HELD  # the main process's run holds its folder
 
 
+def test_every_rank_restores_the_checkpoint_onto_its_own_device_and_writes_nothing(tmp_path):
+    """What a data-parallel resume needs of each process (the 2-process torchrun resume of tests/test_full_runs.py
+    is in the slow suite): a rank that is not the main one loads the same model and optimizer state, onto its own
+    device (a gloo rank's CPU is "cpu:0", which torch.load does not take), and writes nothing."""
+    run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2))
+    train_steps(run, model, opt, 2)
+    saved, saved_opt = model.adapter_state(), opt.state_dict()["state"]
+    before = _files(tmp_path)
+
+    class Rank1:
+        is_main_process, gradient_accumulation_steps, step, device = False, 1, 0, torch.device("cpu", 0)
+
+        def wait_for_everyone(self):
+            pass
+
+    world = StubWorld()
+    world.accelerator = Rank1()
+    run = harness.Run("pso", Cfg(out=str(tmp_path), save_every=2, resume=True))
+    run.configure(world)
+    fresh = StubModel()
+    fresh_opt = torch.optim.Adam(list(fresh.w.values()), lr=0.1)
+    assert run.start(world, {"student": fresh}, {"student": fresh_opt}) == 2
+    assert all(torch.equal(fresh.adapter_state()[k], v) for k, v in saved.items())
+    assert all(torch.equal(fresh_opt.state_dict()["state"][i]["exp_avg"], saved_opt[i]["exp_avg"]) for i in saved_opt)
+    assert _files(tmp_path) == before
+
+
 # ----------------------------------------------------------------------------------------------- silent wrong
 def test_state_json_is_hashed_and_its_step_checked_against_the_folder_name(tmp_path, capsys):
     run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2))
