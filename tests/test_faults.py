@@ -70,55 +70,78 @@ def test_ctrl_c_in_pso_py_names_the_naive_runs_checkpoint_and_the_command_resume
                         rf"was at update \d+\)\. Continue with: python {re.escape(shlex.join(cmd))} --resume", line), line
 
 
-def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken_over(tmp_path):
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork for a second process")
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken_over(tmp_path, capsys):
+    """The holder is a forked process running the stub run of tests/stub_run.py in it (no new interpreter)."""
+    import stub_run
+
     out = tmp_path / "run"
-    cmd = [sys.executable, STUB, "--out", str(out), "--save-every", "2", "--no-progress"]
-    holder = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=ENV)
+    argv = ["--out", str(out), "--save-every", "2", "--no-progress"]
+    ready, go = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the holder: starts the run (taking the lock), says so, then waits to be killed
+        try:
+            real = harness.Run.updates
+
+            def hold(self):
+                os.write(ready[1], b"x")
+                os.read(go[0], 1)
+                yield from real(self)
+
+            harness.Run.updates = hold
+            stub_run.main(argv)
+        finally:
+            os._exit(0)
     try:
-        _wait_for(out / "checkpoint-2", holder)
-        others = {flag: subprocess.Popen(cmd + [flag] * bool(flag), stderr=subprocess.PIPE, text=True, env=ENV)
-                  for flag in ("--overwrite", "--resume", "")}
-        errors = {flag: p.communicate(timeout=120)[1] for flag, p in others.items()}
-        assert all(p.returncode == 2 and "Traceback" not in errors[f] for f, p in others.items()), errors
-        for flag in ("--overwrite", "--resume"):
-            assert re.search(rf"error: --out {re.escape(str(out))} is in use: process {holder.pid} on .* holds "
-                             rf"{re.escape(str(out / '.lock'))}", errors[flag]), errors[flag]
-        assert "already holds a stub run" in errors[""]
+        os.close(ready[1])
+        assert os.read(ready[0], 1) == b"x"
+        for flags in (["--overwrite"], ["--resume"], []):
+            with pytest.raises(harness.ConfigError, match=rf"--out {re.escape(str(out))} is in use: process {pid} on "
+                                                          rf".* \(.*\) holds {re.escape(str(out / '.lock'))}"):
+                stub_run.main(argv + flags + ["--steps", "1", "--sleep", "0"])
     finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    last = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
-    done = subprocess.run(cmd + ["--resume", "--steps", str(last + 2), "--sleep", "0"], capture_output=True,
-                          text=True, env=ENV, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert f"took over {out / '.lock'}: process {holder.pid}" in done.stderr
-    assert [r["step"] for r in harness.read_log(out / "log.csv")] == [str(s) for s in range(1, last + 3)]
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    capsys.readouterr()
+    stub_run.main(argv + ["--resume", "--steps", "2", "--sleep", "0"])
+    assert f"took over {out / '.lock'}: process {pid}" in capsys.readouterr().err
+    assert [r["step"] for r in harness.read_log(out / "log.csv")] == ["1", "2"]
 
 
-def test_every_entry_point_ends_a_bad_input_with_one_line_naming_it(tmp_path):
-    """Run in parallel: each is a fresh interpreter importing torch (and diffusers for full/). The method scripts:
-    tests/test_harness.py::test_the_command_line_ends_a_bad_input_with_its_message_not_a_traceback."""
+def _main(module: str, argv: list[str], capsys) -> tuple[int, str, str]:
+    """`python -m module argv...` in this process: the module's __main__ block; its exit status, stdout, stderr."""
+    import runpy
+    import warnings
+
+    sys.argv, code = [module, *argv], 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module was imported before
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        code = e.code
+    return code, *capsys.readouterr()
+
+
+def test_every_entry_point_ends_a_bad_input_with_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """Each entry point's __main__ block, run as `python -m` runs it (the method scripts:
+    tests/test_harness.py::test_the_command_line_ends_a_bad_input_with_its_message_not_a_traceback)."""
+    monkeypatch.setattr(sys, "argv", sys.argv)  # restored afterwards
+    monkeypatch.setenv("PATH", str(tmp_path))  # the launcher finds no torchrun there
     missing = str(tmp_path / "missing.json")
     cases = {
-        ("-m", "full.evaluate", "--model", missing): f"error: model spec file '{missing}' does not exist",
-        ("-m", "full.prepare_data", "check", missing): f"error: model spec file '{missing}' does not exist",
-        ("-m", "full.bench", "pso-online-dmd2", "--model", missing): f"error: model spec file '{missing}' does not "
-                                                                      "exist",
-        ("-m", "full.launch", "pso-online-dmd2", "--launcher", "torchrun"): "error: torchrun: No such file or "
-                                                                            "directory",
-        ("-m", "toy", "--seed", "-1"): "error: --seed: expected an integer in 0 .. 4294967295, got -1",
-        ("-m", "harness", "compare", str(tmp_path / "nothing")): f"error: run folder {tmp_path / 'nothing'} does not "
-                                                                   "exist",
-        ("-m", "full.prepare_data", "prompts", str(tmp_path / "p.txt"), "--dataset", "x", "--limit", "-1"):
+        ("full.evaluate", "--model", missing): f"error: model spec file '{missing}' does not exist",
+        ("full.prepare_data", "check", missing): f"error: model spec file '{missing}' does not exist",
+        ("full.bench", "pso-online-dmd2", "--model", missing): f"error: model spec file '{missing}' does not exist",
+        ("full.launch", "pso-online-dmd2", "--launcher", "torchrun"): "error: torchrun: No such file or directory",
+        ("toy", "--seed", "-1"): "error: --seed: expected an integer in 0 .. 4294967295, got -1",
+        ("harness", "compare", str(tmp_path / "nothing")): f"error: run folder {tmp_path / 'nothing'} does not exist",
+        ("full.prepare_data", "prompts", str(tmp_path / "p.txt"), "--dataset", "x", "--limit", "-1"):
             "error: argument --limit: expected an integer >= 0, got '-1'",
     }
-    env = {**ENV, "PATH": str(tmp_path)}  # the launcher finds no torchrun there
-    procs = {args: subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for args in cases}
-    for args, expected in cases.items():
-        _, err = procs[args].communicate(timeout=300)
-        assert procs[args].returncode == 2 and "Traceback" not in err, (args, err)
-        assert err.strip().splitlines()[-1].endswith(expected), (args, err)
+    for (module, *argv), expected in cases.items():
+        code, _, err = _main(module, argv, capsys)
+        assert code == 2 and "Traceback" not in err and err.strip().splitlines()[-1].endswith(expected), (module, err)
     assert not (tmp_path / "p.txt").exists()  # nothing written
 
 
@@ -190,12 +213,12 @@ def test_replot_of_a_run_without_figure_data_draws_its_curves_and_says_why_no_sa
     assert "no samples.png: " in capsys.readouterr().out
 
 
-def test_compare_tables_the_metrics_and_overlays_the_curves(two_runs, tmp_path):
+def test_compare_tables_the_metrics_and_overlays_the_curves(two_runs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cmp.png"
-    p = subprocess.run([sys.executable, "-m", "harness", "compare", *map(str, two_runs), "--out", str(out)],
-                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
-    assert p.returncode == 0, p.stderr
-    lines = p.stdout.splitlines()
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    code, stdout, _ = _main("harness", ["compare", *map(str, two_runs), "--out", str(out)], capsys)  # python -m
+    lines = stdout.splitlines()
+    assert code == 0
     assert lines[0].split() == ["metric", "pso", "online"] and lines[-1] == f"wrote {out}"
     metrics = [json.loads((r / "metrics.json").read_text()) for r in two_runs]
     row = next(ln for ln in lines if ln.startswith("reward_tuned ")).split()
