@@ -183,6 +183,32 @@ def test_prepare_data_leaves_no_partial_file_when_its_source_fails_midway(tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_benchmarks_replace_the_runs_they_measure_again(tmp_path, monkeypatch):
+    """report.py and full.bench run the methods into their own run folders, which a second measurement replaces:
+    they pass --overwrite (the harness then replaces only a run's own files)."""
+    from full import bench, launch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kw):
+        seen.append(args[-1] if isinstance(args[-1], list) else args[0])
+        raise Stop
+
+    monkeypatch.setattr(report.subprocess, "Popen", stop)
+    with pytest.raises(Stop):
+        report.run_one(["pso.py", "--out", str(tmp_path / "run")], tmp_path / "run", 1, {})
+    monkeypatch.setattr(launch, "method_argv", stop)
+    with pytest.raises(Stop):
+        bench.bench("pso-online-dmd2", None, 2, None, {}, tmp_path)
+    assert len(seen) == 2 and all("--overwrite" in argv for argv in seen), seen
+
+
 # ----------------------------------------------------------------------------------------------- compare, replot
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, toy2d_tiny):

@@ -1,7 +1,6 @@
 """benchmarks/report.py: the determinism comparison, and one row end to end in child processes (tiny toy models)."""
 import copy
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -47,8 +46,6 @@ def test_a_row_runs_twice_in_child_processes_with_counted_nfes_and_identical_res
     again = report.main(["--world", "toy2d", "--replot", "--results", str(tmp_path / "results")])
     assert json.loads(json.dumps(again["rows"])) == json.loads(json.dumps(result["rows"]))  # re-summarized: same
     assert (tmp_path / "results" / "report.toy2d.md").is_file()
-    first = result["runs"][0]  # running a row again replaces its run folder
-    assert report.run_one(shlex.split(first["command"])[1:], Path(first["out"]), 1, {})["returncode"] == 0
 
 
 def test_a_failing_run_names_its_command(tmp_path):
@@ -136,7 +133,12 @@ def test_frontier_table_and_figure_group_points_by_frontier_and_order_them_by_kn
     assert not report.plot_frontier("toy2d", rows[:1], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
 
 
+@pytest.mark.slow
 def test_flow2d_rows_run_in_child_processes_with_counted_nfes_and_a_frontier(tmp_path, monkeypatch):
+    """Slow (four child runs); the fast suite covers its parts: the flow2d rows' commands
+    (test_flow2d_runs_every_toy_row_with_its_own_model_and_dipp_rows), rows run in child processes with counted NFEs
+    and a determinism check (test_a_row_runs_twice_...), every method's NFEs on the flow toy (tests/test_flow.py), the
+    frontier table and figure (test_frontier_table_and_figure_group_points_by_frontier_and_order_them_by_knob)."""
     import toy
 
     toy.load_world("flow2d", budget="tiny", progress=False)  # built once into the cache, before the children
