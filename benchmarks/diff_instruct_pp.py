@@ -48,7 +48,7 @@ MODELS = {"toy2d": "toy2d:reward=height", "mnist": "mnist:reward=logit"}
 
 def run_one(world, name: str, tag: str, **kw) -> dict:
     cfg = dipp.Config(model=MODELS[name], out=str(ROOT / "runs" / f"bench-dipp-{name}-{tag}"), progress=False,
-                      ema=True, **kw)
+                      overwrite=True, ema=True, **kw)
     print(f"=== {name} {tag}: {kw}", flush=True)
     t0 = time.perf_counter()
     metrics = dipp.train(cfg, world=world)

@@ -33,7 +33,7 @@ RUNS = [  # (label, script, arguments)
 
 def run(script, args, steps, seed, out):
     cmd = [sys.executable, str(ROOT / script), "--model", "flow2d", "--steps", str(steps), "--seed", str(seed),
-           "--out", str(out), "--no-progress", *args]
+           "--out", str(out), "--overwrite", "--no-progress", *args]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
     metrics = json.loads((out / "metrics.json").read_text())

@@ -72,7 +72,7 @@ def run_world(name: str, steps: int | None, only: list[str] | None, seeds: list[
             continue
         per_seed = []
         for seed in seeds:
-            cfg = pso.Config(model=MODELS[name], naive_baseline=False, seed=seed, progress=False,
+            cfg = pso.Config(model=MODELS[name], naive_baseline=False, seed=seed, progress=False, overwrite=True,
                              out=str(ROOT / "runs" / "bench-pso" / name / f"{_slug(label)}-seed{seed}"),
                              **{**({"steps": steps} if steps else {}), **overrides})
             start = time.perf_counter()
@@ -109,7 +109,7 @@ def _f(m: dict, key: str) -> str:
 def default_run_seconds() -> dict:
     """Wall time of `python pso.py` with no argument (cached toy2d base models), in-process."""
     start = time.perf_counter()
-    m = pso.experiment(pso.Config(out=str(ROOT / "runs" / "bench-pso" / "default"), progress=False))
+    m = pso.experiment(pso.Config(out=str(ROOT / "runs" / "bench-pso" / "default"), progress=False, overwrite=True))
     return {"wall_seconds": time.perf_counter() - start, "metrics": m}
 
 

@@ -92,7 +92,7 @@ def run(only: list[str] | None, seeds: list[int], steps: int | None, write=None)
         world, per_seed = worlds[target], []
         for seed in seeds:
             slug = _slug(key)
-            cfg = pso.Config(model="toy2d", naive_baseline=False, seed=seed,
+            cfg = pso.Config(model="toy2d", naive_baseline=False, seed=seed, overwrite=True,
                              out=str(ROOT / "runs" / "bench-pso-claims" / f"{slug}-seed{seed}"),
                              **{**({"steps": steps} if steps else {}), **overrides})
             start = time.perf_counter()

@@ -43,7 +43,8 @@ def default_runs(seeds, out_root: Path) -> list[dict]:
     rows = []
     for seed in seeds:
         out = out_root / f"seed{seed}"
-        cmd = [sys.executable, str(ROOT / "pso.py"), "--seed", str(seed), "--out", str(out), "--no-progress"]
+        cmd = [sys.executable, str(ROOT / "pso.py"), "--seed", str(seed), "--out", str(out), "--overwrite",
+               "--no-progress"]
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})

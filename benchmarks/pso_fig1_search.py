@@ -100,7 +100,7 @@ def one(world, name, c, seed, steps_override=None):
         if variant == "naive" and key in _NAIVE:
             out[variant] = _NAIVE[key]
             continue
-        cfg = pso.Config(model="toy2d", variant=variant, naive_baseline=False, seed=seed,
+        cfg = pso.Config(model="toy2d", variant=variant, naive_baseline=False, seed=seed, overwrite=True,
                          out=str(ROOT / "runs" / "pso-fig1-search" / f"{name.replace(' ', '_')}-{variant}-{seed}"),
                          **{**c["shared"], **kw, **({"steps": steps_override} if steps_override else {})})
         start = time.perf_counter()

@@ -65,7 +65,7 @@ def run(label: str, keep, seed: int, world, steps: int) -> dict:
         columns = [k for k, t in enumerate(s.grid[:-1]) if keep(t)]  # column k: the transition from grid[k]
         return original(s, lr_target[:, columns], lr_reference[:, columns], *rest)
 
-    cfg = pso.Config(model="toy2d", naive_baseline=False, seed=seed, progress=False, steps=steps,
+    cfg = pso.Config(model="toy2d", naive_baseline=False, seed=seed, progress=False, steps=steps, overwrite=True,
                      out=str(ROOT / "runs" / "bench-pso-one-step" / f"row{list(ROWS).index(label)}-seed{seed}"),
                      **SETTING)
     pso.dpo = original if keep is None else masked

@@ -181,8 +181,8 @@ def run_one(cmd: list[str], out: Path, threads: int, env_extra: dict, resume: bo
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **env_extra}
     start = time.perf_counter()
     with open(out.parent / f"{out.name}.stdout.txt", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", *cmd], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", *cmd, "--overwrite"],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # a re-run replaces it
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (RUSAGE_CHILDREN would pool them)
         proc.returncode = os.waitstatus_to_exitcode(status)
     record = {"command": "python " + shlex.join(cmd), "out": str(out), "returncode": proc.returncode,

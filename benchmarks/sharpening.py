@@ -70,7 +70,8 @@ def run_one(variant: str, over: dict, seed: int, args) -> dict:
     out = ROOT / "runs" / "bench-sharpening" / f"{world}-{variant}-{label}-s{seed}"
     cfg = sharpening.Config(model=args.model, variant=variant, steps=args.steps, seed=seed, out=str(out),
                             eval_every=args.eval_every, final_samples=args.final_samples, save_every=args.steps,
-                            progress=False, **({"batch": args.rlhf_batch} if variant == "rlhf" else {}), **over)
+                            progress=False, overwrite=True, **({"batch": args.rlhf_batch} if variant == "rlhf" else {}),
+                            **over)
     cpu = time.process_time()
     metrics = sharpening.train(cfg)
     metrics["cpu_seconds"] = time.process_time() - cpu

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+import harness
+
 from . import launch
 
 SMALL_EVAL = {"pso.py": ["--eval-samples", "2", "--eval-every", "100000", "--reference-images", "4"],
@@ -108,13 +110,11 @@ def unet_fwd_bwd_seconds(world, batch: int, repeats: int = 3) -> float:
 
 
 def bench(name: str, model: str | None, steps: int, batch: int | None, overrides: dict, out: Path) -> dict:
-    import harness
-
     s = launch.SETTINGS[name]
     model, tmp_spec = spec_with(model or str(launch.SPECS / s.spec), overrides)
     tag = "-".join(f"{k}={v}" for k, v in sorted(overrides.items()) if k in ("gradient_checkpointing",))
     run = out / (name + (f"-{tag}" if tag else ""))
-    extra = ["--steps", str(steps), "--out", str(run), "--save-every", str(10**9), *SMALL_EVAL[s.script]]
+    extra = ["--steps", str(steps), "--out", str(run), "--overwrite", "--save-every", str(10**9), *SMALL_EVAL[s.script]]
     if batch:
         extra += ["--batch", str(batch)]
     script, argv = launch.method_argv(name, model, 1, extra)
@@ -160,8 +160,9 @@ def main(argv=None):
     p.add_argument("--checkpointing", choices=["spec", "on", "off", "both"], default="spec",
                    help="gradient checkpointing: the spec's, on, off, or one run with each")
     p.add_argument("--model", help="replace the settings' model spec")
-    p.add_argument("--steps", type=int, default=6, help="updates to run (the first is not timed)")
-    p.add_argument("--batch", type=int, help="per-process batch (default: the paper's global batch on one GPU)")
+    p.add_argument("--steps", type=harness.bounded(int, 1), default=6, help="updates to run (the first is not timed)")
+    p.add_argument("--batch", type=harness.bounded(int, 1),
+                   help="per-process batch (default: the paper's global batch on one GPU)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model-spec overrides (JSON values)")
     p.add_argument("--out", default="", help="folder for the runs and bench.json (default: a temporary folder)")
     a = p.parse_args(argv)
@@ -200,4 +201,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    harness.run_cli(main)

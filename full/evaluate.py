@@ -17,6 +17,7 @@ prompts, one row per model) to --out.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -79,6 +80,9 @@ def evaluate(model: str, loras: list[str], prompts_src: str | None, n: int, seed
     pipe = world.pipeline(role)  # the role's UNet / transformer, loaded once
     folder = world.parts.net_folder  # unet, or transformer (SD3 / FLUX)
     base_unet = getattr(pipe, folder)
+    for lora in loras:  # every adapter before the first sample: a wrong one is an error, not a silent half-LoRA
+        if not (Path(lora) / folder).is_dir():
+            check_adapter(lora, base_unet, folder)
     results, panels = {}, {}
     for name, lora in [("base", None)] + [(Path(p).parent.name + "/" + Path(p).name, p) for p in loras]:
         unet_dir = Path(lora) / folder if lora else None
@@ -106,6 +110,42 @@ def evaluate(model: str, loras: list[str], prompts_src: str | None, n: int, seed
     return results
 
 
+def check_adapter(lora: str, net, folder: str) -> None:
+    """An adapter folder written by the methods (world.save_adapter: pytorch_lora_weights.safetensors) against the
+    role's network: a LoRA down (A) and up (B) weight for every layer its target_modules name, and nothing else.
+    Missing or unexpected weights are a ValueError naming the file and the counts (load_lora_weights would build a
+    LoRA from whatever keys the file has)."""
+    from safetensors import safe_open
+
+    from .world import LORA_TARGETS_BY_NET
+
+    f = Path(lora) / "pytorch_lora_weights.safetensors"
+    if not f.is_file():
+        raise FileNotFoundError(f"--lora {lora}: no {f.name} (a LoRA) or {folder}/ (a fully fine-tuned network) in "
+                                "it; expected an adapter/ folder a method run wrote")
+    try:
+        with safe_open(str(f), "pt") as sf:
+            keys, meta = set(sf.keys()), sf.metadata() or {}
+    except Exception as e:  # a damaged or foreign file
+        raise ValueError(f"--lora {f} cannot be read as safetensors ({type(e).__name__}: {e})") from None
+    config = json.loads(meta.get("lora_adapter_metadata", "{}") or "{}")
+    targets = config.get(f"{folder}.target_modules") or LORA_TARGETS_BY_NET[folder]
+    layers = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)
+              and any(n == t or n.endswith("." + t) for t in targets)]
+    expected = {(n, half) for n in layers for half in "AB"}
+    halves = {".lora.down.weight": "A", ".lora_A.weight": "A", ".lora.up.weight": "B", ".lora_B.weight": "B"}
+    found = set()
+    for k in keys:
+        suffix = next((s for s in halves if k.endswith(s)), None)
+        found.add((k.removeprefix(folder + ".")[: -len(suffix)], halves[suffix]) if suffix else (k, "?"))
+    missing, extra = sorted(expected - found), sorted(found - expected)
+    if missing or extra:
+        eg = lambda items: f" (e.g. {' '.join(items[0])})" if items else ""  # noqa: E731
+        raise ValueError(f"--lora {f}: {len(missing)} of the {len(expected)} LoRA weights of the {folder}'s "
+                         f"{list(targets)} layers are missing{eg(missing)} and {len(extra)} of its {len(keys)} weights "
+                         f"are not of this {folder}{eg(extra)}; expected the adapter of a run on this model")
+
+
 def table(results: dict, meta: dict) -> str:
     cols = list(next(iter(results.values())))
     lines = [f"{meta['prompts']} prompts, {meta['sampler']} at {meta['timesteps']}, guidance {meta['guidance']}, "
@@ -120,16 +160,20 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="model spec or checkpoint")
     p.add_argument("--lora", nargs="*", default=[], help="adapter folders written by the methods (world.save_adapter)")
     p.add_argument("--prompts", help="prompt file (default: the spec's eval_prompts)")
-    p.add_argument("-n", type=int, default=500, help="number of prompts (PSO: 500 Pick-a-Pic test, 1632 Parti)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-n", type=harness.bounded(int, 1), default=500,
+                   help="number of prompts (PSO: 500 Pick-a-Pic test, 1632 Parti)")
+    p.add_argument("--seed", type=harness.bounded(int, 0, 2**32 - 1), default=0)
     p.add_argument("--role", default="student", choices=["student", "generator", "teacher"])
-    p.add_argument("--guidance", type=float, default=0.0, help="CFG scale (0/1: off, as few-step models are run)")
-    p.add_argument("--steps", type=int, default=0, help="sampling steps (0: the role's grid; e.g. 1 for SDXL-Turbo 1-step)")
-    p.add_argument("--batch", type=int, default=None, help="prompts per pipeline call (default: the spec's decode_batch)")
+    p.add_argument("--guidance", type=harness.bounded(float, 0), default=0.0,
+                   help="CFG scale (0/1: off, as few-step models are run)")
+    p.add_argument("--steps", type=harness.bounded(int, 0), default=0,
+                   help="sampling steps (0: the role's grid; e.g. 1 for SDXL-Turbo 1-step)")
+    p.add_argument("--batch", type=harness.bounded(int, 1), default=None,
+                   help="prompts per pipeline call (default: the spec's decode_batch)")
     p.add_argument("--out", default="runs/eval")
     a = p.parse_args(argv)
     return evaluate(a.model, a.lora, a.prompts, a.n, a.seed, a.role, a.guidance, a.steps or None, a.out, a.batch)
 
 
 if __name__ == "__main__":
-    main()
+    harness.run_cli(main)

@@ -211,13 +211,16 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
+    import harness
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("setting", nargs="?", help="a paper setting (see --list)")
     p.add_argument("--list", action="store_true", help="list the settings and their sources")
     p.add_argument("--model", help="a model spec or checkpoint replacing the setting's spec")
-    p.add_argument("--num-processes", type=int, default=1, help="processes (GPUs); the global batch is split over them")
+    p.add_argument("--num-processes", type=harness.bounded(int, 1), default=1,
+                   help="processes (GPUs); the global batch is split over them")
     p.add_argument("--launcher", default="accelerate", choices=["accelerate", "torchrun", "python"])
-    p.add_argument("--port", type=int, default=29500, help="rendezvous port")
+    p.add_argument("--port", type=harness.bounded(int, 1, 65535), default=29500, help="rendezvous port")
     p.add_argument("--gpu-memory", type=int, default=80, choices=sorted(GPU_MEMORY),
                    help="GB per GPU: picks the per-GPU batch (an estimate); accumulation reaches the global batch")
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
@@ -257,4 +260,6 @@ def _has_cuda() -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import harness
+
+    harness.run_cli(main)

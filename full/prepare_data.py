@@ -18,10 +18,13 @@ there are the usual public sources, not checked from this machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
-import sys
+import os
 from pathlib import Path
+
+import harness
 
 # data/ file of the shipped specs -> the prepare_data arguments that write it (None: no public source we know of)
 SHIPPED = {
@@ -75,13 +78,25 @@ def _save_image(value, path: Path) -> None:
     image.convert("RGB").save(path)
 
 
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """Write `path` through a temporary file renamed into place at the end: a failure leaves no partial file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def prompts(a) -> int:
     ds = _load(a)
     col = _column(ds, a.column, ("caption", "prompt", "text"), "prompt")
     seen, out = set(), Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    with open(out, "w") as f:
+    with _replacing(out) as f:
         for row in _rows(ds, [col], None):
             text = " ".join(str(row[col]).split())
             if not text or (a.unique and text in seen):
@@ -106,7 +121,7 @@ def images(a) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     n = 0
-    with open(out / "metadata.jsonl", "w") as meta:
+    with _replacing(out / "metadata.jsonl") as meta:
         for row in _rows(ds, [img] + ([cap] if cap else []), a.limit):
             _save_image(row[img], out / f"{n}.png")
             meta.write(json.dumps({"file_name": f"{n}.png", "text": a.caption or str(row[cap])}) + "\n")
@@ -125,7 +140,7 @@ def pairs(a) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     n = 0
-    with open(out / "pairs.jsonl", "w") as f:
+    with _replacing(out / "pairs.jsonl") as f:
         for row in _rows(ds, [cap, k0, k1, "label_0"], a.limit):
             _save_image(row[k0], out / f"{n}_0.png")
             _save_image(row[k1], out / f"{n}_1.png")
@@ -202,7 +217,7 @@ def main(argv=None) -> int:
         q.add_argument("--dataset", required=True, help="hub id, local folder, or builder name with --data-files")
         q.add_argument("--data-files", nargs="*", default=None)
         q.add_argument("--split", default="train")
-        q.add_argument("--limit", type=int, default=0, help="at most this many rows (0: all)")
+        q.add_argument("--limit", type=harness.bounded(int, 0), default=0, help="at most this many rows (0: all)")
         q.add_argument("--column", default=None, help="the prompt / caption column")
         q.set_defaults(fn=fn)
         if name == "prompts":
@@ -212,6 +227,9 @@ def main(argv=None) -> int:
             q.add_argument("--caption-column", default=None)
             q.add_argument("--caption", default=None, help="one caption for every image (a DreamBooth concept)")
     a = p.parse_args(argv)
+    if hasattr(a, "out") and Path(a.out).exists() and Path(a.out).is_dir() != (a.command != "prompts"):
+        p.error(f"{a.command} {a.out}: expected {'a file' if a.command == 'prompts' else 'a folder'}, found "
+                f"{'a folder' if Path(a.out).is_dir() else 'a file'}")
     if a.command == "check":
         return check(a)
     if a.command == "embed":
@@ -223,4 +241,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.run_cli(main)

@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,13 +118,52 @@ def _build(cls, d: dict, where: str):
     unknown = set(d) - names
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(names)}")
+    _check_types(cls, d, where)
     return cls(**d)
+
+
+def _check_types(cls, d: dict, where: str) -> None:
+    """Every known key's value against its field's type: a wrong type is named with the file and the key."""
+    hints = typing.get_type_hints(cls)
+    for key, value in d.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise ValueError(f"{where}: {key} must be {_describe(hints[key])}, got {value!r:.80} "
+                             f"({type(value).__name__})")
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON / YAML value fits a field's type (bool is not a number here, an int is a float)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in args)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]).split(' ', 1)[1]}s" if args else "a list"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
+            list: "a list", type(None): "null"}.get(origin or hint, getattr(hint, "__name__", str(hint)))
 
 
 def from_dict(d: dict, root: Path | None = None, where: str = "model spec") -> ModelSpec:
     d = dict(d)
     if "base" not in d:
         raise ValueError(f"{where}: 'base' (a diffusers pipeline folder or hub id) is required")
+    _check_types(ModelSpec, {k: v for k, v in d.items() if k != "roles"}, where)  # before the paths are resolved
     roles = {}
     given = d.pop("roles", None) or {}
     if not isinstance(given, dict):

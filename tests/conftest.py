@@ -2,8 +2,14 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# One intra-op thread for this process and the runs it starts (set before torch starts its pool): every model here
+# is tiny and overhead-bound, and a second thread only adds synchronisation (on a loaded 2-core machine
+# tests/test_pso.py + tests/test_sharpening_loops.py took 38 s of CPU with one thread, 223 s with two). A value the
+# user sets wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

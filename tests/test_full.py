@@ -87,6 +87,23 @@ def test_unknown_spec_keys_and_roles_are_errors(xl_spec):
         full.spec.from_dict({"base": "x", "roles": {"critic": {}}})
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"resolution": "512"}, "resolution must be an integer or null, got '512' (str)"),
+    ({"gradient_checkpointing": "yes"}, "gradient_checkpointing must be true or false, got 'yes'"),
+    ({"guidance": True}, "guidance must be a number or null, got True (bool)"),
+    ({"eval_rewards": "clip"}, "eval_rewards must be a list, got 'clip'"),
+    ({"data": ["data/pokemon"]}, "data must be a mapping, got ['data/pokemon']"),
+    ({"roles": {"student": {"timesteps": [999, "249"]}}}, "role student: timesteps must be a list of integers or "
+                                                          "null, got [999, '249']"),
+])
+def test_a_spec_value_of_the_wrong_type_names_the_file_and_the_key(tmp_path, change, message):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"base": "stabilityai/sdxl-turbo", **change}))
+    with pytest.raises(ValueError) as e:
+        load_spec(str(path))
+    assert str(e.value).startswith(f"model spec {path}") and message in str(e.value)
+
+
 # --------------------------------------------------------------------------------------------- MDP validation
 @pytest.mark.parametrize("kind, config, role, sampler, message", [
     ("lcm", {}, "student", "euler_ancestral", "euler_ancestral MDP does not match the checkpoint's scheduler LCMScheduler"),

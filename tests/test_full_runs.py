@@ -257,9 +257,13 @@ def test_ddp_averages_several_forwards_and_accumulates_with_accelerate(specs, tm
     assert proc.stdout.count(" ok") == 2, proc.stdout  # both ranks passed every check (prints may interleave)
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_resume_to_the_adapter_of_an_uninterrupted_run(specs, tmp_path):
     """torchrun, 2 processes: 2 updates, then --resume to 3, ends on both ranks with the adapter of a straight
-    3-update run (each rank restores the checkpoint onto its own device; the log continues without duplicates)."""
+    3-update run (each rank restores the checkpoint onto its own device; the log continues without duplicates).
+    Slow (three 2-process launches); the fast suite covers its parts: a rank's restore onto its own device
+    (tests/test_harness.py), the ranks ending identical (test_two_cpu_processes_end_with_identical_adapters) and a
+    resumed full-backend run ending on the straight run's adapter (test_resume_after_an_interruption_...)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
     def launch(out, steps, *extra):

@@ -333,6 +333,33 @@ def test_precomputed_embeddings_with_evaluation(xl_spec, tmp_path, monkeypatch):
     assert (tmp_path / "eval" / "results.json").is_file()
 
 
+def test_evaluate_refuses_an_adapter_with_missing_or_extra_weights_naming_the_file(xl, xl_spec, tmp_path):
+    import re
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    xl.save_adapter(xl.denoiser("student", lora_rank=4), tmp_path / "adapter")
+    f = tmp_path / "adapter" / "pytorch_lora_weights.safetensors"
+    with safe_open(str(f), "pt") as sf:
+        meta = sf.metadata()
+    state = load_file(str(f))
+    keys = sorted(state)
+    save_file({k: state[k] for k in keys[: len(keys) // 2]}, str(f), metadata=meta)  # half the layers' weights
+    with pytest.raises(ValueError, match=rf"--lora {re.escape(str(f))}: {len(keys) - len(keys) // 2} of the "
+                                         rf"{len(keys)} LoRA weights of the unet's .* are missing .* and 0 of its "
+                                         rf"{len(keys) // 2} weights are not of this unet"):
+        evaluate.evaluate(str(xl_spec), [str(tmp_path / "adapter")], None, 2, 0, "student", 0.0, None,
+                          str(tmp_path / "eval"))
+    assert not (tmp_path / "eval").exists()  # refused before any sample or file
+    save_file({**state, "unet.mid_block.extra.lora.down.weight": state[keys[0]].clone()}, str(f), metadata=meta)
+    with pytest.raises(ValueError, match=rf"0 of the {len(keys)} .* and 1 of its {len(keys) + 1} weights are not of "
+                                         r"this unet \(e.g. mid_block.extra A\)"):
+        evaluate.check_adapter(str(tmp_path / "adapter"), xl.pipeline("student").unet, "unet")
+    save_file(state, str(f), metadata=meta)
+    evaluate.check_adapter(str(tmp_path / "adapter"), xl.pipeline("student").unet, "unet")  # the whole adapter fits
+
+
 # --------------------------------------------------------------------------------------------- defaults
 @pytest.mark.parametrize("method, variant, expect", [
     ("pso", "online", dict(lr=1e-5, beta=5.0, eval_samples=256)),

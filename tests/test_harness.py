@@ -1,8 +1,10 @@
 """The experiment harness (harness.Run and the config helpers): crash-safe checkpoints, one resume rule, clear errors,
 accumulation, the summary table. A stub world and stub models keep these independent of any method."""
 import dataclasses
+import errno
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -95,7 +97,7 @@ def test_resume_without_a_checkpoint_starts_clean_without_duplicate_rows(tmp_pat
     assert [r["step"] for r in run.read_log()] == ["1", "2", "3"]
 
 
-KILL_POINTS = ("save_file", "torch.save", "os.fsync", "os.replace", "os.rename", "shutil.rmtree")
+KILL_POINTS = ("safetensors save", "torch.save", "os.fsync", "os.replace", "os.rename", "shutil.rmtree")
 
 
 def _kill_at(monkeypatch, n):
@@ -112,7 +114,7 @@ def _kill_at(monkeypatch, n):
 
     import safetensors.torch
 
-    monkeypatch.setattr(safetensors.torch, "save_file", wrap(safetensors.torch.save_file))
+    monkeypatch.setattr(safetensors.torch, "save", wrap(safetensors.torch.save))
     monkeypatch.setattr(harness.torch, "save", wrap(torch.save))
     for name in ("fsync", "replace", "rename"):
         monkeypatch.setattr(harness.os, name, wrap(getattr(os, name)))
@@ -306,3 +308,326 @@ def test_the_command_line_ends_a_bad_input_with_its_message_not_a_traceback(tmp_
                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert p.returncode == 2 and "Traceback" not in p.stderr, (script, p.stderr)
         assert p.stderr.strip().splitlines()[-1] == "error: --lr: expected a finite number > 0 and <= 1, got 1e+39"
+
+
+# ----------------------------------------------------------------------------------------------- data loss
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+            and not p.name.startswith(".")}
+
+
+def test_an_existing_run_is_replaced_only_with_overwrite_and_only_its_own_files(tmp_path):
+    run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2))
+    train_steps(run, model, opt, 6)
+    run.finish({"reward_base": 0.0, "reward_tuned": 1.0}, curves=[("loss", "loss")])
+    (tmp_path / "notes.txt").write_text("mine")
+    before = _files(tmp_path)
+    with pytest.raises(harness.ConfigError, match=r"already holds a pso run .*checkpoint-6.*--resume.*--overwrite"):
+        start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2))
+    assert _files(tmp_path) == before
+    run, model, opt, start = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=4, overwrite=True))
+    assert start == 0 and not run._checkpoints() and run.read_log() == []
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "curves.png").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # not a run file: never deleted
+    with pytest.raises(harness.ConfigError, match="--overwrite: expected not with --resume"):
+        harness.Run("pso", Cfg(out=str(tmp_path), overwrite=True, resume=True))
+
+
+def test_a_folder_that_is_not_a_run_or_is_another_methods_run_is_never_written(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "data.csv").write_text("1,2")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    (tmp_path / "model" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    before = _files(tmp_path)
+    for resume, overwrite in ((False, False), (False, True), (True, False)):
+        with pytest.raises(harness.ConfigError, match=r"mine is not empty and not a run folder.*data.csv"):
+            harness.Run("pso", Cfg(out=str(tmp_path / "mine"), resume=resume, overwrite=overwrite))
+        with pytest.raises(harness.ConfigError, match=r"config.json is not a run's .*model is not a run folder"):
+            harness.Run("pso", Cfg(out=str(tmp_path / "model"), resume=resume, overwrite=overwrite))
+    run, model, opt, _ = start_run(tmp_path / "pso", Cfg(out=str(tmp_path / "pso"), save_every=2))
+    train_steps(run, model, opt, 2)
+    before = _files(tmp_path)
+    for resume, overwrite in ((False, False), (False, True), (True, False)):
+        with pytest.raises(harness.ConfigError, match="is a run of 'pso', not of 'sharpening'"):
+            start_run(tmp_path / "pso", Cfg(out=str(tmp_path / "pso"), resume=resume, overwrite=overwrite),
+                      method="sharpening")
+    assert _files(tmp_path) == before
+
+
+def test_a_sub_run_folder_does_not_make_its_parent_a_foreign_folder(tmp_path):
+    """pso.py's experiment writes <out>/naive first: the main run then starts in a folder holding only that run."""
+    start_run(tmp_path / "naive", Cfg(out=str(tmp_path / "naive")))
+    run, model, opt, start = start_run(tmp_path, Cfg(out=str(tmp_path)))
+    assert start == 0 and (tmp_path / "naive" / "config.json").exists()
+    start_run(tmp_path, Cfg(out=str(tmp_path), overwrite=True))
+    assert (tmp_path / "naive" / "config.json").exists()  # a sub-run is its own run, never one of the parent's files
+
+
+def test_only_the_main_process_holds_the_lock_and_checks_the_folder_early(tmp_path, monkeypatch):
+    run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path)))
+    train_steps(run, model, opt, 2)
+    monkeypatch.setenv("RANK", "1")  # another rank may see the main process's new files: no early check there
+    harness.Run("pso", Cfg(out=str(tmp_path)))
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(harness.ConfigError, match="already holds a pso run"):
+        harness.Run("pso", Cfg(out=str(tmp_path)))
+    other = harness.Run("pso", Cfg(out=str(tmp_path / "b")))
+
+    class Rank1:
+        is_main_process, gradient_accumulation_steps, step = False, 1, 0
+
+        def wait_for_everyone(self):
+            pass
+
+    world = StubWorld()
+    world.accelerator = Rank1()
+    other.start(world, {"student": StubModel()}, {})
+    assert not (tmp_path / "b" / ".lock").exists() and str((tmp_path / "b").resolve()) not in harness._HELD
+    assert str(tmp_path.resolve()) in harness._HELD  # the main process's run holds its folder
+
+
+def test_every_rank_restores_the_checkpoint_onto_its_own_device_and_writes_nothing(tmp_path):
+    """What a data-parallel resume needs of each process (the 2-process torchrun resume of tests/test_full_runs.py
+    is in the slow suite): a rank that is not the main one loads the same model and optimizer state, onto its own
+    device (a gloo rank's CPU is "cpu:0", which torch.load does not take), and writes nothing."""
+    run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2))
+    train_steps(run, model, opt, 2)
+    saved, saved_opt = model.adapter_state(), opt.state_dict()["state"]
+    before = _files(tmp_path)
+
+    class Rank1:
+        is_main_process, gradient_accumulation_steps, step, device = False, 1, 0, torch.device("cpu", 0)
+
+        def wait_for_everyone(self):
+            pass
+
+    world = StubWorld()
+    world.accelerator = Rank1()
+    run = harness.Run("pso", Cfg(out=str(tmp_path), save_every=2, resume=True))
+    run.configure(world)
+    fresh = StubModel()
+    fresh_opt = torch.optim.Adam(list(fresh.w.values()), lr=0.1)
+    assert run.start(world, {"student": fresh}, {"student": fresh_opt}) == 2
+    assert all(torch.equal(fresh.adapter_state()[k], v) for k, v in saved.items())
+    assert all(torch.equal(fresh_opt.state_dict()["state"][i]["exp_avg"], saved_opt[i]["exp_avg"]) for i in saved_opt)
+    assert _files(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------------------------- silent wrong
+def test_state_json_is_hashed_and_its_step_checked_against_the_folder_name(tmp_path, capsys):
+    run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2))
+    train_steps(run, model, opt, 4)
+    state = tmp_path / "checkpoint-4" / "state.json"
+    good = state.read_text()
+    state.write_text(good.replace('"step": 4', '"step": 5'))  # one changed digit: would skip an update
+    run, model, opt, start = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2, resume=True))
+    assert start == 2 and "checkpoint-4/state.json is damaged: its sha256 differs" in capsys.readouterr().err
+    train_steps(run, model, opt, 4)
+    shutil.copy(tmp_path / "checkpoint-2" / "state.json", state)  # intact, but another update's
+    with pytest.raises(harness.CheckpointError, match=r"is of update 2 of 'pso'; expected update 4 \(its folder"):
+        shutil.rmtree(tmp_path / "checkpoint-2")
+        start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2, resume=True))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("delete", "log.csv: it is missing"),
+    ("edit", "log.csv: its 4 rows up to update 4 differ from the checkpoint's"),
+    ("bytes", "training log .*log.csv is not UTF-8 text"),
+])
+def test_a_damaged_log_is_named_and_restored_from_the_checkpoint(tmp_path, capsys, damage, message):
+    run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2))
+    train_steps(run, model, opt, 5)
+    log = tmp_path / "log.csv"
+    rows = [r["loss"] for r in run.read_log()]
+    if damage == "delete":
+        log.unlink()
+    elif damage == "edit":
+        log.write_text(log.read_text().replace(rows[1], "0.5", 1))
+    else:
+        log.write_bytes(log.read_bytes()[:40] + b"\xff\xfe" + log.read_bytes()[40:])
+    run, model, opt, start = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2, resume=True))
+    err = capsys.readouterr().err
+    assert start == 4 and re.search(message, err) and "restored the 4 rows of" in err and "checkpoint-4" in err
+    assert [r["loss"] for r in run.read_log()] == rows[:4]
+    train_steps(run, model, opt, 6)
+    assert [r["step"] for r in run.read_log()] == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_a_damaged_log_copy_in_the_checkpoint_is_caught_by_its_hash(tmp_path, capsys):
+    run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2))
+    train_steps(run, model, opt, 4)
+    copy = tmp_path / "checkpoint-4" / "log.csv"
+    copy.write_text(copy.read_text().replace("\n4,", "\n5,"))
+    run, model, opt, start = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2, resume=True))
+    assert start == 2 and "checkpoint-4/log.csv is damaged" in capsys.readouterr().err
+
+
+def test_resume_without_config_json_is_refused_and_nothing_is_written(tmp_path):
+    run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2))
+    train_steps(run, model, opt, 4)
+    (tmp_path / "config.json").unlink()
+    before = _files(tmp_path)
+    with pytest.raises(harness.ConfigError, match=r"--resume: .* has no config.json .*cannot be checked"):
+        harness.Run("pso", Cfg(out=str(tmp_path), resume=True, beta=50.0))
+    assert _files(tmp_path) == before
+
+
+def test_a_tensor_of_another_dtype_in_a_checkpoint_is_refused(tmp_path):
+    run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path)))
+    run.save_checkpoint(3)
+
+    class Float64(StubModel):
+        def adapter_state(self):
+            return {k: v.double() for k, v in super().adapter_state().items()}
+
+    run = harness.Run("pso", Cfg(out=str(tmp_path), resume=True))
+    world = StubWorld()
+    run.configure(world)
+    with pytest.raises(harness.CheckpointError, match=r"other dtypes \['a.lora_A \(torch.float32, expected "
+                                                      r"torch.float64\)'"):
+        model = Float64()
+        run.start(world, {"student": model}, {"student": torch.optim.Adam(list(model.w.values()))})
+
+
+def test_an_exploding_loss_or_metric_stops_the_run_and_keeps_the_checkpoints(tmp_path):
+    run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2))
+    row = {"reward": "", "nfe": 1, "seconds": 0.0}
+    run.log({"step": 1, "loss": 3.0, **row})
+    run.log({"step": 2, "loss": 2.0e6, **row})  # within 1e6 x its first value
+    with pytest.raises(harness.NonFiniteLoss, match=r"loss 3e\+30 at update 3 .*beyond its bound 3e\+06.*"
+                                                     r"checkpoint-2\) is kept"):
+        run.log({"step": 3, "loss": 3e30, **row})
+    with pytest.raises(harness.NonFiniteLoss, match=r"non-finite reward \(nan\) at update 3"):
+        run.log({"step": 3, "loss": 1.0, **{**row, "reward": float("nan")}})
+    assert [r["step"] for r in run.read_log()] == ["1", "2"]
+    assert [p.name for p in run._checkpoints()] == ["checkpoint-2"]
+    # a resumed run takes the first value from the restored log: the same bound
+    run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2, resume=True))
+    with pytest.raises(harness.NonFiniteLoss, match=r"beyond its bound 3e\+06"):
+        run.log({"step": 3, "loss": 4e6, **row})
+    # a method may state its own bound
+    run = harness.Run("pso", Cfg(out=str(tmp_path / "b")), bounds={"loss": 10.0})
+    world = StubWorld()
+    run.configure(world)
+    run.start(world, {"student": StubModel()}, {})
+    run.log({"step": 1, "loss": 9.0, **row})
+    with pytest.raises(harness.NonFiniteLoss, match=r"loss 11 at update 2 is beyond its bound 10 \(the method's\)"):
+        run.log({"step": 2, "loss": 11.0, **row})
+
+
+def test_an_eval_metric_that_explodes_or_a_non_finite_final_metric_stops_the_run(tmp_path):
+    run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=1, steps=3))
+    row = {"loss": 1.0, "reward": "", "nfe": 1, "seconds": 0.0}
+    run.log({"step": 1, **row, "eval_reward": 0.2})
+    with pytest.raises(harness.NonFiniteLoss, match=r"eval_reward 5e\+07 at update 2"):
+        run.log({"step": 2, **row, "eval_reward": 5e7})
+    with pytest.raises(harness.NonFiniteLoss, match=r"final metric reward_tuned = nan \(base model: 0.2\).*metrics."
+                                                     r"json was not written.*checkpoint-1\) is kept"):
+        run.finish({"reward_base": 0.2, "reward_tuned": float("nan"), "distance_base": float("nan"),
+                    "distance_tuned": float("nan")})
+    assert not (tmp_path / "metrics.json").exists()
+    run.finish({"reward_base": 0.2, "reward_tuned": 0.3, "distance_base": float("nan"), "distance_tuned": 1.0})
+    assert (tmp_path / "metrics.json").exists()  # a metric the base model has no finite value of is not checked
+
+
+# ----------------------------------------------------------------------------------------------- unclear errors
+class _FullDisk:
+    """open() of a disk that is full: writing more than `room` bytes raises OSError(ENOSPC) without a file name."""
+
+    def __init__(self, room=0):
+        self.room = room
+
+    def __call__(self, file, mode="r", *a, **kw):
+        f = open(file, mode, *a, **kw)
+        if "w" not in mode and "a" not in mode:
+            return f
+        disk, real = self, f.write
+
+        def write(data):
+            disk.room -= len(data)
+            if disk.room < 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(data)
+
+        f.write = write
+        return f
+
+
+@pytest.mark.parametrize("room", [0, 100, 1000])  # in the model file, in torch.save
+def test_a_full_disk_during_a_checkpoint_is_one_line_naming_the_file_and_the_old_checkpoint_stays(tmp_path, room,
+                                                                                                  monkeypatch, capsys):
+    run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2))
+    train_steps(run, model, opt, 2)
+    monkeypatch.setattr(harness, "open", _FullDisk(room), raising=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        harness.run_cli(lambda: run.save_checkpoint(4))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "enforce fail" not in err
+    assert re.fullmatch(r"error: \S+/\.tmp-checkpoint-4-\w+/(model-student.safetensors|optimizer-student.pt|log.csv):"
+                        r" No space left on device \(free some space or write elsewhere; every file written before is"
+                        r" intact\)", err), err
+    monkeypatch.undo()
+    assert [p.name for p in run._checkpoints()] == ["checkpoint-2"] and not list(tmp_path.glob(".*tmp*"))
+    run, model, opt, start = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=2, resume=True))
+    assert start == 2
+
+
+def test_a_full_disk_or_a_read_only_file_while_logging_names_log_csv(tmp_path, monkeypatch, capsys):
+    run, model, opt, _ = start_run(tmp_path, Cfg(out=str(tmp_path), save_every=10, progress=False))
+    monkeypatch.setattr(harness, "open", _FullDisk(0), raising=False)
+    with pytest.raises(SystemExit):
+        harness.run_cli(lambda: train_steps(run, model, opt, 1))
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'log.csv'}: No space left on device")
+
+    def read_only(file, *a, **kw):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
+
+    monkeypatch.setattr(harness, "open", read_only, raising=False)
+    with pytest.raises(SystemExit):
+        harness.run_cli(lambda: train_steps(run, model, opt, 1))
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'log.csv'}: Read-only file system (a read-only "
+                                                "file system; every file written before is intact)")
+
+
+def test_seed_and_an_unwritable_toy_cache_are_user_errors(tmp_path, capsys):
+    import toy
+
+    with pytest.raises(harness.ConfigError, match=r"--seed: expected an integer in 0 .. 4294967295, got -1"):
+        harness.Run("pso", Cfg(out=str(tmp_path), seed=-1))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        harness.run_cli(lambda: toy.load_world("toy2d", cache=tmp_path / "file" / "cache", budget="tiny"))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: base-model cache folder") and "FEWSTEP_CACHE" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_bounded_argparse_types_name_the_flag(capsys):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--limit", type=harness.bounded(int, 0))
+    assert p.parse_args(["--limit", "3"]).limit == 3
+    for bad in ("-1", "x", "1.5"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--limit", bad])
+        assert capsys.readouterr().err.strip().endswith(f"argument --limit: expected an integer >= 0, got '{bad}'")
+
+
+# ----------------------------------------------------------------------------------------------- figures
+def test_curves_draw_the_base_models_value_as_a_labelled_reference_line(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    lines = []
+    real = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline",
+                        lambda self, y=0, *a, **kw: lines.append((self.get_title(), y, kw.get("label"))) or
+                        real(self, y, *a, **kw))
+    rows = [{"step": "1", "loss": "1.0", "eval_reward": "0.5", "reward": ""},
+            {"step": "2", "loss": "0.5", "eval_reward": "0.4", "reward": "0.3"}]
+    harness.plot_curves(rows, tmp_path / "c.png", [("loss", "loss"), ("eval_reward", "reward (eval)"),
+                                                   ("reward", "reward")], {"reward_base": 0.45, "reward_tuned": 0.4})
+    assert lines == [("reward (eval)", 0.45, "base model (0.45)"), ("reward", 0.45, "base model (0.45)")]
+    assert (tmp_path / "c.png").stat().st_size > 0

@@ -133,7 +133,12 @@ def test_frontier_table_and_figure_group_points_by_frontier_and_order_them_by_kn
     assert not report.plot_frontier("toy2d", rows[:1], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
 
 
+@pytest.mark.slow
 def test_flow2d_rows_run_in_child_processes_with_counted_nfes_and_a_frontier(tmp_path, monkeypatch):
+    """Slow (four child runs); the fast suite covers its parts: the flow2d rows' commands
+    (test_flow2d_runs_every_toy_row_with_its_own_model_and_dipp_rows), rows run in child processes with counted NFEs
+    and a determinism check (test_a_row_runs_twice_...), every method's NFEs on the flow toy (tests/test_flow.py), the
+    frontier table and figure (test_frontier_table_and_figure_group_points_by_frontier_and_order_them_by_knob)."""
     import toy
 
     toy.load_world("flow2d", budget="tiny", progress=False)  # built once into the cache, before the children

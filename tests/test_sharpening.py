@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import re
+import shutil
 
 import pytest
 import torch
@@ -27,6 +28,18 @@ def read_log(out):
 def tiny_world(monkeypatch, toy2d_tiny):
     monkeypatch.setattr(harness, "load_world", lambda name: toy2d_tiny)
     return toy2d_tiny
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory, toy2d_tiny):
+    """A finished run of 1 and one of 2 updates, trained once for the tests that only try to resume or replace
+    them (each copies one into its own folder)."""
+    root = tmp_path_factory.mktemp("finished")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(harness, "load_world", lambda name: toy2d_tiny)
+        for steps in (1, 2):
+            sharpening.train(sharpening.Config(out=str(root / str(steps)), **{**TINY, "steps": steps}))
+    return lambda steps, dest: shutil.copytree(root / str(steps), dest, dirs_exist_ok=True)
 
 
 
@@ -366,11 +379,11 @@ def test_gradient_accumulation_runs_and_counts_the_same_nfes_per_micro_batch(tmp
     (dict(reward_gap="outside"), "--reward-gap: expected one of"),
     (dict(beta=0.0), "--beta: expected a finite number > 0"),
 ])
-def test_bad_input_gets_a_clear_error_and_keeps_saved_files(tmp_path, tiny_world, overrides, message):
-    sharpening.train(sharpening.Config(out=str(tmp_path), **{**TINY, "steps": 1}))
+def test_bad_input_gets_a_clear_error_and_keeps_saved_files(tmp_path, tiny_world, finished_runs, overrides, message):
+    finished_runs(1, tmp_path)
     before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    with pytest.raises(harness.ConfigError, match=re.escape(message)):
-        sharpening.train(sharpening.Config(out=str(tmp_path), **{**TINY, "steps": 1}, **overrides))
+    with pytest.raises(harness.ConfigError, match=re.escape(message)):  # even where it would replace the run
+        sharpening.train(sharpening.Config(out=str(tmp_path), overwrite=True, **{**TINY, "steps": 1}, **overrides))
     with pytest.raises(harness.ConfigError):  # on --resume: this error or the changed-setting one, before any write
         sharpening.train(sharpening.Config(out=str(tmp_path), resume=True, **{**TINY, "steps": 1}, **overrides))
     assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
@@ -378,14 +391,19 @@ def test_bad_input_gets_a_clear_error_and_keeps_saved_files(tmp_path, tiny_world
 
 @pytest.mark.parametrize("change", [dict(variant="rlhf"), dict(reward_gap="outside-plus"), dict(m_reduce="sum"),
                                     dict(choose="worst"), dict(beta=50.0)])
-def test_resume_with_a_changed_setting_is_refused_before_anything_is_written(tmp_path, tiny_world, change):
-    sharpening.train(sharpening.Config(out=str(tmp_path), **TINY))
+def test_resume_with_a_changed_setting_is_refused_before_anything_is_written(tmp_path, tiny_world, finished_runs,
+                                                                              change):
+    finished_runs(2, tmp_path)
     before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     (name, value), = change.items()
     with pytest.raises(harness.ConfigError, match=re.escape(f"{harness.flag(name)} saved")):
         sharpening.train(sharpening.Config(out=str(tmp_path), resume=True, **{**TINY, **change}))
     assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
-    # --steps and the evaluation sizes may change: a longer run of the same experiment
+
+
+def test_a_resumed_run_may_change_steps_and_evaluation_sizes(tmp_path, tiny_world, finished_runs):
+    """--steps and the evaluation sizes may change: a longer run of the same experiment."""
+    finished_runs(2, tmp_path)
     sharpening.train(sharpening.Config(out=str(tmp_path), resume=True, **{**TINY, "steps": 3, "final_samples": 8}))
     assert [r["step"] for r in read_log(tmp_path)] == ["1", "2", "3"]
 

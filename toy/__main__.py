@@ -23,6 +23,8 @@ class Config:
 
 
 def main(cfg: Config) -> dict:
+    harness.check_seed(cfg)
+    harness.check_range(cfg, "samples", 1)
     timer = harness.Timer()
     world = toy.load_world(cfg.model)  # outside no_grad: a missing cache trains the base models here
     with torch.no_grad():
@@ -52,4 +54,4 @@ def _draw(cfg: Config, world, timer) -> dict:
 
 
 if __name__ == "__main__":
-    main(harness.parse_config(Config, description=__doc__))
+    harness.run_cli(lambda: main(harness.parse_config(Config, description=__doc__)))
