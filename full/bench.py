@@ -123,40 +123,85 @@ class PeakSplit:
             self.eval = self._read()
 
 
-class CallCounter:
-    """Rows of every FullDenoiser call, split into calls with autograd into the trained weights and the others,
-    in windows closed by the steps of the first optimizer that steps (one window per update; the first also holds
-    the start-up's calls)."""
+PARTS = ("forward", "backward", "vae", "reward", "optimizer")  # where an update's time goes (UpdateCounter)
+
+
+class UpdateCounter:
+    """Per update (windows closed by the steps of the first optimizer that steps; the first window also holds the
+    start-up, the last unclosed one the final evaluation): the rows of every FullDenoiser call, split into calls
+    with autograd into the trained weights and the others, and the seconds spent in the parts of an update:
+    network forward (FullDenoiser calls), backward (accelerator.backward: the network's, with checkpoint
+    recomputation, and the VAE's / reward's where a reward gradient flows through them), VAE decode / encode,
+    reward models, optimizer step (clipping is in "other")."""
 
     def __init__(self):
-        self.windows: list[list[int]] = [[0, 0]]
+        self.windows: list[dict] = [self._new()]
         self.first = None
+
+    @staticmethod
+    def _new() -> dict:
+        return {"grad": 0, "other": 0, **{p: 0.0 for p in PARTS}}
+
+    def _timed(self, part: str, fn):
+        counter = self
+
+        def run(*a, **kw):
+            if _cuda():
+                import torch
+
+                torch.cuda.synchronize()
+            tick = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                if _cuda():
+                    torch.cuda.synchronize()
+                counter.windows[-1][part] += time.perf_counter() - tick
+        return run
 
     def __enter__(self):
         import torch
-        from torch.optim.optimizer import register_optimizer_step_post_hook
+        from accelerate import Accelerator
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-        from .world import FullDenoiser
+        from .rewards import Reward
+        from .world import FullDenoiser, FullWorld
 
-        self.cls, self.call = FullDenoiser, FullDenoiser.__call__
         counter = self
+        self.saved = [(FullDenoiser, "__call__"), (Accelerator, "backward"), (FullWorld, "decode"),
+                      (FullWorld, "encode_images"), (Reward, "__call__")]
+        self.saved = [(cls, name, cls.__dict__.get(name)) for cls, name in self.saved]  # None: inherited
+        call = FullDenoiser.__call__
 
         def counted(den, x_t, t, cond):
-            counter.windows[-1][0 if torch.is_grad_enabled() and not den._frozen else 1] += x_t.shape[0]
-            return counter.call(den, x_t, t, cond)
+            counter.windows[-1]["grad" if torch.is_grad_enabled() and not den._frozen else "other"] += x_t.shape[0]
+            return call(den, x_t, t, cond)
 
-        FullDenoiser.__call__ = counted
-        self.handle = register_optimizer_step_post_hook(self._step)
+        FullDenoiser.__call__ = self._timed("forward", counted)
+        Accelerator.backward = self._timed("backward", Accelerator.backward)
+        FullWorld.decode = self._timed("vae", FullWorld.decode)
+        FullWorld.encode_images = self._timed("vae", FullWorld.encode_images)
+        Reward.__call__ = self._timed("reward", Reward.__call__)
+        self.handles = [register_optimizer_step_pre_hook(self._pre), register_optimizer_step_post_hook(self._step)]
         return self
 
+    def _pre(self, optimizer, *_):
+        self._tick = time.perf_counter()
+
     def _step(self, optimizer, *_):
+        self.windows[-1]["optimizer"] += time.perf_counter() - self._tick
         self.first = self.first or id(optimizer)
         if id(optimizer) == self.first:
-            self.windows.append([0, 0])
+            self.windows.append(self._new())
 
     def __exit__(self, *exc):
-        self.cls.__call__ = self.call
-        self.handle.remove()
+        for cls, name, own in self.saved:
+            if own is None:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, own)
+        for h in self.handles:
+            h.remove()
 
 
 def unit_seconds(world, batch: int, repeats: int = 3) -> dict:
@@ -214,7 +259,7 @@ def worker(argv: list[str]) -> None:
     harness.load_world = keep  # the methods call harness.load_world(cfg.model) at run time
     depth = architectures.depth(1, denoisers=False) if a.shallow_parts else contextlib.nullcontext()
     try:
-        with depth, PeakSplit() as peaks, CallCounter() as calls:
+        with depth, PeakSplit() as peaks, UpdateCounter() as calls:
             method.main(a.args)
     finally:
         harness.load_world = load
@@ -288,12 +333,14 @@ def bench(name: str, model: str | None, steps: int, batch: int | None, overrides
     seconds = [float(r["seconds"]) for r in log]
     per_update = statistics.median(seconds[1:] or seconds)
     r0 = next(r for r in ranks if r["rank"] == 0)
-    windows = r0["calls"][1:] or r0["calls"]  # without the first (start-up) window
-    grad = statistics.median(w[0] for w in windows) / r0["batch"]
-    other = statistics.median(w[1] for w in windows) / r0["batch"]
+    timed = list(zip(r0["calls"], seconds))[1:] or list(zip(r0["calls"], seconds))  # without the start-up window
+    grad = statistics.median(w["grad"] for w, _ in timed) / r0["batch"]
+    other = statistics.median(w["other"] for w, _ in timed) / r0["batch"]
+    parts = {p: statistics.median(w[p] for w, _ in timed) for p in PARTS}
+    parts["rest"] = statistics.median(sec - sum(w[p] for p in PARTS) for w, sec in timed)
     row.update(device=r0["device"], batch_per_process=r0["batch"], s_per_update=per_update, updates=len(seconds),
                nfe_logged=statistics.median(float(r["nfe"]) for r in log), nfe_grad=grad, nfe_other=other,
-               rss_peak_mib=max(r["rss_peak_mib"] for r in ranks))
+               parts_s=parts, rss_peak_mib=max(r["rss_peak_mib"] for r in ranks))
     gib = lambda v: None if v is None else v / 2**30  # noqa: E731
     for phase in ("train", "eval"):
         for kind in ("allocated", "reserved"):
@@ -311,14 +358,17 @@ def table(rows: list[dict]) -> str:
         return "-" if v is None else fmt.format(v)
 
     lines = ["| setting | processes | device | batch/process | s/update | NFE grad + other | forward (s) | "
-             "forward+backward (s) | NFE bound (s) | s/update / bound | train peak GiB alloc / reserved | "
+             "forward+backward (s) | NFE bound (s) | s/update / bound | update split (s): network forward / "
+             "backward / VAE / rewards / optimizer / rest | train peak GiB alloc / reserved | "
              "eval peak GiB alloc / reserved | peak RSS MiB | flags / spec overrides |",
-             "|" + "---|" * 14]
+             "|" + "---|" * 15]
     for r in [r for r in rows if "error" not in r]:
         lines.append(
             f"| {r['setting']} | {r['processes']} | {r['device']} | {r['batch_per_process']} | {r['s_per_update']:.2f} |"
             f" {r['nfe_grad']:g} + {r['nfe_other']:g} | {f(r.get('fwd_s'))} | {f(r.get('fwd_bwd_s'))} | "
-            f"{f(r.get('bound_s'))} | {f(r.get('bound_ratio'))} | {f(r['train_allocated_gib'], '{:.1f}')} / "
+            f"{f(r.get('bound_s'))} | {f(r.get('bound_ratio'))} | "
+            f"{' / '.join(f(r['parts_s'][p], '{:.1f}') for p in (*PARTS, 'rest'))} | "
+            f"{f(r['train_allocated_gib'], '{:.1f}')} / "
             f"{f(r['train_reserved_gib'], '{:.1f}')} | {f(r['eval_allocated_gib'], '{:.1f}')} / "
             f"{f(r['eval_reserved_gib'], '{:.1f}')} | {r['rss_peak_mib']:.0f} | "
             f"{' '.join(r['extra'])} {json.dumps(r['overrides']) if r['overrides'] else ''} |")

@@ -375,6 +375,22 @@ def test_the_docs_and_launcher_tables_are_the_generated_ones_of_every_setting():
         assert docs == ({1, memory_plan.FSDP_GPUS} if s.fsdp else {1}), (name, docs)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(launch.SETTINGS))
+def test_the_rows_are_what_the_plan_computes_now(name):
+    """benchmarks/results/memory_plan.json (and so the launcher's table) is the plan of the current code: the
+    setting's own training mode at the launcher's batches and process counts, planned again, gives its rows."""
+    rows = json.loads(memory_plan.ROWS.read_text())
+    training, ckpt, batches, gpus = next(x for x in memory_plan.simulations(name) if len(x[2]) > 1 and x[0] is None)
+    fresh = memory_plan.plan_setting(name, ckpt, training, 1, None, 1, gpus, batches)
+    stored = {(r["batch"], r["gpus"]): r for r in rows if r["setting"] == name and r["variant"] == "own"
+              and r["checkpointing"] == ckpt}
+    for r in fresh:
+        old = stored[(r.batch, r.gpus)]
+        for k, v in r.__dict__.items():
+            assert (old[k] == pytest.approx(v) if isinstance(v, float) else old[k] == v), (r.batch, r.gpus, k)
+
+
 def test_fsdp_rows_count_a_start_up_without_a_whole_network_on_any_gpu():
     """The 8-GPU rows' loading peak: the shards plus one parameter in transit, far below the network; the host RAM
     of process 0 holds the networks (it alone reads them), the other processes' does not."""
@@ -444,6 +460,9 @@ def test_bench_plumbing_on_a_tiny_pipeline(tmp_path):
         assert r["nfe_logged"] == 14 and (r["nfe_grad"], r["nfe_other"]) == (6, 8) and r["updates"] == 3
         assert r["fwd_bwd_s"] > r["fwd_s"] > 0 and 0 < r["bound_ratio"] < float("inf")
         assert r["bound_s"] == pytest.approx(6 * r["fwd_bwd_s"] + 8 * r["fwd_s"])
+        parts = r["parts_s"]  # where the update's time went: every part measured, the rest what is left
+        assert parts["forward"] > 0 and parts["backward"] > 0 and parts["vae"] > 0 and parts["reward"] > 0
+        assert parts["optimizer"] > 0 and sum(parts.values()) == pytest.approx(r["s_per_update"], rel=0.35)
         assert r["train_allocated_gib"] is None and r["eval_reserved_gib"] is None and r["rss_peak_mib"] > 100
     assert json.loads((tmp_path / "bench" / "bench.json").read_text()) == rows
     failed = bench.bench("pso-online-dmd2", str(spec), 2, 1, {"reward": "imagereward"}, tmp_path / "bench2")
