@@ -169,3 +169,26 @@ def test_readme_has_a_generated_block_for_every_toy_world():
     text, missing = update_readme.fill("<!-- generated: benchmarks/results/report.flow2d.md -->\nold\n"
                                        "<!-- end generated -->")
     assert ("old" in text) == bool(missing)  # filled from the file once the report has run, kept until then
+
+
+def test_cuda_world_goes_on_past_a_run_that_fails_and_lists_it(monkeypatch):
+    """--world cuda (keep_going): a failing run is a record with its reason, the others still run; markdown lists it."""
+    row = report.FULL_ROWS[0]
+    calls = []
+
+    def fake_run_one(cmd, out, threads, env, resume):
+        calls.append(cmd)
+        if "boom" in cmd:
+            raise RuntimeError("python pso.py ... failed with exit code 1:\nValueError: no random weights for it")
+        return {"wall_seconds": 1.0, "peak_rss_mib": 1.0}
+
+    monkeypatch.setattr(report, "run_one", fake_run_one)
+    jobs = [(row, 0, False, ["boom"], Path("a")), (row, 1, False, ["fine"], Path("b"))]
+    with pytest.raises(RuntimeError):
+        report.run_all(jobs, 1, 1, False)
+    records = report.run_all(jobs, 1, 1, False, keep_going=True)
+    assert "no random weights" in records[0]["error"] and "error" not in records[1] and ["fine"] in calls
+    text = report.markdown("cuda", {"rows": [], "meta": {"command": "c", "date": "d", "machine": "m", "jobs": 1,
+                                                         "threads": 1, "load": "l", "wall_seconds": 1.0},
+                                    "failed": [records[0]]})
+    assert "Could not run" in text and "no random weights" in text
