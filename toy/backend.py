@@ -30,9 +30,9 @@ class ToyDenoiser:
             self.reference_net = copy.deepcopy(net).eval()
             self.net = net.requires_grad_(True)
         else:
-            config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=net.lora_targets,
-                                init_lora_weights=True)  # B = 0: the adapted model starts equal to the base
-            self.net = get_peft_model(net, config)
+            self.config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=net.lora_targets,
+                                     init_lora_weights=True)  # B = 0: the adapted model starts equal to the base
+            self.net = get_peft_model(net, self.config)
         self._frozen = False
 
     def __call__(self, x_t: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
@@ -83,6 +83,14 @@ class ToyDenoiser:
                 raise ValueError(f"adapter state does not fit this model: {e}") from None
         else:
             set_peft_model_state_dict(self.net, state)  # keys and shapes checked above
+
+    def merge_adapter(self) -> None:
+        """Fold the current LoRA into the network's weights (peft's merge_and_unload) and put a fresh one (B = 0) of
+        the same rank on top: from here on the merged weights are the frozen model and only the new LoRA trains
+        (the de-distill practice: its adapter merged while the user's LoRA trains)."""
+        if self.train_full:
+            raise ValueError("merge_adapter needs a LoRA denoiser (train_full=False)")
+        self.net = get_peft_model(self.net.merge_and_unload(), self.config)
 
     def train(self, mode: bool = True):
         self.net.train(mode)
