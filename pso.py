@@ -484,7 +484,7 @@ def ordinary_loss(s: Setup, x0, cond, gen):
 # FLUX.1-dev LoRAs are loaded into FLUX.1-schnell the same way.
 def base_transfer_update(s: Setup, gen):
     """naive's loss on the target data, with s.net the base (teacher role) network and its LoRA (`train` builds it
-    from TRAINED_ROLE); the adapter is then evaluated and delivered on the student (`train`, `delivered`)."""
+    from TRAINED_ROLE); the adapter is then evaluated and delivered on the student (`deliver` in `train`)."""
     return ordinary_loss(s, *target_batch(s, gen), gen)
 
 
@@ -505,7 +505,7 @@ def dedistill_adapter_update(s: Setup, gen):
 
 def dedistill_update(s: Setup, gen):
     """The user's LoRA B: naive's loss on the target data, with s.net the student whose weights hold the merged
-    adapter A (`train` merges it); B alone is evaluated and delivered on the student (`delivered`)."""
+    adapter A (`train` merges it); B alone is evaluated and delivered on the student (`deliver` in `train`)."""
     return ordinary_loss(s, *target_batch(s, gen), gen)
 
 
