@@ -635,11 +635,9 @@ def train(cfg: Config, world=None, baselines=None, quiet=False):
     student = world.denoiser("student", lora_rank=cfg.lora_rank, train_full=cfg.train_full, sampler=cfg.sampler or None)
     role = TRAINED_ROLE.get(cfg.variant, "student")
     den = student  # the trained model: the student itself, except for the two practices that train elsewhere
-    if cfg.variant in ("base-transfer", "dedistill"):
-        den = world.denoiser(role, lora_rank=cfg.lora_rank)  # base transfer: the base (teacher role)
-        if adapter_a is not None:  # dedistill: A merged into the student's weights, a fresh LoRA B over it
-            den.load_adapter_state(adapter_a)
-            den.merge_adapter()
+    if cfg.variant in ("base-transfer", "dedistill"):  # base transfer: the base (teacher role); dedistill: the
+        # student with A merged into its weights, the LoRA (B) over it
+        den = world.denoiser(role, lora_rank=cfg.lora_rank, merged_adapter=adapter_a)
 
     def deliver():  # the trained LoRA into the student (base-transfer's from the base, dedistill's B without A)
         if den is not student:

@@ -33,10 +33,7 @@ def outputs(den, world, frozen=False):
 
 def role_output(world, role, adapter=None, merged=None):
     """The prediction of a fresh denoiser of `role`, with an adapter state loaded (and `merged` one folded in)."""
-    den = world.denoiser(role)
-    if merged is not None:
-        den.load_adapter_state(merged)
-        den.merge_adapter()
+    den = world.denoiser(role, merged_adapter=merged)
     if adapter is not None:
         den.load_adapter_state(adapter)
     return outputs(den, world)
@@ -270,3 +267,18 @@ def test_summary_labels_and_orders_the_models_it_is_given():
     assert [line.split()[0] for line in lines] == ["base", "x-y", "pso", "pso_1step", "naive"]  # unnamed ones last
     assert [line.split()[0] for line in harness.summary(m).splitlines()[1:]] == [
         "base", "naive", "tuned", "tuned_1step", "x-y"]
+
+
+def test_a_merged_adapter_of_any_rank_is_folded_into_the_frozen_weights_and_a_misfit_is_named(toy2d_tiny):
+    lora = toy2d_tiny.denoiser("student", lora_rank=4)
+    for p in lora.trainable_parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    a = lora.adapter_state()
+    merged = toy2d_tiny.denoiser("student", lora_rank=16, merged_adapter=a)
+    assert torch.allclose(outputs(merged, toy2d_tiny, frozen=True), outputs(lora, toy2d_tiny), atol=1e-5)
+    assert not torch.allclose(outputs(merged, toy2d_tiny, frozen=True), outputs(lora, toy2d_tiny, frozen=True),
+                              atol=1e-3)
+    assert all(v.shape[0] == 16 for k, v in merged.adapter_state().items() if "lora_A" in k)  # its own LoRA
+    bad = {k.replace("fc1", "fc9"): v for k, v in a.items()}
+    with pytest.raises(ValueError, match="the adapter to merge does not fit this network: .*missing key"):
+        toy2d_tiny.denoiser("student", merged_adapter=bad)
