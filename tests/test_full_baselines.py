@@ -45,6 +45,8 @@ def test_base_transfer_trains_the_dev_teachers_lora_and_it_loads_into_the_schnel
     world = full.load_world(str(schnell_spec))
     teacher, student = world.denoiser("teacher"), world.denoiser("student")
     assert world.guidance is None and student.guidance is None and teacher.guidance == 3.5  # its own, embedded
+    assert (metrics["sampler"], metrics["sample_grid"]) == (student.sampler, student.timesteps) != (
+        teacher.sampler, teacher.timesteps)  # evaluated on the student
     x, cond = torch.randn(1, *world.shape), world.encode(["a red cube"])
     with torch.no_grad():
         assert not torch.allclose(teacher(x, 749, cond), student(x, 749, cond), atol=1e-4)  # two networks

@@ -30,9 +30,9 @@ class ToyDenoiser:
             self.reference_net = copy.deepcopy(net).eval()
             self.net = net.requires_grad_(True)
         else:
-            self.config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=net.lora_targets,
-                                     init_lora_weights=True)  # B = 0: the adapted model starts equal to the base
-            self.net = get_peft_model(net, self.config)
+            config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=net.lora_targets,
+                                init_lora_weights=True)  # B = 0: the adapted model starts equal to the base
+            self.net = get_peft_model(net, config)
         self._frozen = False
 
     def __call__(self, x_t: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
@@ -84,17 +84,24 @@ class ToyDenoiser:
         else:
             set_peft_model_state_dict(self.net, state)  # keys and shapes checked above
 
-    def merge_adapter(self) -> None:
-        """Fold the current LoRA into the network's weights (peft's merge_and_unload) and put a fresh one (B = 0) of
-        the same rank on top: from here on the merged weights are the frozen model and only the new LoRA trains
-        (the de-distill practice: its adapter merged while the user's LoRA trains)."""
-        if self.train_full:
-            raise ValueError("merge_adapter needs a LoRA denoiser (train_full=False)")
-        self.net = get_peft_model(self.net.merge_and_unload(), self.config)
-
     def train(self, mode: bool = True):
         self.net.train(mode)
         return self
+
+
+def fold_lora(net: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """`net` with a LoRA merged into its weights (peft's merge_and_unload): `state` is the adapter_state() of a
+    ToyDenoiser of this network, of any rank (the de-distill practice's adapter, merged while another LoRA trains)."""
+    ranks = {v.shape[0] for k, v in state.items() if "lora_A" in k}
+    if len(ranks) != 1:
+        raise ValueError(f"the adapter to merge has no LoRA of one rank (lora_A ranks found: {sorted(ranks)})")
+    rank = ranks.pop()
+    lora = get_peft_model(net, LoraConfig(r=rank, lora_alpha=rank, target_modules=net.lora_targets))
+    problems = state_mismatch(state, {k: tuple(v.shape) for k, v in get_peft_model_state_dict(lora).items()})
+    if problems:
+        raise ValueError(f"the adapter to merge does not fit this network: {problems}")
+    set_peft_model_state_dict(lora, state)
+    return lora.merge_and_unload()
 
 
 def state_mismatch(state: dict, expected: dict[str, tuple[int, ...]], show: int = 5) -> str:
@@ -144,11 +151,14 @@ class ToyWorld(abc.ABC):
         return {role: net for role in self.roles}
 
     def denoiser(self, role: str, lora_rank: int = 16, train_full: bool = False,
-                 sampler: str | None = None, timesteps: list[int] | None = None) -> ToyDenoiser:
+                 sampler: str | None = None, timesteps: list[int] | None = None,
+                 merged_adapter: dict[str, torch.Tensor] | None = None) -> ToyDenoiser:
         if role not in self.roles:
             raise ValueError(f"unknown model role {role!r} for {self.name}; choose one of {sorted(self.roles)}")
         net = self.make_net()
         net.load_state_dict(self.weights[role])
+        if merged_adapter is not None:  # folded into the weights: the frozen model and the base of the new LoRA
+            net = fold_lora(net, merged_adapter)
         default_sampler, default_times = self.roles[role]
         sampler = sampler or default_sampler
         common.make_kernel(sampler, self.schedule)  # validates the name
