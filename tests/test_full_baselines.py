@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import full
 import pso
-from full import models, tiny
+from full import launch, models, tiny
 from full.world import flux_forward, unet_forward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,3 +110,36 @@ def test_a_merged_adapter_that_does_not_fit_is_named(sd15_spec):
     state = world.denoiser("student", lora_rank=4).adapter_state()
     with pytest.raises(ValueError, match="the adapter to merge does not fit this network: missing"):
         world.denoiser("student", merged_adapter={k: v for k, v in list(state.items())[2:]})
+
+
+def test_the_shipped_schnell_spec_gives_its_dev_teacher_the_students_schedule_and_its_own_guidance():
+    """full/specs/flux_schnell_dev_teacher.json, read from the shipped configs (no download, no weights): the teacher
+    role's scheduler (FLUX.1-dev's, with the spec's overrides) is the student's schedule, as a world requires, and its
+    transformer embeds guidance while the schnell base does not."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from full import architectures
+    from full.spec import load_spec
+
+    spec = load_spec(str(launch.SPECS / "flux_schnell_dev_teacher.json"), random_weights=True)
+    teacher = spec.roles["teacher"]
+    assert teacher.unet == "black-forest-labs/FLUX.1-dev" and teacher.guidance == 3.5
+    base = architectures.build(FlowMatchEulerDiscreteScheduler, spec.base, "scheduler")
+    own = models.role_scheduler(spec, teacher, base)
+    dev = architectures.build(FlowMatchEulerDiscreteScheduler, teacher.unet, "scheduler")
+    assert dev.config.use_dynamic_shifting  # without the spec's overrides the teacher's schedule would differ
+    schedules = [models.flow_schedule("flux", s, 4096, "test") for s in (base, own, dev)]
+    assert torch.equal(schedules[0].sigmas, schedules[1].sigmas)
+    assert not torch.equal(schedules[0].sigmas, schedules[2].sigmas)
+    assert architectures.component_config(teacher.unet, "transformer")["guidance_embeds"]
+    assert not architectures.component_config(spec.base, "transformer")["guidance_embeds"]
+
+
+def test_a_checkpoint_run_of_a_baseline_gets_naives_budget_not_the_toy_defaults(sd15_spec):
+    world = full.load_world(str(sd15_spec))
+    naive = world.method_defaults("pso", "naive")
+    for variant in ("base-transfer", "dedistill", "dedistill-adapter"):
+        d = world.method_defaults("pso", variant)
+        assert {k: d[k] for k in ("lr", "lora_rank", "steps", "batch")} == {
+            k: naive[k] for k in ("lr", "lora_rank", "steps", "batch")}
+    assert world.method_defaults("pso", "dedistill")["adapter_lr"] == 1e-5  # ostris' training adapters
