@@ -41,6 +41,7 @@ import report  # noqa: E402  the side-by-side report's run machinery: run_one, r
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs" / "pso-baselines"
+ADAPTER_LR = "1e-4"  # A's lr: pso.py's --adapter-lr default, a tenth of the toys' 1e-3 (ostris: 1e-5 against 1e-4)
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,11 @@ WORLDS = {
                    TOY2D_MEANING),
     "flow2d": World([], ["--train-steps", "16"], ["2", "7", "20"], ["1e-5", "1e-4", "1e-3"], "transfer",
                     "sharpness", TOY2D_MEANING),
-    # MNIST: the side-by-side report's shorter budget (benchmarks/report.py WORLD_SCRIPT_ARGS), Eq. 5 and 6 on the
-    # model's own 4-step grid at and below the paper's beta 50
-    "mnist": World(["--steps", "100", "--batch", "32", "--eval-samples", "500"], [], ["5", "20", "50"],
+    # MNIST: a shorter budget than the toys' and half the side-by-side report's 100 updates (benchmarks/report.py
+    # WORLD_SCRIPT_ARGS; 1-2 s per update on the shared CPU); Eq. 5 and 6 on the model's own 4-step grid at and below
+    # the paper's beta 50
+    "mnist": World(["--steps", "50", "--batch", "32", "--eval-samples", "300", "--eval-every", "50"], [],
+                   ["5", "20", "50"],
                    ["1e-5", "1e-4", "1e-3"], "bold_share", "quality",
                    "transfer = bold_share, the share of samples the classifier calls bold (the target style); "
                    "sharpness = quality, the classifier's probability of the conditioned digit (blurred or broken "
@@ -90,9 +93,9 @@ def plan(world: str, seeds: list[int]) -> tuple[list[tuple], list[tuple]]:
     """(A runs, method runs): each (method, knob value, seed, command, out folder)."""
     w = WORLDS[world]
     base = ["pso.py", "--model", world, *w.args]
-    adapters = [("dedistill-adapter", "", s, [*base, "--variant", "dedistill-adapter", "--seed", str(s), "--out",
-                                             str(adapter_folder(world, s))], adapter_folder(world, s))
-                for s in seeds]
+    adapters = [("dedistill-adapter", "", s, [*base, "--variant", "dedistill-adapter", "--lr", ADAPTER_LR,
+                                             "--seed", str(s), "--out", str(adapter_folder(world, s))],
+                 adapter_folder(world, s)) for s in seeds]
     jobs = []
     for name, _, args, knob in METHODS:
         values = w.betas if knob == "--beta" else w.lrs
@@ -107,10 +110,12 @@ def plan(world: str, seeds: list[int]) -> tuple[list[tuple], list[tuple]]:
     return adapters, sorted(jobs, key=lambda j: -cost[j[0]])  # the long runs first
 
 
-def run_jobs(jobs, n_jobs: int, resume: bool) -> list[dict]:
+def run_jobs(jobs, n_jobs: int, resume: bool, stale: set | None = None) -> list[dict]:
+    """Run the jobs (report.run_one); `stale`: out folders whose finished record must not be reused (a dedistill
+    run whose adapter A was just trained again)."""
     def work(job):
         name, value, seed, cmd, out = job
-        rec = report.run_one(cmd, out, 1, {}, resume)
+        rec = report.run_one(cmd, out, 1, {}, resume and out not in (stale or set()))
         print(f"[pso_baselines] {name} {value} seed {seed}: {rec['wall_seconds']:.0f} s", flush=True)
         return {"method": name, "label": f"{name} {value}", "value": value, "seed": seed, "repeat": False,
                 "setting": "", "frontier": name, "knob": "", "main": True, **rec}
@@ -254,6 +259,12 @@ def write(results: dict) -> None:
         plot(world, doc["points"], RESULTS / f"pso_baselines.{world}.png")
 
 
+def _finished(job) -> str:
+    """The finished record of a run folder (report.run_one's report_run.json), '' if none."""
+    path = job[4] / "report_run.json"
+    return path.read_text() if path.exists() else ""
+
+
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -276,8 +287,11 @@ def main(argv=None) -> dict:
                             **report.read_run(job[4])}
         done_a, done = [read(j) for j in adapters], [read(j) for j in jobs]
     else:
+        before = {j[4]: _finished(j) for j in adapters}
         done_a = run_jobs(adapters, a.jobs, a.resume)  # A first: the dedistill runs merge it
-        done = run_jobs(jobs, a.jobs, a.resume)
+        again = {j[4] for j in adapters if _finished(j) != before[j[4]]}  # A trained (again) in this call
+        stale = {j[4] for j in jobs if j[0] == "dedistill" and adapter_folder(a.world, j[2]) in again}
+        done = run_jobs(jobs, a.jobs, a.resume, stale)
         meta = {"command": "OMP_NUM_THREADS=1 python benchmarks/pso_baselines.py " + shlex.join(argv),
                 "date": datetime.date.today().isoformat(), "machine": report.machine(), "jobs": a.jobs,
                 "load": f"load average {load:.1f} at the start", "wall_seconds": time.perf_counter() - start}
