@@ -110,6 +110,13 @@ def plan(world: str, seeds: list[int]) -> tuple[list[tuple], list[tuple]]:
     return adapters, sorted(jobs, key=lambda j: -cost[j[0]])  # the long runs first
 
 
+def record(job, run: dict) -> dict:
+    """One run as report.summarize reads it: the job's method, knob value and seed + what report.run_one returned."""
+    name, value, seed, _, _ = job
+    return {"method": name, "label": f"{name} {value}", "value": value, "seed": seed, "repeat": False, "setting": "",
+            "frontier": name, "knob": "", "main": True, **run}
+
+
 def run_jobs(jobs, n_jobs: int, resume: bool, stale: set | None = None) -> list[dict]:
     """Run the jobs (report.run_one); `stale`: out folders whose finished record must not be reused (a dedistill
     run whose adapter A was just trained again)."""
@@ -117,8 +124,7 @@ def run_jobs(jobs, n_jobs: int, resume: bool, stale: set | None = None) -> list[
         name, value, seed, cmd, out = job
         rec = report.run_one(cmd, out, 1, {}, resume and out not in (stale or set()))
         print(f"[pso_baselines] {name} {value} seed {seed}: {rec['wall_seconds']:.0f} s", flush=True)
-        return {"method": name, "label": f"{name} {value}", "value": value, "seed": seed, "repeat": False,
-                "setting": "", "frontier": name, "knob": "", "main": True, **rec}
+        return record(job, rec)
 
     with concurrent.futures.ThreadPoolExecutor(n_jobs) as pool:
         return list(pool.map(work, jobs))
@@ -158,10 +164,34 @@ def points(world: str, records: list[dict]) -> dict:
             if name == "dedistill":
                 row["adapter"] = {k: stat(r["metrics"][f"adapter_{k}"] for r in runs)
                                   for k in ("updates", "nfe_per_update", "nfe", "seconds")}
+            if world in PROBE_WORLDS:
+                row.update({k: stat(r["probe"][k] for r in runs) for k in runs[0]["probe"]})
             rows.append(row)
         out[name] = sorted(rows, key=lambda r: float(r["value"]))
     runs = [r for r in records if r["method"] == "naive"]
     out["base"] = {k: stat(r["metrics"].get(t.format("base")) for r in runs) for k, t in keys.items()}
+    return out
+
+
+PROBE_WORLDS = ("toy2d", "flow2d")  # the worlds with transfer / sharpness of any sample (world.transfer, .sharpness)
+PROBES = {"last_frozen": {0, 1, 2}, "last_only": {3}}  # which of the 4 sampling steps the tuned model takes
+
+
+def probe(world, run: dict) -> dict:
+    """Where a delivered adapter acts (benchmarks/pso_fig1.py's probe): 4-step samples with the tuned student on the
+    first three steps and the frozen one on the last (t_1 -> x_0), and the reverse (pso_fig1_search.mixed_sample:
+    its own noise stream from the evaluation seed, the same for every model)."""
+    from safetensors.torch import load_file
+
+    from pso_fig1_search import mixed_sample
+
+    cfg = json.loads((Path(run["out"]) / "config.json").read_text())
+    den = world.denoiser("student", lora_rank=cfg["lora_rank"], sampler=cfg["sampler"] or None)
+    den.load_adapter_state(load_file(str(Path(run["out"]) / "adapter" / "adapter.safetensors")))
+    out = {}
+    for name, steps in PROBES.items():
+        t, s = mixed_sample(world, den, cfg["eval_samples"], cfg["seed"] + 10_000, steps)
+        out[f"transfer_{name}"], out[f"sharpness_{name}"] = t, s
     return out
 
 
@@ -184,6 +214,18 @@ def markdown(world: str, doc: dict) -> str:
             lines.append(f"| {label} | {knob[2:]} {r['value']} | {fmt(r['transfer'])} | {fmt(r['sharpness'])} | "
                          f"{fmt(r['transfer_1step'])} | {fmt(r['sharpness_1step'])} | {nfe} | "
                          f"{r['s_per_update']:.4f} |")
+    if world in PROBE_WORLDS:
+        lines += ["", "Where each adapter acts (probe on the delivered adapters, fixed noise from the evaluation "
+                  "seed): 'last frozen' = the tuned student on the first 3 of its 4 steps and the frozen student on "
+                  "the last (t_1 = 249 -> x_0); 'last only' = the frozen student on the first 3, the tuned one on the "
+                  "last. Transfer / "
+                  "sharpness at 4 steps.", "",
+                  "| method | knob | tuned (all 4 steps) | last frozen | last only |", "|---|---|---|---|---|"]
+        for name, label, _, knob in METHODS:
+            for r in pts[name]:
+                cells = [f"{fmt(r[f'transfer{p}'])} / {fmt(r[f'sharpness{p}'])}"
+                         for p in ("", "_last_frozen", "_last_only")]
+                lines.append(f"| {label} | {knob[2:]} {r['value']} | " + " | ".join(cells) + " |")
     a = doc["adapter"]
     lines += ["", f"The de-distill adapter A's one-off cost (`--variant dedistill-adapter`, once per seed, reused by "
               f"the three dedistill runs): {fmt(a['updates'], 0)} updates of batch {a['batch']} at "
@@ -220,7 +262,8 @@ def plot(world: str, pts: dict, path: Path) -> None:
                             fontsize=7, color=f"C{i}")
         b = pts["base"]
         ax.plot([b["transfer" + suffix]["mean"]], [b["sharpness" + suffix]["mean"]], "k*", ms=11, label="base model")
-        ax.set(title=f"{world}: {title}", xlabel=f"transfer ({w.transfer})", ylabel=f"sharpness ({w.sharpness})")
+        ax.set(title=f"{world}: {title}", xlabel="transfer" + (f" ({w.transfer})" if w.transfer != "transfer" else ""),
+               ylabel="sharpness" + (f" ({w.sharpness})" if w.sharpness != "sharpness" else ""))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -281,10 +324,8 @@ def main(argv=None) -> dict:
     start, load = time.perf_counter(), os.getloadavg()[0]
     if a.replot:
         meta = results[a.world]["meta"]
-        read = lambda job: {"method": job[0], "label": f"{job[0]} {job[1]}", "value": job[1], "seed": job[2],  # noqa
-                            "repeat": False, "out": str(job[4]), "command": "python " + shlex.join(job[3]),
-                            "peak_rss_mib": 0.0, **json.loads((job[4] / "report_run.json").read_text()),
-                            **report.read_run(job[4])}
+        read = lambda job: record(job, {**json.loads((job[4] / "report_run.json").read_text()),  # noqa: E731
+                                        **report.read_run(job[4])})
         done_a, done = [read(j) for j in adapters], [read(j) for j in jobs]
     else:
         before = {j[4]: _finished(j) for j in adapters}
@@ -295,6 +336,12 @@ def main(argv=None) -> dict:
         meta = {"command": "OMP_NUM_THREADS=1 python benchmarks/pso_baselines.py " + shlex.join(argv),
                 "date": datetime.date.today().isoformat(), "machine": report.machine(), "jobs": a.jobs,
                 "load": f"load average {load:.1f} at the start", "wall_seconds": time.perf_counter() - start}
+    if a.world in PROBE_WORLDS:
+        import harness
+
+        toy_world = harness.load_world(a.world)
+        for r in done:
+            r["probe"] = probe(toy_world, r)
     results[a.world] = {"meta": meta, "points": points(a.world, done), "adapter": adapter_summary(done_a),
                         "run_minutes": sum(r["wall_seconds"] for r in done_a + done) / 60,
                         "runs": [{k: v for k, v in r.items() if k != "log"} for r in done_a + done]}
