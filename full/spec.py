@@ -47,7 +47,12 @@ class RoleSpec:
     scheduler: str | None = None  # diffusers scheduler class to use instead of the checkpoint's (e.g. LCMScheduler)
     scheduler_config: dict = field(default_factory=dict)  # overrides of its config (e.g. timestep_spacing)
     sampler: str | None = None  # MDP kernel; default: derived from the scheduler class
-    timesteps: list[int] | None = None  # sampling grid; default: 25-step (teacher), 4-step (student), [999]
+    # sampling grid: `steps` of the role's own pipeline (its scheduler's set_timesteps, as the pipeline calls it;
+    # full/models.py pipeline_grid); default: the model card's (full/configs/pipelines.json) for a student / DMD2's
+    # card timesteps, 25 for the teacher, 1 for the generator. `timesteps`: an explicit grid of integer times instead
+    # (a flow model's times index its training sigmas, not the pipeline's)
+    steps: int | None = None
+    timesteps: list[int] | None = None
 
 
 @dataclass
@@ -134,6 +139,10 @@ def from_dict(d: dict, root: Path | None = None, where: str = "model spec") -> M
             if r.get(k):
                 r[k] = resolve(r[k], root)
         roles[role] = _build(RoleSpec, r, f"{where}, role {role}")
+        if roles[role].steps is not None and (not isinstance(roles[role].steps, int) or roles[role].steps < 1
+                                              or roles[role].timesteps):
+            raise ValueError(f"{where}: role {role}: \"steps\" must be an integer >= 1 and not given with "
+                             f"\"timesteps\", found steps={roles[role].steps!r}, timesteps={roles[role].timesteps!r}")
     for k in ("base", "vae", "prompts", "eval_prompts"):
         if isinstance(d.get(k), str):
             d[k] = resolve(d[k], root, path=k in ("prompts", "eval_prompts"))

@@ -283,20 +283,29 @@ class FullWorld:
         if self.resolution % self.vae_factor:
             raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE factor {self.vae_factor}")
         side = self.resolution // self.vae_factor
-        patch = 2 if self.kind == "flux" else self.net_config.get("patch_size", 1)  # FLUX packs 2x2 latent patches
-        if side % patch:
-            raise ValueError(f"resolution {self.resolution}: the latent side {side} is not a multiple of the "
-                             f"{self.kind} patch size {patch}; use a multiple of {patch * self.vae_factor}")
-        self.image_seq_len = (side // patch) ** 2  # what FLUX's resolution-dependent shift is computed from
+        try:  # what FLUX's resolution-dependent shift is computed from
+            self.image_seq_len = models.image_tokens(self.kind, side, self.net_config)
+        except ValueError as e:
+            raise ValueError(f"resolution {self.resolution}: {e}; use a multiple of the patch size x "
+                             f"{self.vae_factor}") from e
         self.shape = (self.vae.config.latent_channels, side, side)
-        expected = self.shape[0] * (4 if self.kind == "flux" else 1)  # FLUX's packed latents: 4 C channels
+        expected = self.shape[0] * models.LATENT_PATCH.get(self.kind, 1) ** 2  # FLUX's packed latents: 4 C channels
         if self.parts.flow and self.net_config.get("in_channels", expected) != expected:
             raise models.ModelError(f"{spec.base}: the transformer takes {self.net_config['in_channels']} input "
                                     f"channels, the VAE's {self.shape[0]}-channel latents need {expected}")
         self.guidance = self._guidance()
         self.schedule = self._schedule(self.parts.scheduler, f"scheduler of {spec.base}")
-        for role in spec.roles:  # every role's scheduler must match (fails now, not after an hour of training)
-            self._role_scheduler(role)
+        self._table = getattr(self.schedule, "sigmas", None)
+        self._table = None if self._table is None else self._table.clone()  # a flow table before grids are placed
+        # every role's scheduler must match and its grid is its pipeline's (fails now, not after an hour of
+        # training); a flow role's pipeline sigmas are placed on the schedule's integer times here, once
+        self._grids: dict[tuple, tuple[str, list[int]]] = {}
+        for role in ROLES:
+            try:
+                self.role_sampler(role)
+            except models.ModelError:
+                if role in spec.roles:
+                    raise  # a role this checkpoint cannot play (a student of SDXL base) fails when it is asked for
         self.prompts = data_lib.load_prompts(spec.prompts)
         self.eval_prompts = data_lib.load_prompts(spec.eval_prompts) if spec.eval_prompts else self.prompts
         self._texts: list[str] = []
@@ -337,15 +346,14 @@ class FullWorld:
 
     # ----------------------------------------------------------------------------------------- denoisers
     def _schedule(self, scheduler, where: str):
-        """common.Schedule of a DDPM scheduler config, or common.FlowSchedule(shift) of a flow model's
+        """common.Schedule of a DDPM scheduler config, or common.FlowSchedule of a flow model's
         FlowMatchEulerDiscreteScheduler (FLUX's dynamic shift at this world's image sequence length)."""
         if not self.parts.flow:
             return common.Schedule(models.schedule_name(scheduler.config, where))
         if type(scheduler).__name__ not in models.FLOW_SCHEDULERS:
             raise models.ModelError(f"{where}: a {self.kind} pipeline needs FlowMatchEulerDiscreteScheduler, found "
                                     f"{type(scheduler).__name__}")
-        max_shift = 1.16 if self.kind == "sd3" else 1.15  # the pipelines' defaults when the config has none
-        return common.FlowSchedule(models.flow_shift(scheduler.config, self.image_seq_len, where, max_shift))
+        return models.flow_schedule(self.kind, scheduler, self.image_seq_len, where)
 
     def _guidance(self) -> float | None:
         """The embedded guidance value of a guidance-distilled FLUX transformer (FLUX.1-dev: config guidance_embeds),
@@ -356,15 +364,20 @@ class FullWorld:
                                     f"{self.spec.base} "
                                     "has no guidance input (only guidance-distilled FLUX transformers, "
                                     "guidance_embeds=true, take one); remove it (CFG is the methods' cfg_scale)")
-        return (3.5 if self.spec.guidance is None else float(self.spec.guidance)) if embeds else None
+        if not embeds:
+            return None
+        card = models.pipeline_facts(self.spec.base).get("guidance_scale", 3.5)  # FluxPipeline's default: 3.5
+        return float(card if self.spec.guidance is None else self.spec.guidance)
 
     def _role_scheduler(self, role: str):
         rspec = self.spec.roles.get(role, RoleSpec())
-        sched = models.role_scheduler(self.spec, rspec, self.parts)
+        sched = models.role_scheduler(self.spec, rspec, self.parts.scheduler)
         where = f"scheduler of role {role}"
-        name = self._schedule(sched, where).name
-        if name != self.schedule.name:
-            raise models.ModelError(f"role {role} uses the {name} noise schedule but the base uses "
+        own = self._schedule(sched, where)
+        same = (own.name == self.schedule.name if self._table is None
+                else torch.equal(own.sigmas, self._table))
+        if not same:
+            raise models.ModelError(f"role {role} uses the {own.name} noise schedule but the base uses "
                                     f"{self.schedule.name}: every role must share one schedule")
         return sched
 
@@ -373,10 +386,12 @@ class FullWorld:
         if role not in ROLES:
             raise ValueError(f"unknown model role {role!r}; choose one of {list(ROLES)}")
         rspec = self.spec.roles.get(role, RoleSpec())
-        sched = self._role_scheduler(role)
         where = f"role {role} of {self.name}"
-        sampler, timesteps = models.role_sampler(role, sched, sampler or rspec.sampler, timesteps or rspec.timesteps,
-                                                 where, flow=self.parts.flow)
+        if timesteps:
+            sampler, timesteps = models.role_sampler(role, self._role_scheduler(role), sampler or rspec.sampler,
+                                                     timesteps, where, flow=self.parts.flow)
+        else:
+            sampler, timesteps = self.role_sampler(role, sampler)
         if train_full:  # the trained copy in fp32, the frozen reference in the weight dtype: two loads, no deepcopy
             unet = models.load_unet(self.spec, rspec, self.parts, where, torch.float32)
             reference = models.load_unet(self.spec, rspec, self.parts, where, self.dtype)
@@ -396,10 +411,12 @@ class FullWorld:
 
     @property
     def max_sequence_length(self) -> int | None:
-        """The T5 prompt length of SD3 / FLUX (spec max_sequence_length, else the pipeline's default)."""
+        """The T5 prompt length of SD3 / FLUX (spec max_sequence_length, else the model card's, else the pipeline's
+        default)."""
         if not self.parts.flow:
             return None
-        return self.spec.max_sequence_length or models.MAX_SEQUENCE_LENGTH[self.kind]
+        card = models.pipeline_facts(self.spec.base).get("max_sequence_length")
+        return self.spec.max_sequence_length or card or models.MAX_SEQUENCE_LENGTH[self.kind]
 
     def free_text_encoders(self) -> None:
         """After precomputing every prompt's embedding the text encoders are dropped (SDXL: ~1.6 GB)."""
@@ -677,8 +694,10 @@ class FullWorld:
                  if self.kind == "sd15" else {})
         scheduler = self._role_scheduler(role)
         if p.flow:  # the pipeline's step is the role's MDP: Euler (flow_sde, eta 0) or x0-renoise (stochastic_sampling)
+            # and it takes the role's grid as its exact sigmas (`pipeline_sigmas`): no shift on top
             sampler, _ = self.role_sampler(role)
-            scheduler = type(scheduler).from_config(scheduler.config, stochastic_sampling=sampler == "flow_x0_renoise")
+            scheduler = type(scheduler).from_config(scheduler.config, stochastic_sampling=sampler == "flow_x0_renoise",
+                                                    shift=1.0, use_dynamic_shifting=False)
         return p.pipeline_class(vae=self.vae, **p.text_components(), **{p.net_folder: unet}, scheduler=scheduler,
                                 **extra)
 
@@ -701,8 +720,23 @@ class FullWorld:
                 kw["negative_pooled_prompt_embeds"] = null[pooled].to(self.dtype)
         return kw
 
-    def role_sampler(self, role: str) -> tuple[str, list[int]]:
-        """(sampler, timesteps) of a role from its spec and scheduler, without loading its UNet."""
-        rspec = self.spec.roles.get(role, RoleSpec())
-        return models.role_sampler(role, self._role_scheduler(role), rspec.sampler, rspec.timesteps,
-                                   f"role {role} of {self.name}", flow=self.parts.flow)
+    def role_sampler(self, role: str, sampler: str | None = None, steps: int | None = None) -> tuple[str, list[int]]:
+        """(sampler, timesteps) of a role from its spec and scheduler, without loading its UNet: its pipeline's
+        grid (`_role_grid`), or that pipeline's grid at `steps` steps."""
+        if role not in ROLES:
+            raise ValueError(f"unknown model role {role!r}; choose one of {list(ROLES)}")
+        key = (role, sampler, steps)
+        if key not in self._grids:
+            rspec = self.spec.roles.get(role, RoleSpec())
+            sched, where = self._role_scheduler(role), f"role {role} of {self.name}"
+            n = len(rspec.timesteps) if rspec.timesteps and steps is None else (
+                steps or models.role_steps(self.spec, role, rspec)[0])
+            name = models.role_kernel(role, sched, sampler or rspec.sampler, where, self.parts.flow, n)
+            grid = models.role_grid(self.spec, role, self.kind, sched, name, self.image_seq_len, self.schedule, steps)
+            self._grids[key] = models.role_sampler(role, sched, name, grid, where, flow=self.parts.flow)
+        return self._grids[key]
+
+    def pipeline_sigmas(self, timesteps: list[int]) -> list[float]:
+        """A flow role's grid as the sigmas its pipeline (`pipeline(role)`, unshifted scheduler) takes: exactly the
+        schedule's sigma(t), so the pipeline samples where the methods do."""
+        return self.schedule.sigma(torch.tensor(list(timesteps))).tolist()
