@@ -145,6 +145,7 @@ QWEN_KINDS = ("zimage", "zimage_turbo", "flux2_klein", "flux2_klein_base")
 QWEN = dict(intermediate_size=37, num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=QWEN_VOCAB_SIZE,
             max_position_embeddings=512, pad_token_id=256, bos_token_id=256, eos_token_id=258)
 QWEN_LAYERS = {"zimage": (32, 2), "flux2": (16, 27)}  # (hidden size, layers) of each family's tiny Qwen3
+BASE_OF = {"zimage_turbo": "zimage", "flux2_klein": "flux2_klein_base"}  # save_tiny_setup's teacher role
 
 
 def tiny_qwen3(family: str):
@@ -323,7 +324,9 @@ def save_tiny_setup(out: str | Path, kind: str = "sdxl", scheduler: str = "lcm",
                     roles: dict | None = None, **spec_overrides) -> Path:
     """Everything a full-backend run needs, tiny and offline, under `out`: a random pipeline, a random CLIP
     reward model with an aesthetic head, prompt files, an image-caption "target" set, a "concept" folder and
-    Pick-a-Pic-style preference pairs (one tied row, which must be dropped). Returns the model-spec path."""
+    Pick-a-Pic-style preference pairs (one tied row, which must be dropped). Returns the model-spec path. A distilled
+    Qwen3-family kind (zimage_turbo, flux2_klein) also gets its base pipeline (BASE_OF) as the teacher role, as the
+    shipped specs have Z-Image for Z-Image-Turbo and klein-base for klein."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_tiny_pipeline(out / "pipeline", kind, scheduler, sample_size=sample_size)
@@ -350,6 +353,11 @@ def save_tiny_setup(out: str | Path, kind: str = "sdxl", scheduler: str = "lcm",
     flow = {"max_sequence_length": 8} if kind in FLOW_KINDS else {}  # a short T5 prompt keeps the tests fast
     if kind in ("flux", "flux_schnell"):  # FluxPipeline's default side is 128 latents: the tiny one is sample_size
         flow["resolution"] = 2 * sample_size
+    if kind in QWEN_KINDS:  # the chat template takes ~40 of the 64 tokens; the transformers have no sample size
+        flow = {"max_sequence_length": 64, "resolution": 2 * sample_size}
+        if kind in BASE_OF:  # the distilled model's undistilled base (another seed) is the teacher role
+            save_tiny_pipeline(out / "base_pipeline", BASE_OF[kind], seed=1)
+            roles = {"teacher": {"transformer": "base_pipeline"}, **(roles or {})}
     spec = {
         "name": f"tiny-{kind}" + ("" if flow else f"-{scheduler}"), "base": "pipeline", "roles": roles or {}, **flow,
         "reward": {"name": "pickscore", "model": "clip"},

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import pipeline_shift
+from . import Family, pipeline_shift
 
 PIPELINE = "Flux2KleinPipeline"
 MAX_SEQUENCE_LENGTH = 512  # Flux2KleinPipeline's default
@@ -112,3 +112,58 @@ def pipeline_mu(image_seq_len: int, steps: int) -> float:
 def shift(scheduler_config, image_seq_len: int, steps: int) -> float:
     """The static shift of the sigmas the pipeline samples on at this resolution and step count."""
     return pipeline_shift(scheduler_config, pipeline_mu(image_seq_len, steps))
+
+
+class Flux2Family(Family):
+    name, pipeline = "flux2", PIPELINE
+    vae_class = "AutoencoderKLFlux2"
+    table_steps = 50  # the training table's shift: mu at the pipeline's default num_inference_steps
+    max_sequence_length = MAX_SEQUENCE_LENGTH
+    pipeline_module = "diffusers.pipelines.flux2.pipeline_flux2_klein"
+
+    def lora_targets(self, net_config):
+        return lora_targets(net_config)
+
+    def forward(self, net, x, t, cond, schedule):
+        return forward(net, x, t, cond, schedule)
+
+    def state_channels(self, vae_config):
+        return 4 * vae_config["latent_channels"]  # 2x2-patchified
+
+    def state_side(self, latent_side):
+        if latent_side % 2:
+            raise ValueError(f"the latent side {latent_side} is not a multiple of FLUX.2's 2x2 patches")
+        return latent_side // 2
+
+    def encode(self, pipe, texts, device, max_sequence_length):
+        return encode_prompt(pipe, texts, device, max_sequence_length or MAX_SEQUENCE_LENGTH)
+
+    def to_vae(self, x, vae):
+        return to_vae(x, vae)
+
+    def from_vae(self, z, vae):
+        return from_vae(z, vae)
+
+    def pipeline_embeds(self, cond, null, world):
+        kw = {"prompt_embeds": cond["prompt_embeds"].to(world.dtype)}
+        if null is not None:
+            kw["negative_prompt_embeds"] = null["prompt_embeds"].to(world.dtype)
+        return kw
+
+    def pipeline_guidance(self, guidance, world):
+        """Flux2KleinPipeline's CFG is the usual scale (on above 1, and only for a pipeline that is not
+        is_distilled)."""
+        return {"guidance_scale": max(guidance, 1.0)}
+
+    def pipeline_latents(self, latents, pipe, world):
+        """The pipeline returns the VAE's latents (batch norm and patchify undone): back to the state."""
+        return from_vae(latents, pipe.vae)
+
+    def pipeline_sigmas(self, steps):
+        return pipeline_sigmas(steps)
+
+    def pipeline_mu(self, config, image_seq_len, steps):
+        return pipeline_mu(image_seq_len, steps) if config.get("use_dynamic_shifting") else None
+
+
+FLUX2 = Flux2Family()

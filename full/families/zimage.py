@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from . import pipeline_shift
+from . import Family, pipeline_shift
 
 PIPELINE = "ZImagePipeline"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -103,3 +103,36 @@ def pipeline_mu(scheduler_config, image_seq_len: int) -> float:
 def shift(scheduler_config, image_seq_len: int) -> float:
     """The static shift of the sigmas the pipeline samples on (3.0 / 6.0 for the shipped schedulers)."""
     return pipeline_shift(scheduler_config, pipeline_mu(scheduler_config, image_seq_len))
+
+
+class ZImageFamily(Family):
+    name, pipeline = "zimage", PIPELINE
+    latent_patch = 2  # the transformer's 2x2 patches
+    max_sequence_length = MAX_SEQUENCE_LENGTH
+    pipeline_module = "diffusers.pipelines.z_image.pipeline_z_image"
+
+    def lora_targets(self, net_config):
+        return LORA_TARGETS
+
+    def forward(self, net, x, t, cond, schedule):
+        return forward(net, x, t, cond, schedule)
+
+    def encode(self, pipe, texts, device, max_sequence_length):
+        return encode_prompt(pipe, texts, device, max_sequence_length or MAX_SEQUENCE_LENGTH)
+
+    def pipeline_embeds(self, cond, null, world):
+        """ZImagePipeline takes lists of unpadded embeddings."""
+        kw = {"prompt_embeds": [e.to(world.dtype) for e in pipeline_embeds(cond)]}
+        if null is not None:
+            kw["negative_prompt_embeds"] = [e.to(world.dtype) for e in pipeline_embeds(null)]
+        return kw
+
+    def pipeline_guidance(self, guidance, world):
+        """ZImagePipeline's CFG scale is the usual one minus 1 (0: off)."""
+        return {"guidance_scale": guidance_scale(guidance) if guidance > 1 else 0.0}
+
+    def pipeline_sigmas(self, steps):
+        return pipeline_sigmas(steps)
+
+
+ZIMAGE = ZImageFamily()
