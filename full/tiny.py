@@ -146,6 +146,7 @@ QWEN = dict(intermediate_size=37, num_attention_heads=2, num_key_value_heads=1, 
             max_position_embeddings=512, pad_token_id=256, bos_token_id=256, eos_token_id=258)
 QWEN_LAYERS = {"zimage": (32, 2), "flux2": (16, 27)}  # (hidden size, layers) of each family's tiny Qwen3
 BASE_OF = {"zimage_turbo": "zimage", "flux2_klein": "flux2_klein_base"}  # save_tiny_setup's teacher role
+CARD_STEPS = {"zimage_turbo": 8, "flux2_klein": 4}  # the student's steps the real model cards give (no card here)
 
 
 def tiny_qwen3(family: str):
@@ -203,20 +204,25 @@ def qwen_scheduler(kind: str):
     return FlowMatchEulerDiscreteScheduler(shift=6.0 if kind == "zimage" else 3.0)  # Z-Image / Z-Image-Turbo
 
 
-def tiny_qwen_pipeline(kind: str = "zimage_turbo", seed: int = 0):
-    """A random ZImagePipeline (zimage, zimage_turbo) or Flux2KleinPipeline (flux2_klein, flux2_klein_base)."""
+def tiny_qwen_pipeline(kind: str = "zimage_turbo", seed: int = 0, transformer_seed: int | None = None):
+    """A random ZImagePipeline (zimage, zimage_turbo) or Flux2KleinPipeline (flux2_klein, flux2_klein_base).
+    `transformer_seed`: another transformer with the same VAE and text encoder (as a base and its distilled model
+    share them)."""
     from diffusers import Flux2KleinPipeline, ZImagePipeline
 
     if kind not in QWEN_KINDS:
         raise ValueError(f"unknown tiny Qwen3-family pipeline kind {kind!r}; choose one of {list(QWEN_KINDS)}")
     torch.manual_seed(seed)
-    if kind.startswith("zimage"):
-        return ZImagePipeline(transformer=tiny_zimage_transformer(), vae=tiny_flow_vae(0.3611, 0.1159),
-                              text_encoder=tiny_qwen3("zimage"), tokenizer=qwen_tokenizer(),
-                              scheduler=qwen_scheduler(kind))
-    return Flux2KleinPipeline(transformer=tiny_flux2_transformer(), vae=tiny_flux2_vae(),
-                              text_encoder=tiny_qwen3("flux2"), tokenizer=qwen_tokenizer(),
-                              scheduler=qwen_scheduler(kind), is_distilled=kind == "flux2_klein")
+    zimage = kind.startswith("zimage")
+    parts = dict(vae=tiny_flow_vae(0.3611, 0.1159) if zimage else tiny_flux2_vae(),
+                 text_encoder=tiny_qwen3("zimage" if zimage else "flux2"), tokenizer=qwen_tokenizer(),
+                 scheduler=qwen_scheduler(kind))
+    if transformer_seed is not None:
+        torch.manual_seed(transformer_seed)
+    transformer = tiny_zimage_transformer() if zimage else tiny_flux2_transformer()
+    if zimage:
+        return ZImagePipeline(transformer=transformer, **parts)
+    return Flux2KleinPipeline(transformer=transformer, **parts, is_distilled=kind == "flux2_klein")
 
 
 def tiny_vae():
@@ -355,9 +361,11 @@ def save_tiny_setup(out: str | Path, kind: str = "sdxl", scheduler: str = "lcm",
         flow["resolution"] = 2 * sample_size
     if kind in QWEN_KINDS:  # the chat template takes ~40 of the 64 tokens; the transformers have no sample size
         flow = {"max_sequence_length": 64, "resolution": 2 * sample_size}
-        if kind in BASE_OF:  # the distilled model's undistilled base (another seed) is the teacher role
-            save_tiny_pipeline(out / "base_pipeline", BASE_OF[kind], seed=1)
-            roles = {"teacher": {"transformer": "base_pipeline"}, **(roles or {})}
+        if kind in BASE_OF:  # the distilled model's undistilled base (another transformer, the same VAE and text
+            # encoder) is the teacher role
+            tiny_qwen_pipeline(BASE_OF[kind], transformer_seed=1).save_pretrained(out / "base_pipeline")
+            roles = {"teacher": {"transformer": "base_pipeline"}, "student": {"steps": CARD_STEPS[kind]},
+                     **(roles or {})}
     spec = {
         "name": f"tiny-{kind}" + ("" if flow else f"-{scheduler}"), "base": "pipeline", "roles": roles or {}, **flow,
         "reward": {"name": "pickscore", "model": "clip"},

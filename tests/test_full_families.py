@@ -284,3 +284,206 @@ def test_family_architectures_fit_together():
     assert architectures.model_index("black-forest-labs/FLUX.2-klein-4B")["is_distilled"] is True
     assert "is_distilled" not in architectures.model_index("black-forest-labs/FLUX.2-klein-base-4B")
     assert index["Tongyi-MAI/Z-Image"]["transformer"] == index["Tongyi-MAI/Z-Image-Turbo"]["transformer"]
+
+
+# --- the families in the world: FullWorld / FullDenoiser and the methods on tiny setups ------------------------------
+# zimage_turbo: Z-Image-Turbo-like base pipeline (student, 8 steps) with a Z-Image-like base pipeline as the teacher
+# role; flux2_klein: klein-like (4 steps) with klein-base as the teacher (full.tiny.save_tiny_setup, BASE_OF)
+WORLD_KINDS = ("zimage_turbo", "flux2_klein")
+FAMILY = {"zimage_turbo": zimage, "flux2_klein": flux2}
+TEACHER_CFG = {"zimage_turbo": 5.0, "flux2_klein": 4.0}  # the base models' cards: Z-Image w = 4 (scale 5), klein-base 4
+
+
+@pytest.fixture(scope="module")
+def fam_specs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("familyworlds")
+    return {k: tiny.save_tiny_setup(root / k, k, sample_size=8) for k in WORLD_KINDS}
+
+
+@pytest.fixture(scope="module")
+def fam_worlds(fam_specs):
+    import full
+
+    return {k: full.load_world(str(v)) for k, v in fam_specs.items()}
+
+
+def _role_pipe(kind, spec, role):
+    """The role's own pipeline as a user loads it: the student's is the base folder, the teacher's the base model's."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(spec.parent / ("pipeline" if role == "student" else "base_pipeline"))
+
+
+def _sigmas_called(kind, pipe, kw, steps, side):
+    """The sigmas the pipeline's own __call__ gives its transformer at `steps` steps (Z-Image's time input is
+    1 - sigma, klein's sigma), captured with a forward pre-hook."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        t = args[1] if kind == "zimage_turbo" else kwargs["timestep"]
+        seen.append(float(t.flatten()[0]))
+    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe(**kw, num_inference_steps=steps, height=side, width=side, output_type="latent")
+    finally:
+        handle.remove()
+    seen = torch.tensor(seen)
+    return 1 - seen if kind == "zimage_turbo" else seen
+
+
+@pytest.mark.parametrize("kind", WORLD_KINDS)
+def test_world_roles_sample_on_their_own_pipelines_grids(kind, fam_worlds, fam_specs):
+    """Each role's grid is the sigmas its own pipeline calls the transformer with at the role's step count: the
+    distilled student at the card's 8 (Z-Image-Turbo, shift 3) / 4 (klein) steps, the base teacher at the methods'
+    25 steps with its own scheduler (Z-Image: shift 6; klein-base: mu at 25 steps), carried exactly by integer
+    times of the one world schedule."""
+    w = fam_worlds[kind]
+    for role, steps in (("student", tiny.CARD_STEPS[kind]), ("teacher", 25)):
+        sampler, grid = w.role_sampler(role)
+        assert len(grid) == steps and sampler == ("flow_x0_renoise" if role == "student" else "flow_sde")
+        pipe = _role_pipe(kind, fam_specs[kind], role)
+        called = _sigmas_called(kind, pipe, {**w.pipeline_guidance(1.0), **w.pipeline_embeds(["a red cube"])},
+                                steps, w.resolution)
+        assert torch.allclose(w.schedule.sigma(torch.tensor(grid)), called, atol=1e-6, rtol=0), role
+    s_student = w.schedule.sigma(torch.tensor(w.role_sampler("student")[1][1]))
+    s_teacher = w.schedule.sigma(torch.tensor(w.role_sampler("teacher")[1][1]))
+    assert abs(float(s_student - s_teacher)) > 1e-3  # the two roles do not share a grid
+
+
+@pytest.mark.parametrize("kind, role", [(k, r) for k in WORLD_KINDS for r in ("student", "teacher")])
+def test_world_sampling_and_decoding_are_the_role_pipelines(kind, role, fam_worlds, fam_specs):
+    """The world's denoiser with flow_sde at eta 0 (the scheduler's Euler step) on the role's grid, from the same
+    noise and the world's cached prompt embeddings, ends where the role's own pipeline ends (the student without
+    CFG, the base teacher with its card's CFG against the encoded empty prompt), and world.decode gives the
+    pipeline's images: the forward, the grid, the CFG convention and the VAE path (klein's batch norm) all enter."""
+    w = fam_worlds[kind]
+    den = w.denoiser(role, lora_rank=2)
+    _, grid = w.role_sampler(role)
+    cfg = 1.0 if role == "student" else TEACHER_CFG[kind]
+    prompts = ["a red cube", "a blue sphere"]
+    noise = torch.randn(2, *w.shape, generator=torch.Generator().manual_seed(7))
+    null = w.null_condition(2) if cfg != 1 else None
+    ours = common.sample(den, common.make_kernel("flow_sde", w.schedule, eta=0.0), noise, w.encode(prompts), grid,
+                         cfg_scale=cfg, null_cond=null)
+    pipe = _role_pipe(kind, fam_specs[kind], role)
+    kw = {**w.pipeline_guidance(cfg), **w.pipeline_embeds(prompts, cfg), "num_inference_steps": len(grid),
+          "height": w.resolution, "width": w.resolution}
+    with torch.no_grad():
+        out = w.pipeline_latents(pipe(**kw, latents=noise.clone(), output_type="latent").images, pipe)
+        images = pipe(**kw, latents=noise.clone(), output_type="pt").images
+        decoded = (w.decode(ours) + 1) / 2
+    assert out.shape == ours.shape and (ours - noise).abs().max() > 0.1
+    assert torch.allclose(ours, out, atol=1e-4), float((ours - out).abs().max())
+    assert torch.allclose(decoded, images, atol=1e-4), float((decoded - images).abs().max())
+
+
+def test_world_conditions_and_null_conditions_are_the_pipelines(fam_worlds):
+    z, k = fam_worlds["zimage_turbo"], fam_worlds["flux2_klein"]
+    c = z.encode(["a red cube"])
+    assert set(c) == {"prompt_embeds", "prompt_len", "prompt_id"} and c["prompt_embeds"].shape[1] == 64
+    ref, _ = z._encoder_pipe.encode_prompt([""], device="cpu", do_classifier_free_guidance=False, max_sequence_length=64)
+    null = z.null_condition(2)  # ZImagePipeline's negative: the encoded "" (chat template included), not zeros
+    assert null["prompt_len"].tolist() == [len(ref[0])] * 2 and torch.equal(zimage.pipeline_embeds(null)[1], ref[0])
+    f = k.encode(["a red cube", "a blue sphere"])
+    assert set(f) == {"prompt_embeds", "prompt_id"} and f["prompt_embeds"].shape == (2, 64, 48)
+    ref, _ = k._encoder_pipe.encode_prompt([""], device="cpu", max_sequence_length=64)
+    assert torch.equal(k.null_condition(1)["prompt_embeds"], ref)
+
+
+def test_world_encodes_images_as_the_klein_pipeline_does(fam_worlds):
+    """Data images become the state as Flux2KleinPipeline encodes its reference images (_encode_vae_image: the
+    posterior mode, patchified, batch-norm normalised)."""
+    w = fam_worlds["flux2_klein"]
+    images = torch.rand(2, 3, w.resolution, w.resolution) * 2 - 1
+    with torch.no_grad():
+        ref = w._encoder_pipe._encode_vae_image(images, generator=None)
+    assert torch.allclose(w.encode_images(images), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", WORLD_KINDS)
+def test_world_saved_lora_loads_with_load_lora_weights_and_reproduces_the_denoiser(kind, fam_worlds, fam_specs,
+                                                                                  tmp_path):
+    """world.save_adapter writes transformer_lora_layers that ZImagePipeline / Flux2KleinPipeline
+    .load_lora_weights(dir) load onto every LoRA'd layer: the pipeline's transformer then predicts what the trained
+    denoiser does, and differs from the base."""
+    w = fam_worlds[kind]
+    den = w.denoiser("student", lora_rank=2)
+    with torch.no_grad():
+        for p in den.trainable_parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    w.save_adapter(den, tmp_path / "adapter")
+    pipe = _role_pipe(kind, fam_specs[kind], "student")
+    x, c = torch.randn(2, *w.shape), w.encode(["a red cube", "a blue sphere"])
+    c = {k: v for k, v in c.items() if k != "prompt_id"}
+    fam, t = FAMILY[kind], torch.full((2,), 749)
+    with torch.no_grad():
+        base = fam.forward(pipe.transformer, x, t, c, w.schedule)
+        pipe.load_lora_weights(tmp_path / "adapter")
+        tuned = fam.forward(pipe.transformer, x, t, c, w.schedule)
+        ours = den(x, 749, c)
+    n_lora = sum(1 for m in pipe.transformer.modules() if hasattr(m, "lora_A") and len(m.lora_A))
+    assert n_lora == sum(1 for m in den.unet.modules() if hasattr(m, "lora_A") and len(m.lora_A)) > 0
+    assert (tuned - base).abs().max() > 1e-3
+    assert torch.allclose(tuned, ours, atol=1e-5), float((tuned - ours).abs().max())
+
+
+@pytest.mark.parametrize("kind", WORLD_KINDS)
+def test_evaluate_samples_the_family_pipelines_and_scores_a_lora(kind, fam_worlds, fam_specs, tmp_path):
+    from full import evaluate
+
+    w = fam_worlds[kind]
+    den = w.denoiser("student", lora_rank=2)
+    with torch.no_grad():
+        for p in den.trainable_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    w.save_adapter(den, tmp_path / "run" / "adapter")
+    results = evaluate.evaluate(str(fam_specs[kind]), [str(tmp_path / "run" / "adapter")], None, 2, 0, "student",
+                                0.0, None, str(tmp_path / "eval"))
+    assert set(results) == {"base", "run/adapter"} and results["base"] != results["run/adapter"]
+    x = evaluate.sample_latents(w, w.pipeline("teacher"), ["a yellow star"], 0, w.role_sampler("teacher")[1][:3],
+                                "flow_sde", TEACHER_CFG[kind])  # the base teacher with CFG through its pipeline
+    assert x.shape == (1, *w.shape) and torch.isfinite(x).all()
+
+
+# --- every method and variant: runs, NFEs, resume --------------------------------------------------------------------
+SMALL = {"pso": ["--batch", "2", "--eval-samples", "2", "--eval-every", "100", "--reference-images", "2",
+                 "--concept-images", "2", "--no-naive-baseline", "--lora-rank", "2"],
+         "sharpening": ["--batch", "2", "--eval-samples", "2", "--final-samples", "2", "--eval-every", "100", "--n", "2",
+                        "--m", "2", "--lora-rank", "2", "--eval-cfg", "2"],
+         "diff_instruct_pp": ["--batch", "2", "--eval-samples", "2", "--lora-rank", "2", "--ta-lora-rank", "2",
+                              "--cfg-scale", "4.5"]}
+VARIANTS = [("pso", "pso"), ("pso", "offline"), ("pso", "online"), ("pso", "customize"), ("pso", "naive"),
+            ("sharpening", "sft"), ("sharpening", "rlhf"), ("diff_instruct_pp", "dipp")]
+# the fast suite: one variant per family (online PSO on the distilled student; Sharpening RLHF on the base teacher)
+FAST = {("pso", "online", "zimage_turbo"), ("sharpening", "rlhf", "flux2_klein")}
+RUN_CASES = [pytest.param(m, v, k, marks=[] if (m, v, k) in FAST else [pytest.mark.slow], id=f"{m}-{v}-{k}")
+             for m, v in VARIANTS for k in WORLD_KINDS]
+
+
+def _run(method, variant, spec, out, steps, *extra):
+    import importlib
+
+    argv = ["--model", str(spec), "--variant", variant, *SMALL[method], "--steps", str(steps), "--save-every", "1",
+            "--lr", "1e-2", "--out", str(out), *extra]
+    return importlib.import_module(method).main(argv)
+
+
+@pytest.mark.parametrize("method, variant, kind", RUN_CASES)
+def test_every_method_and_variant_counts_its_nfes_and_resumes_bit_identically(method, variant, kind, fam_specs,
+                                                                             tmp_path):
+    import csv
+
+    from safetensors.torch import load_file
+
+    straight = _run(method, variant, fam_specs[kind], tmp_path / "a", 3)
+    rows = list(csv.DictReader(open(tmp_path / "a" / "log.csv")))
+    assert len(rows) == 3 and all(float(r["nfe"]) == straight["nfe_per_update"] for r in rows), rows
+    assert straight["nfe_per_update"] > 0 and all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
+    a = load_file(str(tmp_path / "a" / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert any(float(v.abs().sum()) > 0 for k, v in a.items() if "lora_B" in k)  # it trained
+    _run(method, variant, fam_specs[kind], tmp_path / "b", 2)  # interrupted after update 2 ...
+    _run(method, variant, fam_specs[kind], tmp_path / "b", 3, "--resume")  # ... and resumed to 3
+    b = load_file(str(tmp_path / "b" / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in csv.DictReader(open(tmp_path / "b" / "log.csv"))] == [r["loss"] for r in rows]
