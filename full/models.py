@@ -218,7 +218,8 @@ def check_flow_scheduler(config: dict, where: str) -> None:
         raise ModelError(f"{where}: shift_terminal={config['shift_terminal']} (sigmas stretched to end above 0) is not "
                          "supported; set \"scheduler_config\": {\"shift_terminal\": null}")
     if config.get("time_shift_type", "exponential") not in ("exponential", "linear"):
-        raise ModelError(f"{where}: time_shift_type {config['time_shift_type']!r} is neither 'exponential' nor 'linear'")
+        raise ModelError(f"{where}: time_shift_type {config['time_shift_type']!r} is neither 'exponential' nor "
+                         "'linear'")
     shift = config.get("shift", 1.0)
     if not config.get("use_dynamic_shifting") and not (
             isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
@@ -495,11 +496,7 @@ def load_parts(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> PipelineP
     else:
         vae = _from_pretrained(vae_cls, spec.base, "the VAE", subfolder="vae", variant=spec.variant,
                                torch_dtype=vae_dtype, **kw)
-    encoders, tokenizers = [], []
-    for enc, tok in fam.text:
-        encoders.append(_from_pretrained(_component_class(index, enc, spec.base), spec.base, enc, subfolder=enc,
-                                         variant=spec.variant, torch_dtype=dtype, **kw))
-        tokenizers.append(_from_pretrained(_component_class(index, tok, spec.base), spec.base, tok, subfolder=tok, **kw))
+    encoders, tokenizers = load_text_parts(spec, index, kind, dtype)
     sched_name = index["scheduler"][1]
     if not hasattr(diffusers, sched_name or ""):
         raise ModelError(f"model_index.json of {spec.base!r}: scheduler class {sched_name!r} is not a diffusers class")
@@ -507,6 +504,19 @@ def load_parts(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> PipelineP
     scheduler = _from_pretrained(sched_cls, spec.base, "the scheduler", subfolder="scheduler", **kw)
     return PipelineParts(kind, getattr(diffusers, cls_name), index, vae, encoders, tokenizers, scheduler,
                          bool(index.get("force_zeros_for_empty_prompt", fam.force_zeros_for_empty_prompt)))
+
+
+def load_text_parts(spec: ModelSpec, index: dict, kind: str, dtype: torch.dtype) -> tuple[list, list]:
+    """The text encoders (in `dtype`) and tokenizers of `spec.base`, in the pipeline's order (None where absent):
+    at start-up, and again when precompute_embeddings freed them and a data source's captions must be encoded."""
+    kw = dict(revision=spec.revision, random_weights=spec.random_weights)
+    encoders, tokenizers = [], []
+    for enc, tok in family(kind).text:
+        encoders.append(_from_pretrained(_component_class(index, enc, spec.base), spec.base, enc, subfolder=enc,
+                                         variant=spec.variant, torch_dtype=dtype, **kw))
+        tokenizers.append(_from_pretrained(_component_class(index, tok, spec.base), spec.base, tok, subfolder=tok,
+                                           **kw))
+    return encoders, tokenizers
 
 
 def role_scheduler(spec: ModelSpec, role: RoleSpec, base_scheduler):

@@ -75,7 +75,10 @@ class ModelSpec:
     eval_prompts: Any = None  # evaluation prompts; default: the training prompts
     data: dict = field(default_factory=dict)  # split -> image-caption source (world.data)
     pairs: Any = None  # preference-pair source (world.preference_pairs)
-    precompute_embeddings: bool = False  # encode every prompt at start-up, then free the text encoders
+    precompute_embeddings: bool = False  # encode the prompts at start-up (a data source's captions when the run
+    # opens it), then free the text encoders
+    embedding_cache: str | None = None  # folder of the on-disk prompt-embedding cache (default: $FEWSTEP_EMBEDDING_CACHE
+    # or ~/.cache/fewstep-finetune/embeddings)
     negative_prompt: str = ""  # the null condition for CFG (SDXL: zeros when "" and force_zeros_for_empty_prompt)
     seed: int = 0  # seed of the LoRA initialisation (the same on every rank and every run)
     decode_batch: int = 4  # the most rows per sampling / evaluation / VAE-decode / reward call (world.decode_batch)
@@ -143,9 +146,9 @@ def from_dict(d: dict, root: Path | None = None, where: str = "model spec") -> M
                                               or roles[role].timesteps):
             raise ValueError(f"{where}: role {role}: \"steps\" must be an integer >= 1 and not given with "
                              f"\"timesteps\", found steps={roles[role].steps!r}, timesteps={roles[role].timesteps!r}")
-    for k in ("base", "vae", "prompts", "eval_prompts"):
+    for k in ("base", "vae", "prompts", "eval_prompts", "embedding_cache"):
         if isinstance(d.get(k), str):
-            d[k] = resolve(d[k], root, path=k in ("prompts", "eval_prompts"))
+            d[k] = resolve(d[k], root, path=k in ("prompts", "eval_prompts", "embedding_cache"))
     for k in ("reward", "quality"):
         d[k] = _resolve_reward(d.get(k, "clip"), root)
     d["eval_rewards"] = [_resolve_reward(r, root) for r in d.get("eval_rewards", [])]

@@ -14,10 +14,13 @@
   bitsandbytes' AdamW8bit with the same hyperparameters. Its mixed precision is the spec's dtype, or accelerate's
   configuration when the spec names none (`accelerate launch --mixed_precision bf16`).
 * `FullWorld`: the schedule (common.Schedule, or common.FlowSchedule from a flow model's
-  FlowMatchEulerDiscreteScheduler config), prompts -> cached embeddings through the pipeline's own encode_prompt
-  (condition dicts with a `prompt_id` row so a reward can find the text),
+  FlowMatchEulerDiscreteScheduler), every role's sampler and grid (its own pipeline's: models.role_grid; a flow
+  grid's sigmas placed exactly on integer times once, at start-up), prompts -> embeddings through the pipeline's
+  own encode_prompt, cached on disk behind a bounded RAM cache (data.EmbeddingCache; condition dicts with a
+  `prompt_id` row so a reward can find the text),
   VAE encode / decode (outside the caller's autocast, in the VAE's dtype), rewards on decoded images in chunks of
-  `decode_batch`, image-caption data, preference pairs and concept images as latents (a bounded latent cache),
+  `decode_batch`, image-caption data, preference pairs and concept images as latents (a bounded latent cache; each
+  source opened when the run first reads it),
   metrics, figures, LoRA export in the diffusers format (`pipe.load_lora_weights(dir)` loads it), and the paper's
   defaults for a run on a checkpoint (`method_defaults`). What differs between pipeline classes is the family
   adapter's (`world.family`, full/families); nothing here branches on the family.
@@ -28,6 +31,7 @@ import collections
 import contextlib
 import functools
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -57,7 +61,8 @@ def _to(module, device, dtype):
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate's names
 LATENT_CACHE = 4096  # data latents kept (1 GiB at 1024^2); the rest are re-encoded when drawn again
-PRECOMPUTE_LIMIT = 20000  # prompt embeddings precompute_embeddings may hold (SDXL: 77 x 2048 each)
+PRECOMPUTE_LIMIT = 20000  # prompt embeddings precompute_embeddings may encode before training (per source opened)
+EMBED_RAM_BYTES = 1 << 30  # prompt embeddings kept in RAM (the rest on disk): 256 T5-XXL ones at 512 tokens
 
 
 def vae_dtype(dtype: torch.dtype, vae_config, fixed_vae: bool) -> torch.dtype:
@@ -272,32 +277,75 @@ class FullWorld:
         self.eval_prompts = data_lib.load_prompts(spec.eval_prompts) if spec.eval_prompts else self.prompts
         self._texts: list[str] = []
         self._ids: dict[str, int] = {}
-        self._embeds: dict[int, tuple[torch.Tensor, ...]] = {}
+        # prompt embeddings: on disk (keyed by model + prompt) behind a bounded RAM cache (data.EmbeddingCache)
+        self.embeddings = data_lib.EmbeddingCache(self._embedding_folder(), self._embedding_key(), EMBED_RAM_BYTES)
         # VAE latents of data images, bounded: a data set of any size costs at most LATENT_CACHE latents
         self._latents: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
         self.denoisers: list[FullDenoiser] = []
         self._encoder_pipe = self._make_encoder_pipe()
         if spec.precompute_embeddings:
-            # + the negative prompt: the null condition of CFG is its encoding (SD1.5, SD3, FLUX's true CFG)
-            texts = self.prompts + self.eval_prompts + self._data_texts() + [self.spec.negative_prompt]
-            texts = list(dict.fromkeys(texts))
-            self._encode_ids([self._id(t) for t in texts])
+            # the text every run reads (+ the negative prompt: the null condition of CFG is its encoding in SD1.5, SD3,
+            # FLUX's true CFG); a data source's captions when the run opens it (_precompute in _dataset / _pairs)
+            self._precompute([self.spec.negative_prompt] + self.prompts + self.eval_prompts, "the prompts")
             self.free_text_encoders()
 
-    def _data_texts(self) -> list[str]:
-        """Every caption of the spec's data sets and pairs (what precompute_embeddings must encode), bounded."""
-        texts = []
-        for split, source in self.spec.data.items():
-            texts += self._dataset(split).captions()
-            texts += [source[k] for k in ("prompt", "class_prompt") if k in source]
-        if self.spec.pairs:
-            texts += self._pairs().captions()
-        unique = len(dict.fromkeys(texts))
-        if unique > PRECOMPUTE_LIMIT:
-            raise ValueError(f"precompute_embeddings would keep {unique} prompt embeddings of the data sets / pairs in "
-                             f"memory (more than {PRECOMPUTE_LIMIT}): set \"precompute_embeddings\": false in the "
-                             f"model spec of {self.name} (prompts are then encoded as they are drawn)")
-        return texts
+    def _precompute(self, texts: list[str], what: str) -> None:
+        """precompute_embeddings: encode the texts not in the embedding cache yet (with the text encoders loaded again
+        if they were freed), at most PRECOMPUTE_LIMIT of them: every one is a network pass before training and a file
+        on disk (T5-XXL at 512 tokens: 4 MiB)."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self.embeddings]
+        if len(missing) > PRECOMPUTE_LIMIT:
+            raise ValueError(f"precompute_embeddings would encode {len(missing):,} prompt embeddings of {what} before "
+                             f"training (more than {PRECOMPUTE_LIMIT:,}; {len(dict.fromkeys(texts)) - len(missing):,} "
+                             f"are in the cache {self.embeddings.dir} already): take a subset of the source "
+                             f"(\"split\": \"train[:10000]\", or \"streaming\": true with \"rows\"), or set "
+                             f"\"precompute_embeddings\": false in the model spec of {self.name} (the text encoders "
+                             "then stay loaded and prompts are encoded as they are drawn)")
+        if missing:
+            with self._text_encoders(what, len(missing)):
+                self._encode_texts(missing)
+
+    @contextlib.contextmanager
+    def _text_encoders(self, what: str, n: int):
+        """The text encoders for a batch of encoding: the loaded ones, or (after precompute_embeddings freed them)
+        loaded again for it and freed after, so a data source opened during the run gets its captions encoded."""
+        if self._encoder_pipe is not None:
+            yield
+            return
+        self._say(f"precompute_embeddings: loading the text encoders of {self.spec.base} again to encode {n:,} "
+                  f"captions of {what} (kept in {self.embeddings.dir}: a later run reads them from there)")
+        encoders, tokenizers = models.load_text_parts(self.spec, self.parts.index, self.kind, self.dtype)
+        for enc in encoders:
+            if enc is not None:
+                _to(enc, self.device, self.dtype).requires_grad_(False).eval()
+        self.parts.text_encoders, self.parts.tokenizers = encoders, tokenizers
+        self._encoder_pipe = self._make_encoder_pipe()
+        try:
+            yield
+        finally:
+            self.free_text_encoders()
+
+    def _say(self, line: str) -> None:
+        if self.accelerator.is_main_process:
+            data_lib.say(line)
+
+    def _embedding_folder(self) -> Path:
+        return Path(self.spec.embedding_cache or os.environ.get("FEWSTEP_EMBEDDING_CACHE")
+                    or Path.home() / ".cache" / "fewstep-finetune" / "embeddings")
+
+    def _embedding_key(self) -> dict:
+        """What a prompt's embedding depends on: the text encoders (the base, its revision / variant, or a local
+        folder with the modification times of its text-encoder files), their dtype and device type, the prompt
+        length, random weights."""
+        base = Path(self.spec.base).expanduser()
+        key = {"base": self.spec.base, "revision": self.spec.revision, "variant": self.spec.variant,
+               "kind": self.kind, "dtype": str(self.dtype), "device": self.device.type,
+               "max_sequence_length": self.max_sequence_length, "random_weights": self.spec.random_weights}
+        if base.is_dir():
+            key["base"] = str(base.resolve())
+            parts = [base / p for pair in self.family.text for p in pair if (base / p).is_dir()]
+            key["files"] = {str(f.relative_to(base)): f.stat().st_mtime_ns for d in parts for f in sorted(d.iterdir())}
+        return key
 
     def method_defaults(self, method: str, variant: str) -> dict:
         """The paper's settings of `method` / `variant` for config fields the user did not set (the harness applies
@@ -392,44 +440,41 @@ class FullWorld:
         return [self.spec.negative_prompt if i < 0 else self._texts[i] for i in cond["prompt_id"].tolist()]
 
     @torch.no_grad()
-    def _encode_ids(self, ids: list[int], batch: int = 1) -> None:
-        """Encode the prompts not cached yet, `batch` at a time. One at a time by default: a BLAS matmul's result
-        for a row can depend on the batch it is in (SD3's CLIP text projection differs in the last bits), and a
-        prompt's embedding must not depend on which prompts were drawn with it, or a resumed run would not repeat
-        the uninterrupted one bit for bit."""
-        todo = [i for i in dict.fromkeys(ids) if i not in self._embeds]
+    def _encode_texts(self, texts: list[str]) -> None:
+        """Encode the prompts not in the embedding cache yet, one at a time: a BLAS matmul's result for a row can
+        depend on the batch it is in (SD3's CLIP text projection differs in the last bits), and a prompt's embedding
+        must not depend on which prompts were drawn with it, or a resumed run would not repeat the uninterrupted one
+        bit for bit."""
+        todo = [t for t in dict.fromkeys(texts) if t not in self.embeddings]
         if todo and self._encoder_pipe is None:
-            raise RuntimeError(f"prompt {self._texts[todo[0]]!r} was not precomputed and the text encoders were "
-                               "freed (precompute_embeddings): add it to the spec's prompts")
-        for k in range(0, len(todo), batch):
-            chunk = todo[k:k + batch]
-            out = self.family.encode(self._encoder_pipe, [self._texts[i] for i in chunk], self.device,
-                                     self.max_sequence_length)
-            for j, i in enumerate(chunk):
-                self._embeds[i] = {name: v[j].cpu() for name, v in out.items()}
+            raise RuntimeError(f"prompt {todo[0]!r} was not precomputed and the text encoders were freed "
+                               "(precompute_embeddings): add it to the spec's prompts")
+        keys = self.family.prompt_keys
+        for text in todo:
+            out = self.family.encode(self._encoder_pipe, [text], self.device, self.max_sequence_length)
+            self.embeddings.put(text, tuple(out[k][0] for k in keys))
+
+    def _rows(self, texts: list[str]) -> list[tuple[torch.Tensor, ...]]:
+        """The embedding rows of `texts` (encoded first where the cache has none): the family's prompt_keys tensors."""
+        self._encode_texts(texts)
+        return [self.embeddings.get(t) for t in texts]
 
     @functools.cached_property
-    def _null_embeds(self) -> dict[str, torch.Tensor]:
+    def _null_embeds(self) -> tuple[torch.Tensor, ...]:
         """The unconditional embedding for CFG, as the pipelines make it (SDXL: zeros for an empty negative; the
         others: the encoded negative prompt, "" by default)."""
         if self.family.null_is_zeros(self.parts, self.spec):
-            return {k: torch.zeros_like(v) for k, v in self._embed_rows([self._id(self.prompts[0])]).items()}
-        return self._embed_rows([self._id(self.spec.negative_prompt)])
-
-    def _embed_rows(self, ids: list[int]):
-        self._encode_ids(ids)
-        return self._embeds[ids[0]]
+            return tuple(torch.zeros_like(e) for e in self._rows([self.prompts[0]])[0])
+        return self._rows([self.spec.negative_prompt])[0]
 
     def encode(self, texts: list[str]) -> dict:
         """Prompts -> condition dict on the world's device: the family's prompt tensors (prompt_embeds and SDXL's
         text_embeds, SD3 / FLUX's pooled_projections, Z-Image's prompt_len), what the pipeline makes from settings
         (SDXL's time_ids, FLUX.1-dev's guidance) and a prompt_id row."""
-        ids = [self._id(t) for t in texts]
-        self._encode_ids(ids)
-        return self._cond([self._embeds[i] for i in ids], ids)
+        return self._cond(self._rows(texts), [self._id(t) for t in texts])
 
     def _cond(self, rows, ids) -> dict:
-        cond = {k: torch.stack([r[k] for r in rows]).to(self.device) for k in rows[0]}
+        cond = {k: torch.stack([r[j] for r in rows]).to(self.device) for j, k in enumerate(self.family.prompt_keys)}
         cond.update(self.family.extra_condition(cond, self))
         cond["prompt_id"] = torch.tensor(ids, dtype=torch.long, device=self.device)
         return cond
@@ -476,19 +521,31 @@ class FullWorld:
         return z
 
     # ----------------------------------------------------------------------------------------- data
+    # A data source is opened (and validated) when the run first reads it, so a run never touches a source it does
+    # not use (online PSO never opens the pairs); with precompute_embeddings its captions are encoded then.
     @functools.lru_cache(maxsize=None)
     def _dataset(self, split: str) -> data_lib.ImageCaptions:
         if split not in self.spec.data:
             raise ValueError(f"this run needs data split {split!r}, which the model spec of {self.name} does not "
                              f"define: add \"data\": {{\"{split}\": {{\"folder\": ...}}}} (it has "
                              f"{sorted(self.spec.data) or 'none'})")
-        return data_lib.ImageCaptions(self.spec.data[split])
+        source = self.spec.data[split]
+        ds = data_lib.ImageCaptions(source)
+        self._say(f"data.{split}: {ds.where}: {len(ds):,} images")
+        if self.spec.precompute_embeddings:
+            self._precompute(ds.captions() + [source[k] for k in ("prompt", "class_prompt") if k in source],
+                             f"data.{split} ({ds.where})")
+        return ds
 
-    def data(self, n: int, generator: torch.Generator, split: str = "base") -> tuple[torch.Tensor, dict]:
+    def _data_latents(self, n: int, generator: torch.Generator, split: str) -> tuple[torch.Tensor, list[int]]:
         ds = self._dataset(split)
         idx = torch.randint(0, len(ds), (n,), generator=generator).tolist()
         x0 = torch.stack([self._latent((split, i), lambda i=i: ds.image(i, self.resolution)) for i in idx])
-        return x0.to(self.device), self.encode([ds.caption(i) for i in idx])
+        return x0.to(self.device), idx
+
+    def data(self, n: int, generator: torch.Generator, split: str = "base") -> tuple[torch.Tensor, dict]:
+        x0, idx = self._data_latents(n, generator, split)
+        return x0, self.encode([self._dataset(split).caption(i) for i in idx])
 
     @functools.lru_cache(maxsize=None)
     def _pairs(self, path: str | None = None) -> data_lib.PreferencePairs:
@@ -496,7 +553,10 @@ class FullWorld:
         if not source:
             raise ValueError(f"no preference pairs: the model spec of {self.name} has no \"pairs\" source "
                              "(a folder with pairs.jsonl, or {\"dataset\": \"yuvalkirstain/pickapic_v2\"})")
-        return data_lib.PreferencePairs(source)
+        pairs = data_lib.PreferencePairs(source, log=self._say)
+        if self.spec.precompute_embeddings:
+            self._precompute(pairs.captions(), f"the preference pairs ({pairs.where})")
+        return pairs
 
     def preference_pairs(self, n: int, generator: torch.Generator, path=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """World.preference_pairs: n (preferred, rejected, caption) rows of Pick-a-Pic-style pairs as latents."""
@@ -561,7 +621,7 @@ class FullWorld:
             return math.nan
         from toy.metrics import sliced_wasserstein
 
-        ref, _ = self.data(len(x0), torch.Generator().manual_seed(1234), split)
+        ref, _ = self._data_latents(len(x0), torch.Generator().manual_seed(1234), split)  # latents only
         pool = lambda x: F.adaptive_avg_pool2d(x.float().cpu(), min(8, x.shape[-1])).flatten(1)  # noqa: E731
         return sliced_wasserstein(pool(x0), pool(ref))
 
@@ -646,7 +706,7 @@ class FullWorld:
 
     def role_sampler(self, role: str, sampler: str | None = None, steps: int | None = None) -> tuple[str, list[int]]:
         """(sampler, timesteps) of a role from its spec and scheduler, without loading its UNet: its pipeline's
-        grid (`_role_grid`), or that pipeline's grid at `steps` steps."""
+        grid (`models.role_grid`), or that pipeline's grid at `steps` steps."""
         if role not in ROLES:
             raise ValueError(f"unknown model role {role!r}; choose one of {list(ROLES)}")
         key = (role, sampler, steps)

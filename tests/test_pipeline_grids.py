@@ -71,7 +71,8 @@ def _stand_in_flow_pipeline(kind, scheduler, net_config):
 
 def _pipeline_sigmas(kind, scheduler, net_config, steps, resolution):
     pipe, seen = _stand_in_flow_pipeline(kind, type(scheduler).from_config(scheduler.config), net_config)
-    embeds = {"prompt_embeds": torch.zeros(1, 8, 32), "pooled_prompt_embeds": torch.zeros(1, 64 if kind == "sd3" else 32)}
+    embeds = {"prompt_embeds": torch.zeros(1, 8, 32),
+              "pooled_prompt_embeds": torch.zeros(1, 64 if kind == "sd3" else 32)}
     extra = {"guidance_scale": 1.0} if kind == "sd3" else {}
     with torch.no_grad():
         pipe(**embeds, num_inference_steps=steps, height=resolution, width=resolution, output_type="latent", **extra)
@@ -108,8 +109,7 @@ def test_every_shipped_roles_grid_is_its_pipelines(path, role):
     if role == "student" and rspec.steps is None:  # the model card's step count (or its explicit timesteps)
         assert steps == len(card) if card else steps == facts["num_inference_steps"]
     sampler = models.role_kernel(role, sched, rspec.sampler, flow=kind in models.FLOW_PIPELINES, steps=steps)
-    grid = models.role_grid(spec, role, kind, sched, sampler, models.image_tokens(kind, resolution // 8, net),
-                            schedule)
+    grid = models.role_grid(spec, role, kind, sched, sampler, models.image_tokens(kind, resolution // 8, net), schedule)
     assert len(grid) == steps
     if schedule is not None:
         called = _pipeline_sigmas(kind, sched, net, steps, resolution)

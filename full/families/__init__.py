@@ -29,6 +29,7 @@ class Family:
     pipeline = ""  # the diffusers pipeline class name (model_index.json's _class_name)
     net = "transformer"  # the denoiser's subfolder and its name in the pipeline
     text = (("text_encoder", "tokenizer"),)  # (text encoder, tokenizer) component names, in the pipeline's order
+    prompt_keys = ("prompt_embeds",)  # the condition entries `encode` makes per prompt, in a fixed order
     flow = True  # a flow-matching (velocity) model: common.FlowSchedule and the flow kernels
     vae_class = "AutoencoderKL"
     latent_patch = 1  # the state's side must be a multiple of this (the packing / patches); 1: the net's patch_size

@@ -40,6 +40,7 @@ def forward(net, x: torch.Tensor, t: torch.Tensor, cond: dict, schedule) -> torc
 
 class FluxFamily(Family):
     name, pipeline = "flux", "FluxPipeline"
+    prompt_keys = ("prompt_embeds", "pooled_projections")
     text = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
     latent_patch = 2  # _pack_latents: 2x2 latent patches per token
     max_sequence_length = 512

@@ -29,6 +29,7 @@ def forward(net, x: torch.Tensor, t: torch.Tensor, cond: dict, schedule) -> torc
 
 class SD3Family(Family):
     name, pipeline = "sd3", "StableDiffusion3Pipeline"
+    prompt_keys = ("prompt_embeds", "pooled_projections")
     text = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3"))
     max_sequence_length = 256
     pipeline_module = "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3"

@@ -60,6 +60,7 @@ class SD15Family(UNetFamily):
 
 class SDXLFamily(UNetFamily):
     name, pipeline = "sdxl", "StableDiffusionXLPipeline"
+    prompt_keys = ("prompt_embeds", "text_embeds")
     force_zeros_for_empty_prompt = True
     pipeline_module = "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl"
     text = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))

@@ -107,6 +107,7 @@ def shift(scheduler_config, image_seq_len: int) -> float:
 
 class ZImageFamily(Family):
     name, pipeline = "zimage", PIPELINE
+    prompt_keys = ("prompt_embeds", "prompt_len")
     latent_patch = 2  # the transformer's 2x2 patches
     max_sequence_length = MAX_SEQUENCE_LENGTH
     pipeline_module = "diffusers.pipelines.z_image.pipeline_z_image"
