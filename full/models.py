@@ -401,16 +401,16 @@ def role_grid(spec: ModelSpec, role: str, kind: str, scheduler, sampler: str, im
     return pipeline_grid(kind, kernel_scheduler(sampler, scheduler), n, card)
 
 
-def image_tokens(kind: str, side: int, net_config: dict) -> int:
-    """The image sequence length a flow pipeline's dynamic shift is computed from, for a state of this side: side /
-    patch, squared (FLUX packs 2x2 latent patches; SD3 patchifies by its transformer's patch_size; the family's
-    `patch`); 0 for a UNet."""
+def image_tokens(kind: str, latent_side: int, net_config: dict) -> int:
+    """The image sequence length a flow pipeline's dynamic shift is computed from, for a VAE latent side: the
+    state's side (the family's `state_side`: FLUX.2 patchifies 2x2 first) / patch, squared (FLUX packs 2x2 latent
+    patches; SD3 patchifies by its transformer's patch_size; the family's `patch`); 0 for a UNet."""
     if kind not in FLOW_PIPELINES:
         return 0
     fam = family(kind)
-    patch = fam.patch(net_config)
+    side, patch = fam.state_side(latent_side), fam.patch(net_config)
     if side % patch:
-        raise ValueError(f"the latent side {side} is not a multiple of the {kind} patch size {patch}")
+        raise ValueError(f"the latent side {latent_side} is not a multiple of the {kind} patch size {patch}")
     return fam.image_tokens(side, net_config)
 
 

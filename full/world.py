@@ -254,7 +254,7 @@ class FullWorld:
             raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE factor {self.vae_factor}")
         try:  # the state's side (the VAE latents', or FLUX.2's 2x2-patchified half) and its image tokens
             side = self.family.state_side(self.resolution // self.vae_factor)
-            self.image_seq_len = models.image_tokens(self.kind, side, self.net_config)
+            self.image_seq_len = models.image_tokens(self.kind, self.resolution // self.vae_factor, self.net_config)
         except ValueError as e:
             raise ValueError(f"resolution {self.resolution}: {e}; use a multiple of the patch size x "
                              f"{self.vae_factor}") from e

@@ -132,7 +132,8 @@ class Flux2Family(Family):
 
     def state_side(self, latent_side):
         if latent_side % 2:
-            raise ValueError(f"the latent side {latent_side} is not a multiple of FLUX.2's 2x2 patches")
+            raise ValueError(f"the latent side {latent_side} is not a multiple of the flux2 patch size 2 (the "
+                             "VAE latents are patchified 2x2)")
         return latent_side // 2
 
     def encode(self, pipe, texts, device, max_sequence_length):
