@@ -220,6 +220,12 @@ def check_flow_scheduler(config: dict, where: str) -> None:
     if config.get("time_shift_type", "exponential") not in ("exponential", "linear"):
         raise ModelError(f"{where}: time_shift_type {config['time_shift_type']!r} is neither 'exponential' nor "
                          "'linear'")
+    if config.get("use_dynamic_shifting"):
+        lo, hi = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        if None in (lo, hi) or base == top:
+            raise ModelError(f"{where}: use_dynamic_shifting needs base_shift, max_shift and base_image_seq_len != "
+                             f"max_image_seq_len, found {lo}, {hi}, {base}, {top}")
     shift = config.get("shift", 1.0)
     if not config.get("use_dynamic_shifting") and not (
             isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):

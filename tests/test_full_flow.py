@@ -210,6 +210,9 @@ def test_flow_spec_errors_name_the_problem(specs, tmp_path):
         full.load_world(str(specs["sd3"]), roles={"student": {"sampler": "x0_renoise"}}).role_sampler("student")
     with pytest.raises(models.ModelError, match="needs FlowMatchEulerDiscreteScheduler"):
         full.load_world(str(specs["sd3"]), roles={"student": {"scheduler": "LCMScheduler"}})
+    with pytest.raises(models.ModelError, match="use_dynamic_shifting needs base_shift, max_shift"):
+        full.load_world(str(specs["sd3"]), roles={"student": {"scheduler_config": {"use_dynamic_shifting": True,
+                                                                                   "max_shift": None}}})
     with pytest.raises(models.ModelError, match="use_karras_sigmas"):
         full.load_world(str(specs["sd3"]), roles={"student": {"scheduler_config": {"use_karras_sigmas": True}}})
     with pytest.raises(ValueError, match="not a multiple of the flux patch size"):
