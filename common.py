@@ -424,10 +424,13 @@ class World(Protocol):
     decode_batch: int  # the most rows one sampling / evaluation / reward-decoding network call may take
 
     def denoiser(self, role: str, lora_rank: int = 16, train_full: bool = False, sampler: str | None = None,
-                 timesteps: list[int] | None = None) -> Denoiser:
+                 timesteps: list[int] | None = None, merged_adapter: dict[str, torch.Tensor] | None = None
+                 ) -> Denoiser:
         """`sampler` overrides the role's MDP kernel (e.g. "euler_ancestral" for the SDXL-Turbo MDP) and
         `timesteps` its grid; the method reads them back from `denoiser.sampler` / `.timesteps`. Methods call the
-        denoiser with an int t or a per-row [B] integer tensor t (several timesteps in one batched call)."""
+        denoiser with an int t or a per-row [B] integer tensor t (several timesteps in one batched call).
+        `merged_adapter`: a LoRA (the adapter_state() of a denoiser of this role's network) merged into the weights
+        before the trainable LoRA goes on: it is part of the frozen model (PSO's de-distill baseline)."""
     def conditions(self, n: int, generator: torch.Generator) -> Cond: ...
     def eval_conditions(self, n: int) -> Cond: ...
     def null_condition(self, n: int) -> Cond: ...

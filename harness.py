@@ -587,9 +587,10 @@ class Run:
 
     # ------------------------------------------------------------------------------------------- end
     def finish(self, metrics: dict, panels: dict | None = None, curves: Sequence[tuple[str, str]] = (),
-               adapter: Any = None) -> dict:
+               adapter: Any = None, names: dict[str, str] | None = None, quiet: bool = False) -> dict:
         """metrics.json, samples.png (world.plot_samples of `panels`), curves.png (`curves`: (log column, title)),
-        the adapter export (world.save_adapter), trackers closed, and the summary table printed."""
+        the adapter export (world.save_adapter), trackers closed, and the summary table printed (`names`: see
+        `summary`; `quiet`: not printed, e.g. for a baseline run whose rows the main run's table shows)."""
         if self.main:
             if panels:
                 self.world.plot_samples(panels, self.path / "samples.png")
@@ -602,7 +603,8 @@ class Run:
                 tracker.log({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
                             step=self.cfg.steps)
                 tracker.finish()
-            print(summary(metrics, self.path))
+            if not quiet:
+                print(summary(metrics, self.path, names))
         return metrics
 
     def print(self, message: str) -> None:
@@ -617,23 +619,28 @@ def _jsonable(v):
 SUMMARY_ORDER = ("base", "naive", "tuned")
 
 
-def summary(metrics: dict, path: Path | str | None = None) -> str:
+def summary(metrics: dict, path: Path | str | None = None, names: dict[str, str] | None = None) -> str:
     """The one summary table of every method: one row per evaluated model (base, tuned, and whatever else the run
-    scored, e.g. naive or the 1-step samples), reward / quality / distance, then NFEs, seconds, the files."""
+    scored, e.g. naive or the 1-step samples), reward / quality / distance, then NFEs, seconds, the files.
+    `names`: {model in the metric keys: row label}, also the row order (default: base, naive, tuned as they are)."""
     cols = ("reward", "quality", "distance")
-    names = []
+    order = list(names or SUMMARY_ORDER)
+    stem = lambda n: n.split("_")[0]  # noqa: E731  "tuned_1step" -> "tuned"
+    rows = []
     for k in metrics:
         for c in cols:
             if k.startswith(c + "_") and isinstance(metrics[k], (int, float)) and not isinstance(metrics[k], bool):
                 name = k[len(c) + 1:]
-                if name not in names and not name.endswith("_split") and "on_base" not in name:
-                    names.append(name)
-    names.sort(key=lambda n: (n.split("_")[0] not in SUMMARY_ORDER, "_" in n,
-                              SUMMARY_ORDER.index(n.split("_")[0]) if n.split("_")[0] in SUMMARY_ORDER else 0))
-    lines = [f"{'model':16s}" + "".join(f"{c:>11s}" for c in cols)]
-    for n in names:
+                if name not in rows and not name.endswith("_split") and "on_base" not in name:
+                    rows.append(name)
+    rows.sort(key=lambda n: (stem(n) not in order, "_" in n, order.index(stem(n)) if stem(n) in order else 0))
+    label = {n: (names or {}).get(stem(n), stem(n)) + n[len(stem(n)):] for n in rows}
+    width = max([16, *(len(v) + 2 for v in label.values())])
+    lines = [f"{'model':{width}s}" + "".join(f"{c:>11s}" for c in cols)]
+    for n in rows:
         cells = [metrics.get(f"{c}_{n}") for c in cols]
-        lines.append(f"{n:16s}" + "".join(f"{v:11.4f}" if isinstance(v, (int, float)) else f"{'-':>11s}" for v in cells))
+        lines.append(f"{label[n]:{width}s}" + "".join(f"{v:11.4f}" if isinstance(v, (int, float)) else f"{'-':>11s}"
+                                                      for v in cells))
     foot = []
     if "nfe_per_update" in metrics:
         foot.append(f"NFE per update {metrics['nfe_per_update']:g}")

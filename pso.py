@@ -20,8 +20,19 @@ Variants (`--variant`), each one update function under its equation number, call
              sampled once from the frozen model, the eps_pre terms dropped, plus lambda * prior preservation.
   naive      Fig. 1b baseline (`naive_update`): plain eps-MSE fine-tuning of the distilled model on the target data,
              t ~ U[0, T) as Ho et al. (`--naive-t uniform`) or at the training grid's times (`--naive-t grid`).
-`python pso.py` (`experiment`) trains, for the target-data variants, the naive baseline first into <out>/naive with
-the same budget, then the chosen variant, and reports both in one table, plus the world's further read-outs
+What practitioners do instead of PSO (docs/design.md section 11), with naive's loss, data, budget and evaluation:
+  base-transfer      (`base_transfer_update`): the LoRA is trained with the ordinary loss on the world's base model
+                     (the teacher role: FLUX.1-dev for FLUX.1-schnell, Z-Image for Z-Image-Turbo) and delivered on
+                     the distilled model: evaluation loads it into the student.
+  dedistill          (`dedistill_update`): a de-distill training adapter A (`--variant dedistill-adapter`, or a
+                     finished one from `--dedistill-adapter RUN`) is merged into the student, the user's LoRA B is
+                     trained over it with the ordinary loss; A is dropped: evaluation and the delivered adapter
+                     are the student with B only. A is saved in its own run folder with its own cost.
+  dedistill-adapter  (`dedistill_adapter_update`): A alone: the ordinary loss on samples the frozen student draws
+                     on its own grid.
+`python pso.py` (`experiment`) trains, for the target-data variants, the baselines first (naive by default;
+`--baselines all` adds base-transfer and dedistill) into <out>/<baseline> with the same budget, then the chosen
+variant, and reports them in one summary table and one samples figure, plus the world's further read-outs
 (`readouts`: toy2d's transfer and sharpness, the Fig. 1 contrast) at the model's grid and at one step.
 
 Equation <-> code:
@@ -35,6 +46,7 @@ Equation <-> code:
   Eq. 7, Alg. 2 l.3-5             online_update        winner = the higher reward, per condition
   App. B.3                        customize_update     + prior preservation
   Fig. 1b                         naive_update, naive_loss
+  the practitioners' baselines    base_transfer_update, dedistill_update, dedistill_adapter_update (naive_loss)
 
 Transitions n = N..2 are trained; the last one (t_1 -> 0) is deterministic and dropped (Sec. 2.1). "N" is the
 training grid: the model's own grid by default (N = 4: [999, 749, 499, 249]), or a denser `--train-steps` grid
@@ -52,6 +64,9 @@ stated. S = training grid length.
   customize  2(S-1) = 6:   policy on 2(S-1) states, no reference model (2 with --one-timestep); plus, once,
                            4 (the model's grid) per reference image, sampled from the frozen model (setup_nfe)
   naive      S      = 4:   policy on S noised copies of each target sample (t ~ U[0, T), or the S grid times)
+  base-transfer  S  = 4:   naive's, on the base (teacher) network instead of the student's
+  dedistill      S  = 4:   naive's, on the student with A merged; A's own cost is reported apart (adapter_*)
+  dedistill-adapter S + M = 8: naive's S on a sample the frozen student draws in its M = 4 grid steps (no grad)
 These are the minimum: nothing is evaluated twice. In particular the policy predictions on the model's own
 trajectories are not recomputed: the roll-out runs with grad on detached states, and the same predictions give
 mu_theta in Eq. 12 (the usual DDPO-style code samples without grad and calls the policy again: 5(S-1) for pso,
@@ -100,6 +115,14 @@ Where this differs from the paper / the official code (and why):
      toy2d gives `--variant pso` beta 7 on a 16-step training grid (`Toy2D.cli_defaults`; at the paper's beta 50
      and N = 4 the 2-D toy does not move, docs/pso.md "Fig. 1 on toy2d"). `--beta 0 --train-steps 0` restores the
      paper's values; a Config built in Python sets every field and gets no world defaults.
+ 12. The practitioners' baselines on the toys. The toy teacher is the base the student was made from, as FLUX.1-dev
+     for schnell, but the toy student was distilled differently: initialised from the teacher, every weight
+     regressed on the teacher's deterministic DDIM (flow: Euler) end points x_0 = ODE(x_{t_n}) at its 4 grid times
+     (toy/pretrain.py), with no adversarial or distribution-matching loss, so its weights stay closer to the
+     teacher's than an adversarially distilled model's may. The de-distill adapter's data: ostris' training
+     adapters for FLUX.1-schnell and Z-Image-Turbo were trained on a fixed set of thousands of images the
+     distilled model generated, at a low learning rate (1e-5); here each update draws fresh samples of the
+     frozen student (an unlimited set; their NFEs are counted per update) with `--adapter-lr` 10x below `--lr`.
 
 Run `python pso.py --help` for every option; `docs/pso.md` has usage, metrics and measured results.
 """
@@ -116,17 +139,23 @@ import torch.nn.functional as F
 import common
 import harness
 
-VARIANTS = ("pso", "offline", "online", "customize", "naive")
+VARIANTS = ("pso", "offline", "online", "customize", "naive", "base-transfer", "dedistill", "dedistill-adapter")
+BASELINES = ("naive", "base-transfer", "dedistill")  # what `experiment` can train first, with the variant's budget
+PLAIN_LOSS = ("naive", "base-transfer", "dedistill", "dedistill-adapter")  # the ordinary loss, no beta
 SAMPLERS = ("", "x0_renoise", "euler_ancestral")
-PAPER_BETA = {"pso": 50.0, "offline": 50.0, "online": 5.0, "customize": 5.0, "naive": 0.0}
-FREE = ("eval_every", "eval_samples", "naive_baseline")  # a resumed run may change these: they do not change updates
+PAPER_BETA = {"pso": 50.0, "offline": 50.0, "online": 5.0, "customize": 5.0, **{v: 0.0 for v in PLAIN_LOSS}}
+# a resumed run may change these: they do not change updates
+FREE = ("eval_every", "eval_samples", "naive_baseline", "baselines")
 
 
 @dataclasses.dataclass
 class Config(harness.RunConfig):
     model: str = harness.arg("toy2d", "toy world (toy2d | mnist) or a diffusers checkpoint for the full backend")
     variant: str = harness.arg("pso", "objective: pso (Eq. 5), offline (Eq. 6), online (Eq. 7), customize (App. B.3), "
-                              "naive (Fig. 1b baseline)", choices=list(VARIANTS))
+                              "naive (Fig. 1b baseline); the practitioners' baselines: base-transfer (LoRA trained on "
+                              "the base / teacher, used on the student), dedistill (LoRA trained over a merged "
+                              "de-distill adapter, used without it), dedistill-adapter (that adapter alone)",
+                              choices=list(VARIANTS))
     sampler: str = harness.arg("", "MDP of the distilled model, passed to the backend: x0_renoise (DMD2/LCM, Eq. 4) or "
                               "euler_ancestral (SDXL-Turbo, Eq. 14); empty = the backend's default",
                               choices=list(SAMPLERS))
@@ -173,6 +202,15 @@ class Config(harness.RunConfig):
                               choices=["uniform", "grid"])
     naive_baseline: bool = harness.arg(True, "for target-data variants (pso, offline --offline-pairs target): also "
                                       "fine-tune the naive baseline with the same budget, for the figure and metrics")
+    baselines: str = harness.arg("", "for target-data variants: further baselines trained first with the same budget "
+                                "and reported beside naive: a comma list of base-transfer, dedistill, or all (these "
+                                "two and naive; --no-naive-baseline still drops naive)")
+    dedistill_adapter: str = harness.arg("", "dedistill: a finished `--variant dedistill-adapter` run folder whose "
+                                        "adapter A to merge (trained once, reused); empty = train A first into "
+                                        "<out>/dedistill-adapter with --adapter-steps and --adapter-lr")
+    adapter_steps: int = harness.arg(300, "dedistill: updates of the de-distill adapter A when it is trained first")
+    adapter_lr: float = harness.arg(1e-4, "dedistill: learning rate of A when it is trained first (ostris' training "
+                                   "adapters: 1e-5, a tenth of the usual LoRA rate)")
     eval_samples: int = harness.arg(1000, "samples for the final evaluation (same seeds for every model)")
     eval_every: int = harness.arg(25, "updates between quick evaluations (256 samples) logged in log.csv")
 
@@ -420,7 +458,11 @@ def customize_update(s: Setup, gen):
 def naive_update(s: Setup, gen):
     """Fig. 1b: ||eps - eps_theta(x^target_t)||^2, no reference; S noised copies per sample, at t ~ U[0, T) as Ho et
     al. (--naive-t uniform) or at the S training-grid times (--naive-t grid)."""
-    x0, cond = target_batch(s, gen)
+    return ordinary_loss(s, *target_batch(s, gen), gen)
+
+
+def ordinary_loss(s: Setup, x0, cond, gen):
+    """The diffusion / flow-matching loss of s.net on the clean samples x0: S noised copies per sample (naive_loss)."""
     S = len(s.grid)
     eps = torch.randn((S, *x0.shape), generator=gen).to(s.device)
     if s.cfg.naive_t == "grid":
@@ -436,8 +478,41 @@ def naive_update(s: Setup, gen):
     return naive_loss(target.flatten(0, 1), eps_theta.flatten(0, 1), s.cfg.reduce), {}
 
 
+# Base transfer: train the LoRA on the undistilled base, use it on the distilled model. diffusers' Z-Image DreamBooth
+# LoRA recipe (examples/dreambooth/README_z_image.md, train_dreambooth_lora_z_image.py) trains on Tongyi-MAI/Z-Image,
+# the base of Z-Image-Turbo (unsloth issue #8270 asks its trainer to do the same for Z-Image-Turbo and FLUX.2-klein);
+# FLUX.1-dev LoRAs are loaded into FLUX.1-schnell the same way.
+def base_transfer_update(s: Setup, gen):
+    """naive's loss on the target data, with s.net the base (teacher role) network and its LoRA (`train` builds it
+    from TRAINED_ROLE); the adapter is then evaluated and delivered on the student (`deliver` in `train`)."""
+    return ordinary_loss(s, *target_batch(s, gen), gen)
+
+
+# De-distill training adapter: ostris' FLUX.1-schnell-training-adapter and zimage_turbo_training_adapter (model cards
+# on the Hugging Face hub, made for ostris/ai-toolkit): a LoRA trained on thousands of images the distilled model
+# generated (ai-toolkit issue #104), with the plain flow-matching loss (DiffSynth-Studio issue #1486), merged while
+# the user's LoRA trains and removed at inference (the Z-Image-Turbo card; SceneWorks PR #126 and diffusion-pipe
+# issue #462 add it to their trainers).
+def dedistill_adapter_update(s: Setup, gen):
+    """The adapter A: naive's loss on a batch the frozen student samples on its own grid (no gradient), for random
+    conditions. The student + A learns to denoise its own samples at every t, as a multi-step model would."""
+    cond = common.cond_to(s.world.conditions(s.cfg.batch, gen), s.device)
+    noise = torch.randn(s.cfg.batch, *s.world.shape, generator=gen).to(s.device)
+    with torch.no_grad(), s.net.frozen():
+        x0 = common.sample(s.net, s.kernel, noise, cond, s.net.timesteps, gen)
+    return ordinary_loss(s, x0, cond, gen)
+
+
+def dedistill_update(s: Setup, gen):
+    """The user's LoRA B: naive's loss on the target data, with s.net the student whose weights hold the merged
+    adapter A (`train` merges it); B alone is evaluated and delivered on the student (`deliver` in `train`)."""
+    return ordinary_loss(s, *target_batch(s, gen), gen)
+
+
 UPDATES = {"pso": pso_update, "offline": offline_update, "online": online_update, "customize": customize_update,
-           "naive": naive_update}
+           "naive": naive_update, "base-transfer": base_transfer_update, "dedistill": dedistill_update,
+           "dedistill-adapter": dedistill_adapter_update}
+TRAINED_ROLE = {"base-transfer": "teacher"}  # the base the practice trains on; every other variant tunes the student
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -466,11 +541,28 @@ def validate(cfg: Config) -> None:
                  "--variant offline or customize (the forward-diffused objectives)", f"--variant {cfg.variant}")
     harness.check(cfg.reference_scale == 1.0 or cfg.variant == "customize", "reference_scale",
                  "1 unless --variant customize", cfg.reference_scale)
+    harness.check_range(cfg, "adapter_steps", 1)
+    harness.check_range(cfg, "adapter_lr", 0, 1, lo_open=True)
+    harness.check(not cfg.train_full or cfg.variant not in PLAIN_LOSS[1:], "train_full",
+                 "a LoRA for base-transfer / dedistill / dedistill-adapter (the practices move an adapter between "
+                 "models)", f"--train-full --variant {cfg.variant}")
+    chosen = [b.strip() for b in cfg.baselines.split(",") if b.strip()]
+    bad = [b for b in chosen if b not in (*BASELINES, "all")]
+    harness.check(not bad, "baselines", f"a comma list of {', '.join(BASELINES)} or all", cfg.baselines)
+    if cfg.dedistill_adapter:
+        harness.check(cfg.variant == "dedistill" or "dedistill" in chosen or "all" in chosen, "dedistill_adapter",
+                     "a de-distill adapter for --variant dedistill (or --baselines with dedistill)",
+                     f"--variant {cfg.variant}")
+        folder = Path(cfg.dedistill_adapter)
+        harness.check((folder / ADAPTER_A).is_file() and (folder / "metrics.json").is_file(), "dedistill_adapter",
+                     f"a finished `--variant dedistill-adapter` run folder (with {ADAPTER_A} and metrics.json)",
+                     cfg.dedistill_adapter)
 
 
 def eval_split(cfg: Config) -> str:
     """Which data split the samples are scored against: the target for transfer, the base data for rewards."""
-    if cfg.variant == "online" or (cfg.variant == "offline" and (cfg.pairs or cfg.offline_pairs == "preference")):
+    if cfg.variant in ("online", "dedistill-adapter") or (cfg.variant == "offline" and (
+            cfg.pairs or cfg.offline_pairs == "preference")):
         return "base"
     return "target"
 
@@ -499,10 +591,36 @@ def customize_images(s: Setup):
     return s.net.nfe(1)
 
 
-def train(cfg: Config, world=None, baseline=None):
+ADAPTER_A = "dedistill_adapter.safetensors"  # a dedistill-adapter run's A (adapter_state), apart from adapter/
+
+
+def dedistill_adapter(cfg: Config, world, path: Path) -> tuple[dict, dict]:
+    """The de-distill adapter A that --variant dedistill merges: from --dedistill-adapter RUN, or trained first into
+    <path>/dedistill-adapter (the run's settings with --adapter-steps and --adapter-lr). -> (A's adapter_state, its
+    cost: updates, NFE per update, NFE in all (one sample at one timestep = 1), training seconds)."""
+    from safetensors.torch import load_file
+
+    folder = Path(cfg.dedistill_adapter) if cfg.dedistill_adapter else path / "dedistill-adapter"
+    if not cfg.dedistill_adapter:
+        train(dataclasses.replace(cfg, variant="dedistill-adapter", steps=cfg.adapter_steps, lr=cfg.adapter_lr,
+                                  out=str(folder), baselines="", naive_baseline=False), world, quiet=True)
+    saved = harness.read_json(folder / "config.json", "dedistill-adapter run config")
+    harness.check(saved.get("variant") == "dedistill-adapter" and saved.get("model") == cfg.model, "dedistill_adapter",
+                  f"a --variant dedistill-adapter run of --model {cfg.model}",
+                  f"{folder}: --variant {saved.get('variant')} --model {saved.get('model')}")
+    m = harness.read_json(folder / "metrics.json", "dedistill-adapter metrics")
+    rows = saved["batch"] * saved["gradient_accumulation_steps"] * m["updates"]
+    cost = {"adapter_updates": m["updates"], "adapter_nfe_per_update": m["nfe_per_update"],
+            "adapter_nfe": rows * m["nfe_per_update"], "adapter_seconds": m["seconds_train"],
+            "adapter_run": str(folder)}
+    return load_file(str(folder / ADAPTER_A)), cost
+
+
+def train(cfg: Config, world=None, baselines=None, quiet=False):
     """One run of cfg.variant: fine-tune, evaluate, write the run folder (docs/design.md section 9). `world`: an already
-    loaded world (default harness.load_world(cfg.model)); `baseline`: (metrics, denoiser) of a naive run with the same
-    settings (see `experiment`), whose samples and metrics join this run's. Returns (metrics, trained denoiser)."""
+    loaded world (default harness.load_world(cfg.model)); `baselines`: {name: (metrics, denoiser)} of baseline runs
+    with the same settings (see `experiment`), whose samples and metrics join this run's; `quiet`: print no tables
+    (a baseline's run). Returns (metrics, the delivered denoiser: the student with the trained adapter)."""
     validate(cfg)
     timer = harness.Timer()
     run = harness.Run("pso", cfg, free=FREE)  # folder and resume checks; writes nothing
@@ -511,15 +629,28 @@ def train(cfg: Config, world=None, baseline=None):
     validate(cfg)
     beta = cfg.beta or PAPER_BETA[cfg.variant]
     acc = world.accelerator
+    adapter_a, adapter_cost = dedistill_adapter(cfg, world, run.path) if cfg.variant == "dedistill" else (None, {})
     common.seed_everything(cfg.seed)  # LoRA's A matrices are drawn from the global generator
-    den = world.denoiser("student", lora_rank=cfg.lora_rank, train_full=cfg.train_full, sampler=cfg.sampler or None)
-    kernel = common.make_kernel(den.sampler, world.schedule)  # the backend's sampler decides the MDP (Eq. 4 / 14)
-    grid = common.few_step_timesteps(cfg.train_steps) if cfg.train_steps else list(den.timesteps)
-    harness.check(len(grid) >= 2 or cfg.variant == "naive", "train_steps",
+    # the delivered model: the student with the trained adapter, evaluated and saved
+    student = world.denoiser("student", lora_rank=cfg.lora_rank, train_full=cfg.train_full, sampler=cfg.sampler or None)
+    role = TRAINED_ROLE.get(cfg.variant, "student")
+    den = student  # the trained model: the student itself, except for the two practices that train elsewhere
+    if cfg.variant in ("base-transfer", "dedistill"):  # base transfer: the base (teacher role); dedistill: the
+        # student with A merged into its weights, the LoRA (B) over it
+        den = world.denoiser(role, lora_rank=cfg.lora_rank, merged_adapter=adapter_a)
+
+    def deliver():  # the trained LoRA into the student (base-transfer's from the base, dedistill's B without A)
+        if den is not student:
+            student.load_adapter_state(den.adapter_state())
+        return student
+
+    kernel = common.make_kernel(student.sampler, world.schedule)  # the backend's sampler decides the MDP (Eq. 4 / 14)
+    grid = common.few_step_timesteps(cfg.train_steps) if cfg.train_steps else list(student.timesteps)
+    harness.check(len(grid) >= 2 or cfg.variant in PLAIN_LOSS, "train_steps",
                  f">= 2 training steps (one stochastic transition; the model samples in {len(grid)})", cfg.train_steps)
     params = den.trainable_parameters()
     opt = acc.prepare(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
-    start = run.start(world, {"student": den}, {"student": opt})
+    start = run.start(world, {role: den}, {role: opt})
     s = Setup(cfg, world, CountingDenoiser(den), kernel, grid, beta)
     setup_nfe = customize_images(s) if cfg.variant == "customize" else 0.0
     dev, split = acc.device, eval_split(cfg)
@@ -549,25 +680,28 @@ def train(cfg: Config, world=None, baseline=None):
                **{k: info.get(k, "") for k in ("margin", "accuracy", "log_ratio_target", "log_ratio_reference",
                                                "prior")}, "eval_reward": "", "eval_quality": ""}
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            m = world.metrics(draw(den, kernel, world, quick_cond, den.timesteps, cfg.seed + 3), quick_cond, split)
+            m = world.metrics(draw(deliver(), kernel, world, quick_cond, student.timesteps, cfg.seed + 3), quick_cond,
+                              split)
             row.update(eval_reward=m["reward"], eval_quality=m["quality"])
             if row["reward"] == "":
                 row["reward"] = m["reward"]
         run.log(row)  # log.csv, trackers, progress bar; a checkpoint when due
 
-    # ---- evaluation: base vs tuned (and naive) from the same seeds, at the model's own grid and at one step ----
+    # ---- evaluation on the student: base vs tuned (and the baselines) from the same seeds, at the model's own grid
+    # and at one step
+    tuned, times = deliver(), student.timesteps
     seed = cfg.seed + 10_000
     one_step = common.few_step_timesteps(1)
-    x_base = draw(den, kernel, world, eval_cond, den.timesteps, seed, frozen=True)
-    x_tuned = draw(den, kernel, world, eval_cond, den.timesteps, seed)
-    metrics = {"variant": cfg.variant, "model": cfg.model, "sampler": den.sampler, "eval_split": split,
-               "beta": beta, "updates": cfg.steps, "train_grid": grid, "sample_grid": list(den.timesteps),
-               "nfe_per_update": nfe_per_update(cfg, len(grid), len(den.timesteps)), "setup_nfe": setup_nfe,
-               "eval_samples": cfg.eval_samples}
+    x_base = draw(tuned, kernel, world, eval_cond, times, seed, frozen=True)
+    x_tuned = draw(tuned, kernel, world, eval_cond, times, seed)
+    metrics = {"variant": cfg.variant, "model": cfg.model, "sampler": tuned.sampler, "eval_split": split,
+               "trained_role": role, "beta": beta, "updates": cfg.steps, "train_grid": grid, "sample_grid": list(times),
+               "nfe_per_update": nfe_per_update(cfg, len(grid), len(times)), "setup_nfe": setup_nfe,
+               "eval_samples": cfg.eval_samples, **adapter_cost}
     for name, x in (("base", x_base), ("tuned", x_tuned)):
         metrics.update({f"{k}_{name}": v for k, v in world.metrics(x, eval_cond, split).items()})
-    x1_tuned = draw(den, kernel, world, eval_cond, one_step, seed)
-    for name, x1 in (("base", draw(den, kernel, world, eval_cond, one_step, seed, frozen=True)), ("tuned", x1_tuned)):
+    x1_tuned = draw(tuned, kernel, world, eval_cond, one_step, seed)
+    for name, x1 in (("base", draw(tuned, kernel, world, eval_cond, one_step, seed, frozen=True)), ("tuned", x1_tuned)):
         metrics.update({f"{k}_{name}_1step": v for k, v in world.metrics(x1, eval_cond, split).items()})
     if split == "target":  # quality against the old data too: the base model's own quality is the reference, and
         # (toy2d) a sample near a mode of either split is sharp, so the two shares add up to a sharpness score
@@ -579,26 +713,34 @@ def train(cfg: Config, world=None, baseline=None):
         panels["target data"] = (x_data, c_data)
     if cfg.variant == "customize":
         panels["concept images"] = s.concept
-    panels[f"base, {len(den.timesteps)} steps"] = (x_base, eval_cond)
-    if baseline is not None:  # the naive run scored the same seeds: its "_tuned" metrics are this run's "_naive"
-        naive_metrics, naive_den = baseline
-        metrics.update({k.replace("_tuned", "_naive"): v for k, v in naive_metrics.items() if "_tuned" in k})
-        metrics["seconds_naive"] = naive_metrics["seconds"]
-        panels[f"naive, {len(den.timesteps)} steps"] = (draw(naive_den, kernel, world, eval_cond, den.timesteps, seed),
-                                                        eval_cond)
-    panels[f"{cfg.variant}, {len(den.timesteps)} steps"] = (x_tuned, eval_cond)
-    if baseline is not None:
-        panels["naive, 1 step"] = (draw(baseline[1], kernel, world, eval_cond, one_step, seed), eval_cond)
+    steps = f"{len(times)} steps"
+    panels[f"base, {steps}"] = (x_base, eval_cond)
+    for name, (base_metrics, base_den) in (baselines or {}).items():  # a baseline scored the same seeds: its
+        # "_tuned" metrics are this run's "_<name>"
+        metrics.update({k.replace("_tuned", f"_{name}"): v for k, v in base_metrics.items() if "_tuned" in k})
+        metrics[f"seconds_{name}"] = base_metrics["seconds"]
+        metrics[f"nfe_per_update_{name}"] = base_metrics["nfe_per_update"]
+        metrics.update({f"{k}_{name}": v for k, v in base_metrics.items() if k.startswith("adapter_")})
+        panels[f"{name}, {steps}"] = (draw(base_den, kernel, world, eval_cond, times, seed), eval_cond)
+    panels[f"{cfg.variant}, {steps}"] = (x_tuned, eval_cond)
+    for name, (_, base_den) in (baselines or {}).items():
+        panels[f"{name}, 1 step"] = (draw(base_den, kernel, world, eval_cond, one_step, seed), eval_cond)
     panels[f"{cfg.variant}, 1 step"] = (x1_tuned, eval_cond)
     metrics.update(seconds_train=train_seconds, seconds=timer(),
                    seconds_per_update=train_seconds / max(1, cfg.steps - start))
     curves = [("loss", "loss"), ("margin", "margin: sum_n r^target_n - r^reference_n"),
               ("eval_reward", "reward (eval)"), ("eval_quality", "quality (eval)")]
-    run.finish(metrics, panels, [c for c in curves if cfg.variant != "naive" or c[0] != "margin"], adapter=den)
+    names = {"base": "base", **{b: b for b in baselines or {}}, "tuned": cfg.variant}
+    run.finish(metrics, panels, [c for c in curves if cfg.variant not in PLAIN_LOSS or c[0] != "margin"],
+               adapter=tuned, names=names, quiet=quiet)
+    if cfg.variant == "dedistill-adapter" and run.main:  # A, kept apart: --dedistill-adapter merges it from here
+        from safetensors.torch import save_file
+
+        save_file(den.adapter_state(), str(run.path / ADAPTER_A))
     table = readouts(metrics)
-    if table and run.main:
+    if table and run.main and not quiet:
         print(table)
-    return metrics, den
+    return metrics, tuned
 
 
 SUMMARY_COLUMNS = ("reward", "quality", "distance")  # what harness.summary prints; the rest are the world's read-outs
@@ -608,7 +750,7 @@ def readouts(metrics: dict) -> str:
     """The world's further read-outs (toy2d: transfer and sharpness, the Fig. 1 contrast) as one table: a row per
     model (base, naive, the tuned variant), a column per read-out at the model's grid and at one step. '' when the
     world has none beyond reward / quality / distance."""
-    models = [m for m in ("base", "naive", "tuned") if f"reward_{m}" in metrics]
+    models = [m for m in ("base", *BASELINES, "tuned") if f"reward_{m}" in metrics]
     names = [k[: -len("_base")] for k in metrics if k.endswith("_base") and k[: -len("_base")] not in SUMMARY_COLUMNS
              and isinstance(metrics[k], (int, float)) and not isinstance(metrics[k], bool)]
     if not names:
@@ -625,24 +767,32 @@ def readouts(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def has_naive_baseline(cfg: Config) -> bool:
-    """The target-data variants compare with the naive baseline (Fig. 1b) unless --no-naive-baseline."""
-    return cfg.naive_baseline and cfg.variant in ("pso", "offline") and eval_split(cfg) == "target"
+def baseline_names(cfg: Config) -> list[str]:
+    """The baselines `experiment` trains before a target-data variant (pso, offline --offline-pairs target): naive
+    unless --no-naive-baseline, and those of --baselines (all = every one of BASELINES), in BASELINES' order."""
+    if cfg.variant not in ("pso", "offline") or eval_split(cfg) != "target":
+        return []
+    chosen = {b.strip() for b in cfg.baselines.split(",") if b.strip()}
+    chosen = set(BASELINES) if "all" in chosen else chosen
+    chosen = chosen | {"naive"} if cfg.naive_baseline else chosen - {"naive"}
+    return [b for b in BASELINES if b in chosen]
 
 
 def experiment(cfg: Config, world=None) -> dict:
-    """`python pso.py`: for the target-data variants first the naive baseline with the same resolved settings and
-    budget into <out>/naive, then cfg.variant, whose metrics and samples include the baseline's. Returns the metrics."""
+    """`python pso.py`: for the target-data variants first the baselines (`baseline_names`) with the same resolved
+    settings and budget into <out>/<baseline>, then cfg.variant, whose metrics, summary table and samples include
+    the baselines'. Returns the metrics."""
     validate(cfg)
-    baseline = None
-    if has_naive_baseline(cfg):
+    names, baselines = baseline_names(cfg), {}
+    if names:
         run = harness.Run("pso", cfg, free=FREE)  # the main run's folder and resume checks come first (write nothing)
         world = world or harness.load_world(cfg.model)
-        resolved = run.configure(world)
-        naive = dataclasses.replace(resolved, variant="naive", out=str(run.path / "naive"), naive_baseline=False,
-                                    one_timestep=False, one_timestep_from="grid")
-        baseline = train(naive, world)
-    return train(cfg, world, baseline)[0]
+        cfg = run.configure(world)  # resolved once: the main run below finds nothing left to fill in
+        for name in names:
+            sub = dataclasses.replace(cfg, variant=name, out=str(run.path / name), naive_baseline=False, baselines="",
+                                      one_timestep=False, one_timestep_from="grid")
+            baselines[name] = train(sub, world, quiet=True)
+    return train(cfg, world, baselines)[0]
 
 
 def nfe_per_update(cfg: Config, S: int, model_steps: int) -> int:
@@ -657,6 +807,8 @@ def nfe_per_update(cfg: Config, S: int, model_steps: int) -> int:
         return 4 * S - 2
     if cfg.variant == "customize":
         return 2 * k
+    if cfg.variant == "dedistill-adapter":
+        return S + model_steps
     return S
 
 

@@ -25,6 +25,7 @@ import importlib
 # (method, variant) -> the paper's global batch (per optimizer update, all processes and accumulation steps)
 GLOBAL_BATCH = {
     ("pso", "offline"): 64, ("pso", "online"): 32, ("pso", "pso"): 8, ("pso", "naive"): 8, ("pso", "customize"): 4,
+    ("pso", "base-transfer"): 8, ("pso", "dedistill"): 8, ("pso", "dedistill-adapter"): 8,  # naive's budget
     ("sharpening", "sft"): 8, ("sharpening", "rlhf"): 8,
     ("diff_instruct_pp", "dipp"): 256, ("diff_instruct_pp", "di"): 1024,
 }
@@ -34,6 +35,8 @@ MICRO_BATCH = {
     ("pso", "offline"): (1, 4),  # 2(S-1) = 6 graph-carrying UNet rows per pair, data latents cached
     ("pso", "online"): (1, 2),  # + the roll-outs' graphs and PickScore on 1024^2 decodes
     ("pso", "pso"): (1, 4), ("pso", "naive"): (2, 8), ("pso", "customize"): (1, 4),
+    ("pso", "base-transfer"): (2, 8), ("pso", "dedistill"): (2, 8),  # naive's rows, on another network
+    ("pso", "dedistill-adapter"): (2, 8),  # + the frozen student's 4 sampling steps, without a graph
     ("sharpening", "sft"): (1, 4),  # m = 3 rows per condition with --recompute
     ("sharpening", "rlhf"): (1, 2),  # 2m = 6 rows per condition + n roll-outs
     ("diff_instruct_pp", "dipp"): (1, 4),  # the reward gradient goes through the VAE decoder at 1024^2
@@ -54,6 +57,11 @@ PAPER = {
     ("pso", "pso"): dict(beta=50.0, lr=1e-5, lora_rank=16, steps=3000, grad_clip=1.0),
     ("pso", "naive"): dict(lr=1e-5, lora_rank=16, steps=3000, grad_clip=1.0),
     ("pso", "customize"): dict(beta=5.0, lr=5e-5, lora_rank=16, steps=1000, grad_clip=1.0),
+    # the practitioners' baselines at naive's (Eq. 5's style-transfer) budget; the de-distill adapter A at ostris'
+    # learning rate (1e-5) for as many updates, when dedistill trains it first (pso.py, docs/design.md section 11)
+    ("pso", "base-transfer"): dict(lr=1e-5, lora_rank=16, steps=3000, grad_clip=1.0),
+    ("pso", "dedistill"): dict(lr=1e-5, lora_rank=16, steps=3000, grad_clip=1.0, adapter_lr=1e-5, adapter_steps=3000),
+    ("pso", "dedistill-adapter"): dict(lr=1e-5, lora_rank=16, steps=3000, grad_clip=1.0),
     ("sharpening", "sft"): dict(n=3, m=3, lr=5e-6, adam_beta1=0.0, adam_beta2=0.99, eval_cfg=5.0, data_top=1.0,
                                 recompute=True),
     ("sharpening", "rlhf"): dict(n=3, m=3, lr=5e-6, adam_beta1=0.0, adam_beta2=0.99, eval_cfg=5.0, beta=2500.0,

@@ -53,6 +53,9 @@ class RoleSpec:
     # (a flow model's times index its training sigmas, not the pipeline's)
     steps: int | None = None
     timesteps: list[int] | None = None
+    # a guidance-distilled FLUX transformer in this role of a spec whose base has none (FLUX.1-dev as the teacher of
+    # FLUX.1-schnell): its embedded guidance; default the spec's "guidance", else the role's model card's (3.5)
+    guidance: float | None = None
 
 
 @dataclass
@@ -161,8 +164,9 @@ def from_dict(d: dict, root: Path | None = None, where: str = "model spec") -> M
     if spec.max_sequence_length is not None and (not isinstance(spec.max_sequence_length, int)
                                                  or spec.max_sequence_length < 1):
         raise ValueError(f"{where}: max_sequence_length must be an integer >= 1, got {spec.max_sequence_length!r}")
-    if spec.guidance is not None and not isinstance(spec.guidance, (int, float)):
-        raise ValueError(f"{where}: guidance must be a number (FLUX.1-dev: 3.5), got {spec.guidance!r}")
+    for what, g in [("guidance", spec.guidance)] + [(f"role {r}: guidance", rs.guidance) for r, rs in spec.roles.items()]:
+        if g is not None and (not isinstance(g, (int, float)) or isinstance(g, bool)):
+            raise ValueError(f"{where}: {what} must be a number (FLUX.1-dev: 3.5), got {g!r}")
     if not isinstance(spec.decode_batch, int) or spec.decode_batch < 1:
         raise ValueError(f"{where}: decode_batch must be an integer >= 1, got {spec.decode_batch!r}")
     return spec

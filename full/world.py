@@ -111,6 +111,30 @@ def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
+def fold_lora(unet, state: dict[str, torch.Tensor], targets: list[str], where: str):
+    """`unet` with a LoRA merged into its weights: `state` is the adapter_state() of a FullDenoiser of this network
+    (peft keys, any rank; PSO's de-distill adapter). Added with add_adapter, loaded, then diffusers' fuse_lora and
+    unload_lora: the weights keep it, no adapter is left for the trainable LoRA to share."""
+    from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+
+    ranks = {v.shape[0] for k, v in state.items() if "lora_A" in k}
+    if len(ranks) != 1:
+        raise ValueError(f"{where}: the adapter to merge has no LoRA of one rank (lora_A ranks: {sorted(ranks)})")
+    rank = ranks.pop()
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=targets))
+    expected = get_peft_model_state_dict(unet)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        raise ValueError(f"{where}: the adapter to merge does not fit this network: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, other shapes {shapes[:3]} ({len(missing)}, {len(unexpected)}, "
+                         f"{len(shapes)} in all)")
+    set_peft_model_state_dict(unet, {k: v.to(unet.device) for k, v in state.items()})
+    unet.fuse_lora()
+    unet.unload_lora()
+    return unet
+
+
 class FullDenoiser:
     """A role's denoiser network (UNet: an eps-model; a flow transformer: a velocity model) with a trainable
     LoRA (or every weight, `train_full`). `unet` is that network whatever its family; the call goes through the
@@ -123,11 +147,12 @@ class FullDenoiser:
     has nothing to synchronise there, and the adapter-disabled pass must not count as a use of the LoRA)."""
 
     def __init__(self, unet, sampler: str, timesteps: list[int], world: "FullWorld", lora_rank: int = 16,
-                 train_full: bool = False, role: str = "", reference=None):
+                 train_full: bool = False, role: str = "", reference=None, guidance: float | None = None):
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
         self.sampler, self.timesteps, self.train_full, self.role = sampler, list(timesteps), train_full, role
+        self.guidance = guidance  # a guidance-distilled FLUX transformer's embedded guidance (FullWorld._role_guidance)
         self.device, self.dtype = world.device, world.dtype
         self.schedule, self._forward = world.schedule, world.family.forward
         self._frozen = False
@@ -161,7 +186,9 @@ class FullDenoiser:
             net = self.reference_unet if self.train_full else self.unet
         else:
             net = self.module if torch.is_grad_enabled() else self.unet
-        cond = {k: v.to(self.device) for k, v in cond.items() if k != "prompt_id"}
+        cond = {k: v.to(self.device) for k, v in cond.items() if k not in ("prompt_id", "guidance")}
+        if self.guidance is not None:  # this network's own (the world's condition carries its base's)
+            cond["guidance"] = torch.full((x_t.shape[0],), self.guidance, dtype=torch.float32, device=self.device)
         autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
                     else contextlib.nullcontext())
         with autocast:
@@ -374,6 +401,21 @@ class FullWorld:
             return value
         return float(models.pipeline_facts(self.spec.base).get("guidance_scale", value))
 
+    def _role_guidance(self, role: str, rspec: RoleSpec, config) -> float | None:
+        """The embedded guidance of a role's network: a guidance-distilled FLUX transformer (guidance_embeds) gets the
+        role's "guidance", else the spec's (the base's, _guidance), else its model card's (3.5); None for any other.
+        So FLUX.1-dev can be the teacher role of a FLUX.1-schnell spec (base transfer: a LoRA trained on the base)."""
+        embeds = self.kind == "flux" and bool(config.get("guidance_embeds"))
+        if rspec.guidance is not None and not embeds:
+            raise models.ModelError(f"model spec of {self.name}, role {role}: \"guidance\" is set but its denoiser "
+                                    "has no guidance input (only guidance-distilled FLUX transformers take one)")
+        if not embeds:
+            return None
+        if rspec.guidance is not None:
+            return float(rspec.guidance)
+        return self.guidance if self.guidance is not None else float(
+            models.pipeline_facts(rspec.unet).get("guidance_scale", 3.5))
+
     def _role_scheduler(self, role: str):
         """The role's scheduler, checked: an eps-model role must have the base's noise schedule. A flow role may
         have its own shift (Z-Image's base samples at 6.0, Z-Image-Turbo at 3.0): the forward process is the same,
@@ -389,7 +431,7 @@ class FullWorld:
         return sched
 
     def denoiser(self, role: str, lora_rank: int = 16, train_full: bool = False, sampler: str | None = None,
-                 timesteps: list[int] | None = None) -> FullDenoiser:
+                 timesteps: list[int] | None = None, merged_adapter: dict | None = None) -> FullDenoiser:
         if role not in ROLES:
             raise ValueError(f"unknown model role {role!r}; choose one of {list(ROLES)}")
         rspec = self.spec.roles.get(role, RoleSpec())
@@ -404,7 +446,12 @@ class FullWorld:
             reference = models.load_unet(self.spec, rspec, self.parts, where, self.dtype)
         else:  # frozen weights in the weight dtype; FullDenoiser casts the LoRA to fp32 (cast_training_params)
             unet, reference = models.load_unet(self.spec, rspec, self.parts, where, self.dtype), None
-        den = FullDenoiser(unet, sampler, timesteps, self, lora_rank, train_full, role, reference)
+        if merged_adapter is not None:  # in the weights before our LoRA goes on: part of the frozen model
+            if train_full:
+                raise ValueError(f"{where}: merged_adapter needs a LoRA denoiser (train_full=False)")
+            unet = fold_lora(unet.to(self.device), merged_adapter, LORA_TARGETS_BY_NET[self.parts.net_folder], where)
+        den = FullDenoiser(unet, sampler, timesteps, self, lora_rank, train_full, role, reference,
+                           self._role_guidance(role, rspec, unet.config))
         self.denoisers.append(den)
         return den
 

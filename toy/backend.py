@@ -89,6 +89,21 @@ class ToyDenoiser:
         return self
 
 
+def fold_lora(net: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """`net` with a LoRA merged into its weights (peft's merge_and_unload): `state` is the adapter_state() of a
+    ToyDenoiser of this network, of any rank (the de-distill practice's adapter, merged while another LoRA trains)."""
+    ranks = {v.shape[0] for k, v in state.items() if "lora_A" in k}
+    if len(ranks) != 1:
+        raise ValueError(f"the adapter to merge has no LoRA of one rank (lora_A ranks found: {sorted(ranks)})")
+    rank = ranks.pop()
+    lora = get_peft_model(net, LoraConfig(r=rank, lora_alpha=rank, target_modules=net.lora_targets))
+    problems = state_mismatch(state, {k: tuple(v.shape) for k, v in get_peft_model_state_dict(lora).items()})
+    if problems:
+        raise ValueError(f"the adapter to merge does not fit this network: {problems}")
+    set_peft_model_state_dict(lora, state)
+    return lora.merge_and_unload()
+
+
 def state_mismatch(state: dict, expected: dict[str, tuple[int, ...]], show: int = 5) -> str:
     """'' when `state` has exactly the keys of `expected`, each a tensor of the expected shape; otherwise one line
     naming the missing keys, the unexpected keys and the shape mismatches (the first `show` of each)."""
@@ -136,11 +151,14 @@ class ToyWorld(abc.ABC):
         return {role: net for role in self.roles}
 
     def denoiser(self, role: str, lora_rank: int = 16, train_full: bool = False,
-                 sampler: str | None = None, timesteps: list[int] | None = None) -> ToyDenoiser:
+                 sampler: str | None = None, timesteps: list[int] | None = None,
+                 merged_adapter: dict[str, torch.Tensor] | None = None) -> ToyDenoiser:
         if role not in self.roles:
             raise ValueError(f"unknown model role {role!r} for {self.name}; choose one of {sorted(self.roles)}")
         net = self.make_net()
         net.load_state_dict(self.weights[role])
+        if merged_adapter is not None:  # folded into the weights: the frozen model and the base of the new LoRA
+            net = fold_lora(net, merged_adapter)
         default_sampler, default_times = self.roles[role]
         sampler = sampler or default_sampler
         common.make_kernel(sampler, self.schedule)  # validates the name
