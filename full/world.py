@@ -405,7 +405,7 @@ class FullWorld:
         """The embedded guidance of a role's network: a guidance-distilled FLUX transformer (guidance_embeds) gets the
         role's "guidance", else the spec's (the base's, _guidance), else its model card's (3.5); None for any other.
         So FLUX.1-dev can be the teacher role of a FLUX.1-schnell spec (base transfer: a LoRA trained on the base)."""
-        embeds = self.kind == "flux" and bool(config.get("guidance_embeds"))
+        embeds = self.family.has_guidance(config)
         if rspec.guidance is not None and not embeds:
             raise models.ModelError(f"model spec of {self.name}, role {role}: \"guidance\" is set but its denoiser "
                                     "has no guidance input (only guidance-distilled FLUX transformers take one)")
@@ -414,7 +414,7 @@ class FullWorld:
         if rspec.guidance is not None:
             return float(rspec.guidance)
         return self.guidance if self.guidance is not None else float(
-            models.pipeline_facts(rspec.unet).get("guidance_scale", 3.5))
+            models.pipeline_facts(rspec.unet).get("guidance_scale", self.family.default_guidance))
 
     def _role_scheduler(self, role: str):
         """The role's scheduler, checked: an eps-model role must have the base's noise schedule. A flow role may
@@ -449,7 +449,7 @@ class FullWorld:
         if merged_adapter is not None:  # in the weights before our LoRA goes on: part of the frozen model
             if train_full:
                 raise ValueError(f"{where}: merged_adapter needs a LoRA denoiser (train_full=False)")
-            unet = fold_lora(unet.to(self.device), merged_adapter, LORA_TARGETS_BY_NET[self.parts.net_folder], where)
+            unet = fold_lora(unet.to(self.device), merged_adapter, self.family.lora_targets(self.net_config), where)
         den = FullDenoiser(unet, sampler, timesteps, self, lora_rank, train_full, role, reference,
                            self._role_guidance(role, rspec, unet.config))
         self.denoisers.append(den)

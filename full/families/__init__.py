@@ -94,16 +94,24 @@ class Family:
         for the rows of `cond` (its prompt tensors, on the world's device)."""
         return {}
 
-    def guidance(self, net_config, spec) -> float | None:
-        """The embedded guidance value of a guidance-distilled denoiser (FLUX.1-dev); None for every other one. A
-        spec "guidance" for a denoiser without a guidance input is an error."""
-        if spec.guidance is not None:
-            from ..models import ModelError
+    default_guidance = None  # the pipeline's default embedded guidance (FluxPipeline's guidance_scale: 3.5)
 
-            raise ModelError(f"model spec of {spec.name or spec.base}: \"guidance\" is set but the denoiser of "
-                             f"{spec.base} has no guidance input (only guidance-distilled FLUX transformers, "
-                             "guidance_embeds=true, take one); remove it (CFG is the methods' cfg_scale)")
-        return None
+    def has_guidance(self, net_config) -> bool:
+        """Whether the denoiser takes an embedded guidance value (a guidance-distilled FLUX.1-dev transformer)."""
+        return False
+
+    def guidance(self, net_config, spec) -> float | None:
+        """The embedded guidance value of a guidance-distilled denoiser: spec "guidance", else the family's default;
+        None for every other denoiser, where a spec "guidance" is an error."""
+        if not self.has_guidance(net_config):
+            if spec.guidance is not None:
+                from ..models import ModelError
+
+                raise ModelError(f"model spec of {spec.name or spec.base}: \"guidance\" is set but the denoiser of "
+                                 f"{spec.base} has no guidance input (only guidance-distilled FLUX transformers, "
+                                 "guidance_embeds=true, take one); remove it (CFG is the methods' cfg_scale)")
+            return None
+        return self.default_guidance if spec.guidance is None else float(spec.guidance)
 
     # -- the VAE -------------------------------------------------------------------------------------------------
     def to_vae(self, x: torch.Tensor, vae) -> torch.Tensor:

@@ -61,11 +61,10 @@ class FluxFamily(Family):
                                  max_sequence_length=max_sequence_length)
         return {"prompt_embeds": out[0], "pooled_projections": out[1]}
 
-    def guidance(self, net_config, spec):
-        """FLUX.1-dev (guidance_embeds): spec "guidance", default 3.5 (FluxPipeline's guidance_scale)."""
-        if not net_config.get("guidance_embeds"):
-            return super().guidance(net_config, spec)
-        return 3.5 if spec.guidance is None else float(spec.guidance)
+    default_guidance = 3.5  # FluxPipeline's guidance_scale
+
+    def has_guidance(self, net_config):
+        return bool(net_config.get("guidance_embeds"))  # FLUX.1-dev
 
     def extra_condition(self, cond, world):
         if world.guidance is None:
