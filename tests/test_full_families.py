@@ -448,12 +448,13 @@ def test_evaluate_samples_the_family_pipelines_and_scores_a_lora(kind, fam_world
 
 # --- every method and variant: runs, NFEs, resume --------------------------------------------------------------------
 SMALL = {"pso": ["--batch", "2", "--eval-samples", "2", "--eval-every", "100", "--reference-images", "2",
-                 "--concept-images", "2", "--no-naive-baseline", "--lora-rank", "2"],
+                 "--concept-images", "2", "--no-naive-baseline", "--lora-rank", "2", "--adapter-steps", "2"],
          "sharpening": ["--batch", "2", "--eval-samples", "2", "--final-samples", "2", "--eval-every", "100", "--n", "2",
                         "--m", "2", "--lora-rank", "2", "--eval-cfg", "2"],
          "diff_instruct_pp": ["--batch", "2", "--eval-samples", "2", "--lora-rank", "2", "--ta-lora-rank", "2",
                               "--cfg-scale", "4.5"]}
 VARIANTS = [("pso", "pso"), ("pso", "offline"), ("pso", "online"), ("pso", "customize"), ("pso", "naive"),
+            ("pso", "base-transfer"), ("pso", "dedistill-adapter"), ("pso", "dedistill"),  # the practitioners'
             ("sharpening", "sft"), ("sharpening", "rlhf"), ("diff_instruct_pp", "dipp")]
 # the fast suite: one variant per family (online PSO on the distilled student; Sharpening RLHF on the base teacher)
 FAST = {("pso", "online", "zimage_turbo"), ("sharpening", "rlhf", "flux2_klein")}
@@ -487,3 +488,32 @@ def test_every_method_and_variant_counts_its_nfes_and_resumes_bit_identically(me
     b = load_file(str(tmp_path / "b" / "adapter" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in csv.DictReader(open(tmp_path / "b" / "log.csv"))] == [r["loss"] for r in rows]
+
+
+def test_base_transfer_trains_the_base_and_its_lora_loads_into_the_distilled_pipeline(fam_specs, tmp_path):
+    """The practitioners' base transfer on Z-Image-Turbo: the LoRA is trained on the teacher role (the Z-Image base,
+    sampled on its own shift-6 grid) with the ordinary loss, evaluated on the student, and the delivered file loads
+    into the Z-Image-Turbo pipeline with load_lora_weights, reproducing the student with that LoRA."""
+    import full
+    import pso
+    from safetensors.torch import load_file
+
+    spec, out = fam_specs["zimage_turbo"], tmp_path / "bt"
+    metrics = pso.main(["--model", str(spec), "--variant", "base-transfer", "--lr", "0.05", *SMALL["pso"],
+                        "--steps", "2", "--save-every", "1", "--out", str(out)])
+    w = full.load_world(str(spec))
+    teacher, student = w.denoiser("teacher", lora_rank=2), w.denoiser("student", lora_rank=2)
+    assert metrics["trained_role"] == "teacher" and (metrics["sampler"], metrics["sample_grid"]) == (
+        student.sampler, student.timesteps)  # trained on the base, evaluated on the distilled model
+    lora = load_file(str(out / "checkpoint-2" / "model-teacher.safetensors"))
+    x, c = torch.randn(1, *w.shape), w.encode(["a red cube"])
+    c = {k: v for k, v in c.items() if k != "prompt_id"}
+    with torch.no_grad():
+        assert not torch.allclose(teacher(x, 749, c), student(x, 749, c), atol=1e-4)  # two networks
+        student.load_adapter_state(lora)
+        ours = student(x, 749, c)
+        pipe = _role_pipe("zimage_turbo", spec, "student")
+        before = zimage.forward(pipe.transformer, x, torch.tensor([749]), c, w.schedule)
+        pipe.load_lora_weights(out / "adapter")
+        after = zimage.forward(pipe.transformer, x, torch.tensor([749]), c, w.schedule)
+    assert torch.allclose(after, ours, atol=1e-5) and not torch.allclose(before, after, atol=1e-4)
