@@ -21,7 +21,8 @@ What the pipeline does (diffusers/pipelines/z_image/pipeline_z_image.py):
 * CFG: `guidance_scale` w > 0 turns it on with pred = pos + w (pos - neg) = neg + (1 + w)(pos - neg): the usual
   scale is 1 + w. cfg_truncation (default 1.0) and cfg_normalization (default False) leave it unchanged.
 * LoRA: diffusers' examples/dreambooth/train_dreambooth_lora_z_image.py targets to_k / to_q / to_v / to_out.0 (every
-  attention of the refiners and main layers) and saves with ZImagePipeline.save_lora_weights(transformer_lora_layers).
+  attention of the refiners and main layers) and saves with ZImagePipeline.save_lora_weights(transformer_lora_layers)
+  (ZImageLoraLoaderMixin, whose load_lora_weights reads it back).
 """
 from __future__ import annotations
 
