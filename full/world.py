@@ -368,6 +368,8 @@ class FullWorld:
         key = {"base": self.spec.base, "revision": self.spec.revision, "variant": self.spec.variant,
                "kind": self.kind, "dtype": str(self.dtype), "device": self.device.type,
                "max_sequence_length": self.max_sequence_length, "random_weights": self.spec.random_weights}
+        if self.spec.text_encoder_out_layers is not None:  # FLUX.2: which hidden states the features stack
+            key["text_encoder_out_layers"] = list(self.spec.text_encoder_out_layers)
         if base.is_dir():
             key["base"] = str(base.resolve())
             parts = [base / p for pair in self.family.text for p in pair if (base / p).is_dir()]
@@ -498,7 +500,7 @@ class FullWorld:
                                "(precompute_embeddings): add it to the spec's prompts")
         keys = self.family.prompt_keys
         for text in todo:
-            out = self.family.encode(self._encoder_pipe, [text], self.device, self.max_sequence_length)
+            out = self.family.encode(self._encoder_pipe, [text], self.device, self.max_sequence_length, self.spec)
             self.embeddings.put(text, tuple(out[k][0] for k in keys))
 
     def _rows(self, texts: list[str]) -> list[tuple[torch.Tensor, ...]]:

@@ -517,3 +517,24 @@ def test_base_transfer_trains_the_base_and_its_lora_loads_into_the_distilled_pip
         pipe.load_lora_weights(out / "adapter")
         after = zimage.forward(pipe.transformer, x, torch.tensor([749]), c, w.schedule)
     assert torch.allclose(after, ours, atol=1e-5) and not torch.allclose(before, after, atol=1e-4)
+
+
+def test_text_encoder_out_layers_is_the_pipelines_option_and_errors_name_it(fam_specs, tmp_path):
+    """The spec's text_encoder_out_layers reaches Flux2KleinPipeline.encode_prompt's (a shallow random-weight encoder
+    needs it); a layer the encoder does not have, or the key on a family that reads no chosen layers, is an error."""
+    import full
+    from full.models import ModelError
+
+    w = full.load_world(str(fam_specs["flux2_klein"]), text_encoder_out_layers=[1, 2, 3],
+                        embedding_cache=str(tmp_path / "cache"))
+    ref, _ = w._encoder_pipe.encode_prompt(["a red cube"], device="cpu", max_sequence_length=64,
+                                           text_encoder_out_layers=(1, 2, 3))
+    assert torch.equal(w.encode(["a red cube"])["prompt_embeds"], ref)
+    assert not torch.equal(ref, w._encoder_pipe.encode_prompt(["a red cube"], device="cpu", max_sequence_length=64)[0])
+    with pytest.raises(ModelError, match=r"text_encoder_out_layers \[9, 30\]: the text encoder has 27 layers"):
+        full.load_world(str(fam_specs["flux2_klein"]), text_encoder_out_layers=[9, 30],
+                        embedding_cache=str(tmp_path / "cache")).encode(["a red cube"])
+    with pytest.raises(ModelError, match="reads no chosen hidden-state layers"):
+        full.load_world(str(fam_specs["zimage_turbo"]), text_encoder_out_layers=[1])
+    with pytest.raises(ValueError, match="text_encoder_out_layers must be a list"):
+        full.load_world(str(fam_specs["flux2_klein"]), text_encoder_out_layers=9)

@@ -30,6 +30,7 @@ class Family:
     net = "transformer"  # the denoiser's subfolder and its name in the pipeline
     text = (("text_encoder", "tokenizer"),)  # (text encoder, tokenizer) component names, in the pipeline's order
     prompt_keys = ("prompt_embeds",)  # the condition entries `encode` makes per prompt, in a fixed order
+    text_encoder_out_layers = None  # the hidden-state layers the pipeline stacks by default (FLUX.2: 9, 18, 27)
     flow = True  # a flow-matching (velocity) model: common.FlowSchedule and the flow kernels
     vae_class = "AutoencoderKL"
     latent_patch = 1  # the state's side must be a multiple of this (the packing / patches); 1: the net's patch_size
@@ -59,6 +60,11 @@ class Family:
 
     def check(self, world) -> None:
         """Errors for a checkpoint / spec this family cannot run (e.g. channels that do not fit), before training."""
+        if world.spec.text_encoder_out_layers is not None and not self.text_encoder_out_layers:
+            from ..models import ModelError
+
+            raise ModelError(f"model spec of {world.name}: \"text_encoder_out_layers\" is set, but a {self.pipeline} "
+                             "reads no chosen hidden-state layers (only FLUX.2-klein's pipeline does); remove it")
         expected = self.in_channels(world.shape[0])
         got = world.net_config.get("in_channels", expected)
         if self.flow and got != expected:
@@ -80,7 +86,7 @@ class Family:
         return (state_side // self.patch(net_config)) ** 2
 
     # -- prompts -------------------------------------------------------------------------------------------------
-    def encode(self, pipe, texts: list[str], device, max_sequence_length: int | None) -> dict:
+    def encode(self, pipe, texts: list[str], device, max_sequence_length: int | None, spec) -> dict:
         """{name: [B, ...]} prompt tensors from the pipeline's own encode_prompt (one row per text)."""
         raise NotImplementedError
 

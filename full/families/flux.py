@@ -55,7 +55,7 @@ class FluxFamily(Family):
     def in_channels(self, state_channels):
         return 4 * state_channels  # the packed 2x2 patches
 
-    def encode(self, pipe, texts, device, max_sequence_length):
+    def encode(self, pipe, texts, device, max_sequence_length, spec):
         # (prompt_embeds (T5), pooled_prompt_embeds (CLIP), text_ids)
         out = pipe.encode_prompt(list(texts), None, device=device, num_images_per_prompt=1,
                                  max_sequence_length=max_sequence_length)

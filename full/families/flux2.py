@@ -117,6 +117,7 @@ def shift(scheduler_config, image_seq_len: int, steps: int) -> float:
 class Flux2Family(Family):
     name, pipeline = "flux2", PIPELINE
     vae_class = "AutoencoderKLFlux2"
+    text_encoder_out_layers = TEXT_ENCODER_OUT_LAYERS
     table_steps = 50  # the training table's shift: mu at the pipeline's default num_inference_steps
     max_sequence_length = MAX_SEQUENCE_LENGTH
     pipeline_module = "diffusers.pipelines.flux2.pipeline_flux2_klein"
@@ -136,8 +137,17 @@ class Flux2Family(Family):
                              "VAE latents are patchified 2x2)")
         return latent_side // 2
 
-    def encode(self, pipe, texts, device, max_sequence_length):
-        return encode_prompt(pipe, texts, device, max_sequence_length or MAX_SEQUENCE_LENGTH)
+    def encode(self, pipe, texts, device, max_sequence_length, spec):
+        """The spec's text_encoder_out_layers, else the pipeline's (9, 18, 27); a layer the encoder does not have is
+        an error naming it (a shallow random-weight encoder needs the spec's)."""
+        layers = spec.text_encoder_out_layers or TEXT_ENCODER_OUT_LAYERS
+        depth = pipe.text_encoder.config.num_hidden_layers
+        if max(layers) > depth:
+            from ..models import ModelError
+
+            raise ModelError(f"text_encoder_out_layers {list(layers)}: the text encoder has {depth} layers (hidden "
+                             f"states 0..{depth}); set \"text_encoder_out_layers\" in the model spec")
+        return encode_prompt(pipe, texts, device, max_sequence_length or MAX_SEQUENCE_LENGTH, layers)
 
     def to_vae(self, x, vae):
         return to_vae(x, vae)

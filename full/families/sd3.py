@@ -41,7 +41,7 @@ class SD3Family(Family):
     def forward(self, net, x, t, cond, schedule):
         return forward(net, x, t, cond, schedule)
 
-    def encode(self, pipe, texts, device, max_sequence_length):
+    def encode(self, pipe, texts, device, max_sequence_length, spec):
         # (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
         out = pipe.encode_prompt(list(texts), None, None, device=device, num_images_per_prompt=1,
                                  do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)

@@ -35,7 +35,7 @@ class UNetFamily(Family):
     def forward(self, net, x, t, cond, schedule):
         return forward(net, x, t, cond, schedule)
 
-    def encode(self, pipe, texts, device, max_sequence_length):
+    def encode(self, pipe, texts, device, max_sequence_length, spec):
         # (prompt_embeds, negative_prompt_embeds[, pooled_prompt_embeds, negative_pooled_prompt_embeds])
         out = pipe.encode_prompt(list(texts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
         return {"prompt_embeds": out[0]}
@@ -65,7 +65,7 @@ class SDXLFamily(UNetFamily):
     pipeline_module = "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl"
     text = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 
-    def encode(self, pipe, texts, device, max_sequence_length):
+    def encode(self, pipe, texts, device, max_sequence_length, spec):
         out = pipe.encode_prompt(list(texts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
         return {"prompt_embeds": out[0], "text_embeds": out[2]}
 

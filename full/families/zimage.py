@@ -119,7 +119,7 @@ class ZImageFamily(Family):
     def forward(self, net, x, t, cond, schedule):
         return forward(net, x, t, cond, schedule)
 
-    def encode(self, pipe, texts, device, max_sequence_length):
+    def encode(self, pipe, texts, device, max_sequence_length, spec):
         return encode_prompt(pipe, texts, device, max_sequence_length or MAX_SEQUENCE_LENGTH)
 
     def pipeline_embeds(self, cond, null, world):
