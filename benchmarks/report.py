@@ -167,6 +167,7 @@ def child(argv: list[str]) -> None:
     if torch.cuda.is_available():
         out = Path(args[len(args) - 1 - args[::-1].index("--out") + 1])  # the last --out wins, as in argparse
         (out / "gpu.json").write_text(json.dumps({"peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+                                                  "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
                                                   "gpu": torch.cuda.get_device_name()}))
 
 
@@ -239,9 +240,9 @@ def plan(world: str, seeds: list[int], smoke: bool, only: list[str] | None, mode
         if smoke or world == "tiny":
             extra = list(SMOKE[row.script])
         elif world == "cuda":  # the training loop's cost: small evaluations, as full/bench.py
-            from full.bench import SMALL_EVAL
+            from full.launch import SMALL_RUN
 
-            extra = list(SMALL_EVAL[row.script])
+            extra = list(SMALL_RUN[row.script])
         else:
             extra = []
         extra += ["--steps", str(steps)] if steps else []
@@ -265,10 +266,18 @@ def plan(world: str, seeds: list[int], smoke: bool, only: list[str] | None, mode
     return sorted(jobs, key=lambda j: -(cost[j[0].script] + ("rlhf" in j[3]) * 2))
 
 
-def run_all(jobs, n_jobs: int, threads: int, resume: bool) -> list[dict]:
+def run_all(jobs, n_jobs: int, threads: int, resume: bool, keep_going: bool = False) -> list[dict]:
+    """Every job's record; with `keep_going`, a run that fails is an {"error": ...} record (the others go on)."""
     def work(job):
         row, seed, again, cmd, out = job
-        rec = run_one(cmd, out, threads, {}, resume)
+        try:
+            rec = run_one(cmd, out, threads, {}, resume)
+        except RuntimeError as e:
+            if not keep_going:
+                raise
+            print(f"[report] {row.method} | {row.label} | seed {seed}: could not run", flush=True)
+            return {"method": row.method, "label": row.label, "setting": row.setting, "seed": seed, "repeat": again,
+                    "error": " | ".join(str(e).strip().splitlines()[-3:])[-600:]}
         print(f"[report] {row.method} | {row.label} | seed {seed}{' (repeat)' if again else ''}: "
               f"{rec['wall_seconds']:.0f} s, {rec['peak_rss_mib']:.0f} MiB", flush=True)
         return {"method": row.method, "label": row.label, "setting": row.setting, "seed": seed, "repeat": again,
@@ -343,6 +352,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "s_per_update": statistics.median(updates) if updates else None,
             "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
             "peak_gpu_gib": max((r.get("peak_gpu_gib", 0.0) for r in runs), default=0.0) or None,
+            "peak_gpu_reserved_gib": max((r.get("peak_gpu_reserved_gib", 0.0) for r in runs), default=0.0) or None,
             "wall_seconds": stat(lambda r: r["wall_seconds"]),
             "determinism": None if deterministic is None else ("identical" if not deterministic else deterministic),
         })
@@ -372,11 +382,12 @@ def markdown(world: str, result: dict) -> str:
              "data ('target' for the transfer rows); NFE = network evaluations per condition per update: counted "
              "in every update of every run / stated in the method's docstring; s/update = median over updates "
              "(first excluded); peak memory = the process's peak resident set (max over seeds)"
-             + (", and peak GPU memory" if any(r["peak_gpu_gib"] for r in rows) else "") + ".", ""]
+             + (", and peak GPU memory: torch.cuda max_memory_allocated / max_memory_reserved (the caching "
+                "allocator's, fragmentation included)" if any(r["peak_gpu_gib"] for r in rows) else "") + ".", ""]
     gpu = any(r["peak_gpu_gib"] for r in rows)
     lines += ["| method | run | updates | reward: base → tuned | reward gain | quality: base → tuned | "
               "distance: base → tuned (split) | NFE counted / stated | s/update | peak RSS (MiB) |"
-              + (" peak GPU (GiB) |" if gpu else "") + " same seed twice |",
+              + (" peak GPU allocated / reserved (GiB) |" if gpu else "") + " same seed twice |",
               "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for r in main:
         lines.append(
@@ -384,7 +395,8 @@ def markdown(world: str, result: dict) -> str:
             f"{_ms(r['reward_gain'])} | {_ms(r['quality_base'])} → {_ms(r['quality_tuned'])} | "
             f"{_ms(r['distance_base'])} → {_ms(r['distance_tuned'])} ({r['eval_split']}) | {_nfe(r)} | "
             f"{r['s_per_update']:.3f} | {r['peak_rss_mib']:.0f} |"
-            + (f" {r['peak_gpu_gib']:.2f} |" if gpu else "") + f" {_det(r)} |")
+            + (f" {r['peak_gpu_gib']:.2f} / {r.get('peak_gpu_reserved_gib') or 0:.2f} |" if gpu else "")
+            + f" {_det(r)} |")
     lines += extras_table(main)
     lines += frontier_table(world, rows)
     off = [r["label"] for r in rows if not r["nfe_ok"]]
@@ -403,6 +415,9 @@ def markdown(world: str, result: dict) -> str:
               f"Figures: `benchmarks/results/report.{world}.curves.png` (reward during training), {frontier_png}"
               f"`benchmarks/results/report.{world}.samples.png` (base vs tuned, seed {seeds[0] if seeds else 0}). "
               "The exact command of each run is in `benchmarks/results/report.json`.", ""]
+    if result.get("failed"):  # --world cuda goes on past a setting that cannot run
+        lines += ["Could not run:", ""] + [f"* {r['method']} | {r['label']} (seed {r['seed']}): {r['error']}"
+                                           for r in result["failed"]] + [""]
     return "\n".join(lines)
 
 
@@ -655,13 +670,16 @@ def main(argv=None) -> dict:
     jobs = plan(a.world, seeds, a.smoke, a.only, a.model, steps, a.batch, not a.no_repeat, setup,
                 Path(a.runs) / a.world, not a.no_frontier)
     print(f"[report] {a.world}: {len(jobs)} runs, {a.jobs} at a time, {a.threads} thread(s) each", flush=True)
-    records = run_all(jobs, a.jobs, a.threads, a.resume)
+    records = run_all(jobs, a.jobs, a.threads, a.resume, keep_going=a.world == "cuda")
+    failed = [r for r in records if "error" in r]
+    records = [r for r in records if "error" not in r]
     order = {row.label: i for i, row in enumerate(rows_of(a.world))}
     records.sort(key=lambda r: (order[r["label"]], r["seed"], r["repeat"]))
     result = {"meta": {"command": "python benchmarks/report.py " + shlex.join(argv), "machine": machine(),
                        "date": datetime.date.today().isoformat(), "jobs": a.jobs, "threads": a.threads,
                        "load": f"load average {load:.1f} at the start", "wall_seconds": time.perf_counter() - start},
-              "rows": summarize(records), "runs": [{k: v for k, v in r.items() if k != "log"} for r in records]}
+              "rows": summarize(records), "runs": [{k: v for k, v in r.items() if k != "log"} for r in records],
+              "failed": failed}
     path = results / "report.json"
     everything = json.loads(path.read_text()) if path.exists() else {}
     everything[a.world] = result

@@ -20,9 +20,17 @@ the public config.json files; tests/test_real_arch.py checks their parameter cou
 * Schedulers: the shipped scheduler config (these are real: the MDP checks in models.py run on them).
 * A state-dict file (DMD2's `unet_file`) is not read: its UNet is the base architecture with random weights.
   A distillation LoRA (LCM-LoRA) is not fused: fused, it changes no shape.
+
+`with architectures.depth(1):` (full/rehearse.py) builds every network with at most that many blocks per stack
+(UNet: layers_per_block and transformer_layers_per_block; SD3 / FLUX: num_layers, num_single_layers; CLIP / T5
+text encoders and the reward towers: their layer counts) and every other config value real: the widths, token
+counts, conditioning shapes, schedulers and the loading / LoRA / sampling code are the checkpoint's, at a size a CPU
+machine runs in seconds (a 12 B FLUX.1 in fp32 needs 48 GB). Parameter counts and memory come from the full
+depth on the meta device (parameter_count, full/memory_plan.py), never from these.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -33,6 +41,53 @@ import torch
 CONFIGS = Path(__file__).resolve().parent / "configs"
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 PIPELINE_FLAGS = ("is_distilled",)  # pipeline config values an index entry may set (Flux2KleinPipeline's)
+_DEPTH: list[tuple[int, bool]] = []  # the active depth() limits (blocks, denoisers too), innermost last
+DENOISERS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "ZImageTransformer2DModel",
+             "Flux2Transformer2DModel")
+
+
+@contextlib.contextmanager
+def depth(blocks: int, denoisers: bool = True):
+    """Build random-weight networks with at most `blocks` blocks per stack (see the module docstring);
+    `denoisers=False`: the UNets / transformers keep their real depth (full.bench's CPU rows: the real network,
+    shallow text encoders and reward towers)."""
+    if blocks < 1:
+        raise ValueError(f"depth: blocks must be >= 1, got {blocks}")
+    _DEPTH.append((blocks, denoisers))
+    try:
+        yield
+    finally:
+        _DEPTH.pop()
+
+
+# config keys that count blocks, per config class: at most `n` of each under depth(n)
+DEPTH_KEYS = {"UNet2DConditionModel": ("layers_per_block", "transformer_layers_per_block",
+                                       "reverse_transformer_layers_per_block"),
+              "SD3Transformer2DModel": ("num_layers",), "FluxTransformer2DModel": ("num_layers", "num_single_layers"),
+              "CLIPTextModel": ("num_hidden_layers",), "CLIPTextModelWithProjection": ("num_hidden_layers",),
+              "CLIPTextConfig": ("num_hidden_layers",), "CLIPVisionConfig": ("num_hidden_layers",),
+              "T5EncoderModel": ("num_layers",),
+              "ZImageTransformer2DModel": ("n_layers", "n_refiner_layers"),
+              "Flux2Transformer2DModel": ("num_layers", "num_single_layers"),
+              "Qwen3Model": ("num_hidden_layers", "max_window_layers"),
+              "Qwen3ForCausalLM": ("num_hidden_layers", "max_window_layers")}
+
+
+def shallow(config: dict, name: str) -> dict:
+    """`config` (of class `name`) with at most the active depth() blocks per stack; unchanged outside depth()."""
+    if not _DEPTH or (name in DENOISERS and not _DEPTH[-1][1]):
+        return config
+    n, out = _DEPTH[-1][0], dict(config)
+    clip = lambda v: [min(x, n) for x in v] if isinstance(v, (list, tuple)) else min(v, n)  # noqa: E731
+    for key in DEPTH_KEYS.get(name, ()):
+        if out.get(key) is not None:
+            out[key] = clip(out[key])
+    if name == "SD3Transformer2DModel" and out.get("dual_attention_layers"):  # SD3.5: MMDiT-X blocks by index
+        out["dual_attention_layers"] = [i for i in out["dual_attention_layers"] if i < out["num_layers"]]
+    if name == "CLIPModel":  # the reward towers: their sub-configs
+        for sub, cls in (("text_config", "CLIPTextConfig"), ("vision_config", "CLIPVisionConfig")):
+            out[sub] = shallow(out.get(sub) or {}, cls)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,7 +174,7 @@ def build(cls, source: str, part: str | None, seed: int = 0):
         return tokenizer(component_config(source, part))
     if "Scheduler" in cls.__name__:
         return cls.from_config(read_config(entry(source)["scheduler"]))
-    config = component_config(source, part)
+    config = shallow(component_config(source, part), config_class_name(component_config(source, part), cls))
     with init_empty_weights(include_buffers=False):
         if hasattr(cls, "from_config") and not hasattr(cls, "config_class"):  # diffusers
             module = cls.from_config(config)
@@ -127,6 +182,11 @@ def build(cls, source: str, part: str | None, seed: int = 0):
             module = cls(cls.config_class(**{k: v for k, v in config.items() if not k.startswith("_")
                                               and k not in ("architectures", "model_type")}))
     return random_init_(module, seed).eval()
+
+
+def config_class_name(config: dict, cls) -> str:
+    """The class a shipped config describes: diffusers' _class_name, transformers' architectures[0], else cls's."""
+    return config.get("_class_name") or (config.get("architectures") or [cls.__name__])[0]
 
 
 def tokenizer(settings: dict):
@@ -148,7 +208,8 @@ def reward_model(name: str, seed: int = 0):
     from accelerate import init_empty_weights
     from transformers import CLIPConfig
 
-    config = {k: v for k, v in read_config(file).items() if not k.startswith("_") and k != "model_type"}
+    config = {k: v for k, v in shallow(read_config(file), "CLIPModel").items() if not k.startswith("_")
+              and k != "model_type"}
     with init_empty_weights(include_buffers=False):
         model = CLIPModel(CLIPConfig(**config))
     return random_init_(model, seed).eval()

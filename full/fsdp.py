@@ -24,6 +24,17 @@ reshard a unit only there and the ranks' next all-gathers would differ (a gloo "
 plain module and its prepared module stay one object, so no-grad and adapter-disabled calls also go through FSDP's
 all-gather (a plain module outside FSDP would see only this rank's shards).
 
+Start-up (accelerate's cpu-ram-efficient loading, turned on for the denoiser's preparation only): process 0
+alone reads the network's checkpoint into host RAM (`reads_no_weights`: the others build its architecture on the
+meta device from its config, full/models.py `load_unet(empty=True)`), the network stays off the GPU until it is
+sharded (FullDenoiser does not move it), and accelerate's `fsdp2_prepare_model` shards the meta network and
+broadcasts process 0's weights one parameter at a time into the shards: no process holds the whole network on its
+GPU, and one holds it in host RAM. The shipped config leaves `fsdp_cpu_ram_efficient_loading: false` because the
+environment variable it exports makes transformers' `from_pretrained` load empty models on the processes > 0,
+which would leave the text encoders (not sharded) without weights there; `shard_with` sets it on accelerate's
+plugin for the denoiser alone. The LoRA's gradient hooks are registered after the sharding (accelerate assigns
+new parameter objects when it loads the broadcast weights).
+
 Not supported (clear errors): FSDP1 (`fsdp_version: 1`: it flattens parameters, so the plain-module calls would be
 wrong), and training every weight (`train_full`: the trained weights would be sharded, and the harness saves
 state on rank 0 only). accelerate enables FSDP only on GPU-class devices: on a CPU (`cpu=True`) the state stays
@@ -42,6 +53,12 @@ def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def reads_no_weights(accelerator) -> bool:
+    """Under FSDP, the processes other than process 0 build the networks empty (meta) and receive process 0's
+    weights when they are sharded (cpu-ram-efficient loading, see the module docstring)."""
+    return is_fsdp(accelerator) and not accelerator.is_main_process
+
+
 def prepare_module(accelerator, module: torch.nn.Module, train_full: bool) -> torch.nn.Module:
     """accelerator.prepare(module), or under FSDP the module itself, registered to be sharded when the optimizer of
     its LoRA is prepared (see the module docstring)."""
@@ -54,15 +71,29 @@ def prepare_module(accelerator, module: torch.nn.Module, train_full: bool) -> to
     if train_full:
         raise ValueError("training every weight (--train-full / --full-finetune) is not supported under FSDP: the "
                          "harness checkpoints trained weights from rank 0 only; train a LoRA, or launch without FSDP")
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    if not trainable:
+    if not any(p.requires_grad for p in module.parameters()):
         raise ValueError("FSDP: the module has no trainable (LoRA) parameters to train")
-    world = accelerator.num_processes
-    for p in trainable:
-        p.register_post_accumulate_grad_hook(lambda p, world=world: _average_grad(p, world))
     getattr(accelerator, PENDING, None) or setattr(accelerator, PENDING, [])
     getattr(accelerator, PENDING).append(module)
     return module
+
+
+def keep_parameters(module: torch.nn.Module, optimizer, own: dict[str, torch.nn.Parameter]) -> None:
+    """Loading the broadcast weights assigns new parameter objects (load_state_dict(assign=True)); the methods hold
+    the LoRA's parameters from before `prepare` (gradient clipping, their optimizer's list), so each LoRA parameter
+    object is put back into its module with the broadcast value, and the optimizer's list points at it again. The
+    LoRA is not sharded (FSDP2 ignored parameters): FSDP holds no reference to it."""
+    swapped = {}
+    for name, old in own.items():
+        owner, _, leaf = name.rpartition(".")
+        sub = module.get_submodule(owner)
+        new = sub._parameters[leaf]
+        if new is not old:  # (old may be on the meta device, new on the GPU: .data cannot cross that)
+            torch.utils.swap_tensors(old, new)  # `old` now holds the broadcast value, `new` the stale one
+            sub._parameters[leaf] = old
+            swapped[id(new)] = old
+    for group in optimizer.param_groups:
+        group["params"] = [swapped.get(id(p), p) for p in group["params"]]
 
 
 def _average_grad(p: torch.Tensor, world: int) -> None:
@@ -97,17 +128,24 @@ def prepare(accelerator, accelerate_prepare, args: tuple, kw: dict):
 
 
 def shard_with(accelerator, prepare, module: torch.nn.Module, optimizer, kw: dict | None = None) -> tuple:
-    """accelerate's prepare(module, optimizer) with the module's trainable parameters as FSDP2 ignored parameters."""
+    """accelerate's prepare(module, optimizer) with the module's trainable parameters as FSDP2 ignored parameters and
+    process 0's weights broadcast into the shards (cpu-ram-efficient loading); then the LoRA's own parameter objects
+    are put back (with the broadcast values) and get their gradient-averaging hooks."""
     plugin = accelerator.state.fsdp_plugin
     lora = [m for m in module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
-    saved = plugin.ignored_modules
-    plugin.ignored_modules = lora
+    own = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    saved = plugin.ignored_modules, plugin.cpu_ram_efficient_loading
+    plugin.ignored_modules, plugin.cpu_ram_efficient_loading = lora, True
     try:
         out = prepare(module, optimizer, **(kw or {}))
     finally:
-        plugin.ignored_modules = saved
+        plugin.ignored_modules, plugin.cpu_ram_efficient_loading = saved
     if out[0] is not module:  # fully_shard is in place; the denoiser keeps `module` as both its nets
         raise RuntimeError("FSDP2 preparation returned another module than it was given")
+    keep_parameters(module, out[1], own)
+    world = accelerator.num_processes
+    for p in own.values():
+        p.register_post_accumulate_grad_hook(lambda p, world=world: _average_grad(p, world))
     # the root too (accelerate leaves it unsharded after a forward): rank 0 alone calls state_dict() (checkpoints,
     # LoRA export), which reshards an unsharded unit, and the ranks' next all-gathers would no longer match
     module.set_reshard_after_forward(True)

@@ -1,6 +1,7 @@
 """Launchers: one named setting per method and paper experiment -> `accelerate launch <method>.py --model <spec> ...`.
 
     python -m full.launch --list
+    python -m full.launch pso-online-turbo --gpu-memory 24 --rehearse    # rehearse the first run (no download)
     python -m full.launch pso-offline-dmd2 --num-processes 8             # 8 GPUs, DDP, the paper's global batch 64
     python -m full.launch pso-online-turbo --model my_spec.json --dry-run  # print the command only
     python -m full.launch dipp-sd-turbo -- --steps 100 --out runs/try     # anything after -- goes to the method
@@ -8,13 +9,17 @@
 
 Each setting names the method script, its model spec (full/specs/*.json; `--model` replaces it) and the paper's
 hyperparameters. The paper's batch is global: `--batch` of every method is per process (each rank drawing its own
-rows from `common.step_generator(seed, step, rank)`) and is the per-GPU batch estimated to fit a `--gpu-memory`
-24 or 80 GB card (full/defaults.py MICRO_BATCH: estimates, run `python -m full.bench` to measure); the rest of the
-global batch comes from `--gradient-accumulation-steps` = global / (per-GPU batch x processes). The number of
-processes must divide the global batch. `--launcher torchrun` runs the same command with torchrun (what the CPU multi-process test uses;
-accelerate's CPU mode cannot start several processes on one machine). Settings of models with 4 B parameters and
-more (FLUX.1, SD3.5-large) launch with several processes under accelerate's FSDP2 (`--config_file
-full/accelerate/fsdp.yaml`, full/fsdp.py): the frozen weights sharded over the GPUs, the LoRA whole on each.
+rows from `common.step_generator(seed, step, rank)`) and is the largest per-GPU batch the memory plan says fits a
+`--gpu-memory` GB card (full/memory_plan.py, computed from the setting's own architectures: full/defaults.py
+PLANNED_PEAK_GIB; not measured, `python -m full.bench` measures); a setting that does not fit even at batch 1 is
+refused with the smallest settings that do (FSDP over more GPUs, a LoRA instead of every weight, a larger card).
+The rest of the global batch comes from `--gradient-accumulation-steps` = global / (per-GPU batch x processes); the
+number of processes must divide the global batch. `--launcher torchrun` runs the same command with torchrun: on a
+machine without CUDA several processes need it (accelerate's CPU mode does not honour --num_processes in every
+configuration, CPU_MODE; the launcher refuses, and a run that finds fewer processes than asked stops). Settings of
+models with 4 B parameters and more (FLUX.1, SD3.5-large) launch with several processes under accelerate's FSDP2
+(`--config_file full/accelerate/fsdp.yaml`, full/fsdp.py): the frozen weights sharded over the GPUs, the LoRA
+whole on each. `--rehearse` runs full/rehearse.py instead of the command.
 """
 from __future__ import annotations
 
@@ -114,6 +119,12 @@ SETTINGS = {
 
 ACCELERATE_FSDP = Path(__file__).resolve().parent / "accelerate" / "fsdp.yaml"
 
+# A short run's method flags (full.bench, full.rehearse): evaluation on 2 samples, no quick evaluations, few
+# reference images, so the time is the update's
+SMALL_RUN = {"pso.py": ["--eval-samples", "2", "--eval-every", "100000", "--reference-images", "4"],
+             "sharpening.py": ["--eval-samples", "2", "--final-samples", "2", "--eval-every", "100000"],
+             "diff_instruct_pp.py": ["--eval-samples", "2"]}
+
 
 # Not paper hyperparameters: evaluation sizes and checkpoint cadence scaled for 1024^2 sampling (the methods' defaults
 # are sized for the toys). The paper metrics of a finished run come from full/evaluate.py.
@@ -123,28 +134,101 @@ RUNTIME = {"pso.py": ["--eval-samples", "256", "--eval-every", "500", "--save-ev
            "diff_instruct_pp.py": ["--eval-samples", "256", "--save-every", "250"]}
 
 
-GPU_MEMORY = {24: 0, 80: 1}  # --gpu-memory GB -> the column of full.defaults.MICRO_BATCH
+PROCESSES_ENV = "FEWSTEP_NUM_PROCESSES"  # what the launcher asked for; checked at run start (check_processes)
+FULL_FLAGS = ("--full-finetune", "--train-full")  # a setting that trains every weight (the plan's "own" mode)
+
+
+class DoesNotFit(ValueError):
+    """A launcher setting the memory plan says does not fit the GPUs asked for; the message names what does."""
 
 
 def method_variant(setting: Setting) -> tuple[str, str]:
     return Path(setting.script).stem, setting.args[setting.args.index("--variant") + 1]
 
 
-def per_process_batch(setting: Setting, num_processes: int, gpu_memory: int = 80) -> tuple[int, int]:
-    """(per-GPU batch, gradient-accumulation steps) reaching the setting's global batch on `num_processes` GPUs of
-    `gpu_memory` GB. The per-GPU batches are estimates (full/defaults.py MICRO_BATCH), not measurements."""
+def training_of(name: str, extra: list[str] = ()) -> str | None:
+    """The memory plan's training mode of a setting with the method flags `extra`: "own" (the setting's), "lora"
+    (a full fine-tuning setting with --no-full-finetune / --no-train-full: the LoRA alternative the plan has), or
+    None (another mode the plan does not cover, e.g. --train-full added to a LoRA setting)."""
+    s = SETTINGS[name]
+    full = any(f in s.args for f in FULL_FLAGS)
+    last = {f: max((i for i, a in enumerate(extra) if a in (f, "--no-" + f[2:])), default=-1) for f in FULL_FLAGS}
+    wants = {f: extra[i] == f for f, i in last.items() if i >= 0}
+    if not wants:
+        return "own"
+    if full and not any(wants.values()):
+        return "lora"
+    return "own" if full and all(wants.values()) else None
+
+
+def fit_advice(name: str, gpu_memory: float, num_processes: int, training: str) -> list[str]:
+    """The smallest changes that make a setting fit, by the memory plan: FSDP over more GPUs of this size, a LoRA
+    instead of every weight, a larger card (for this process count and, for an FSDP setting, for 8 GPUs)."""
     from . import defaults
 
-    if num_processes < 1 or setting.batch % num_processes:
-        raise ValueError(f"{num_processes} processes do not divide the global batch {setting.batch}; choose a divisor "
+    s, out = SETTINGS[name], []
+    cmd = f"python -m full.launch {name}"
+    if s.fsdp and training == "own":
+        for n in (2, 4, 8):
+            if n > num_processes and s.batch % n == 0 and defaults.planned_batch(name, gpu_memory, n, s.batch // n):
+                out.append(f"FSDP over {n} GPUs of {gpu_memory:g} GB: {cmd} --gpu-memory {gpu_memory:g} "
+                           f"--num-processes {n}")
+                break
+    if training == "own" and any(f in s.args for f in FULL_FLAGS):
+        flag = next(f for f in FULL_FLAGS if f in s.args)
+        b = defaults.planned_batch(name, gpu_memory, num_processes, s.batch // num_processes, "lora")
+        if b:
+            out.append(f"a LoRA (r=16) instead of every weight, batch {b} per GPU: {cmd} --gpu-memory {gpu_memory:g}"
+                       f"{f' --num-processes {num_processes}' if num_processes > 1 else ''} -- --no-{flag[2:]}")
+    for n in sorted({num_processes, 8} if s.fsdp and training == "own" else {num_processes}):
+        if s.batch % n:
+            continue
+        card = next((c for c in defaults.CARDS if c > gpu_memory and defaults.planned_batch(
+            name, c, n, s.batch // n, training)), None)
+        if card:
+            out.append(f"{n} GPU{'s' if n > 1 else ''} of {card} GB{' (FSDP)' if n > 1 and s.fsdp else ''}: {cmd} "
+                       f"--gpu-memory {card}{f' --num-processes {n}' if n > 1 else ''}")
+    return out
+
+
+def per_process_batch(name: str, num_processes: int, gpu_memory: float = 80, training: str = "own",
+                      batch: int | None = None) -> tuple[int, int]:
+    """(per-GPU batch, gradient-accumulation steps) reaching the setting's global batch on `num_processes` GPUs of
+    `gpu_memory` GB: the largest batch the memory plan says fits (full/defaults.py PLANNED_PEAK_GIB, computed from
+    the setting's own architectures; not measured), or `batch` if given and it fits. DoesNotFit names the
+    smallest settings that fit when even batch 1 does not."""
+    from . import defaults
+
+    s = SETTINGS[name]
+    if num_processes < 1 or s.batch % num_processes:
+        raise ValueError(f"{num_processes} processes do not divide the global batch {s.batch}; choose a divisor "
                          "(or pass --batch to the method after --)")
-    if gpu_memory not in GPU_MEMORY:
-        raise ValueError(f"--gpu-memory must be one of {sorted(GPU_MEMORY)} (GB), got {gpu_memory}")
-    method, variant = method_variant(setting)
-    micro = min(defaults.MICRO_BATCH[(method, variant)][GPU_MEMORY[gpu_memory]], setting.batch // num_processes)
-    while (setting.batch // num_processes) % micro:
-        micro -= 1
-    return micro, setting.batch // (num_processes * micro)
+    if not gpu_memory > 0:
+        raise ValueError(f"--gpu-memory must be the GB of one GPU (> 0), got {gpu_memory}")
+    share = s.batch // num_processes
+    if batch is None:
+        micro = defaults.planned_batch(name, gpu_memory, num_processes, share, training)
+    else:
+        peak = defaults.planned_peak(name, batch, num_processes, training)
+        micro = batch if peak is None or defaults.fits(peak, gpu_memory) else None
+    if micro is None:
+        b = batch or 1
+        peak = defaults.planned_peak(name, b, num_processes, training)
+        if peak is None:
+            raise DoesNotFit(f"{name} ({training}) has no memory-plan rows in full/defaults.py PLANNED_PEAK_GIB: "
+                             "regenerate them with python -m full.memory_plan --write-docs")
+        where = f"{num_processes} GPUs of {gpu_memory:g} GB{' (FSDP)' if s.fsdp and num_processes > 1 else ''}" if (
+            num_processes > 1) else f"one {gpu_memory:g} GB GPU"
+        advice = fit_advice(name, gpu_memory, num_processes, training) if batch is None else [
+            f"per-GPU batch {defaults.planned_batch(name, gpu_memory, num_processes, share, training)} (the "
+            "largest planned that fits; drop --batch to get it)"]
+        raise DoesNotFit(
+            f"{name} does not fit {where}: the memory plan puts batch {b} per GPU at {peak:.1f} GiB "
+            f"(+{defaults.MARGIN - 1:.0%} margin = {peak * defaults.MARGIN * defaults.GiB / 1e9:.1f} GB; "
+            "python -m full.memory_plan shows the rows). What fits:\n  "
+            + ("\n  ".join(advice) if advice else "nothing planned: a larger card than "
+               f"{defaults.CARDS[-1]} GB or a smaller resolution (a spec of your own)"))
+    return micro, max(1, share // micro)
 
 
 def has_accumulation(script: str) -> bool:
@@ -162,15 +246,33 @@ def method_argv(name: str, model: str | None = None, num_processes: int = 1, ext
     if name not in SETTINGS:
         raise ValueError(f"unknown launcher setting {name!r}; choose one of {sorted(SETTINGS)}")
     s = SETTINGS[name]
-    model = model or str(SPECS / s.spec)
     batch = []
     if "--batch" not in extra:
-        micro, steps = per_process_batch(s, num_processes, gpu_memory)
+        micro, steps = planned(name, num_processes, gpu_memory, model, extra)
         batch = ["--batch", str(micro)]
         if steps > 1 and has_accumulation(s.script) and "--gradient-accumulation-steps" not in extra:
             batch += ["--gradient-accumulation-steps", str(steps)]
-    argv = ["--model", model, *RUNTIME[s.script], *s.args, *batch, "--out", f"runs/{name}", *extra]
+    else:
+        planned(name, num_processes, gpu_memory, model, extra)  # a --batch the plan says does not fit is refused
+    argv = ["--model", model or str(SPECS / s.spec), *RUNTIME[s.script], *s.args, *batch, "--out", f"runs/{name}",
+            *extra]
     return ROOT / s.script, argv
+
+
+def planned(name: str, num_processes: int, gpu_memory: float, model: str | None, extra: list[str]) -> tuple[int, int]:
+    """per_process_batch for the launcher's command: the shipped spec's plan in the training mode `extra` asks for
+    (a --batch in `extra` is checked against it); another --model or a mode the plan does not cover gets batch 1
+    (nothing is planned for it; `python -m full.memory_plan` or full.bench measure it)."""
+    s = SETTINGS[name]
+    training = training_of(name, extra)
+    batch = int(extra[len(extra) - 1 - extra[::-1].index("--batch") + 1]) if "--batch" in extra else None
+    if model is not None or training is None:
+        if num_processes < 1 or s.batch % num_processes:
+            raise ValueError(f"{num_processes} processes do not divide the global batch {s.batch}; choose a divisor "
+                             "(or pass --batch to the method after --)")
+        b = batch or 1
+        return b, max(1, s.batch // (num_processes * b))
+    return per_process_batch(name, num_processes, gpu_memory, training, batch)
 
 
 def mixed_precision_of(model: str) -> str:
@@ -184,8 +286,19 @@ def mixed_precision_of(model: str) -> str:
         return "bf16"
 
 
+CPU_MODE = ("accelerate launch runs in its CPU mode on a machine without CUDA, where --num_processes is not "
+            "honoured by every configuration (with --cpu, or use_cpu in its config without --multi_gpu, it starts ONE "
+            "process; an FSDP config becomes DDP)")
+
+
 def command(name: str, num_processes: int = 1, launcher: str = "accelerate", model: str | None = None,
-            extra: list[str] = (), port: int = 29500, gpu_memory: int = 80) -> list[str]:
+            extra: list[str] = (), port: int = 29500, gpu_memory: float = 80, cuda: bool | None = None) -> list[str]:
+    """The launch command of a setting. Several processes under accelerate on a machine without CUDA are refused
+    (CPU_MODE): --launcher torchrun starts them (gloo)."""
+    cuda = _has_cuda() if cuda is None else cuda
+    if launcher == "accelerate" and num_processes > 1 and not cuda:
+        raise ValueError(f"{num_processes} processes requested, but {CPU_MODE}: use --launcher torchrun for several "
+                         "CPU processes (gloo), or run on a machine with CUDA")
     script, argv = method_argv(name, model, num_processes, list(extra), gpu_memory)
     model = argv[1]
     fsdp = SETTINGS[name].fsdp and num_processes > 1
@@ -207,6 +320,25 @@ def command(name: str, num_processes: int = 1, launcher: str = "accelerate", mod
     return [*head, str(script), *argv]
 
 
+def check_processes(accelerator) -> None:
+    """At run start (FullWorld): the processes that started must be the processes asked for. Two ways of asking
+    are seen: full.launch's --num-processes (PROCESSES_ENV in the environment), and a direct `accelerate launch
+    --num_processes N` that accelerate's CPU mode ran as one plain process (its simple launcher sets MASTER_ADDR
+    for N > 1 but starts one process without WORLD_SIZE)."""
+    import os
+
+    asked = os.environ.get(PROCESSES_ENV)
+    got = accelerator.num_processes
+    if asked is not None and int(asked) != got:
+        raise RuntimeError(f"{asked} processes were requested (python -m full.launch --num-processes {asked}) but "
+                           f"{got} started: {CPU_MODE}. Use --launcher torchrun for several CPU processes")
+    if (got == 1 and os.environ.get("ACCELERATE_USE_CPU") is not None and "MASTER_ADDR" in os.environ
+            and "WORLD_SIZE" not in os.environ):
+        raise RuntimeError(f"accelerate launch was asked for several processes but started one: {CPU_MODE}. Use "
+                           "`torchrun --nproc_per_node N` (or python -m full.launch ... --launcher torchrun) for "
+                           "several CPU processes")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -214,34 +346,48 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("setting", nargs="?", help="a paper setting (see --list)")
     p.add_argument("--list", action="store_true", help="list the settings and their sources")
-    p.add_argument("--model", help="a model spec or checkpoint replacing the setting's spec")
+    p.add_argument("--model", help="a model spec or checkpoint replacing the setting's spec (the memory plan "
+                                   "covers the shipped spec only: another gets per-GPU batch 1)")
     p.add_argument("--num-processes", type=int, default=1, help="processes (GPUs); the global batch is split over them")
     p.add_argument("--launcher", default="accelerate", choices=["accelerate", "torchrun", "python"])
     p.add_argument("--port", type=int, default=29500, help="rendezvous port")
-    p.add_argument("--gpu-memory", type=int, default=80, choices=sorted(GPU_MEMORY),
-                   help="GB per GPU: picks the per-GPU batch (an estimate); accumulation reaches the global batch")
+    p.add_argument("--gpu-memory", type=float, default=80,
+                   help="GB per GPU: the per-GPU batch is the largest the memory plan says fits (a setting that does "
+                        "not fit is refused, naming what does); accumulation reaches the global batch")
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.add_argument("--rehearse", action="store_true",
+                   help="rehearse the first real run without downloading weights (full/rehearse.py): real "
+                        "configs, schedulers and data layout, the memory plan for --gpu-memory / --num-processes, "
+                        "the downloads, one update on the CPU")
     a = p.parse_args(argv)
     if a.list or not a.setting:
+        from . import defaults
+
         for name, s in SETTINGS.items():
-            b24, b80 = (per_process_batch(s, 1, g)[0] for g in (24, 80))
-            print(f"{name:22s} {s.script:20s} {s.spec:22s} global batch {s.batch:4d}, per GPU {b24} (24 GB) / "
-                  f"{b80} (80 GB)  {s.source}")
+            per = []
+            for g in defaults.CARDS:
+                b = defaults.planned_batch(name, g, 1, s.batch)
+                per.append(f"{b if b else '-'} ({g})")
+            print(f"{name:28s} {s.script:20s} {s.spec:26s} global batch {s.batch:4d}, per GPU (GB): {' '.join(per)}"
+                  f"{', FSDP' if s.fsdp else ''}  {s.source}")
         return 0
+    if a.setting not in SETTINGS:
+        p.error(f"unknown launcher setting {a.setting!r}; choose one of {sorted(SETTINGS)}")
+    if a.rehearse:
+        from . import rehearse
+
+        return rehearse.main_from_launcher(a.setting, a.gpu_memory, a.num_processes, a.model, extra, a.launcher)
     try:
         cmd = command(a.setting, a.num_processes, a.launcher, a.model, extra, a.port, a.gpu_memory)
     except ValueError as e:
-        p.error(str(e))
+        p.exit(2, f"{p.prog}: error: {e}\n")
     print(shlex.join(cmd), flush=True)
-    s = SETTINGS[a.setting]
-    if "--batch" not in extra and not has_accumulation(s.script):
-        micro, steps = per_process_batch(s, a.num_processes, a.gpu_memory)
-        if steps > 1:
-            print(f"note: {s.script} has no --gradient-accumulation-steps yet: each update uses {micro * a.num_processes} "
-                  f"rows, not the paper's {s.batch}", flush=True)
+    if a.model is not None or training_of(a.setting, extra) is None:
+        print("note: the memory plan covers the setting's shipped spec and training mode: this run gets per-GPU batch "
+              f"{cmd[cmd.index('--batch') + 1]} unchecked (python -m full.bench measures it)", flush=True)
     if a.dry_run:
         return 0
-    env = {**os.environ}
+    env = {**os.environ, PROCESSES_ENV: str(a.num_processes)}
     if a.launcher == "torchrun" and not _has_cuda():
         env["ACCELERATE_USE_CPU"] = "1"
     return subprocess.call(cmd, cwd=ROOT, env=env)

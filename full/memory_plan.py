@@ -51,9 +51,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .defaults import CARDS as GPUS, MARGIN  # GB of the common cards; the margin for what the count ignores
+
 GiB = 2**30
-GPUS = (24, 40, 48, 80)  # GB (10^9 bytes) of the common cards
-MARGIN = 1.10  # for what the count ignores (allocator, workspaces)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -70,6 +70,7 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.trace: list[int] | None = None  # with start_trace(): the live bytes after every new storage
         self._seen: set[int] = set()
 
     def _free(self, key: int, n: int) -> None:
@@ -85,10 +86,20 @@ class LiveBytes(TorchDispatchMode):
         self._seen.add(key)
         self.live += n
         self.peak = max(self.peak, self.live)
+        if self.trace is not None:
+            self.trace.append(self.live)
         weakref.finalize(st, self._free, key, n)
 
     def reset_peak(self) -> None:
         self.peak = self.live
+
+    def start_trace(self) -> None:
+        self.reset_peak()
+        self.trace = []
+
+    def stop_trace(self) -> list[int]:
+        trace, self.trace = self.trace, None
+        return trace
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -97,6 +108,21 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:
                 self.track(t)
         return out
+
+
+def affine_peaks(traces: dict[int, list[int]], batches) -> dict[int, float]:
+    """The update's peak at every batch in `batches` from its traces at two batches a < b (live bytes after every
+    new storage). Every tensor of an update is batch-independent (weights, gradients, optimizer states) or has the
+    batch as a factor of its rows (each call's rows are a multiple of the batch), so once the op sequence is the
+    same (it is from batch 2 on; at batch 1 some expands stay views) the live bytes after the k-th new storage are
+    F_k + B V_k, and peak(B) = max_k F_k + B V_k exactly. tests/test_real_arch.py checks it against direct counts."""
+    (a, ta), (b, tb) = sorted(traces.items())
+    if len(ta) != len(tb):
+        raise ValueError(f"the update's op sequence differs between batches {a} and {b} ({len(ta)} vs {len(tb)} new "
+                         "storages): plan each batch directly")
+    v = [(y - x) / (b - a) for x, y in zip(ta, tb)]
+    f = [x - a * d for x, d in zip(ta, v)]
+    return {B: max(x + B * d for x, d in zip(f, v)) for B in batches}
 
 
 class FusedAttention(torch.autograd.Function):
@@ -219,6 +245,7 @@ class Sim:
     rewards: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     rows: int = 0  # UNet rows evaluated (NFE x batch), as common.CountingDenoiser counts them
+    grad_rows: int = 0  # of which with autograd into the trained weights (forward + backward; full.bench's bound)
 
     def denoiser_class(self):
         import diffusers
@@ -301,6 +328,7 @@ class Sim:
         same no-grad call made that many times in a row (a sampling loop): run once, since each call's
         temporaries are freed before the next, but counted `repeat` times in `rows` (the NFE check)."""
         self.rows += rows * repeat
+        self.grad_rows += rows * repeat if grad and not frozen else 0
         unet, ref = self.unets[role]
         x = self.latents(rows)
         t = torch.empty(rows, dtype=torch.long, device="meta")
@@ -507,6 +535,20 @@ class Row:
     smallest_gpu: str
     notes: list = field(default_factory=list)
     gpus: int = 1  # > 1: FSDP2 over that many GPUs (full/fsdp.py), the state per GPU
+    load_gpu_gib: float = 0.0  # per GPU once the models are loaded, before the first call (FSDP: the shards and
+    # the one whole parameter being broadcast; the models are never whole on a GPU)
+    load_host_rank0_gib: float = 0.0  # host RAM of process 0 while loading (FSDP: it alone reads the networks)
+    load_host_rank_gib: float = 0.0  # host RAM of every other process while loading
+    grad_nfe: float = 0.0  # of `nfe`: calls with autograd into the trained weights (forward + backward)
+
+    @property
+    def peak_gib(self) -> float:
+        """The largest GPU memory of the run: update, evaluation chunk, start-up probe or loading."""
+        return max(self.update_gib, self.eval_gib, self.startup_gib or 0.0, self.load_gpu_gib)
+
+    def host_gib(self, processes: int) -> float:
+        """Host RAM of a node running `processes` processes of this row while they load their models."""
+        return self.load_host_rank0_gib + (processes - 1) * self.load_host_rank_gib
 
 
 def smallest_gpu(peak_bytes: float) -> str:
@@ -526,7 +568,7 @@ def method_config(name: str, training: str | None):
     from . import launch
 
     s = launch.SETTINGS[name]
-    script, argv = launch.method_argv(name)
+    script, argv = launch.method_argv(name, extra=["--batch", "1"])  # the batch is the plan's (not the launcher's)
     sys.path.insert(0, str(script.parent))
     module = importlib.import_module(script.stem)
     full_flag = {"pso.py": "--train-full", "sharpening.py": "--full-finetune", "diff_instruct_pp.py": "--train-full"}
@@ -565,10 +607,13 @@ def fsdp_units(module: torch.nn.Module) -> tuple[int, int]:
 
 
 def plan_setting(name: str, checkpointing: bool, training: str | None = None, batch: int = 1,
-                 resolution: int | None = None, decode_batch: int = 1, gpus: tuple = (1,)) -> list[Row]:
+                 resolution: int | None = None, decode_batch: int = 1, gpus: tuple = (1,),
+                 batches: tuple | None = None) -> list[Row]:
     """The rows of one setting: one simulation; with FSDP over N GPUs (N > 1) the frozen weights of the trained
     models are split N ways, one unit at a time is whole (the root unit for the whole forward, the current block
-    and the prefetched next), and the rest (LoRA, optimizer, activations, other models) is per GPU as without."""
+    and the prefetched next), and the rest (LoRA, optimizer, activations, other models) is per GPU as without.
+    `batches`: rows at each of these per-GPU batches instead of `batch` (the update counted at batches 1, 2 and 4,
+    the larger ones from affine_peaks; the evaluation and start-up do not depend on the batch)."""
     import common
 
     from . import architectures, models
@@ -592,13 +637,11 @@ def plan_setting(name: str, checkpointing: bool, training: str | None = None, ba
     lora = {"pso": cfg.lora_rank, "sharpening": cfg.lora_rank, "diff_instruct_pp": cfg.lora_rank}[method]
     import transformers
 
+    text_bytes = sum(architectures.parameter_count(getattr(transformers, lib[1]), e[part]) * (torch.finfo(dtype).bits // 8)
+                     for part, lib in architectures.model_index(spec.base).items() if part.startswith("text_encoder"))
     if not spec.precompute_embeddings:  # the text encoders stay resident (CLIP, OpenCLIP, T5-XXL)
-        for part, lib in architectures.model_index(spec.base).items():
-            if part.startswith("text_encoder"):
-                cls = lib[1]
-                sim.resident_extra += architectures.parameter_count(getattr(transformers, cls), e[part]) * (
-                    torch.finfo(dtype).bits // 8)
-    ns = dict(vars(cfg), batch=batch)  # the per-GPU batch planned (DI++ evaluates in chunks of it)
+        sim.resident_extra += text_bytes
+    ns = dict(vars(cfg), batch=batch)  # the per-GPU batch planned
     if method == "pso":
         rs = spec.roles.get("student", RoleSpec())
         own = list(rs.timesteps or models.DEFAULT_TIMESTEPS["student"])
@@ -628,10 +671,26 @@ def plan_setting(name: str, checkpointing: bool, training: str | None = None, ba
     with counting(dtype) as counter:
         for r, opt in opts.items():
             init_states(opt, sim.trainable(r))
-        counter.reset_peak()
-        sim.rows = 0
-        update(sim, c, batch, opts)
-        update_peak, nfe = counter.peak, sim.rows / batch
+        base = counter.live  # the optimizer states (and nothing else) live between updates
+        if batches is None:
+            counter.reset_peak()
+            sim.rows = sim.grad_rows = 0
+            update(sim, c, batch, opts)
+            update_peaks = {batch: counter.peak}
+        else:  # batch 1 counted, and batches 2 and 4 traced for the larger ones (affine_peaks)
+            update_peaks, traces = {}, {}
+            for b in (1, 2, 4):
+                sim.rows = sim.grad_rows = 0
+                counter.start_trace()
+                update(sim, c, b, opts)
+                traces[b] = [x - base for x in counter.stop_trace()]
+                update_peaks[b] = base + max(traces[b], default=0)
+            del traces[1]
+            more = [b for b in batches if b not in update_peaks]
+            update_peaks = {**{b: update_peaks[b] for b in batches if b in update_peaks},
+                            **{b: base + p for b, p in affine_peaks(traces, more).items()}}
+            batch = 4
+        nfe, grad_nfe = sim.rows / batch, sim.grad_rows / batch
         counter.reset_peak()
         evaluate(sim, c, decode_batch)
         eval_peak = counter.peak
@@ -650,42 +709,125 @@ def plan_setting(name: str, checkpointing: bool, training: str | None = None, ba
     rows = []
     frozen = sum(param_bytes(m, trainable=False) for m, _ in sim.unets.values())  # the trained models' frozen weights
     largest, root = max((fsdp_units(m) for m, _ in sim.unets.values()), default=(0, 0))
-    for n in gpus:
-        if n > 1 and train_full:
-            continue  # full/fsdp.py trains LoRAs only
-        here = resident if n == 1 else resident - frozen + frozen / n + root * (1 - 1 / n) + 2 * largest * (1 - 1 / n)
-        worst = here + max(update_peak, eval_peak, startup_peak or 0)
-        rows.append(Row(name, mode, checkpointing, side * 8, batch, s.batch, here / GiB, (here + update_peak) / GiB,
-                        (here + eval_peak) / GiB, None if startup_peak is None else (here + startup_peak) / GiB,
-                        nfe, stated, smallest_gpu(worst), notes, n))
+    biggest_param = max((p.numel() * p.element_size() for m, _ in sim.unets.values() for p in m.parameters()
+                         if not p.requires_grad), default=0)  # (none frozen when every weight trains: no FSDP)
+    # loading (FullWorld, FullDenoiser): the pipeline's parts are read into host RAM, then moved; each network is
+    # read in the weight dtype (train_full: the fp32 copy and the reference) and moved; a reward model at its first
+    # use. Under FSDP (full/fsdp.py) only process 0 reads the networks and keeps them in host RAM until each is
+    # sharded (every FSDP network of the run: both DI++ networks are loaded before either optimizer is prepared)
+    parts = text_bytes + param_bytes(sim.vae)
+    nets = [param_bytes(m) + (param_bytes(ref) if ref is not None else 0) for m, ref in sim.unets.values()]
+    reward = max((param_bytes(m) for _, m in sim.rewards.values()), default=0)
+    for b, update_peak in sorted(update_peaks.items()):
+        for n in gpus:
+            if n > 1 and train_full:
+                continue  # full/fsdp.py trains LoRAs only
+            here = resident if n == 1 else (resident - frozen + frozen / n + root * (1 - 1 / n)
+                                            + 2 * largest * (1 - 1 / n))
+            load_gpu = resident if n == 1 else resident - frozen + frozen / n + biggest_param
+            host0 = max(parts, reward, max(nets) if n == 1 else sum(nets))
+            host = max(parts, reward, max(nets)) if n == 1 else max(parts, reward)
+            worst = max(here + max(update_peak, eval_peak, startup_peak or 0), load_gpu)
+            rows.append(Row(name, mode, checkpointing, side * 8, b, s.batch, here / GiB, (here + update_peak) / GiB,
+                            (here + eval_peak) / GiB, None if startup_peak is None else (here + startup_peak) / GiB,
+                            nfe, stated, smallest_gpu(worst), notes, n, load_gpu / GiB, host0 / GiB, host / GiB,
+                            grad_nfe))
     return rows
 
 
-FSDP_GPUS = 8  # the FSDP rows: the state per GPU of an 8-GPU node
+FSDP_GPUS = 8  # the docs table's FSDP rows: the state per GPU of an 8-GPU node
+LAUNCH_GPUS = (1, 2, 4, 8)  # the FSDP settings' process counts the launcher's table covers
+PLANNED_BATCHES = (1, 2, 4, 8, 16)  # per-GPU batches planned for the launcher (full/defaults.py PLANNED_PEAK_GIB)
+
+
+def full_training(name: str) -> bool:
+    from . import launch
+
+    return any(f in launch.SETTINGS[name].args for f in ("--full-finetune", "--train-full"))
 
 
 def variants(name: str) -> list[tuple[str | None, bool, tuple]]:
-    """(training, checkpointing, GPU counts) of a setting's rows: its own training mode with checkpointing on and
-    off, a LoRA r=16 alternative (with checkpointing) where the launcher trains every weight, and for the FSDP
-    settings also the state per GPU under FSDP2 over FSDP_GPUS GPUs (from the same simulation)."""
+    """(training, checkpointing, GPU counts) of a setting's rows in the docs table (per-GPU batch 1): its own
+    training mode with checkpointing on and off, a LoRA r=16 alternative (with checkpointing) where the launcher
+    trains every weight, and for the FSDP settings also the state per GPU under FSDP2 over FSDP_GPUS GPUs."""
     from . import launch
 
     s = launch.SETTINGS[name]
     gpus = (1, FSDP_GPUS) if s.fsdp else (1,)
     own = [(None, True, gpus), (None, False, gpus)]
-    return own + ([("lora", True, (1,))] if "--full-finetune" in s.args or "--train-full" in s.args else [])
+    return own + ([("lora", True, (1,))] if full_training(name) else [])
+
+
+def simulations(name: str) -> list[tuple[str | None, bool, tuple, tuple]]:
+    """(training, checkpointing, per-GPU batches, GPU counts) of every simulation of a setting: the docs table's
+    rows (batch 1) and the launcher's: its own training mode and the LoRA alternative of a full setting, with the
+    spec's checkpointing, at every PLANNED_BATCHES batch, under FSDP at every LAUNCH_GPUS count."""
+    from . import launch
+
+    s = launch.SETTINGS[name]
+    ckpt = setting_spec(s)[0].gradient_checkpointing
+    out = {}
+    for training, on, gpus in variants(name):
+        out[(training, on)] = [(1,), set(gpus)]
+    for training in [None] + (["lora"] if full_training(name) else []):
+        entry = out.setdefault((training, ckpt), [(1,), set()])
+        entry[0] = PLANNED_BATCHES
+        entry[1].update(LAUNCH_GPUS if s.fsdp and training is None else (1,))
+    return [(t, c, b, tuple(sorted(g))) for (t, c), (b, g) in out.items()]
+
+
+def row_peak(r: dict) -> float:
+    """Row.peak_gib of a row read back from JSON."""
+    return max(r["update_gib"], r["eval_gib"], r["startup_gib"] or 0.0, r.get("load_gpu_gib", 0.0))
+
+
+def docs_rows(rows: list[dict]) -> list[dict]:
+    """The rows of the docs table: per-GPU batch 1, one GPU or FSDP_GPUS."""
+    return ordered([r for r in rows if r["batch"] == 1 and r.get("gpus", 1) in (1, FSDP_GPUS)
+                    and (r["variant"], r["checkpointing"]) in {(t or "own", c) for t, c, _ in variants(r["setting"])}])
+
+
+def launcher_table(rows: list[dict]) -> dict:
+    """{setting: {(training, GPUs): (peak GiB at each PLANNED_BATCHES batch)}} of the launcher (full/defaults.py):
+    the rows with the spec's checkpointing."""
+    from . import launch
+
+    out: dict = {}
+    for name, s in launch.SETTINGS.items():
+        ckpt = setting_spec(s)[0].gradient_checkpointing
+        mine = [r for r in rows if r["setting"] == name and r["checkpointing"] == ckpt]
+        for r in mine:
+            key = (r["variant"], r.get("gpus", 1))
+            peaks = {x["batch"]: row_peak(x) for x in mine if (x["variant"], x.get("gpus", 1)) == key}
+            if all(b in peaks for b in PLANNED_BATCHES):
+                out.setdefault(name, {})[key] = tuple(round(peaks[b], 2) for b in PLANNED_BATCHES)
+    return out
+
+
+def python_table(table: dict) -> str:
+    """full/defaults.py's generated block."""
+    lines = [f"PLANNED_BATCHES = {PLANNED_BATCHES!r}", "PLANNED_PEAK_GIB = {"]
+    for name, entries in table.items():
+        lines.append(f"    {name!r}: {{")
+        for key, peaks in sorted(entries.items()):
+            lines.append(f"        {key!r}: {peaks!r},")
+        lines.append("    },")
+    return "\n".join(lines + ["}"]) + "\n"
 
 
 def table(rows: list[dict]) -> str:
     head = ("| setting | training | checkpointing | GPUs (FSDP) | resolution | batch/GPU (global) | resident | "
-            "update peak | evaluation peak | start-up peak | NFE planned / stated | smallest GPU |")
+            "update peak | evaluation peak | start-up peak | loading: GPU / host (process 0, each other) | "
+            "NFE planned / stated | smallest GPU |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         start = f"{r['startup_gib']:.1f}" if r["startup_gib"] is not None else "-"
         gpus = r.get("gpus", 1)
         lines.append(f"| {r['setting']} | {r['training']} | {'on' if r['checkpointing'] else 'off'} | "
                      f"{gpus if gpus > 1 else '1 (no FSDP)'} | {r['resolution']}² | {r['batch']} ({r['global_batch']}) | {r['resident_gib']:.1f} | "
-                     f"{r['update_gib']:.1f} | {r['eval_gib']:.1f} | {start} | {r['nfe']:g} / {r['stated_nfe']:g} | "
+                     f"{r['update_gib']:.1f} | {r['eval_gib']:.1f} | {start} | {r.get('load_gpu_gib', 0):.1f} / "
+                     f"{r.get('load_host_rank0_gib', 0):.1f}, {r.get('load_host_rank_gib', 0):.1f} | "
+                     f"{r['nfe']:g} / {r['stated_nfe']:g} | "
                      f"{r['smallest_gpu']} |")
     notes = sorted({n for r in rows for n in r["notes"]})
     return "\n".join(lines + ([""] + [f"* {n}" for n in notes] if notes else [])) + "\n"
@@ -697,18 +839,20 @@ def ordered(rows: list[dict]) -> list[dict]:
 
     order = {n: i for i, n in enumerate(launch.SETTINGS)}
     return sorted(rows, key=lambda r: (order[r["setting"]], r["variant"] != "own", not r["checkpointing"],
-                                       r.get("gpus", 1)))
+                                       r["batch"], r.get("gpus", 1)))
 
 
 BEGIN, END = "<!-- memory-plan:begin (python -m full.memory_plan --write-docs) -->", "<!-- memory-plan:end -->"
+PY_BEGIN, PY_END = "# memory-plan:begin (python -m full.memory_plan --write-docs; do not edit)", "# memory-plan:end"
+ROWS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "memory_plan.json"
 
 
-def write_docs(text: str, path: Path) -> None:
+def write_between(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
     doc = path.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise ValueError(f"{path} lacks the markers {BEGIN!r} ... {END!r} around the generated table")
-    head, rest = doc.split(BEGIN, 1)
-    path.write_text(head + BEGIN + "\n" + text + rest[rest.index(END):])
+    if begin not in doc or end not in doc:
+        raise ValueError(f"{path} lacks the markers {begin!r} ... {end!r} around the generated table")
+    head, rest = doc.split(begin, 1)
+    path.write_text(head + begin + "\n" + text + rest[rest.index(end):])
 
 
 def main(argv=None) -> list[dict]:
@@ -716,35 +860,45 @@ def main(argv=None) -> list[dict]:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("settings", nargs="*", help=f"launcher settings (default: all of {sorted(launch.SETTINGS)})")
-    p.add_argument("--batch", type=int, default=1, help="per-GPU batch")
+    p.add_argument("--batch", type=int, help="per-GPU batch (default: the docs table's 1 and the launcher's "
+                                             f"{PLANNED_BATCHES})")
     p.add_argument("--decode-batch", type=int, default=1, help="rows per evaluation chunk (the spec's decode_batch)")
     p.add_argument("--resolution", type=int, help="image side (default: the setting's spec)")
-    p.add_argument("--json", help="write the rows here as they are computed (a finished file is reused)")
-    p.add_argument("--write-docs", action="store_true", help="replace the table in docs/full.md")
+    p.add_argument("--json", help=f"write the rows here as they are computed (a finished row is reused); with "
+                                  f"--write-docs the default is {ROWS.relative_to(launch.ROOT)}")
+    p.add_argument("--write-docs", action="store_true", help="replace the table in docs/full.md and the launcher's "
+                                                             "table in full/defaults.py (every setting)")
     a = p.parse_args(argv)
     unknown = [s for s in a.settings if s not in launch.SETTINGS]
     if unknown:
         p.error(f"unknown setting(s) {unknown}; choose from {sorted(launch.SETTINGS)}")
-    done = json.loads(Path(a.json).read_text()) if a.json and Path(a.json).is_file() else []
+    if a.write_docs and (a.settings or a.batch or a.resolution or a.decode_batch != 1):
+        p.error("--write-docs plans every setting at the specs' resolution and decode batch 1: drop the other options")
+    path = Path(a.json) if a.json else ROWS if a.write_docs else None
+    done = json.loads(path.read_text()) if path is not None and path.is_file() else []
     rows = list(done)
-    for name in a.settings or list(launch.SETTINGS):
-        for training, ckpt, gpus in variants(name):
-            key = dict(setting=name, checkpointing=ckpt, variant=training or "own")
-            if any(all(r.get(k) == v for k, v in key.items()) for r in done):
-                continue
-            for r in plan_setting(name, ckpt, training, a.batch, a.resolution, a.decode_batch, gpus):
-                row = {**asdict(r), "variant": training or "own"}
-                rows.append(row)
-                print(f"{name} {row['training']} checkpointing={ckpt} GPUs={row['gpus']}: update "
-                      f"{row['update_gib']:.1f} GiB, evaluation {row['eval_gib']:.1f} GiB -> {row['smallest_gpu']}",
-                      file=sys.stderr, flush=True)
-            if a.json:
-                Path(a.json).write_text(json.dumps(rows, indent=1))
+    todo = [(name, *sim) for name in a.settings or list(launch.SETTINGS) for sim in simulations(name)]
+    for name, training, ckpt, batches, gpus in sorted(todo, key=lambda x: len(x[3]) == 1):  # the launcher's first
+        batches = (a.batch,) if a.batch is not None else batches
+        key = dict(setting=name, checkpointing=ckpt, variant=training or "own")
+        if any(all(r.get(k) == v for k, v in key.items()) and r["batch"] == batches[-1] for r in done):
+            continue
+        for r in plan_setting(name, ckpt, training, batches[0], a.resolution, a.decode_batch, gpus,
+                              batches if len(batches) > 1 else None):
+            row = {**asdict(r), "variant": training or "own"}
+            rows.append(row)
+            print(f"{name} {row['training']} checkpointing={ckpt} batch={row['batch']} GPUs={row['gpus']}: "
+                  f"update {row['update_gib']:.1f} GiB, evaluation {row['eval_gib']:.1f} GiB, loading "
+                  f"{row['load_gpu_gib']:.1f} GiB -> {row['smallest_gpu']}", file=sys.stderr, flush=True)
+        if path is not None:
+            path.write_text(json.dumps(ordered(rows), indent=1))
     rows = ordered(rows)
-    text = table(rows)
+    text = table(docs_rows(rows))
     print(text)
     if a.write_docs:
-        write_docs(text, Path(__file__).resolve().parents[1] / "docs" / "full.md")
+        write_between(launch.ROOT / "docs" / "full.md", text)
+        write_between(Path(__file__).resolve().parent / "defaults.py", python_table(launcher_table(rows)),
+                      PY_BEGIN, PY_END)
     return rows
 
 

@@ -111,7 +111,9 @@ def _offline_hint(source: str) -> str:
     return ""
 
 
-def _from_pretrained(cls, source: str, what: str, random_weights: bool = False, **kw):
+def _from_pretrained(cls, source: str, what: str, random_weights: bool = False, empty: bool = False, **kw):
+    if empty:  # the architecture alone, on the meta device: no weights read (full/fsdp.py, FSDP processes > 0)
+        return _empty(cls, source, what, random_weights, **kw)
     if random_weights:  # the real architecture from full/configs, random weights (full/architectures.py)
         from . import architectures
 
@@ -127,6 +129,25 @@ def _from_pretrained(cls, source: str, what: str, random_weights: bool = False, 
         sub = f"/{kw['subfolder']}" if kw.get("subfolder") else ""
         hint = _offline_hint(source)
         raise ModelError(f"cannot load {what} from {source}{sub}{hint or ': ' + str(e)}") from e
+
+
+def _empty(cls, source: str, what: str, random_weights: bool, subfolder=None, revision=None, torch_dtype=None,
+           **_):
+    from accelerate import init_empty_weights
+
+    if random_weights:
+        from . import architectures
+
+        config = architectures.component_config(source, subfolder or "unet")
+        config = architectures.shallow(config, architectures.config_class_name(config, cls))
+    else:
+        try:
+            config = cls.load_config(source, subfolder=subfolder, revision=revision)
+        except (OSError, EnvironmentError, ValueError) as e:
+            raise ModelError(f"cannot read the config of {what} from {source}{_offline_hint(source) or ': ' + str(e)}") from e
+    with init_empty_weights():
+        net = cls.from_config(config)
+    return net.to(torch_dtype) if torch_dtype is not None else net
 
 
 def read_model_index(base: str, what: str = "base pipeline", random_weights: bool = False) -> dict:
@@ -555,16 +576,17 @@ def role_scheduler(spec: ModelSpec, role: RoleSpec, base_scheduler):
 
 
 def load_unet(spec: ModelSpec, role: RoleSpec, parts: PipelineParts, where: str,
-              dtype: torch.dtype = torch.float32):
+              dtype: torch.dtype = torch.float32, empty: bool = False):
     """The role's denoiser network (UNet, or the SD3 / FLUX transformer: parts.net_class from unet/ or
     transformer/) on the CPU, loaded in `dtype` (torch_dtype: never materialised in fp32 first), with its
-    distillation LoRA fused."""
+    distillation LoRA fused. `empty`: its architecture on the meta device, no weights read (an FSDP process > 0,
+    which receives process 0's weights when the network is sharded: full/fsdp.py)."""
     cls, folder = parts.net_class(), parts.net_folder
-    kw = dict(variant=spec.variant, torch_dtype=dtype, random_weights=spec.random_weights)
+    kw = dict(variant=spec.variant, torch_dtype=dtype, random_weights=spec.random_weights, empty=empty)
     if role.unet is None:
         unet = _from_pretrained(cls, spec.base, f"the {folder} of {where}", subfolder=folder,
                                 revision=spec.revision, **kw)
-    elif role.unet_file and spec.random_weights:  # random weights: the base architecture is the file's architecture
+    elif role.unet_file and (spec.random_weights or empty):  # the base architecture is the file's architecture
         unet = _from_pretrained(cls, spec.base, f"the {folder} of {where}", subfolder=folder,
                                 revision=spec.revision, **kw)
     elif role.unet_file:  # DMD2: a bare state dict for the base architecture, loaded into an empty (meta) network
@@ -591,7 +613,7 @@ def load_unet(spec: ModelSpec, role: RoleSpec, parts: PipelineParts, where: str,
                       f"{folder}/config.json (a pipeline) or config.json (a bare {cls.__name__})")
             raise ModelError(f"{folder} source {role.unet!r} of {where} lacks {looked}")
         unet = _from_pretrained(cls, role.unet, f"the {folder} of {where}", subfolder=sub, **kw)
-    if role.lora and not spec.random_weights:  # a fused LoRA changes no shape: random weights skip it
+    if role.lora and not spec.random_weights and not empty:  # a fused LoRA changes no shape: random weights skip it
         unet = fuse_lora(unet, role, parts, where)
     return unet.requires_grad_(False).eval()
 

@@ -164,7 +164,10 @@ class FullDenoiser:
         else:
             if lora_rank < 1:
                 raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
-            unet = unet.to(self.device)
+            from . import fsdp
+
+            if not fsdp.is_fsdp(world.accelerator):  # under FSDP it reaches the GPU in shards (full/fsdp.py)
+                unet = unet.to(self.device)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(world.spec.seed)  # the same initial A on every rank and every run
                 unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights=True,
@@ -258,6 +261,9 @@ class FullWorld:
         # --mixed_precision bf16, or `accelerate config`); weights of the frozen parts are loaded in it
         self.accelerator = _accelerator_class()(mixed_precision=spec.mixed_precision, adam_8bit=spec.adam_8bit,
                                                 cpu=not torch.cuda.is_available())  # cpu: gloo under torchrun
+        from .launch import check_processes
+
+        check_processes(self.accelerator)  # as many processes as were asked for (accelerate's CPU mode may start one)
         mp = self.accelerator.mixed_precision
         if mp not in MIXED_PRECISION:
             raise ValueError(f"mixed precision {mp!r} (from accelerate's configuration) is not supported by the full "
@@ -447,7 +453,11 @@ class FullWorld:
             unet = models.load_unet(self.spec, rspec, self.parts, where, torch.float32)
             reference = models.load_unet(self.spec, rspec, self.parts, where, self.dtype)
         else:  # frozen weights in the weight dtype; FullDenoiser casts the LoRA to fp32 (cast_training_params)
-            unet, reference = models.load_unet(self.spec, rspec, self.parts, where, self.dtype), None
+            from . import fsdp  # under FSDP only process 0 reads the weights
+
+            unet = models.load_unet(self.spec, rspec, self.parts, where, self.dtype,
+                                    empty=fsdp.reads_no_weights(self.accelerator))
+            reference = None
         if merged_adapter is not None:  # in the weights before our LoRA goes on: part of the frozen model
             if train_full:
                 raise ValueError(f"{where}: merged_adapter needs a LoRA denoiser (train_full=False)")

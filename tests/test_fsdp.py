@@ -55,6 +55,20 @@ if {force!r}:
         return FSDPOnCPU
 
     fw._accelerator_class = forced
+import full.fsdp as ff
+import full.models as fm
+seen = {{"empty": [], "devices": []}}
+load_unet, prepare_module = fm.load_unet, ff.prepare_module
+
+def recording_load(*a, empty=False, **k):  # which processes read the network's weights
+    seen["empty"].append(empty)
+    return load_unet(*a, empty=empty, **k)
+
+def recording_prepare(accelerator, module, train_full):  # where the frozen weights are before the sharding
+    seen["devices"] = sorted({{p.device.type for p in module.parameters() if not p.requires_grad}})
+    return prepare_module(accelerator, module, train_full)
+
+fm.load_unet, ff.prepare_module = recording_load, recording_prepare
 worlds = []
 load = full.load_world
 
@@ -70,7 +84,7 @@ world = worlds[0]
 den = world.denoisers[0]
 rank = world.accelerator.process_index
 assert world.accelerator.num_processes == 2
-info = {{"fsdp2": world.accelerator.is_fsdp2}}
+info = {{"fsdp2": world.accelerator.is_fsdp2, **seen}}
 if {force!r}:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
@@ -132,8 +146,12 @@ def _run(spec, out: Path, steps: int, fsdp: bool, *extra) -> tuple[list[dict], l
 def test_lora_under_fsdp2_trains_resumes_and_matches_ddp(spec, tmp_path):
     (ddp, _), _ = _run(spec, tmp_path / "ddp", 3, fsdp=False)
     (a0, a1), infos = _run(spec, tmp_path / "fsdp", 3, fsdp=True)
-    for info in infos:
+    for rank, info in enumerate(infos):
         assert info["fsdp2"] and info["root"] and info["same"] and info["lora_plain"] and info["frozen_sharded"]
+        # cpu-ram-efficient start-up: process 0 alone read the weights; the others held an empty (meta) network
+        # until accelerate sharded it and broadcast process 0's weights (the devices: where the frozen weights
+        # were when the network was handed to FSDP: nowhere near an accelerator)
+        assert info["empty"] == [rank > 0] and info["devices"] == (["meta"] if rank else ["cpu"]), info
         assert info["units"] > 1  # the UNet's blocks are their own FSDP units, under the root
         assert info["local"] < 0.6 * info["total"]  # each rank holds about half of the frozen weights
     assert a0.keys() == a1.keys() == ddp.keys()

@@ -390,17 +390,23 @@ def test_every_launcher_setting_is_a_valid_method_command(name):
 
     s = launch.SETTINGS[name]
     procs = 2 if s.batch % 2 == 0 else 1
-    method_name, variant = launch.method_variant(s)
-    for gpu in (24, 80):
+    for gpu in defaults.CARDS:
+        peak = defaults.planned_peak(name, 1, procs)
+        if not defaults.fits(peak, gpu):  # the memory plan refuses it here, naming what fits
+            with pytest.raises(launch.DoesNotFit, match=f"{name} does not fit"):
+                launch.method_argv(name, num_processes=procs, gpu_memory=gpu)
+            continue
         script, argv = launch.method_argv(name, num_processes=procs, gpu_memory=gpu)
         method = importlib.import_module(script.stem)
         cfg = harness.parse_config(method.Config, argv)  # every flag exists in the method's CLI
-        micro, steps = launch.per_process_batch(s, procs, gpu)
-        assert cfg.batch == micro <= defaults.MICRO_BATCH[(method_name, variant)][gpu == 80]
+        micro, steps = launch.per_process_batch(name, procs, gpu)
+        assert cfg.batch == micro and defaults.fits(defaults.planned_peak(name, micro, procs), gpu)
+        bigger = [b for b in defaults.PLANNED_BATCHES if b > micro and (s.batch // procs) % b == 0]
+        assert all(not defaults.fits(defaults.planned_peak(name, b, procs), gpu) for b in bigger)  # the largest
         assert micro * steps * procs == s.batch  # the paper's global batch, by accumulation
-        assert getattr(cfg, "gradient_accumulation_steps", steps) == steps
+        assert cfg.gradient_accumulation_steps == steps
     assert load_spec(cfg.model).base  # the spec file parses
-    cmd = launch.command(name, num_processes=4, launcher="accelerate")
+    cmd = launch.command(name, num_processes=4, launcher="accelerate", gpu_memory=80, cuda=True)
     assert cmd[:2] == ["accelerate", "launch"] and cmd[cmd.index("--num_processes") + 1] == "4"
     assert ("--multi_gpu" in cmd) != s.fsdp and ("--config_file" in cmd) == s.fsdp
 
@@ -414,7 +420,7 @@ def test_fsdp_settings_launch_with_the_shipped_fsdp_config_accelerate_accepts():
     fsdp = sorted(n for n, s in launch.SETTINGS.items() if s.fsdp)
     assert fsdp == ["dipp-sd35-large-turbo", "pso-online-flux-schnell"]
     for name in fsdp:
-        cmd = launch.command(name, num_processes=8)
+        cmd = launch.command(name, num_processes=8, cuda=True)
         assert cmd[cmd.index("--config_file") + 1] == str(launch.ACCELERATE_FSDP) and "--multi_gpu" not in cmd
         args, _, _ = _validate_launch_command(launch_command_parser().parse_args(cmd[2:]))
         assert args.use_fsdp and str(args.fsdp_version) == "2" and args.num_processes == 8 and not args.multi_gpu

@@ -348,15 +348,38 @@ def test_method_defaults_are_the_papers_and_name_real_config_fields(xl, method, 
     assert xl.method_defaults(method, "nonexistent") == {}
 
 
-def test_per_gpu_batch_and_accumulation_reach_the_global_batch():
-    for (method, variant), total in defaults.GLOBAL_BATCH.items():
-        for card in (0, 1):
+def test_planned_per_gpu_batch_fits_and_accumulation_reaches_the_global_batch():
+    from full import launch
+
+    for name, s in launch.SETTINGS.items():
+        method, variant = launch.method_variant(s)
+        for gb in defaults.CARDS:
             for procs in (1, 2, 8):
-                m = defaults.micro_batch(method, variant, procs, card)
+                m = defaults.planned_batch(name, gb, procs, s.batch // procs)
+                if s.batch % procs or m is None:
+                    continue
                 k = defaults.accumulation_steps(method, variant, m, procs)
-                assert m <= defaults.MICRO_BATCH[(method, variant)][card]
-                if total % procs == 0:
-                    assert m * k * procs == total, (method, variant, card, procs)
+                assert m * k * procs == s.batch and defaults.fits(defaults.planned_peak(name, m, procs), gb)
+
+
+def test_a_run_on_a_settings_spec_gets_the_plans_batch_for_its_card(monkeypatch):
+    """method_defaults' batch: the memory plan's for the card (a launcher setting's model), 1 for anything else
+    or without CUDA; a full fine-tuning setting's plain run (the paper defaults train a LoRA) uses its LoRA row."""
+    from types import SimpleNamespace
+
+    from full import launch
+
+    spec = load_spec(str(launch.SPECS / "sdxl_dmd2.json"))
+    assert defaults.setting_of("pso", "online", spec) == "pso-online-dmd2"
+    world = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1), device=None, spec=spec)
+    assert defaults.default_batch("pso", "online", world) == 1  # no CUDA here
+    monkeypatch.setattr(defaults, "gpu_memory_gb", lambda device=None: 80.0)
+    assert defaults.default_batch("pso", "online", world) == defaults.planned_batch("pso-online-dmd2", 80, 1, 32) > 1
+    base = load_spec(str(launch.SPECS / "sdxl_base.json"))
+    lora = defaults.planned_batch("sharpening-rlhf-sdxl", 80, 1, 8, "lora")
+    assert defaults.default_batch("sharpening", "rlhf", SimpleNamespace(**{**vars(world), "spec": base})) == lora
+    other = load_spec(str(launch.SPECS / "sdxl_dmd2.json"), resolution=512)
+    assert defaults.default_batch("pso", "online", SimpleNamespace(**{**vars(world), "spec": other})) == 1
 
 
 # --------------------------------------------------------------------------------------------- errors

@@ -25,7 +25,8 @@ STEPS = {("flux_dev", "teacher"): 25, ("flux_schnell", "student"): 4, ("flux_sch
          ("sdxl_dmd2", "teacher"): 25, ("sdxl_dmd2_dipp", "generator"): 1, ("sdxl_dmd2_dipp", "teacher"): 25,
          ("sdxl_lcm", "student"): 4, ("sdxl_turbo", "student"): 4,
          ("zimage_turbo", "student"): 8, ("zimage_turbo", "teacher"): 25, ("flux2_klein", "student"): 4,
-         ("flux2_klein", "teacher"): 25}
+         ("flux2_klein", "teacher"): 25, ("flux_schnell_dev_teacher", "student"): 4,
+         ("flux_schnell_dev_teacher", "generator"): 1, ("flux_schnell_dev_teacher", "teacher"): 25}
 
 
 def _setup(path):

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from full import architectures, launch, memory_plan, tiny
+from full import architectures, launch, memory_plan, rehearse, tiny
 from full.spec import load_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -353,17 +353,73 @@ def test_fsdp_units_split_the_frozen_weights_into_blocks_and_a_root():
     assert 0 < largest == max(sizes) and 0 < root and root + sum(sizes) == frozen
 
 
-def test_the_docs_table_is_the_generated_one_of_every_setting():
-    """docs/full.md holds `python -m full.memory_plan --write-docs`'s table of benchmarks/results/memory_plan.json,
-    and that file has rows of every launcher setting (FSDP settings: also at 8 GPUs)."""
-    root = launch.ROOT
-    rows = json.loads((root / "benchmarks" / "results" / "memory_plan.json").read_text())
-    doc = (root / "docs" / "full.md").read_text()
+def test_the_docs_and_launcher_tables_are_the_generated_ones_of_every_setting():
+    """docs/full.md and full/defaults.py hold `python -m full.memory_plan --write-docs`'s tables of
+    benchmarks/results/memory_plan.json, which has rows of every launcher setting: batch 1 for the docs (FSDP
+    settings also at 8 GPUs), every PLANNED_BATCHES batch of its own training mode (and of the LoRA alternative of
+    a full fine-tuning setting) for the launcher, per FSDP process count."""
+    from full import defaults
+
+    rows = json.loads(memory_plan.ROWS.read_text())
+    doc = (launch.ROOT / "docs" / "full.md").read_text()
     inside = doc.split(memory_plan.BEGIN, 1)[1].split(memory_plan.END, 1)[0]
-    assert inside == "\n" + memory_plan.table(memory_plan.ordered(rows))
+    assert inside == "\n" + memory_plan.table(memory_plan.docs_rows(rows))
+    table = memory_plan.launcher_table(rows)
+    assert defaults.PLANNED_BATCHES == memory_plan.PLANNED_BATCHES and defaults.PLANNED_PEAK_GIB == table
     for name, s in launch.SETTINGS.items():
-        gpus = {r.get("gpus", 1) for r in rows if r["setting"] == name}
-        assert gpus == ({1, memory_plan.FSDP_GPUS} if s.fsdp else {1}), (name, gpus)
+        expected = {("own", g) for g in (memory_plan.LAUNCH_GPUS if s.fsdp else (1,))}
+        expected |= {("lora", 1)} if memory_plan.full_training(name) else set()
+        assert set(table[name]) == expected, name
+        for key, peaks in table[name].items():  # a larger batch never needs less memory
+            assert list(peaks) == sorted(peaks), (name, key)
+        docs = {r.get("gpus", 1) for r in memory_plan.docs_rows(rows) if r["setting"] == name}
+        assert docs == ({1, memory_plan.FSDP_GPUS} if s.fsdp else {1}), (name, docs)
+
+
+def test_fsdp_rows_count_a_start_up_without_a_whole_network_on_any_gpu():
+    """The 8-GPU rows' loading peak: the shards plus one parameter in transit, far below the network; the host RAM
+    of process 0 holds the networks (it alone reads them), the other processes' does not."""
+    rows = json.loads(memory_plan.ROWS.read_text())
+    for name in [n for n, s in launch.SETTINGS.items() if s.fsdp]:
+        one = next(r for r in rows if r["setting"] == name and r["batch"] == 1 and r["gpus"] == 1
+                   and r["variant"] == "own" and r["checkpointing"])
+        eight = next(r for r in rows if r["setting"] == name and r["batch"] == 1 and r["gpus"] == 8
+                     and r["variant"] == "own" and r["checkpointing"])
+        assert eight["load_gpu_gib"] < one["load_gpu_gib"] / 2 and eight["load_gpu_gib"] > 0
+        assert eight["load_host_rank0_gib"] > eight["load_host_rank_gib"]  # the networks: process 0 only
+        assert one["load_host_rank0_gib"] == one["load_host_rank_gib"]
+
+
+def test_affine_peaks_equal_the_direct_counts_at_larger_batches(monkeypatch):
+    """The launcher's batches 8 and 16 come from traces at 2 and 4 (memory_plan.affine_peaks): on tiny models
+    with the real update programs they equal a direct count."""
+    from types import SimpleNamespace
+
+    from transformers import CLIPConfig, CLIPModel
+
+    monkeypatch.setattr(memory_plan, "reward_image_size", lambda name: 32)
+    for variant in ("online", "offline", "pso"):
+        sim = _tiny_sim()
+        sim.add_unet("student", 4, False)
+        sim.build_vae()
+        with torch.device("meta"):
+            clip = CLIPModel(CLIPConfig(text_config=tiny.TEXT, vision_config=dict(
+                hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
+                patch_size=8), projection_dim=16))
+        sim.rewards = {"reward": ("clip", clip.requires_grad_(False))}
+        opts = {"student": memory_plan.adamw(sim.trainable("student"))}
+        cfg = SimpleNamespace(variant=variant, grid=[999, 749, 499, 249], one_timestep=False)
+        traces, direct = {}, {}
+        with memory_plan.counting(torch.bfloat16) as c:
+            memory_plan.init_states(opts["student"], sim.trainable("student"))
+            base = c.live
+            for b in (2, 4, 8, 16):
+                c.start_trace()
+                memory_plan.pso_update(sim, cfg, b, opts)
+                traces[b] = [x - base for x in c.stop_trace()]
+                direct[b] = base + max(traces[b])
+        predicted = memory_plan.affine_peaks({2: traces[2], 4: traces[4]}, (8, 16))
+        assert {b: base + p for b, p in predicted.items()} == {8: direct[8], 16: direct[16]}, variant
 
 
 def test_flow_settings_plan_on_their_shipped_specs():
@@ -374,19 +430,42 @@ def test_flow_settings_plan_on_their_shipped_specs():
 
 
 def test_bench_plumbing_on_a_tiny_pipeline(tmp_path):
-    """full.bench runs a setting with checkpointing on and off and reports the NFE bound ratio (no CUDA here: the
-    memory columns are None; the command itself is for a GPU)."""
+    """full.bench runs a setting as its launcher does (here `python`, the worker in place of pso.py) with
+    checkpointing on and off: s/update, the update's network calls split into grad / other NFEs (PSO online:
+    3 roll-out steps of 2 rows with autograd, the last step and the frozen call on 6 rows without), the NFE bound
+    and its ratio; without CUDA the GPU columns are empty and the peak RSS is reported. A setting that cannot run
+    is a row with its reason, listed at the end of the table, and the loop goes on."""
     from full import bench
 
     spec = tiny.save_tiny_setup(tmp_path / "tiny", "sdxl", "lcm")
-    rows = bench.main(["pso-online-dmd2", "--model", str(spec), "--steps", "2", "--batch", "1",
+    rows = bench.main(["pso-online-dmd2", "--model", str(spec), "--steps", "3", "--batch", "1",
                        "--checkpointing", "both", "--out", str(tmp_path / "bench")])
     assert [r["overrides"]["gradient_checkpointing"] for r in rows] == [True, False]
     for r in rows:
-        assert r["nfe_per_update"] == 14 and r["updates"] == 2
-        assert r["unet_fwd_bwd_s"] > 0 and 0 < r["bound_ratio"] < float("inf")
-        assert r["train_peak_gib"] is None and r["eval_peak_gib"] is None  # no CUDA
+        assert r["nfe_logged"] == 14 and (r["nfe_grad"], r["nfe_other"]) == (6, 8) and r["updates"] == 3
+        assert r["fwd_bwd_s"] > r["fwd_s"] > 0 and 0 < r["bound_ratio"] < float("inf")
+        assert r["bound_s"] == pytest.approx(6 * r["fwd_bwd_s"] + 8 * r["fwd_s"])
+        assert r["train_allocated_gib"] is None and r["eval_reserved_gib"] is None and r["rss_peak_mib"] > 100
     assert json.loads((tmp_path / "bench" / "bench.json").read_text()) == rows
+    failed = bench.bench("pso-online-dmd2", str(spec), 2, 1, {"reward": "imagereward"}, tmp_path / "bench2")
+    assert "imagereward" in failed["error"].lower()  # the reason, from the run's own error
+    text = bench.table([*rows, failed])
+    assert text.index("Could not run") > text.index(rows[-1]["setting"]) and "imagereward" in text
+
+
+@pytest.mark.slow
+def test_bench_runs_a_setting_in_two_processes_through_the_launcher(tmp_path):
+    """--num-processes 2 --launcher torchrun (CPU, gloo): two workers, each reporting its memory; one row."""
+    from full import bench
+
+    spec = tiny.save_tiny_setup(tmp_path / "tiny", "sdxl", "lcm")
+    rows = bench.main(["sharpening-rlhf-sdxl", "--model", str(spec), "--steps", "2", "--batch", "1",
+                       "--num-processes", "2", "--launcher", "torchrun", "--out", str(tmp_path / "bench"),
+                       "--", "--n", "2", "--m", "2"])
+    (r,) = rows
+    assert "error" not in r and r["processes"] == 2 and r["updates"] == 2 and r["command"][0] == "torchrun"
+    assert len(list((tmp_path / "bench").rglob("bench-worker.rank*.json"))) == 2
+    assert "fwd_s" not in r  # the unit timing is single-process only
 
 
 # --------------------------------------------------------------------------------------------- slow: real runs
@@ -498,6 +577,35 @@ def test_dipp_one_update_on_the_real_sd21_architecture(tmp_path, monkeypatch):
                            "--steps", "1", "--batch", "1", "--eval-samples", "1", "--out", str(out)])
     assert float(_log(out)[0]["nfe"]) == 2 * 2 + 3
     assert calls
+
+
+@pytest.mark.slow
+def test_sharpening_rlhf_one_update_on_the_real_sd35_medium_transformer(tmp_path, monkeypatch):
+    """A real flow architecture: SD3.5-medium's transformer at full depth (random weights, fp32) runs one RLHF
+    update and an evaluation at 8x8 latents through sharpening.main, the SD3 conditioning shapes real (77 CLIP + 256
+    T5 tokens of 4096, pooled 2048); the text encoders and reward towers are built at depth 1 (real widths; T5-XXL in
+    fp32 alone would need 19 GB), the data synthetic (full/rehearse.py). ~10 GB of RAM: run alone."""
+    import harness
+    import sharpening
+    from diffusers import SD3Transformer2DModel
+
+    spec, _ = rehearse.rehearsal_spec(str(launch.SPECS / "sd35_medium.json"), tmp_path, rows=100, resolution=64)
+    d = json.loads(spec.read_text())
+    d["roles"]["teacher"]["timesteps"] = [999, 749, 499, 249]  # 4 teacher steps: the real network, fewer CPU minutes
+    spec.write_text(json.dumps(d))
+    calls = _count_checkpoints(monkeypatch)
+    worlds, load = [], harness.load_world
+    monkeypatch.setattr(harness, "load_world", lambda *a, **k: worlds.append(load(*a, **k)) or worlds[-1])
+    out = tmp_path / "run"
+    with architectures.depth(1, denoisers=False):
+        sharpening.main(["--model", str(spec), "--variant", "rlhf", "--n", "2", "--m", "2", "--recompute", "--steps",
+                         "1", "--batch", "1", "--eval-samples", "1", "--final-samples", "1", "--eval-every", "1",
+                         "--out", str(out)])
+    net = worlds[0].denoisers[0].unet
+    real = architectures.parameter_count(SD3Transformer2DModel, "transformer_sd35_medium.json")
+    assert sum(p.numel() for n, p in net.named_parameters() if "lora" not in n) == real > 2e9
+    assert worlds[0].encode(["a cat"])["prompt_embeds"].shape == (1, 77 + 256, 4096)
+    assert float(_log(out)[0]["nfe"]) == 2 * 4 + 2 * 2 + 2 * 2 + 2 * 2 and calls
 
 
 def test_random_weight_rewards_have_the_real_backbones():
