@@ -143,6 +143,11 @@ class Family:
         """The pipeline's CFG arguments for the usual CFG scale `guidance` (neg + guidance (pos - neg); <= 1: off)."""
         return {"guidance_scale": guidance}
 
+    def example_condition(self, rows: int, text_tokens: int, net_config, device, dtype) -> dict:
+        """A condition of `rows` rows with `text_tokens` prompt tokens and the network's widths (values unset: the
+        memory plan's meta-device calls, full/memory_plan.py)."""
+        raise NotImplementedError
+
     def pipeline_latents(self, latents: torch.Tensor, pipe, world) -> torch.Tensor:
         """A pipeline's `output_type="latent"` result -> the state layout."""
         return latents

@@ -176,5 +176,9 @@ class Flux2Family(Family):
     def pipeline_mu(self, config, image_seq_len, steps):
         return pipeline_mu(image_seq_len, steps) if config.get("use_dynamic_shifting") else None
 
+    def example_condition(self, rows, text_tokens, net_config, device, dtype):
+        return {"prompt_embeds": torch.empty(rows, text_tokens, net_config["joint_attention_dim"], device=device,
+                                             dtype=dtype)}
+
 
 FLUX2 = Flux2Family()

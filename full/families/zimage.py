@@ -136,5 +136,9 @@ class ZImageFamily(Family):
     def pipeline_sigmas(self, steps):
         return pipeline_sigmas(steps)
 
+    def example_condition(self, rows, text_tokens, net_config, device, dtype):
+        return {"prompt_embeds": torch.empty(rows, text_tokens, net_config["cap_feat_dim"], device=device, dtype=dtype),
+                "prompt_len": torch.full((rows,), text_tokens, dtype=torch.long)}  # the longest prompts: an upper bound
+
 
 ZIMAGE = ZImageFamily()
