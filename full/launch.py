@@ -225,12 +225,15 @@ def fit_advice(name: str, gpu_memory: float, num_processes: int, training: str) 
                 out.append(f"FSDP over {n} GPUs of {gpu_memory:g} GB: {cmd} --gpu-memory {gpu_memory:g} "
                            f"--num-processes {n}")
                 break
-    if training == "own" and any(f in s.args for f in FULL_FLAGS):
+    if training == "own" and any(f in s.args for f in FULL_FLAGS):  # on this card, else the smallest that fits
         flag = next(f for f in FULL_FLAGS if f in s.args)
-        b = defaults.planned_batch(name, gpu_memory, num_processes, s.batch // num_processes, "lora")
-        if b:
-            out.append(f"a LoRA (r=16) instead of every weight, batch {b} per GPU: {cmd} --gpu-memory {gpu_memory:g}"
-                       f"{f' --num-processes {num_processes}' if num_processes > 1 else ''} -- --no-{flag[2:]}")
+        for card in [gpu_memory, *(c for c in defaults.CARDS if c > gpu_memory)]:
+            b = defaults.planned_batch(name, card, num_processes, s.batch // num_processes, "lora")
+            if b:
+                out.append(f"a LoRA (r=16) instead of every weight{f' on {card:g} GB' if card != gpu_memory else ''}"
+                           f", batch {b} per GPU: {cmd} --gpu-memory {card:g}"
+                           f"{f' --num-processes {num_processes}' if num_processes > 1 else ''} -- --no-{flag[2:]}")
+                break
     for n in sorted({num_processes, 8} if s.fsdp and training == "own" else {num_processes}):
         if s.batch % n:
             continue
@@ -251,7 +254,7 @@ def per_process_batch(name: str, num_processes: int, gpu_memory: float = 80, tra
     from . import defaults
 
     s = SETTINGS[name]
-    if num_processes < 1 or s.batch % num_processes:
+    if num_processes < 1 or (batch is None and s.batch % num_processes):
         raise ValueError(f"{num_processes} processes do not divide the global batch {s.batch}; choose a divisor "
                          "(or pass --batch to the method after --)")
     if not gpu_memory > 0:
@@ -318,7 +321,7 @@ def planned(name: str, num_processes: int, gpu_memory: float, model: str | None,
     training = training_of(name, extra)
     batch = int(extra[len(extra) - 1 - extra[::-1].index("--batch") + 1]) if "--batch" in extra else None
     if model is not None or training is None:
-        if num_processes < 1 or s.batch % num_processes:
+        if num_processes < 1 or (batch is None and s.batch % num_processes):
             raise ValueError(f"{num_processes} processes do not divide the global batch {s.batch}; choose a divisor "
                              "(or pass --batch to the method after --)")
         b = batch or 1

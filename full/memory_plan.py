@@ -646,6 +646,17 @@ def fsdp_units(module: torch.nn.Module) -> tuple[int, int]:
     return largest, frozen(p for p in module.parameters() if id(p) not in inside)
 
 
+def role_grid(spec, role: str, rspec) -> list[int]:
+    """A grid of the role's length (the spec's timesteps, else models.role_steps: the model card's / the methods'
+    step count); its values do not change memory."""
+    import common
+
+    from . import models
+
+    return list(rspec.timesteps) if rspec.timesteps else common.few_step_timesteps(
+        models.role_steps(spec, role, rspec)[0])
+
+
 def plan_setting(name: str, checkpointing: bool, training: str | None = None, batch: int = 1,
                  resolution: int | None = None, decode_batch: int = 1, gpus: tuple = (1,),
                  batches: tuple | None = None) -> list[Row]:
@@ -686,8 +697,7 @@ def plan_setting(name: str, checkpointing: bool, training: str | None = None, ba
     trained = [role]  # the roles whose LoRA (or weights) the update trains
     if method == "pso":
         rs = spec.roles.get("student", RoleSpec())
-        # the student's grid length: its model card's (Z-Image-Turbo 8) or 4 (models.role_steps)
-        own = list(rs.timesteps or common.few_step_timesteps(models.role_steps(spec, "student", rs)[0]))
+        own = role_grid(spec, "student", rs)
         ns["grid"] = common.few_step_timesteps(cfg.train_steps) if cfg.train_steps else own
         ns["model_steps"] = len(own)
         sim.add_unet("student", lora, train_full)
@@ -698,7 +708,7 @@ def plan_setting(name: str, checkpointing: bool, training: str | None = None, ba
         stated = module.nfe_per_update(cfg, len(ns["grid"]), len(own))
     elif method == "sharpening":
         rs = spec.roles.get("teacher", RoleSpec())
-        ns["grid"] = list(rs.timesteps or models.DEFAULT_TIMESTEPS["teacher"])
+        ns["grid"] = role_grid(spec, "teacher", rs)
         sim.add_unet("teacher", lora, train_full)
         stated = cfg.n * cfg.m + (cfg.n * len(ns["grid"]) + 2 * cfg.m if cfg.variant == "rlhf" else 0) + (
             (cfg.m if cfg.variant == "sft" else 2 * cfg.m) if cfg.recompute else 0)

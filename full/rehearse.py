@@ -280,7 +280,8 @@ def rehearsal_spec(spec_file: str, root: Path, rows: int, resolution: int = RESO
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(caption(k) for k in range(64)) + "\n")
     d.update(random_weights=True, dtype="fp32", resolution=resolution, decode_batch=1, prompts=str(prompts),
-             eval_prompts=str(prompts))
+             eval_prompts=str(prompts), embedding_cache=str(root / "embeddings"))  # (random encoders' embeddings
+    # stay out of the user's cache)
     d["data"] = {split: synthetic_source(f"data.{split}", src, root, rows) for split, src in spec.data.items()}
     if spec.pairs:
         d["pairs"] = synthetic_source("pairs", spec.pairs, root, rows)
@@ -341,7 +342,7 @@ def run_update(name: str, spec_path: Path, out: Path, extra: list[str]) -> dict:
     harness.load_world = keep  # the methods call harness.load_world(cfg.model) at run time
     tick = time.perf_counter()
     try:
-        with architectures.depth(DEPTH):
+        with architectures.depth(DEPTH), opened_sources() as opened:
             metrics = method.main(argv)
     finally:
         harness.load_world = load
@@ -351,8 +352,29 @@ def run_update(name: str, spec_path: Path, out: Path, extra: list[str]) -> dict:
     world = worlds[-1]
     roles = [{"role": d.role, "sampler": d.sampler, "timesteps": list(d.timesteps),
               "scheduler": type(world._role_scheduler(d.role)).__name__} for d in world.denoisers]
-    return {"seconds": seconds, "log": log, "metrics": metrics, "argv": argv, "roles": roles,
+    return {"seconds": seconds, "log": log, "metrics": metrics, "argv": argv, "roles": roles, "opened": opened,
             "schedule": getattr(world.schedule, "name", type(world.schedule).__name__)}
+
+
+@contextlib.contextmanager
+def opened_sources():
+    """The data sources (image-caption sets, preference pairs) the run opens, with their rows: a list filled as
+    full/data.py's readers are built."""
+    from . import data
+
+    opened, saved = [], {}
+    for cls in (data.ImageCaptions, data.PreferencePairs):
+        def init(self, source, *a, _real=cls.__init__, **kw):
+            _real(self, source, *a, **kw)
+            opened.append({"source": dict(source), "kind": type(self).__name__, "rows": len(self)})
+
+        saved[cls] = cls.__init__
+        cls.__init__ = init
+    try:
+        yield opened
+    finally:
+        for cls, real in saved.items():
+            cls.__init__ = real
 
 
 def _print(title: str, lines) -> None:
@@ -446,9 +468,13 @@ def rehearse(name: str, gpu_memory: float = 80, num_processes: int = 1, model: s
             "python " + shlex.join([s.script, *result["argv"]]),
             *[f"role {r['role']}: {r['scheduler']} -> sampler {r['sampler']} on {r['timesteps']}" for r in
               result["roles"]],
+            *[f"opened {o['kind']} {o['source'].get('dataset') or o['source'].get('folder')}: {o['rows']:,} rows"
+              for o in result["opened"]],
+            "not opened: " + (", ".join(key for key, src in data_sources(load_spec(str(spec_path))) if not any(
+                o["source"] == src for o in result["opened"])) or "-"),
             f"log.csv: " + ", ".join(f"{k}={v}" for k, v in row.items() if v != ""),
             f"RSS {before[0]:.0f} MB before the data, {after[0]:.0f} MB after the run, peak {after[1]:.0f} MB"])
-        report.update(run={k: result[k] for k in ("seconds", "log", "argv", "roles", "schedule")},
+        report.update(run={k: result[k] for k in ("seconds", "log", "argv", "roles", "schedule", "opened")},
                       rss_mb={"before": before[0], "after": after[0], "peak": after[1]}, notes=notes)
     finally:
         if workdir is None:

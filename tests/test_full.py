@@ -425,7 +425,7 @@ def test_fsdp_settings_launch_with_the_shipped_fsdp_config_accelerate_accepts():
         args, _, _ = _validate_launch_command(launch_command_parser().parse_args(cmd[2:]))
         assert args.use_fsdp and str(args.fsdp_version) == "2" and args.num_processes == 8 and not args.multi_gpu
         assert "--config_file" not in launch.command(name, num_processes=1)
-    assert "--config_file" not in launch.command("sharpening-rlhf-sd35-medium", num_processes=8)
+    assert "--config_file" not in launch.command("sharpening-rlhf-sd35-medium", num_processes=8, cuda=True)
 
 
 def test_every_launcher_setting_has_its_script():

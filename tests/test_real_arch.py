@@ -294,7 +294,6 @@ FAST = {"pso-online-dmd2", "pso-offline-dmd2", "sharpening-rlhf-sdxl", "dipp-sd-
 def test_planned_update_makes_the_nfes_the_method_states(name, monkeypatch):
     """Each launcher setting's update program, run on tiny models, evaluates the UNet as often as the method's
     own NFE count says (the slow tests check the same count against the real runs' log.csv)."""
-    from full import models
     from full.spec import RoleSpec
 
     module, cfg, s = memory_plan.method_config(name, None)
@@ -304,12 +303,12 @@ def test_planned_update_makes_the_nfes_the_method_states(name, monkeypatch):
     ns = dict(vars(cfg))
     train_full = cfg.full_finetune if method == "sharpening" else cfg.train_full
     if method == "pso":
-        own = list(spec.roles.get("student", RoleSpec()).timesteps or models.DEFAULT_TIMESTEPS["student"])
+        own = memory_plan.role_grid(spec, "student", spec.roles.get("student", RoleSpec()))
         ns["grid"] = own
         stated = module.nfe_per_update(cfg, len(own), len(own))
         sim.add_unet("student", cfg.lora_rank, train_full)
     elif method == "sharpening":
-        ns["grid"] = list(spec.roles.get("teacher", RoleSpec()).timesteps or models.DEFAULT_TIMESTEPS["teacher"])
+        ns["grid"] = memory_plan.role_grid(spec, "teacher", spec.roles.get("teacher", RoleSpec()))
         sim.add_unet("teacher", cfg.lora_rank, train_full)
         stated = cfg.n * cfg.m + (cfg.n * len(ns["grid"]) + 2 * cfg.m if cfg.variant == "rlhf" else 0) + (
             (cfg.m if cfg.variant == "sft" else 2 * cfg.m) if cfg.recompute else 0)
@@ -591,7 +590,7 @@ def test_sharpening_rlhf_one_update_on_the_real_sd35_medium_transformer(tmp_path
 
     spec, _ = rehearse.rehearsal_spec(str(launch.SPECS / "sd35_medium.json"), tmp_path, rows=100, resolution=64)
     d = json.loads(spec.read_text())
-    d["roles"]["teacher"]["timesteps"] = [999, 749, 499, 249]  # 4 teacher steps: the real network, fewer CPU minutes
+    d["roles"]["teacher"]["steps"] = 4  # 4 teacher steps of its pipeline: the real network, fewer CPU minutes
     spec.write_text(json.dumps(d))
     calls = _count_checkpoints(monkeypatch)
     worlds, load = [], harness.load_world
