@@ -13,9 +13,9 @@ the public config.json files; tests/test_real_arch.py checks their parameter cou
   LayerNorm and every module whose class name has "Norm": T5's and the transformers' RMSNorms), biases 0, every
   other weight N(0, 1/fan_in) (finite activations through any depth; the values mean nothing). Buffers (CLIP's
   position ids, SD3's sin-cos position table) keep their values.
-* Tokenizers: CLIP's tokenizer settings (model_max_length 77, pad token) on full/tiny.py's byte-level vocabulary;
-  a T5 tokenizer (`"_class_name": "T5TokenizerFast"`) is full/tiny.py's character-level `tiny_t5_tokenizer` with
-  the shipped model_max_length (token ids do not change memory or speed; a 256-token sequence is a 256-token
+* Tokenizers: the shipped settings (model_max_length, pad token) on full/tokenizers.py's offline vocabularies:
+  CLIP byte-level, T5 (`"_class_name": "T5TokenizerFast"`) character-level, Qwen (`"Qwen2Tokenizer"`) byte-level
+  with Qwen3's chat template (token ids do not change memory or speed; a 256-token sequence is a 256-token
   sequence, and the pipelines pad T5 prompts to max_sequence_length).
 * Schedulers: the shipped scheduler config (these are real: the MDP checks in models.py run on them).
 * A state-dict file (DMD2's `unet_file`) is not read: its UNet is the base architecture with random weights.
@@ -40,8 +40,10 @@ import torch
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+PIPELINE_FLAGS = ("is_distilled",)  # pipeline config values an index entry may set (Flux2KleinPipeline's)
 _DEPTH: list[tuple[int, bool]] = []  # the active depth() limits (blocks, denoisers too), innermost last
-DENOISERS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+DENOISERS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "ZImageTransformer2DModel",
+             "Flux2Transformer2DModel")
 
 
 @contextlib.contextmanager
@@ -64,7 +66,11 @@ DEPTH_KEYS = {"UNet2DConditionModel": ("layers_per_block", "transformer_layers_p
               "SD3Transformer2DModel": ("num_layers",), "FluxTransformer2DModel": ("num_layers", "num_single_layers"),
               "CLIPTextModel": ("num_hidden_layers",), "CLIPTextModelWithProjection": ("num_hidden_layers",),
               "CLIPTextConfig": ("num_hidden_layers",), "CLIPVisionConfig": ("num_hidden_layers",),
-              "T5EncoderModel": ("num_layers",)}
+              "T5EncoderModel": ("num_layers",),
+              "ZImageTransformer2DModel": ("n_layers", "n_refiner_layers"),
+              "Flux2Transformer2DModel": ("num_layers", "num_single_layers"),
+              "Qwen3Model": ("num_hidden_layers", "max_window_layers"),
+              "Qwen3ForCausalLM": ("num_hidden_layers", "max_window_layers")}
 
 
 def shallow(config: dict, name: str) -> dict:
@@ -122,8 +128,9 @@ def model_index(source: str) -> dict:
                          "(only some of its parts are listed); use it as a role's UNet or as the VAE")
     out = {"_class_name": e["_class_name"],
            "force_zeros_for_empty_prompt": e.get("force_zeros_for_empty_prompt", False)}
+    out.update({k: e[k] for k in PIPELINE_FLAGS if k in e})
     for part, file in e.items():  # each part's library and class, from its shipped config
-        if part in ("_class_name", "force_zeros_for_empty_prompt", "architecture", "scheduler"):
+        if part in ("_class_name", "force_zeros_for_empty_prompt", "architecture", "scheduler", *PIPELINE_FLAGS):
             continue
         config = read_config(file)
         if part in TOKENIZERS:
@@ -183,18 +190,10 @@ def config_class_name(config: dict, cls) -> str:
 
 
 def tokenizer(settings: dict):
-    from transformers import CLIPTokenizer
+    """The offline stand-in for a shipped tokenizer config (full/tokenizers.py)."""
+    from . import tokenizers
 
-    from .tiny import byte_vocab, tiny_t5_tokenizer
-
-    kw = {k: v for k, v in settings.items() if not k.startswith("_")}
-    cls = settings.get("_class_name", "CLIPTokenizer")
-    if cls == "T5TokenizerFast":
-        return tiny_t5_tokenizer(kw.pop("model_max_length"))
-    if cls != "CLIPTokenizer":
-        raise ValueError(f"random_weights: no offline stand-in for the tokenizer class {cls!r} (CLIPTokenizer and "
-                         "T5TokenizerFast have one)")
-    return CLIPTokenizer(vocab=byte_vocab(), merges=[], **kw)
+    return tokenizers.from_settings(settings)
 
 
 def reward_model(name: str, seed: int = 0):

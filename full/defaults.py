@@ -227,7 +227,7 @@ def method_defaults(method: str, variant: str, world=None) -> dict:
     student = getattr(getattr(world, "spec", None), "roles", {}).get("student")
     if method == "pso" and student is not None and student.lora:  # LCM-LoRA students: r = 32 (PSO App. B.1)
         out["lora_rank"] = 32
-    if getattr(world, "kind", None) == "flux" and getattr(world, "guidance", None) is not None:
+    if getattr(world, "guidance", None) is not None:
         # a guidance-distilled FLUX (FLUX.1-dev) has CFG built in (its embedded guidance, spec "guidance"): the
         # papers' CFG on top of it (Sharpening's eval 5, DI++'s reference 4.5) would guide twice, so it is off
         out.update({"eval_cfg": 1.0, "cfg_scale": 1.0})

@@ -41,15 +41,12 @@ def sample_latents(world, pipe, prompts: list[str], seed: int, timesteps: list[i
         elif sampler in ("flow_sde", "flow_x0_renoise"):  # world.pipeline's unshifted scheduler: the exact sigmas
             kw = dict(sigmas=world.pipeline_sigmas(timesteps))
         image_kw = dict(height=world.resolution, width=world.resolution)
-        args = {"guidance_scale": guidance, **world.pipeline_embeds(chunk, guidance)}
-        if world.kind == "flux":  # FluxPipeline: CFG is true_cfg_scale, guidance_scale the embedded guidance
-            args["true_cfg_scale"] = max(guidance, 1.0)
+        # the family's CFG arguments (FLUX: true_cfg_scale; Z-Image: scale - 1), then the prompt embeddings (a
+        # guidance-distilled FLUX's guidance_scale is its embedded guidance)
+        args = {**world.pipeline_guidance(guidance), **world.pipeline_embeds(chunk, guidance)}
         with torch.no_grad():
             res = pipe(**args, generator=gens, output_type="latent", **kw, **image_kw)
-        latents = res.images
-        if world.kind == "flux":  # FluxPipeline returns its packed latents with output_type="latent"
-            latents = pipe._unpack_latents(latents, world.resolution, world.resolution, pipe.vae_scale_factor)
-        out.append(latents.float())
+        out.append(world.pipeline_latents(res.images, pipe).float())  # FLUX unpacks its packed latents
     return torch.cat(out)
 
 

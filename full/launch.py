@@ -115,6 +115,57 @@ SETTINGS = {
                                      "DI++ hyperparameters: SD3.5-large-turbo at 1 step as the generator, SD3.5-large "
                                      "(the model it is distilled from, same 8 B transformer and latents) as the "
                                      "reference + TA, LoRA r=64 both; FSDP2", fsdp=True),
+    # --- the 2026 few-step models (issue 26): Z-Image-Turbo (8 steps; its base Z-Image is the teacher role) and
+    # FLUX.2-klein 4B (4 steps; klein-base 4B the teacher). PSO online (Eq. 7) and Eq. 5 with the papers'
+    # hyperparameters, the practitioners' baselines at Eq. 5's budget (pso.py; docs/design.md section 11), Sharpening
+    # on the base model; LoRA throughout (every weight of a 4-6 B transformer with AdamW needs > 80 GB). Z-Image's
+    # 6.15 B transformer launches under FSDP2 with several processes, as the other models of 4 B and more
+    "pso-online-zimage-turbo": Setting("pso.py", "zimage_turbo.json", ["--variant", "online", "--beta", "5", "--lr",
+                                       "1e-5", "--lora-rank", "16", "--steps", "20000"], 32,
+                                       "PSO App. B.1 online (Eq. 7) on the 8-step Z-Image-Turbo (6.15 B): r=16, beta 5, "
+                                       "lr 1e-5, batch 32, 20k steps; FSDP2", fsdp=True),
+    "pso-style-zimage-turbo": Setting("pso.py", "zimage_turbo.json", ["--variant", "pso", "--beta", "50", "--lr", "1e-5",
+                                      "--lora-rank", "16", "--steps", "3000"], 8,
+                                      "PSO App. B.2: Eq. 5 on Pokemon on Z-Image-Turbo, r=16, beta 50, batch 8, lr 1e-5, "
+                                      "3k steps; FSDP2", fsdp=True),
+    "pso-base-transfer-zimage-turbo": Setting("pso.py", "zimage_turbo.json", ["--variant", "base-transfer", "--lr",
+                                              "1e-5", "--lora-rank", "16", "--steps", "3000"], 8,
+                                              "practitioners' base transfer at Eq. 5's budget (data, batch 8, r=16, "
+                                              "lr 1e-5, 3k steps): the LoRA trained on Z-Image, used on the Turbo; "
+                                              "FSDP2", fsdp=True),
+    "pso-dedistill-zimage-turbo": Setting("pso.py", "zimage_turbo.json", ["--variant", "dedistill", "--lr", "1e-5",
+                                          "--lora-rank", "16", "--steps", "3000", "--adapter-steps", "3000",
+                                          "--adapter-lr", "1e-5"], 8,
+                                          "practitioners' de-distill adapter at Eq. 5's budget: A (3k updates on the "
+                                          "Turbo's own samples, lr 1e-5) merged, then the LoRA; FSDP2", fsdp=True),
+    "sharpening-rlhf-zimage": Setting("sharpening.py", "zimage_turbo.json", ["--variant", "rlhf", "--n", "3", "--m",
+                                      "3", "--lr", "5e-6", "--adam-beta1", "0", "--adam-beta2", "0.99", "--beta", "2500",
+                                      "--lora-rank", "16", "--eval-cfg", "5", "--recompute"], 8,
+                                      "Sharpening App. A.3 RLHF on the Z-Image base (the teacher role): beta 2500, batch "
+                                      "8, n=m=3, LoRA r=16; CFG 5 (the card's guidance_scale 4 is w in pos + w (pos - "
+                                      "neg)); FSDP2", fsdp=True),
+    "pso-online-flux2-klein": Setting("pso.py", "flux2_klein.json", ["--variant", "online", "--beta", "5", "--lr",
+                                      "1e-5", "--lora-rank", "16", "--steps", "20000"], 32,
+                                      "PSO App. B.1 online (Eq. 7) on the 4-step FLUX.2-klein 4B (3.9 B transformer, "
+                                      "DDP): r=16, beta 5, lr 1e-5, batch 32, 20k steps"),
+    "pso-style-flux2-klein": Setting("pso.py", "flux2_klein.json", ["--variant", "pso", "--beta", "50", "--lr", "1e-5",
+                                     "--lora-rank", "16", "--steps", "3000"], 8,
+                                     "PSO App. B.2: Eq. 5 on Pokemon on FLUX.2-klein 4B, r=16, beta 50, batch 8, lr 1e-5, "
+                                     "3k steps"),
+    "pso-base-transfer-flux2-klein": Setting("pso.py", "flux2_klein.json", ["--variant", "base-transfer", "--lr",
+                                             "1e-5", "--lora-rank", "16", "--steps", "3000"], 8,
+                                             "practitioners' base transfer at Eq. 5's budget: the LoRA trained on "
+                                             "klein-base 4B, used on klein 4B"),
+    "pso-dedistill-flux2-klein": Setting("pso.py", "flux2_klein.json", ["--variant", "dedistill", "--lr", "1e-5",
+                                         "--lora-rank", "16", "--steps", "3000", "--adapter-steps", "3000",
+                                         "--adapter-lr", "1e-5"], 8,
+                                         "practitioners' de-distill adapter at Eq. 5's budget: A (3k updates on klein's "
+                                         "own samples) merged, then the LoRA"),
+    "sharpening-rlhf-flux2-klein-base": Setting("sharpening.py", "flux2_klein.json", ["--variant", "rlhf", "--n", "3",
+                                                "--m", "3", "--lr", "5e-6", "--adam-beta1", "0", "--adam-beta2", "0.99",
+                                                "--beta", "2500", "--lora-rank", "16", "--eval-cfg", "4", "--recompute"],
+                                                8, "Sharpening App. A.3 RLHF on klein-base 4B (the teacher role): beta "
+                                                "2500, batch 8, n=m=3, LoRA r=16; CFG 4 (the card's)"),
 }
 
 ACCELERATE_FSDP = Path(__file__).resolve().parent / "accelerate" / "fsdp.yaml"

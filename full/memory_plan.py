@@ -51,10 +51,14 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+import common
+
 from .defaults import CARDS as GPUS, MARGIN  # GB of the common cards; the margin for what the count ignores
 
 GiB = 2**30
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# the schedule a family forward reads its time input from (Sim.generic): sigma's value does not change the memory
+FLOW_SCHEDULE = common.FlowSchedule(3.0)
 
 
 # ------------------------------------------------------------------------------------------------------- counting
@@ -234,7 +238,7 @@ class Sim:
 
     unet_config: dict  # the UNet's or the transformer's config
     vae_config: dict
-    kind: str  # sdxl | sd | sd3 | flux
+    kind: str  # sdxl | sd | sd3 | flux | zimage | flux2 (the family, full/families; "sd": SD1.5 / SD2.x)
     side: int  # latent side
     dtype: torch.dtype
     checkpointing: bool
@@ -255,10 +259,8 @@ class Sim:
     def add_unet(self, role: str, lora_rank: int | None, train_full: bool) -> None:
         from peft import LoraConfig
 
-        from .world import LORA_TARGETS_BY_NET
-
         cls = self.denoiser_class()
-        targets = LORA_TARGETS_BY_NET["unet" if cls.__name__ == "UNet2DConditionModel" else "transformer"]
+        targets = self.family.lora_targets(self.unet_config)
         unet = _meta(cls, self.unet_config)
         ref = None
         if train_full:  # FullDenoiser: trained copy in fp32 + a frozen reference in the weight dtype
@@ -275,10 +277,24 @@ class Sim:
             enable_checkpointing(unet, self.dtype)
         self.unets[role] = (unet.train(), ref)
 
-    def build_vae(self) -> None:
-        from diffusers import AutoencoderKL
+    @property
+    def family(self):
+        """The family adapter (full/families)."""
+        from . import models
 
-        self.vae = _meta(AutoencoderKL, self.vae_config).to(self.dtype).requires_grad_(False).eval()
+        return models.family({"sd": "sd15"}.get(self.kind, self.kind))
+
+    @property
+    def generic(self) -> bool:
+        """A family whose calls are its adapter's own (forward, VAE latents) on meta tensors: the ones added after
+        the hand-built calls below (Z-Image, FLUX.2)."""
+        return self.kind not in ("sd", "sdxl", "sd3", "flux")
+
+    def build_vae(self) -> None:
+        import diffusers
+
+        cls = getattr(diffusers, self.family.vae_class)
+        self.vae = _meta(cls, self.vae_config).to(self.dtype).requires_grad_(False).eval()
         if self.checkpointing:
             enable_checkpointing(self.vae, self.dtype)
             self.vae.train()  # diffusers checkpoints only in training mode; no dropout in the VAE
@@ -303,6 +319,8 @@ class Sim:
     # ---- the calls ----
     def cond(self, rows: int):
         c, meta = self.unet_config, dict(device="meta", dtype=self.dtype)
+        if self.generic:
+            return self.family.example_condition(rows, self.text_tokens, c, "meta", self.dtype)
         if self.kind == "sd3":  # CLIP-L + CLIP-G pooled, [CLIP-L | CLIP-G] padded to 4096 ++ T5 tokens
             return {"encoder_hidden_states": torch.empty(rows, self.text_tokens, c["joint_attention_dim"], **meta),
                     "pooled_projections": torch.empty(rows, c["pooled_projection_dim"], **meta)}
@@ -331,6 +349,14 @@ class Sim:
         self.grad_rows += rows * repeat if grad and not frozen else 0
         unet, ref = self.unets[role]
         x = self.latents(rows)
+        if self.generic:  # the family's forward (packing, ids, time), as FullDenoiser calls it; t only indexes
+            with torch.set_grad_enabled(grad and not frozen), contextlib.ExitStack() as stack:
+                if frozen and ref is None:
+                    unet.disable_adapters()
+                    stack.callback(unet.enable_adapters)
+                net = ref if frozen and ref is not None else unet
+                t = torch.full((rows,), common.T - 1, dtype=torch.long)  # the schedule's table on the CPU
+                return self.family.forward(net, x, t, self.cond(rows), FLOW_SCHEDULE).float()
         t = torch.empty(rows, dtype=torch.long, device="meta")
         if self.kind in ("sd3", "flux"):  # flow models: float timesteps (sigma x 1000; FLUX takes sigma)
             t = torch.empty(rows, device="meta")
@@ -347,11 +373,16 @@ class Sim:
 
     def decode(self, x0: torch.Tensor, grad: bool) -> torch.Tensor:
         with torch.set_grad_enabled(grad):
-            return self.vae.decode(x0.to(self.dtype), return_dict=False)[0].float().clamp(-1, 1)
+            z = x0.to(self.dtype)
+            if self.generic:  # the family's state -> the VAE's latents (FLUX.2: batch norm undone, 2x2 unfolded)
+                z = self.family.to_vae(z, self.vae)
+            return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
 
     def encode_images(self, rows: int) -> None:
         with torch.no_grad():
-            self.vae.encode(torch.empty(rows, 3, self.side * 8, self.side * 8, device="meta", dtype=self.dtype))
+            out = self.vae.encode(torch.empty(rows, 3, self.side * 8, self.side * 8, device="meta", dtype=self.dtype))
+            if self.generic:
+                self.family.from_vae(out.latent_dist.mean, self.vae)
 
     def reward(self, which: str, images: torch.Tensor, grad: bool) -> torch.Tensor:
         """rewards.CLIPReward: differentiable resize to the tower's input, image features, cosine with text."""
@@ -368,6 +399,11 @@ class Sim:
         return self.vae_config.get("latent_channels", 4)
 
     def latents(self, rows: int, requires_grad: bool = False) -> torch.Tensor:
+        """The sampler's state: the VAE's latents (FLUX.2: 2x2-patchified, 4x the channels at half the side)."""
+        if self.generic:
+            side = self.family.state_side(self.side)
+            return torch.empty(rows, self.family.state_channels(self.vae_config), side, side, device="meta",
+                               requires_grad=requires_grad)
         return torch.empty(rows, self.latent_channels, self.side, self.side, device="meta",
                            requires_grad=requires_grad)
 
@@ -417,10 +453,14 @@ def pso_update(sim: Sim, cfg, B: int, opts: dict) -> None:
         kept.append(sim.unet("student", 2 * B * times, grad=True))
         if cfg.variant == "offline":
             sim.unet("student", 2 * B * times, grad=False, frozen=True)
-    elif cfg.variant == "naive":
+    elif cfg.variant in ("naive", "dedistill", "base-transfer"):  # the ordinary loss on S noised copies of the data
+        # (dedistill: on the student with the adapter A merged into its weights; base transfer: on the base network)
         sim.encode_images(B)
+        kept.append(sim.unet(cfg.trained_role, B * S, grad=True))
+    elif cfg.variant == "dedistill-adapter":  # A: the ordinary loss on the frozen student's own samples
+        sim.unet("student", B, grad=False, frozen=True, repeat=cfg.model_steps)
         kept.append(sim.unet("student", B * S, grad=True))
-    backward_and_step(sim, kept, opts, "student")
+    backward_and_step(sim, kept, opts, cfg.trained_role)
 
 
 def backward_and_step(sim: Sim, kept: list, opts: dict, role: str) -> None:
@@ -639,11 +679,12 @@ def plan_setting(name: str, checkpointing: bool, training: str | None = None, ba
     vae_config = architectures.component_config(vae_source, "vae")
     side = (resolution or spec.resolution or unet_config["sample_size"] * 8) // 8
     method, update, evaluate, startup, role = METHODS[s.script]
-    kind = e.get("architecture") if e.get("architecture") in ("sd3", "flux") else (
-        "sdxl" if e["_class_name"].endswith("XLPipeline") else "sd")
+    kind = {"sd15": "sd"}.get(models.PIPELINES[e["_class_name"]], models.PIPELINES[e["_class_name"]])
     t5 = T5_TOKENS.get(spec.base, T5_TOKENS.get(kind, 0))
-    sim = Sim(unet_config, vae_config, kind, side, dtype, checkpointing,
-              text_tokens=77 + t5 if kind == "sd3" else t5 if kind == "flux" else 77)
+    fam = models.family({"sd": "sd15"}.get(kind, kind))
+    text_tokens = {"sd3": 77 + t5, "flux": t5, "sd": 77, "sdxl": 77}.get(
+        kind, spec.max_sequence_length or fam.max_sequence_length)  # Z-Image / FLUX.2: the padded Qwen tokens
+    sim = Sim(unet_config, vae_config, kind, side, dtype, checkpointing, text_tokens=text_tokens)
     train_full = cfg.full_finetune if method == "sharpening" else cfg.train_full
     lora = {"pso": cfg.lora_rank, "sharpening": cfg.lora_rank, "diff_instruct_pp": cfg.lora_rank}[method]
     import transformers
@@ -653,12 +694,17 @@ def plan_setting(name: str, checkpointing: bool, training: str | None = None, ba
     if not spec.precompute_embeddings:  # the text encoders stay resident (CLIP, OpenCLIP, T5-XXL)
         sim.resident_extra += text_bytes
     ns = dict(vars(cfg), batch=batch)  # the per-GPU batch planned
+    trained = [role]  # the roles whose LoRA (or weights) the update trains
     if method == "pso":
         rs = spec.roles.get("student", RoleSpec())
         own = role_grid(spec, "student", rs)
         ns["grid"] = common.few_step_timesteps(cfg.train_steps) if cfg.train_steps else own
         ns["model_steps"] = len(own)
         sim.add_unet("student", lora, train_full)
+        ns["trained_role"] = module.TRAINED_ROLE.get(cfg.variant, "student")  # pso.py's: base transfer's teacher
+        if ns["trained_role"] != "student":  # the LoRA trains on the base network; the student evaluates it
+            trained = [ns["trained_role"]]
+            sim.add_unet(trained[0], lora, train_full)
         stated = module.nfe_per_update(cfg, len(ns["grid"]), len(own))
     elif method == "sharpening":
         rs = spec.roles.get("teacher", RoleSpec())
@@ -669,6 +715,7 @@ def plan_setting(name: str, checkpointing: bool, training: str | None = None, ba
     else:
         sim.add_unet("generator", lora, train_full)
         sim.add_unet("teacher", cfg.ta_lora_rank, cfg.ta_train_full)
+        trained = ["generator", "teacher"]
         stated = module.nfe_per_update(cfg)
     sim.build_vae()
     from .rewards import reward_name
@@ -678,7 +725,7 @@ def plan_setting(name: str, checkpointing: bool, training: str | None = None, ba
         sim.build_reward(which, reward_name(r))
     c = SimpleNamespace(**ns)
     resident = sum(param_bytes(m) for m in sim.models()) + sim.resident_extra
-    opts = {r: adamw([p for p in sim.unets[r][0].parameters() if p.requires_grad]) for r in sim.unets}
+    opts = {r: adamw([p for p in sim.unets[r][0].parameters() if p.requires_grad]) for r in trained}
     with counting(dtype) as counter:
         for r, opt in opts.items():
             init_states(opt, sim.trainable(r))

@@ -3,8 +3,9 @@ methods' MDPs.
 
 * `PipelineParts`: VAE, text encoder(s), tokenizer(s) and scheduler of `spec.base`, loaded component by component
   with `from_pretrained(base, subfolder=...)` (each class read from model_index.json) so a missing part is named in
-  the error. KINDS says, per pipeline class, which denoiser (unet/ or transformer/) and text parts it has:
-  SD3 two CLIPTextModelWithProjection + a T5EncoderModel, FLUX a CLIPTextModel (pooled) + a T5EncoderModel.
+  the error. The pipeline class's family (full/families) says which denoiser (unet/ or transformer/), text parts
+  and VAE class it has: SD3 two CLIPTextModelWithProjection + a T5EncoderModel, FLUX a CLIPTextModel (pooled) + a
+  T5EncoderModel, Z-Image a Qwen3Model, FLUX.2-klein a Qwen3ForCausalLM and an AutoencoderKLFlux2.
 * `load_unet(spec, role)`: the denoiser network of a role (a UNet, or an SD3 / FLUX transformer) — the base's,
   another pipeline's (SDXL-Turbo, SD-Turbo, SD3.5-Large-Turbo), a bare folder, or a single state-dict file loaded
   into the base architecture (DMD2's `dmd2_sdxl_4step_unet_fp16.bin`) — with a distillation LoRA (LCM-LoRA, DMD2
@@ -21,8 +22,8 @@ methods' MDPs.
   resolution-dependent one through diffusers' calculate_shift and set_timesteps(mu=...)), refusing the options the
   flow kernels do not model.
 * `pipeline_grid`, `role_steps`: the grid a role's own pipeline samples on (its scheduler's set_timesteps through the
-  pipeline's retrieve_timesteps / calculate_shift; FLOW_PIPELINES holds how SD3 and FLUX differ) at the step
-  count of the model card (full/configs/pipelines.json) or the spec.
+  pipeline's retrieve_timesteps / calculate_shift; the family adapters in full/families hold how the pipelines
+  differ) at the step count of the model card (full/configs/pipelines.json) or the spec.
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import common
@@ -49,24 +49,33 @@ SAMPLER_SCHEDULERS = {"euler_ancestral": {"EulerAncestralDiscreteScheduler"},
                       "x0_renoise": {"LCMScheduler", "TCDScheduler"}}
 DEFAULT_TIMESTEPS = {"teacher": common.few_step_timesteps(25), "student": common.few_step_timesteps(4),
                      "generator": common.few_step_timesteps(1)}
-PIPELINES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd15",
-             "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
-# kind -> the denoiser's subfolder and the (text encoder, tokenizer) pairs, in the pipeline's order; `optional` parts
-# may be [null, null] in model_index.json (none so far: an SD3 without T5 would need the transformer to encode a
-# prompt, as the pipeline fills its zeros from transformer.config)
-KINDS = {
-    "sd15": dict(net="unet", text=[("text_encoder", "tokenizer")], optional=()),
-    "sdxl": dict(net="unet", text=[("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")], optional=()),
-    "sd3": dict(net="transformer", text=[("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"),
-                                         ("text_encoder_3", "tokenizer_3")], optional=()),
-    "flux": dict(net="transformer", text=[("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")],
-                 optional=()),
-}
-FLOW_KINDS = ("sd3", "flux")
 FLOW_SAMPLERS = ("flow_sde", "flow_x0_renoise")
 FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler"}
-# the prompt length the pipelines encode by default (their max_sequence_length)
-MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}
+
+
+def family(kind: str):
+    """The adapter (full/families) of a family name: sd15, sdxl, sd3, flux, zimage, flux2."""
+    from .families import families
+
+    return families()[kind]
+
+
+def _tables():
+    """Lookup tables derived from the families (full/families): pipeline class -> family name; family -> its
+    denoiser subfolder and (text encoder, tokenizer) pairs; the flow families; the pipelines' default prompt
+    lengths; their pipeline modules (where calculate_shift / retrieve_timesteps live)."""
+    from .families import families
+
+    fams = families().values()
+    return ({f.pipeline: f.name for f in fams},
+            {f.name: dict(net=f.net, text=list(f.text), optional=()) for f in fams},
+            tuple(f.name for f in fams if f.flow),
+            {f.name: f.max_sequence_length for f in fams if f.max_sequence_length},
+            {f.name: f for f in fams if f.flow},
+            {f.name: f.pipeline_module for f in fams if not f.flow})
+
+
+PIPELINES, KINDS, FLOW_KINDS, MAX_SEQUENCE_LENGTH, FLOW_PIPELINES, EPS_PIPELINES = _tables()
 COMPONENTS = ("unet", "transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
               "text_encoder_3", "tokenizer_3")
 
@@ -244,38 +253,15 @@ def check_flow_scheduler(config: dict, where: str) -> None:
         raise ModelError(f"{where}: the flow shift must be a number > 0, found {shift!r}")
 
 
-@dataclass(frozen=True)
-class FlowPipeline:
-    """How a flow pipeline class turns num_inference_steps into its sigmas (its __call__, "Prepare timesteps"): the
-    module whose calculate_shift / retrieve_timesteps it calls, the max_shift it assumes when the scheduler config
-    has none, and the unshifted sigmas it passes to set_timesteps (None: the scheduler's own linspace)."""
-
-    module: str
-    max_shift: float
-    sigmas: Any  # steps -> np.ndarray | None
-
-
-FLOW_PIPELINES = {  # one row per flow pipeline class (kind): the only place where their timestep code differs
-    "sd3": FlowPipeline("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3", 1.16, lambda n: None),
-    "flux": FlowPipeline("diffusers.pipelines.flux.pipeline_flux", 1.15,
-                         lambda n: np.linspace(1.0, 1 / n, n)),
-}
-# the pipeline module whose retrieve_timesteps an eps-model pipeline calls with num_inference_steps / timesteps
-EPS_PIPELINES = {"sdxl": "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
-                 "sd15": "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion"}
-
-
-def flow_mu(kind: str, config: dict, image_seq_len: int) -> float | None:
-    """The resolution-dependent shift parameter mu the pipeline passes to set_timesteps (diffusers' own
-    calculate_shift of the pipeline's module, with the pipeline's defaults); None without use_dynamic_shifting."""
+def flow_mu(kind: str, config: dict, image_seq_len: int, steps: int | None = None) -> float | None:
+    """The resolution-dependent shift parameter mu the pipeline passes to set_timesteps at `steps` steps (the
+    family's pipeline_mu: diffusers' own calculate_shift of the pipeline's module with its defaults; FLUX.2's
+    compute_empirical_mu, which also depends on the step count: the family's table_steps when `steps` is None);
+    None without use_dynamic_shifting."""
     if not config.get("use_dynamic_shifting"):
         return None
-    import importlib
-
-    p = FLOW_PIPELINES[kind]
-    return importlib.import_module(p.module).calculate_shift(
-        image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-        config.get("base_shift", 0.5), config.get("max_shift", p.max_shift))
+    fam = family(kind)
+    return fam.pipeline_mu(config, image_seq_len, steps or fam.table_steps)
 
 
 def flow_schedule(kind: str, scheduler, image_seq_len: int, where: str) -> common.FlowSchedule:
@@ -302,11 +288,11 @@ def pipeline_grid(kind: str, scheduler, steps: int | None, timesteps: list[int] 
 
     sched = type(scheduler).from_config(scheduler.config)
     if kind in FLOW_PIPELINES:
-        p = FLOW_PIPELINES[kind]
-        sigmas = None if sched.config.get("use_flow_sigmas") else p.sigmas(steps)
-        mu = flow_mu(kind, sched.config, image_seq_len)
-        importlib.import_module(p.module).retrieve_timesteps(sched, steps, "cpu", sigmas=sigmas,
-                                                             **({} if mu is None else {"mu": mu}))
+        fam = FLOW_PIPELINES[kind]
+        sigmas = None if sched.config.get("use_flow_sigmas") else fam.pipeline_sigmas(steps)
+        mu = flow_mu(kind, sched.config, image_seq_len, steps)
+        importlib.import_module(fam.pipeline_module).retrieve_timesteps(sched, steps, "cpu", sigmas=sigmas,
+                                                                        **({} if mu is None else {"mu": mu}))
         return sched.sigmas[:-1].tolist()
     retrieve = importlib.import_module(EPS_PIPELINES[kind]).retrieve_timesteps
     try:
@@ -442,25 +428,24 @@ def role_grid(spec: ModelSpec, role: str, kind: str, scheduler, sampler: str, im
     return pipeline_grid(kind, kernel_scheduler(sampler, scheduler), n, card)
 
 
-def image_tokens(kind: str, side: int, net_config: dict) -> int:
-    """The image sequence length a flow pipeline's dynamic shift is computed from: latent side / patch, squared
-    (FLUX packs 2x2 latent patches; SD3 patchifies by its transformer's patch_size); 0 for a UNet."""
+def image_tokens(kind: str, latent_side: int, net_config: dict) -> int:
+    """The image sequence length a flow pipeline's dynamic shift is computed from, for a VAE latent side: the
+    state's side (the family's `state_side`: FLUX.2 patchifies 2x2 first) / patch, squared (FLUX packs 2x2 latent
+    patches; SD3 patchifies by its transformer's patch_size; the family's `patch`); 0 for a UNet."""
     if kind not in FLOW_PIPELINES:
         return 0
-    patch = LATENT_PATCH.get(kind) or net_config.get("patch_size", 1)
+    fam = family(kind)
+    side, patch = fam.state_side(latent_side), fam.patch(net_config)
     if side % patch:
-        raise ValueError(f"the latent side {side} is not a multiple of the {kind} patch size {patch}")
-    return (side // patch) ** 2
-
-
-LATENT_PATCH = {"flux": 2}  # FluxPipeline packs the latents into 2x2 patches (_pack_latents)
+        raise ValueError(f"the latent side {latent_side} is not a multiple of the {kind} patch size {patch}")
+    return fam.image_tokens(side, net_config)
 
 
 @dataclass
 class PipelineParts:
     """The non-denoiser components of `spec.base` and the facts the world needs about them."""
 
-    kind: str  # "sdxl" | "sd15" | "sd3" | "flux"
+    kind: str  # the family's name (full/families): sd15, sdxl, sd3, flux, zimage, flux2
     pipeline_class: Any
     index: dict
     vae: Any
@@ -470,13 +455,18 @@ class PipelineParts:
     force_zeros_for_empty_prompt: bool
 
     @property
+    def family(self):
+        """The family adapter (full/families): everything that differs between pipeline classes."""
+        return family(self.kind)
+
+    @property
     def net_folder(self) -> str:
         """unet or transformer: the denoiser's subfolder and its name in the pipeline."""
-        return KINDS[self.kind]["net"]
+        return self.family.net
 
     @property
     def flow(self) -> bool:
-        return self.kind in FLOW_KINDS
+        return self.family.flow
 
     def net_class(self):
         """The denoiser class model_index.json names (UNet2DConditionModel, SD3Transformer2DModel, ...)."""
@@ -491,7 +481,7 @@ class PipelineParts:
     def text_components(self) -> dict:
         """{text_encoder: ..., tokenizer: ..., ...} as the pipeline class takes them (absent ones None)."""
         out = {}
-        for k, (enc, tok) in enumerate(KINDS[self.kind]["text"]):
+        for k, (enc, tok) in enumerate(self.family.text):
             out[enc] = self.text_encoders[k] if k < len(self.text_encoders) else None
             out[tok] = self.tokenizers[k] if k < len(self.tokenizers) else None
         return out
@@ -520,19 +510,18 @@ def load_parts(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> PipelineP
         raise ModelError(f"pipeline {spec.base!r} is a {cls_name or 'pipeline of unknown class'}; the full backend "
                          f"supports {sorted(PIPELINES)}")
     kind = PIPELINES[cls_name]
-    layout = KINDS[kind]
-    present = [(e, t) for e, t in layout["text"]
-               if not (e in layout["optional"] and (not index.get(e) or index[e][0] is None))]
-    _require_parts(spec.base, index, [layout["net"], "vae", "scheduler", *[x for pair in present for x in pair]])
+    fam = family(kind)
+    _require_parts(spec.base, index, [fam.net, "vae", "scheduler", *[x for pair in fam.text for x in pair]])
     kw = dict(revision=spec.revision, random_weights=spec.random_weights)
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+    vae_cls = getattr(diffusers, fam.vae_class)
     if spec.vae:
         local = _local(spec.vae, "VAE")
         sub = "vae" if local is not None and (local / "vae").is_dir() else None
-        vae = _from_pretrained(diffusers.AutoencoderKL, spec.vae, "the VAE", subfolder=sub, torch_dtype=vae_dtype,
+        vae = _from_pretrained(vae_cls, spec.vae, "the VAE", subfolder=sub, torch_dtype=vae_dtype,
                                random_weights=spec.random_weights)
     else:
-        vae = _from_pretrained(diffusers.AutoencoderKL, spec.base, "the VAE", subfolder="vae", variant=spec.variant,
+        vae = _from_pretrained(vae_cls, spec.base, "the VAE", subfolder="vae", variant=spec.variant,
                                torch_dtype=vae_dtype, **kw)
     encoders, tokenizers = load_text_parts(spec, index, kind, dtype)
     sched_name = index["scheduler"][1]
@@ -541,20 +530,15 @@ def load_parts(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> PipelineP
     sched_cls = getattr(diffusers, sched_name)
     scheduler = _from_pretrained(sched_cls, spec.base, "the scheduler", subfolder="scheduler", **kw)
     return PipelineParts(kind, getattr(diffusers, cls_name), index, vae, encoders, tokenizers, scheduler,
-                         bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")))
+                         bool(index.get("force_zeros_for_empty_prompt", fam.force_zeros_for_empty_prompt)))
 
 
 def load_text_parts(spec: ModelSpec, index: dict, kind: str, dtype: torch.dtype) -> tuple[list, list]:
     """The text encoders (in `dtype`) and tokenizers of `spec.base`, in the pipeline's order (None where absent):
     at start-up, and again when precompute_embeddings freed them and a data source's captions must be encoded."""
-    layout = KINDS[kind]
     kw = dict(revision=spec.revision, random_weights=spec.random_weights)
     encoders, tokenizers = [], []
-    for enc, tok in layout["text"]:
-        if enc in layout["optional"] and (not index.get(enc) or index[enc][0] is None):
-            encoders.append(None)
-            tokenizers.append(None)
-            continue
+    for enc, tok in family(kind).text:
         encoders.append(_from_pretrained(_component_class(index, enc, spec.base), spec.base, enc, subfolder=enc,
                                          variant=spec.variant, torch_dtype=dtype, **kw))
         tokenizers.append(_from_pretrained(_component_class(index, tok, spec.base), spec.base, tok, subfolder=tok,

@@ -292,6 +292,14 @@ def rehearsal_spec(spec_file: str, root: Path, rows: int, resolution: int = RESO
     if any(reward_name(r) == "imagereward" for r in d.get("eval_rewards", [])):
         d["eval_rewards"] = [r for r in d["eval_rewards"] if reward_name(r) != "imagereward"]
         notes.append("eval_rewards: imagereward dropped (no offline configuration)")
+    from . import architectures, models
+
+    fam = models.family(models.PIPELINES[architectures.model_index(spec.base)["_class_name"]])
+    if fam.text_encoder_out_layers and not spec.text_encoder_out_layers:  # FLUX.2: hidden states 9, 18, 27 of
+        # a Qwen3 that has DEPTH layers here
+        d["text_encoder_out_layers"] = [min(k, DEPTH) for k in fam.text_encoder_out_layers]
+        notes.append(f"text_encoder_out_layers: {list(fam.text_encoder_out_layers)} read from a {DEPTH}-layer text "
+                     f"encoder as {d['text_encoder_out_layers']} (the real run reads the pipeline's)")
     for role in d.get("roles", {}).values():  # a relative role source (a folder) is relative to the shipped spec
         for k in ("unet", "transformer", "lora"):
             if isinstance(role, dict) and role.get(k) and not Path(role[k]).is_absolute() and Path(

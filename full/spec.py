@@ -90,6 +90,8 @@ class ModelSpec:
     guidance: float | None = None  # FLUX.1-dev-class guidance-distilled transformers (guidance_embeds): the
     # embedded guidance value every call gets (default 3.5, FluxPipeline's); an error for any other denoiser
     max_sequence_length: int | None = None  # SD3 / FLUX T5 prompt length (default: the pipeline's, 256 / 512)
+    text_encoder_out_layers: list[int] | None = None  # FLUX.2-klein: the Qwen3 hidden-state layers its prompt
+    # features stack (Flux2KleinPipeline's text_encoder_out_layers; default (9, 18, 27)); an error for other models
     random_weights: bool = False  # the real architectures of the named checkpoints from full/configs, random
     # weights, nothing downloaded (full/architectures.py): memory plans, benchmarks and tests at real size
 
@@ -205,6 +207,11 @@ def from_dict(d: dict, root: Path | None = None, where: str = "model spec") -> M
     if spec.max_sequence_length is not None and (not isinstance(spec.max_sequence_length, int)
                                                  or spec.max_sequence_length < 1):
         raise ValueError(f"{where}: max_sequence_length must be an integer >= 1, got {spec.max_sequence_length!r}")
+    layers = spec.text_encoder_out_layers
+    if layers is not None and (not isinstance(layers, list) or not layers
+                               or not all(isinstance(k, int) and k >= 0 for k in layers)):
+        raise ValueError(f"{where}: text_encoder_out_layers must be a list of hidden-state indices >= 0 (FLUX.2-klein's "
+                         f"default [9, 18, 27]), got {layers!r}")
     for what, g in [("guidance", spec.guidance)] + [(f"role {r}: guidance", rs.guidance) for r, rs in spec.roles.items()]:
         if g is not None and (not isinstance(g, (int, float)) or isinstance(g, bool)):
             raise ValueError(f"{where}: {what} must be a number (FLUX.1-dev: 3.5), got {g!r}")

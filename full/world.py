@@ -1,9 +1,9 @@
 """The diffusers implementation of common.World / common.Denoiser (docs/design.md sections 8 and 10).
 
-* `FullDenoiser`: eps = unet(x_t, t, prompt embeddings [, SDXL pooled embeds + add_time_ids]), or for SD3 / FLUX the
-  velocity of the transformer called as their pipelines call it (FORWARDS: SD3 timestep sigma * 1000; FLUX
-  2x2-packed latents with img_ids / txt_ids, timestep sigma, guidance of guidance-distilled models), with a peft
-  LoRA on to_q / to_k / to_v / to_out.0 (+ the transformers' add_q/k/v_proj, to_add_out) (`add_adapter`); `frozen()`
+* `FullDenoiser`: the role's network called as its pipeline calls it, through the family adapter of the pipeline
+  class (full/families: eps = unet(x_t, t, prompt embeddings [, SDXL pooled embeds + add_time_ids]); the velocity
+  of an SD3 / FLUX / Z-Image / FLUX.2 transformer with its packing, position ids, timestep convention and guidance
+  input), with a peft LoRA on the family's targets (`add_adapter`; the attention projections); `frozen()`
   disables the adapter, so the pre-trained model costs no memory. UNets are loaded in the weight dtype
   (torch_dtype), the trainable weights cast to fp32 with diffusers' `cast_training_params`, the forward runs under
   autocast; inputs follow the caller's device and come back on it. `module` is the UNet after `accelerator.prepare`
@@ -15,13 +15,15 @@
   configuration when the spec names none (`accelerate launch --mixed_precision bf16`).
 * `FullWorld`: the schedule (common.Schedule, or common.FlowSchedule from a flow model's
   FlowMatchEulerDiscreteScheduler), every role's sampler and grid (its own pipeline's: models.role_grid; a flow
-  grid's sigmas placed exactly on integer times once, at start-up), prompts -> embeddings cached on disk behind a
-  bounded RAM cache (data.EmbeddingCache; condition dicts with a `prompt_id` row so a reward can find the text),
+  grid's sigmas placed exactly on integer times once, at start-up), prompts -> embeddings through the pipeline's
+  own encode_prompt, cached on disk behind a bounded RAM cache (data.EmbeddingCache; condition dicts with a
+  `prompt_id` row so a reward can find the text),
   VAE encode / decode (outside the caller's autocast, in the VAE's dtype), rewards on decoded images in chunks of
   `decode_batch`, image-caption data, preference pairs and concept images as latents (a bounded latent cache; each
   source opened when the run first reads it),
   metrics, figures, LoRA export in the diffusers format (`pipe.load_lora_weights(dir)` loads it), and the paper's
-  defaults for a run on a checkpoint (`method_defaults`).
+  defaults for a run on a checkpoint (`method_defaults`). What differs between pipeline classes is the family
+  adapter's (`world.family`, full/families); nothing here branches on the family.
 """
 from __future__ import annotations
 
@@ -39,53 +41,17 @@ import common
 
 from . import data as data_lib
 from . import models
+from .families import flux as flux_family
+from .families import sd3 as sd3_family
+from .families import unet as unet_family
 from .rewards import load_reward, reward_name
 from .spec import ROLES, ModelSpec, RoleSpec
 
-# peft LoRA targets per denoiser: the UNet's attention projections; for the SD3 / FLUX transformers also the
-# joint-attention context projections (diffusers' train_dreambooth_lora_sd3 / _flux examples; FLUX's single blocks
-# have to_q / to_k / to_v only, the last SD3 block no to_add_out: peft takes the ones present)
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the UNet's (full/memory_plan.py imports this name)
-TRANSFORMER_LORA_TARGETS = LORA_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# the families' LoRA targets and forwards under their former names (full/memory_plan.py, tests)
+LORA_TARGETS = unet_family.LORA_TARGETS  # the UNet's: to_q / to_k / to_v / to_out.0
+TRANSFORMER_LORA_TARGETS = sd3_family.LORA_TARGETS  # + the joint attention's add_q/k/v_proj, to_add_out
 LORA_TARGETS_BY_NET = {"unet": LORA_TARGETS, "transformer": TRANSFORMER_LORA_TARGETS}
-
-
-# ------------------------------------------------------------------------------------------- denoiser forwards
-# One function per kind: the network's call, built from the condition dict exactly as the diffusers pipeline makes
-# it, with our integer time t (common.Schedule / FlowSchedule: t = 0..999). They return the raw prediction (eps for
-# a UNet, the velocity for SD3 / FLUX) in the state layout (B, C, H, W).
-def unet_forward(net, x: torch.Tensor, t: torch.Tensor, cond: dict, schedule) -> torch.Tensor:
-    kw = {"encoder_hidden_states": cond["prompt_embeds"]}
-    if "text_embeds" in cond:  # SDXL: pooled text_encoder_2 embedding and add_time_ids
-        kw["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-    return net(x, t, **kw, return_dict=False)[0]
-
-
-def sd3_forward(net, x: torch.Tensor, t: torch.Tensor, cond: dict, schedule) -> torch.Tensor:
-    """SD3 / SD3.5: the pipeline passes scheduler.timesteps = sigma_t * 1000 (float) as the timestep."""
-    timestep = schedule.sigma(t).to(x.device) * common.T
-    return net(hidden_states=x, timestep=timestep, encoder_hidden_states=cond["prompt_embeds"],
-               pooled_projections=cond["pooled_projections"], return_dict=False)[0]
-
-
-def flux_forward(net, x: torch.Tensor, t: torch.Tensor, cond: dict, schedule) -> torch.Tensor:
-    """FLUX: the latents packed into 2x2 patches with their (0, row, column) img_ids, zero txt_ids, the timestep
-    scheduler.timesteps / 1000 (= sigma_t, computed as the pipeline does), and the embedded guidance of a
-    guidance-distilled transformer (FLUX.1-dev; cond["guidance"]); the output unpacked to (B, C, H, W)."""
-    from diffusers import FluxPipeline
-
-    b, c, h, w = x.shape
-    packed = FluxPipeline._pack_latents(x, b, c, h, w)
-    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
-    txt_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=x.device, dtype=cond["prompt_embeds"].dtype)
-    timestep = schedule.sigma(t).to(x.device) * common.T / 1000
-    out = net(hidden_states=packed, timestep=timestep, guidance=cond.get("guidance"),
-              pooled_projections=cond["pooled_projections"], encoder_hidden_states=cond["prompt_embeds"],
-              txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-    return FluxPipeline._unpack_latents(out, h, w, 1)
-
-
-FORWARDS = {"sd15": unet_forward, "sdxl": unet_forward, "sd3": sd3_forward, "flux": flux_forward}
+unet_forward, sd3_forward, flux_forward = unet_family.forward, sd3_family.forward, flux_family.forward
 
 
 def _to(module, device, dtype):
@@ -170,9 +136,9 @@ def fold_lora(unet, state: dict[str, torch.Tensor], targets: list[str], where: s
 
 
 class FullDenoiser:
-    """A role's denoiser network (UNet: an eps-model; SD3 / FLUX transformer: a velocity model) with a trainable
-    LoRA (or every weight, `train_full`). `unet` is that network whatever its kind; the call goes through the
-    kind's forward (FORWARDS), which builds the network's inputs from the condition dict.
+    """A role's denoiser network (UNet: an eps-model; a flow transformer: a velocity model) with a trainable
+    LoRA (or every weight, `train_full`). `unet` is that network whatever its family; the call goes through the
+    family's forward (full/families), which builds the network's inputs from the condition dict.
 
     `unet` is the plain UNet (its adapter is switched off by `frozen()`), `module` the same UNet after
     `accelerator.prepare` (DistributedDataParallel with several processes): the methods hand `module` to
@@ -188,7 +154,7 @@ class FullDenoiser:
         self.sampler, self.timesteps, self.train_full, self.role = sampler, list(timesteps), train_full, role
         self.guidance = guidance  # a guidance-distilled FLUX transformer's embedded guidance (FullWorld._role_guidance)
         self.device, self.dtype = world.device, world.dtype
-        self.schedule, self._forward = world.schedule, FORWARDS[world.kind]
+        self.schedule, self._forward = world.schedule, world.family.forward
         self._frozen = False
         if train_full:  # `reference` (loaded in the weight dtype) is the frozen model; the trained UNet is fp32
             if reference is None:
@@ -205,7 +171,7 @@ class FullDenoiser:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(world.spec.seed)  # the same initial A on every rank and every run
                 unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights=True,
-                                            target_modules=LORA_TARGETS_BY_NET[world.parts.net_folder]))
+                                            target_modules=world.family.lora_targets(world.net_config)))
         cast_training_params(unet, dtype=torch.float32)  # trainable weights in fp32, frozen ones in the spec's dtype
         if world.spec.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -305,7 +271,7 @@ class FullWorld:
         self.device, self.dtype = self.accelerator.device, MIXED_PRECISION[mp]
         self.decode_batch = spec.decode_batch  # the largest batch any sampling / decoding / scoring call may use
         self.parts = models.load_parts(spec, self.dtype)
-        self.kind = self.parts.kind
+        self.kind, self.family = self.parts.kind, self.parts.family  # full/families: what differs per pipeline
         vae = self.parts.vae
         self.vae_dtype = vae_dtype(self.dtype, vae.config, fixed_vae=bool(spec.vae))
         self.vae = _to(vae, self.device, self.vae_dtype).requires_grad_(False).eval()
@@ -319,21 +285,18 @@ class FullWorld:
         self.resolution = spec.resolution or self.net_config.get("sample_size", 128) * self.vae_factor
         if self.resolution % self.vae_factor:
             raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE factor {self.vae_factor}")
-        side = self.resolution // self.vae_factor
-        try:  # what FLUX's resolution-dependent shift is computed from
-            self.image_seq_len = models.image_tokens(self.kind, side, self.net_config)
+        try:  # the state's side (the VAE latents', or FLUX.2's 2x2-patchified half) and its image tokens
+            side = self.family.state_side(self.resolution // self.vae_factor)
+            self.image_seq_len = models.image_tokens(self.kind, self.resolution // self.vae_factor, self.net_config)
         except ValueError as e:
             raise ValueError(f"resolution {self.resolution}: {e}; use a multiple of the patch size x "
                              f"{self.vae_factor}") from e
-        self.shape = (self.vae.config.latent_channels, side, side)
-        expected = self.shape[0] * models.LATENT_PATCH.get(self.kind, 1) ** 2  # FLUX's packed latents: 4 C channels
-        if self.parts.flow and self.net_config.get("in_channels", expected) != expected:
-            raise models.ModelError(f"{spec.base}: the transformer takes {self.net_config['in_channels']} input "
-                                    f"channels, the VAE's {self.shape[0]}-channel latents need {expected}")
+        self.shape = (self.family.state_channels(self.vae.config), side, side)
+        self.family.check(self)  # e.g. a transformer whose input channels do not fit the VAE's
         self.guidance = self._guidance()
         self.schedule = self._schedule(self.parts.scheduler, f"scheduler of {spec.base}")
-        self._table = getattr(self.schedule, "sigmas", None)
-        self._table = None if self._table is None else self._table.clone()  # a flow table before grids are placed
+        self._table = getattr(self.schedule, "sigmas", None)  # a flow table before grids are placed; None: DDPM
+        self._table = None if self._table is None else self._table.clone()
         # every role's scheduler must match and its grid is its pipeline's (fails now, not after an hour of
         # training); a flow role's pipeline sigmas are placed on the schedule's integer times here, once
         self._grids: dict[tuple, tuple[str, list[int]]] = {}
@@ -411,9 +374,11 @@ class FullWorld:
         key = {"base": self.spec.base, "revision": self.spec.revision, "variant": self.spec.variant,
                "kind": self.kind, "dtype": str(self.dtype), "device": self.device.type,
                "max_sequence_length": self.max_sequence_length, "random_weights": self.spec.random_weights}
+        if self.spec.text_encoder_out_layers is not None:  # FLUX.2: which hidden states the features stack
+            key["text_encoder_out_layers"] = list(self.spec.text_encoder_out_layers)
         if base.is_dir():
             key["base"] = str(base.resolve())
-            parts = [base / p for pair in models.KINDS[self.kind]["text"] for p in pair if (base / p).is_dir()]
+            parts = [base / p for pair in self.family.text for p in pair if (base / p).is_dir()]
             key["files"] = {str(f.relative_to(base)): f.stat().st_mtime_ns for d in parts for f in sorted(d.iterdir())}
         return key
 
@@ -431,29 +396,24 @@ class FullWorld:
         if not self.parts.flow:
             return common.Schedule(models.schedule_name(scheduler.config, where))
         if type(scheduler).__name__ not in models.FLOW_SCHEDULERS:
-            raise models.ModelError(f"{where}: a {self.kind} pipeline needs FlowMatchEulerDiscreteScheduler, found "
+            raise models.ModelError(f"{where}: a {self.family.pipeline} needs FlowMatchEulerDiscreteScheduler, found "
                                     f"{type(scheduler).__name__}")
         return models.flow_schedule(self.kind, scheduler, self.image_seq_len, where)
 
     def _guidance(self) -> float | None:
-        """The embedded guidance value of a guidance-distilled FLUX transformer (FLUX.1-dev: config guidance_embeds),
-        spec "guidance" (default 3.5, FluxPipeline's guidance_scale); None for every other model."""
-        embeds = self.kind == "flux" and bool(self.net_config.get("guidance_embeds"))
-        if self.spec.guidance is not None and not embeds:
-            raise models.ModelError(f"model spec of {self.name}: \"guidance\" is set but the denoiser of "
-                                    f"{self.spec.base} "
-                                    "has no guidance input (only guidance-distilled FLUX transformers, "
-                                    "guidance_embeds=true, take one); remove it (CFG is the methods' cfg_scale)")
-        if not embeds:
-            return None
-        card = models.pipeline_facts(self.spec.base).get("guidance_scale", 3.5)  # FluxPipeline's default: 3.5
-        return float(card if self.spec.guidance is None else self.spec.guidance)
+        """The embedded guidance value of a guidance-distilled transformer (FLUX.1-dev: config guidance_embeds):
+        spec "guidance", else the model card's guidance_scale (full/configs/pipelines.json), else the family's
+        default; None for every other model (a spec "guidance" there is an error)."""
+        value = self.family.guidance(self.net_config, self.spec)
+        if value is None or self.spec.guidance is not None:
+            return value
+        return float(models.pipeline_facts(self.spec.base).get("guidance_scale", value))
 
     def _role_guidance(self, role: str, rspec: RoleSpec, config) -> float | None:
         """The embedded guidance of a role's network: a guidance-distilled FLUX transformer (guidance_embeds) gets the
         role's "guidance", else the spec's (the base's, _guidance), else its model card's (3.5); None for any other.
         So FLUX.1-dev can be the teacher role of a FLUX.1-schnell spec (base transfer: a LoRA trained on the base)."""
-        embeds = self.kind == "flux" and bool(config.get("guidance_embeds"))
+        embeds = self.family.has_guidance(config)
         if rspec.guidance is not None and not embeds:
             raise models.ModelError(f"model spec of {self.name}, role {role}: \"guidance\" is set but its denoiser "
                                     "has no guidance input (only guidance-distilled FLUX transformers take one)")
@@ -462,16 +422,18 @@ class FullWorld:
         if rspec.guidance is not None:
             return float(rspec.guidance)
         return self.guidance if self.guidance is not None else float(
-            models.pipeline_facts(rspec.unet).get("guidance_scale", 3.5))
+            models.pipeline_facts(rspec.unet).get("guidance_scale", self.family.default_guidance))
 
     def _role_scheduler(self, role: str):
+        """The role's scheduler, checked: an eps-model role must have the base's noise schedule. A flow role may
+        have its own shift (Z-Image's base samples at 6.0, Z-Image-Turbo at 3.0): the forward process is the same,
+        each role samples on its own pipeline's sigmas placed exactly on the world's integer times (role_sampler),
+        and the world's table (the base's) is the one training draws times from."""
         rspec = self.spec.roles.get(role, RoleSpec())
         sched = models.role_scheduler(self.spec, rspec, self.parts.scheduler)
         where = f"scheduler of role {role}"
         own = self._schedule(sched, where)
-        same = (own.name == self.schedule.name if self._table is None
-                else torch.equal(own.sigmas, self._table))
-        if not same:
+        if self._table is None and own.name != self.schedule.name:
             raise models.ModelError(f"role {role} uses the {own.name} noise schedule but the base uses "
                                     f"{self.schedule.name}: every role must share one schedule")
         return sched
@@ -500,7 +462,7 @@ class FullWorld:
             reference = None
             if merged_adapter is not None and not empty:  # in the weights before our LoRA goes on: part of the
                 # frozen model (folded where the weights were read; under FSDP process 0's weights reach the others)
-                unet = fold_lora(unet, merged_adapter, LORA_TARGETS_BY_NET[self.parts.net_folder], where)
+                unet = fold_lora(unet, merged_adapter, self.family.lora_targets(self.net_config), where)
         den = FullDenoiser(unet, sampler, timesteps, self, lora_rank, train_full, role, reference,
                            self._role_guidance(role, rspec, unet.config))
         self.denoisers.append(den)
@@ -509,19 +471,17 @@ class FullWorld:
     # ----------------------------------------------------------------------------------------- prompts
     def _make_encoder_pipe(self):
         p = self.parts
-        extra = ({"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-                 if self.kind == "sd15" else {})
         return p.pipeline_class(vae=self.vae, **p.text_components(), **{p.net_folder: None}, scheduler=p.scheduler,
-                                **extra)
+                                **self.family.pipeline_extra)
 
     @property
     def max_sequence_length(self) -> int | None:
-        """The T5 prompt length of SD3 / FLUX (spec max_sequence_length, else the model card's, else the pipeline's
-        default)."""
-        if not self.parts.flow:
+        """The prompt length of a flow pipeline's T5 / Qwen encoder (spec max_sequence_length, else the model card's,
+        else the pipeline's default); None for the CLIP-only UNet pipelines."""
+        if not self.family.max_sequence_length:
             return None
         card = models.pipeline_facts(self.spec.base).get("max_sequence_length")
-        return self.spec.max_sequence_length or card or models.MAX_SEQUENCE_LENGTH[self.kind]
+        return self.spec.max_sequence_length or card or self.family.max_sequence_length
 
     def free_text_encoders(self) -> None:
         """After precomputing every prompt's embedding the text encoders are dropped (SDXL: ~1.6 GB)."""
@@ -549,52 +509,33 @@ class FullWorld:
         if todo and self._encoder_pipe is None:
             raise RuntimeError(f"prompt {todo[0]!r} was not precomputed and the text encoders were freed "
                                "(precompute_embeddings): add it to the spec's prompts")
+        keys = self.family.prompt_keys
         for text in todo:
-            if self.kind == "flux":  # (prompt_embeds (T5), pooled_prompt_embeds (CLIP), text_ids)
-                out = self._encoder_pipe.encode_prompt([text], device=self.device, num_images_per_prompt=1,
-                                                       max_sequence_length=self.max_sequence_length)
-                embeds, pooled = out[0], out[1]
-            else:  # (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
-                kw = ({"prompt_2": None, "prompt_3": None, "max_sequence_length": self.max_sequence_length}
-                      if self.kind == "sd3" else {})
-                out = self._encoder_pipe.encode_prompt([text], device=self.device, num_images_per_prompt=1,
-                                                       do_classifier_free_guidance=False, **kw)
-                embeds, pooled = out[0], (out[2] if self.kind in ("sdxl", "sd3") else None)
-            self.embeddings.put(text, (embeds[0],) + ((pooled[0],) if pooled is not None else ()))
+            out = self.family.encode(self._encoder_pipe, [text], self.device, self.max_sequence_length, self.spec)
+            self.embeddings.put(text, tuple(out[k][0] for k in keys))
 
     def _rows(self, texts: list[str]) -> list[tuple[torch.Tensor, ...]]:
-        """The embedding rows of `texts` (encoded first where the cache has none)."""
+        """The embedding rows of `texts` (encoded first where the cache has none): the family's prompt_keys tensors."""
         self._encode_texts(texts)
         return [self.embeddings.get(t) for t in texts]
 
     @functools.cached_property
     def _null_embeds(self) -> tuple[torch.Tensor, ...]:
-        """The unconditional embedding for CFG, as the pipelines make it (SDXL: zeros for an empty negative; SD3:
-        the encoded negative prompt, "" by default; FLUX's true-CFG negative likewise)."""
-        if self.kind == "sdxl" and self.parts.force_zeros_for_empty_prompt and not self.spec.negative_prompt:
+        """The unconditional embedding for CFG, as the pipelines make it (SDXL: zeros for an empty negative; the
+        others: the encoded negative prompt, "" by default)."""
+        if self.family.null_is_zeros(self.parts, self.spec):
             return tuple(torch.zeros_like(e) for e in self._rows([self.prompts[0]])[0])
         return self._rows([self.spec.negative_prompt])[0]
 
-    def _time_ids(self, n: int) -> torch.Tensor:
-        """SDXL add_time_ids: (original size, crop top-left, target size) = (R, R, 0, 0, R, R)."""
-        r = self.resolution
-        return torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32).expand(n, 6).clone()
-
     def encode(self, texts: list[str]) -> dict:
-        """Prompts -> condition dict on the world's device: {prompt_embeds, prompt_id} and SDXL's text_embeds +
-        time_ids, SD3's pooled_projections, FLUX's pooled_projections [+ guidance] (txt_ids are zeros: the forward
-        makes them)."""
+        """Prompts -> condition dict on the world's device: the family's prompt tensors (prompt_embeds and SDXL's
+        text_embeds, SD3 / FLUX's pooled_projections, Z-Image's prompt_len), what the pipeline makes from settings
+        (SDXL's time_ids, FLUX.1-dev's guidance) and a prompt_id row."""
         return self._cond(self._rows(texts), [self._id(t) for t in texts])
 
     def _cond(self, rows, ids) -> dict:
-        cond = {"prompt_embeds": torch.stack([r[0] for r in rows]).to(self.device)}
-        if self.kind == "sdxl":
-            cond["text_embeds"] = torch.stack([r[1] for r in rows]).to(self.device)
-            cond["time_ids"] = self._time_ids(len(ids)).to(self.device, cond["prompt_embeds"].dtype)
-        elif self.parts.flow:
-            cond["pooled_projections"] = torch.stack([r[1] for r in rows]).to(self.device)
-            if self.guidance is not None:  # FluxPipeline: torch.full([1], guidance_scale).expand(batch), float32
-                cond["guidance"] = torch.full((len(ids),), self.guidance, dtype=torch.float32, device=self.device)
+        cond = {k: torch.stack([r[j] for r in rows]).to(self.device) for j, k in enumerate(self.family.prompt_keys)}
+        cond.update(self.family.extra_condition(cond, self))
         cond["prompt_id"] = torch.tensor(ids, dtype=torch.long, device=self.device)
         return cond
 
@@ -612,12 +553,10 @@ class FullWorld:
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1] (differentiable). Runs outside any autocast the caller opened, in the VAE's
         own dtype: under the methods' `accelerator.autocast()` an fp16 autocast would otherwise undo the fp32
-        upcast of a VAE that needs it (vae_dtype). One call decodes all of x0: callers chunk by decode_batch."""
-        cfg = self.vae.config
+        upcast of a VAE that needs it (vae_dtype). One call decodes all of x0: callers chunk by decode_batch. The
+        family maps the state to the VAE's latents (scaling / shift factors; FLUX.2's batch norm and patches)."""
         with torch.autocast(self.device.type, enabled=False):
-            z = x0.to(self.device, self.vae_dtype) / cfg.scaling_factor
-            if cfg.get("shift_factor") is not None:
-                z = z + cfg.shift_factor
+            z = self.family.to_vae(x0.to(self.device, self.vae_dtype), self.vae)
             return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
 
     def decode_in_chunks(self, x0: torch.Tensor) -> torch.Tensor:
@@ -627,12 +566,9 @@ class FullWorld:
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> latents (the posterior mean, so the latents of an image can be cached)."""
-        cfg = self.vae.config
         with torch.autocast(self.device.type, enabled=False):
             z = self.vae.encode(images.to(self.device, self.vae_dtype)).latent_dist.mean
-        if cfg.get("shift_factor") is not None:
-            z = z - cfg.shift_factor
-        return (z * cfg.scaling_factor).float()
+            return self.family.from_vae(z, self.vae).float()
 
     def _latent(self, key: tuple, load) -> torch.Tensor:
         if key in self._latents:
@@ -778,21 +714,18 @@ class FullWorld:
 
     def save_adapter(self, denoiser: FullDenoiser, path) -> None:
         """The LoRA in the diffusers format (pytorch_lora_weights.safetensors): pipe.load_lora_weights(path) loads it
-        (UNet layers as unet_lora_layers; SD3 / FLUX transformer layers as transformer_lora_layers, as diffusers'
-        train_dreambooth_lora_sd3 / _flux examples save them). A fully fine-tuned network is saved with
-        save_pretrained into path/unet (path/transformer) instead."""
+        (UNet layers as unet_lora_layers in the diffusers key format; a transformer's as transformer_lora_layers, as
+        diffusers' DreamBooth LoRA examples save them: the family's `lora_layers`). A fully fine-tuned network is
+        saved with save_pretrained into path/unet (path/transformer) instead."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         folder = self.parts.net_folder
         if denoiser.train_full:
             denoiser.unet.save_pretrained(path / folder)
             return
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft import get_peft_model_state_dict
 
-        layers = get_peft_model_state_dict(denoiser.unet)
-        if folder == "unet":
-            layers = convert_state_dict_to_diffusers(layers)
+        layers = self.family.lora_layers(get_peft_model_state_dict(denoiser.unet))
         layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
         metadata = denoiser.unet.peft_config["default"].to_dict()
         self.parts.pipeline_class.save_lora_weights(path, **{f"{folder}_lora_layers": layers,
@@ -806,8 +739,6 @@ class FullWorld:
         unet = denoiser.unet if denoiser is not None else models.load_unet(
             self.spec, self.spec.roles.get(role, RoleSpec()), p, f"role {role}", self.dtype)
         unet = unet.to(self.device)
-        extra = ({"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-                 if self.kind == "sd15" else {})
         scheduler = self._role_scheduler(role)
         if p.flow:  # the pipeline's step is the role's MDP: Euler (flow_sde, eta 0) or x0-renoise (stochastic_sampling)
             # and it takes the role's grid as its exact sigmas (`pipeline_sigmas`): no shift on top
@@ -815,26 +746,23 @@ class FullWorld:
             scheduler = type(scheduler).from_config(scheduler.config, stochastic_sampling=sampler == "flow_x0_renoise",
                                                     shift=1.0, use_dynamic_shifting=False)
         return p.pipeline_class(vae=self.vae, **p.text_components(), **{p.net_folder: unet}, scheduler=scheduler,
-                                **extra)
+                                **self.family.pipeline_extra)
 
     def pipeline_embeds(self, prompts: list[str], guidance: float = 0.0) -> dict:
-        """The pipeline's prompt arguments (prompt_embeds [, pooled_prompt_embeds, negative_...]) from this world's
-        condition cache: the same embeddings the methods train on, with or without the text encoders loaded. A
-        guidance-distilled FLUX gets the world's embedded guidance as guidance_scale (FluxPipeline's name for it);
-        CFG then is FluxPipeline's true_cfg_scale, which the caller sets."""
-        cond = self.encode(prompts)
-        pooled = {"sdxl": "text_embeds", "sd3": "pooled_projections", "flux": "pooled_projections"}.get(self.kind)
-        kw = {"prompt_embeds": cond["prompt_embeds"].to(self.dtype)}
-        if pooled:
-            kw["pooled_prompt_embeds"] = cond[pooled].to(self.dtype)
-        if self.kind == "flux" and self.guidance is not None:
-            kw["guidance_scale"] = self.guidance
-        if guidance > 1:
-            null = self.null_condition(len(prompts))
-            kw["negative_prompt_embeds"] = null["prompt_embeds"].to(self.dtype)
-            if pooled:
-                kw["negative_pooled_prompt_embeds"] = null[pooled].to(self.dtype)
-        return kw
+        """The pipeline's prompt arguments (prompt_embeds [, pooled_prompt_embeds], and negative_... when guidance
+        > 1) from this world's condition cache: the same embeddings the methods train on, with or without the text
+        encoders loaded (the family's `pipeline_embeds`: a guidance-distilled FLUX also gets the world's embedded
+        guidance as guidance_scale). The CFG arguments are `pipeline_guidance`'s."""
+        null = self.null_condition(len(prompts)) if guidance > 1 else None
+        return self.family.pipeline_embeds(self.encode(prompts), null, self)
+
+    def pipeline_guidance(self, guidance: float) -> dict:
+        """The pipeline's CFG arguments for the usual CFG scale (FLUX: true_cfg_scale; Z-Image: scale - 1)."""
+        return self.family.pipeline_guidance(guidance, self)
+
+    def pipeline_latents(self, latents: torch.Tensor, pipe) -> torch.Tensor:
+        """A pipeline call's `output_type="latent"` result in the state layout (FLUX unpacks, FLUX.2 re-patchifies)."""
+        return self.family.pipeline_latents(latents, pipe, self)
 
     def role_sampler(self, role: str, sampler: str | None = None, steps: int | None = None) -> tuple[str, list[int]]:
         """(sampler, timesteps) of a role from its spec and scheduler, without loading its UNet: its pipeline's

@@ -11,6 +11,7 @@ import torch
 
 import common
 from full import architectures, models, tiny
+from full.families import zimage as zimage_family
 from full.spec import RoleSpec, load_spec
 
 SPECS = sorted((Path(__file__).resolve().parents[1] / "full" / "specs").glob("*.json"))
@@ -22,7 +23,10 @@ STEPS = {("flux_dev", "teacher"): 25, ("flux_schnell", "student"): 4, ("flux_sch
          ("sd35_medium", "teacher"): 25, ("sd_turbo_dipp", "generator"): 1, ("sd_turbo_dipp", "teacher"): 25,
          ("sdxl_base", "teacher"): 25, ("sdxl_dmd2", "student"): 4, ("sdxl_dmd2", "generator"): 1,
          ("sdxl_dmd2", "teacher"): 25, ("sdxl_dmd2_dipp", "generator"): 1, ("sdxl_dmd2_dipp", "teacher"): 25,
-         ("sdxl_lcm", "student"): 4, ("sdxl_turbo", "student"): 4}
+         ("sdxl_lcm", "student"): 4, ("sdxl_turbo", "student"): 4,
+         ("zimage_turbo", "student"): 8, ("zimage_turbo", "teacher"): 25, ("flux2_klein", "student"): 4,
+         ("flux2_klein", "teacher"): 25, ("flux_schnell_dev_teacher", "student"): 4,
+         ("flux_schnell_dev_teacher", "generator"): 1, ("flux_schnell_dev_teacher", "teacher"): 25}
 
 
 def _setup(path):
@@ -46,10 +50,31 @@ def _setup(path):
 def _stand_in_flow_pipeline(kind, scheduler, net_config):
     """The real pipeline class around tiny modules (a VAE with the real 8x factor) whose transformer records the
     timestep it is called with and returns zeros: what the pipeline's own __call__ feeds the network."""
-    from diffusers import AutoencoderKL, FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import AutoencoderKL, AutoencoderKLFlux2, Flux2KleinPipeline, FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import ZImagePipeline
 
     vae = AutoencoderKL(block_out_channels=[8, 8, 8, 8], latent_channels=16, norm_num_groups=8,
                         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+    if kind in ("zimage", "flux2"):  # Z-Image takes 1 - sigma and a list of latents; klein sigma, packed tokens
+        zimage = kind == "zimage"
+        if not zimage:
+            vae = AutoencoderKLFlux2(block_out_channels=[8, 8, 8, 8], latent_channels=4, norm_num_groups=8,
+                                     down_block_types=["DownEncoderBlock2D"] * 4,
+                                     up_block_types=["UpDecoderBlock2D"] * 4)
+        net = tiny.tiny_zimage_transformer() if zimage else tiny.tiny_flux2_transformer()
+        cls = ZImagePipeline if zimage else Flux2KleinPipeline
+        pipe = cls(transformer=net, vae=vae, scheduler=scheduler, text_encoder=None, tokenizer=None)
+        seen = []
+
+        def forward(*args, **kw):  # the raw time input (_model_time maps the grid's sigmas to it)
+            if zimage:
+                seen.append(float(args[1].flatten()[0]))
+                return ([torch.zeros_like(x) for x in args[0]],)
+            seen.append(float(kw["timestep"].flatten()[0]))
+            return (torch.zeros_like(kw["hidden_states"]),)
+
+        net.forward = forward
+        return pipe, seen
     if kind == "sd3":
         net = tiny.tiny_sd3_transformer(8)
         pipe = StableDiffusion3Pipeline(transformer=net, vae=vae, scheduler=scheduler, text_encoder=None,
@@ -74,9 +99,21 @@ def _pipeline_sigmas(kind, scheduler, net_config, steps, resolution):
     embeds = {"prompt_embeds": torch.zeros(1, 8, 32),
               "pooled_prompt_embeds": torch.zeros(1, 64 if kind == "sd3" else 32)}
     extra = {"guidance_scale": 1.0} if kind == "sd3" else {}
+    if kind == "zimage":
+        embeds, extra = {"prompt_embeds": [torch.zeros(8, 32)]}, {"guidance_scale": 0.0}
+    elif kind == "flux2":
+        embeds, extra = {"prompt_embeds": torch.zeros(1, 8, 48)}, {"guidance_scale": 1.0}
     with torch.no_grad():
         pipe(**embeds, num_inference_steps=steps, height=resolution, width=resolution, output_type="latent", **extra)
     return torch.tensor(seen)
+
+
+def _model_time(kind, sigmas):
+    """The time input the pipeline computes from its scheduler's sigmas: Z-Image (1000 - 1000 sigma) / 1000, klein
+    (1000 sigma) / 1000; SD3 / FLUX as captured (sigma)."""
+    if kind == "zimage":
+        return zimage_family.model_timestep(sigmas)
+    return sigmas * 1000 / 1000 if kind == "flux2" else sigmas
 
 
 def _pipeline_timesteps(kind, scheduler, sampler, steps, card):
@@ -113,7 +150,7 @@ def test_every_shipped_roles_grid_is_its_pipelines(path, role):
     assert len(grid) == steps
     if schedule is not None:
         called = _pipeline_sigmas(kind, sched, net, steps, resolution)
-        assert torch.equal(schedule.sigma(torch.tensor(grid)), called.float()), (grid, called)
+        assert torch.equal(_model_time(kind, schedule.sigma(torch.tensor(grid))), called.float()), (grid, called)
     else:
         assert grid == _pipeline_timesteps(kind, sched, sampler, steps, card)
 
