@@ -513,10 +513,11 @@ def train(cfg: Config, world=None) -> dict:
     panels = {base_name: (x0_base, eval_cond), label: (x0_tuned, eval_cond)}
     if ema is not None:
         panels[f"{label}, EMA {cfg.ema_decay:g}"] = (evaluated["ema"], eval_cond)
+    marks = "reward" if cfg.reward_scale > 0 else None  # the figure marks what the explicit reward prefers
     if ema is not None:  # adapter/ holds the EMA generator, the one the author's code evaluates and saves
         with ema.applied():
-            return run.finish(metrics, panels, CURVES, generator)
-    return run.finish(metrics, panels, CURVES, generator)
+            return run.finish(metrics, panels, CURVES, generator, marks=marks)
+    return run.finish(metrics, panels, CURVES, generator, marks=marks)
 
 
 def main(argv=None) -> dict:

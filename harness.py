@@ -587,12 +587,13 @@ class Run:
 
     # ------------------------------------------------------------------------------------------- end
     def finish(self, metrics: dict, panels: dict | None = None, curves: Sequence[tuple[str, str]] = (),
-               adapter: Any = None) -> dict:
-        """metrics.json, samples.png (world.plot_samples of `panels`), curves.png (`curves`: (log column, title)),
-        the adapter export (world.save_adapter), trackers closed, and the summary table printed."""
+               adapter: Any = None, marks: str | None = None) -> dict:
+        """metrics.json, samples.png (world.plot_samples of `panels`, marking `marks`: "target" or "reward", what the
+        run aims at), curves.png (`curves`: (log column, title)), the adapter export (world.save_adapter), trackers
+        closed, and the summary table printed."""
         if self.main:
             if panels:
-                self.world.plot_samples(panels, self.path / "samples.png")
+                self.world.plot_samples(panels, self.path / "samples.png", marks=marks)
             if curves:
                 plot_curves(self.read_log(), self.path / "curves.png", curves)
             if adapter is not None:

@@ -594,7 +594,8 @@ def train(cfg: Config, world=None, baseline=None):
                    seconds_per_update=train_seconds / max(1, cfg.steps - start))
     curves = [("loss", "loss"), ("margin", "margin: sum_n r^target_n - r^reference_n"),
               ("eval_reward", "reward (eval)"), ("eval_quality", "quality (eval)")]
-    run.finish(metrics, panels, [c for c in curves if cfg.variant != "naive" or c[0] != "margin"], adapter=den)
+    run.finish(metrics, panels, [c for c in curves if cfg.variant != "naive" or c[0] != "margin"], adapter=den,
+               marks="target" if split == "target" else "reward")
     table = readouts(metrics)
     if table and run.main:
         print(table)

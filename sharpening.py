@@ -487,7 +487,7 @@ def train(cfg: Config, world=None) -> dict:
                   f"sharpening {cfg.variant}, n={cfg.n} m={cfg.m}": (x_tuned, final_cond)}
         curves = [("loss", "loss"), ("reward", "reward of the training trajectories / samples"),
                   ("eval_reward", "reward of fixed-seed samples")]
-        run.finish(result, panels, curves, den)
+        run.finish(result, panels, curves, den, marks="reward")
     return result
 
 
