@@ -86,7 +86,7 @@ class Schedule:
 
 
 def few_step_timesteps(n: int, t_max: int = T) -> list[int]:
-    """t_n = n*T/N - 1 for n = N..1 ("trailing" spacing): N=4 -> [999, 749, 499, 249] (DESIGN section 3)."""
+    """t_n = n*T/N - 1 for n = N..1 ("trailing" spacing): N=4 -> [999, 749, 499, 249] (docs/design.md section 3)."""
     if n < 1:
         raise ValueError(f"number of steps must be >= 1, got {n}")
     return [round(k * t_max / n) - 1 for k in range(n, 0, -1)]

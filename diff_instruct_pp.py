@@ -185,7 +185,7 @@ def time_density(sched: common.Schedule, kind: str, t_min: int, t_max: int) -> t
     t = torch.arange(common.T)
     inside = (t >= t_min) & (t <= t_max)
     if kind == "uniform":
-        # pi(t) = U{t_min, ..., t_max}  (DESIGN section 6: uniform on [0.02 T, 0.98 T], as DMD2 / SiD)
+        # pi(t) = U{t_min, ..., t_max}  (docs/design.md section 6: uniform on [0.02 T, 0.98 T], as DMD2 / SiD)
         pi = inside.double()
     elif kind == "lognormal":
         # paper App. C (EDM, (C.5)): ln sigma ~ N(-2, 2^2), truncated to [sigma(t_min), sigma(t_max)] (rejection:

@@ -1,7 +1,8 @@
 """Pairwise Sample Optimization (PSO) for few-step (timestep-distilled) diffusion models.
 
 Paper: Miao, Yang, Lin, Wang, Liu, Wang, Qiu, "Tuning Timestep-Distilled Diffusion Model Using Pairwise Sample
-Optimization" (2024), `shared/papers/pso_paper.txt`. Official code: ZichenMiao/Pairwise_Sample_Optimization.
+Optimization", arXiv 2410.03190 (ICLR 2025); equations as this project states them: docs/design.md section 4.
+Official code: ZichenMiao/Pairwise_Sample_Optimization.
 
 PSO fine-tunes a distilled model (SDXL-DMD2 / LCM with the x0-renoise sampler, SDXL-Turbo with Euler ancestral)
 by raising the trajectory likelihood of a *target* sample over a *reference* sample of the same condition, both

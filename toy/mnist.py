@@ -186,7 +186,7 @@ class MNIST(ToyWorld):
             x = torch.cat([x, torch.zeros(rows * 10 - len(x), *x.shape[1:])])
             grid = x.reshape(rows, 10, 28, 28).permute(0, 2, 1, 3).reshape(rows * 28, 10 * 28)
             ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
-            ax.set_title("\n".join(textwrap.wrap(title, 30)), fontsize=9)
+            ax.set_title("\n".join(w for line in title.split("\n") for w in textwrap.wrap(line, 30)), fontsize=9)
             ax.set(xticks=[], yticks=[])
             digits = cond[:10].tolist()
             if digits == list(range(len(digits))):

@@ -168,7 +168,7 @@ class Toy2D(ToyWorld):
             raise ValueError(f"plot_samples: marks must be None, 'target' or 'reward', got {marks!r}")
         fig, axes = plt.subplots(1, len(panels), figsize=(max(2.9 * len(panels), 6.2), 4.0), squeeze=False)
         lim = 1.8 * max(1.0, self.target_scale)
-        base = self.modes("base")
+        base, most_lines = self.modes("base"), 1
         for ax, (title, (x0, cond)) in zip(axes[0], panels.items()):
             x0, cond = x0.detach().cpu(), cond.cpu()
             for c in range(self.num_classes):
@@ -188,7 +188,9 @@ class Toy2D(ToyWorld):
             elif marks == "reward":
                 ax.annotate("", xy=(-0.8 * lim, 0.9 * lim), xytext=(-0.8 * lim, 0.3 * lim),
                             arrowprops=dict(arrowstyle="->", color="crimson", lw=1.5))
-            ax.set_title("\n".join(textwrap.wrap(title, 26)), fontsize=9)
+            wrapped = [w for line in title.split("\n") for w in textwrap.wrap(line, 34)]
+            most_lines = max(most_lines, len(wrapped))
+            ax.set_title("\n".join(wrapped), fontsize=9)
             ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
         handles = [Line2D([], [], ls="", marker="o", ms=5, color=self.CLASS_COLOURS[c], label=label) for c, label in
                    enumerate(("class 0 samples", "class 1 samples", "class 2 samples"))]
@@ -205,6 +207,6 @@ class Toy2D(ToyWorld):
                                   label="rewarded modes (reward 'modes')" if self.reward_kind == "modes"
                                   else "reward = height y (unbounded)"))
         fig.legend(handles=handles, loc="lower center", ncol=2 if len(panels) < 3 else 3, fontsize=8, frameon=False)
-        fig.subplots_adjust(left=0.02, right=0.98, top=0.86, bottom=0.25 if len(panels) < 3 else 0.17, wspace=0.06)
+        fig.subplots_adjust(left=0.02, right=0.98, top=0.95 - 0.045 * most_lines, bottom=0.25 if len(panels) < 3 else 0.17, wspace=0.06)
         fig.savefig(Path(path), dpi=110)
         plt.close(fig)
