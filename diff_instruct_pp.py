@@ -101,7 +101,8 @@ DI_CFG_SCALE = 4.5  # the paper's CFG teacher for Diff-Instruct pre-training (va
 
 @dataclass
 class Config(harness.RunConfig):
-    model: str = harness.arg("toy2d", "toy world (toy2d, mnist) or a diffusers checkpoint folder / hub id")
+    model: str = harness.arg("toy2d", "toy world: toy2d | flow2d | mnist (options after a colon, e.g. "
+                             "toy2d:reward=height), or a model spec / diffusers checkpoint for the full backend")
     variant: str = harness.arg("dipp", "dipp: align the one-step generator; di: Diff-Instruct pre-training from the "
                               "reference network (no reward)", choices=["dipp", "di"])
     steps: int = harness.arg(400, "generator updates")

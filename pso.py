@@ -125,7 +125,8 @@ FREE = ("eval_every", "eval_samples", "naive_baseline")  # a resumed run may cha
 
 @dataclasses.dataclass
 class Config(harness.RunConfig):
-    model: str = harness.arg("toy2d", "toy world (toy2d | mnist) or a diffusers checkpoint for the full backend")
+    model: str = harness.arg("toy2d", "toy world: toy2d | flow2d | mnist (options after a colon, e.g. "
+                             "toy2d:reward=height), or a model spec / diffusers checkpoint for the full backend")
     variant: str = harness.arg("pso", "objective: pso (Eq. 5), offline (Eq. 6), online (Eq. 7), customize (App. B.3), "
                               "naive (Fig. 1b baseline)", choices=list(VARIANTS))
     sampler: str = harness.arg("", "MDP of the distilled model, passed to the backend: x0_renoise (DMD2/LCM, Eq. 4) or "

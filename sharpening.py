@@ -118,7 +118,8 @@ import harness
 
 @dataclasses.dataclass
 class Config(harness.RunConfig):
-    model: str = harness.arg("toy2d", "toy world (toy2d, mnist) or a diffusers checkpoint for the full backend")
+    model: str = harness.arg("toy2d", "toy world: toy2d | flow2d | mnist (options after a colon, e.g. "
+                             "toy2d:reward=height), or a model spec / diffusers checkpoint for the full backend")
     variant: str = harness.arg("sft", "sft = Alg. 1 (data pairs), rlhf = Alg. 2 (prompts only)",
                               choices=["sft", "rlhf"])
     n: int = harness.arg(3, "candidate noises per condition (paper Table 2: 3); sft n=1 with m=1 is standard "

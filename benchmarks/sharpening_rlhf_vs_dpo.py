@@ -9,7 +9,9 @@ Diffusion-DPO in three ways at once: n (the best and worst of 3 samples instead 
 states of a roll-out instead of 1) and therefore the start times (a start needs m - 1 grid times below it). Sections:
 
   seeds   the 2 x 2 factorial n in {2, 3} x m in {1, 3} (n = 2, m = 1 is Diffusion-DPO; n = m = 3 is Alg. 2), plus
-          n = m = 3 regressing each state on the noise that maps it back to its own x_0 (`--target x0`), over 10
+          n = m = 3 regressing each state on the noise that maps it back to its own x_0 (`--target x0`), and
+          Diffusion-DPO and Alg. 2 with Eq. 11's reward gap outside log sigma (`--reward-gap outside-plus`, the
+          official code's reading: the gap then has no gradient, so both are plain DPO on their pairs), over 10
           seeds at benchmarks/sharpening.py's budget (100 updates of batch 16), and Diffusion-DPO vs Alg. 2 over 6
           seeds at sharpening.py's defaults (300 updates of batch 64). Mean, sd and the standard error of each mean,
           and Welch's t for each row against Diffusion-DPO: |t| < 2 reads "not separated".
@@ -42,7 +44,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 DPO = "Diffusion-DPO (n=2, m=1)"
 ALG2 = "Alg. 2 (n=3, m=3)"
 FACTORIAL = {DPO: dict(n=2, m=1), "n=3, m=1": dict(n=3, m=1), "n=2, m=3": dict(n=2, m=3), ALG2: dict(n=3, m=3),
-             "n=3, m=3, target x0": dict(n=3, m=3, target="x0")}
+             "n=3, m=3, target x0": dict(n=3, m=3, target="x0"),
+             "Diffusion-DPO, gap outside": dict(n=2, m=1, reward_gap="outside-plus"),
+             "Alg. 2, gap outside": dict(n=3, m=3, reward_gap="outside-plus")}
 BUDGETS = {"100 x 16": dict(steps=100, batch=16, seeds=list(range(10)), rows=list(FACTORIAL)),
            "300 x 64": dict(steps=300, batch=64, seeds=list(range(6)), rows=[DPO, ALG2])}
 LABELS = {"n=2, m=1": (2, 1), "n=3, m=1": (3, 1), "n=2, m=3": (2, 3), "n=3, m=3": (3, 3)}
@@ -151,6 +155,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", nargs="+", default=["seeds", "labels"], choices=["seeds", "labels"])
     p.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
+    p.add_argument("--rows", nargs="+", default=None, choices=list(FACTORIAL),
+                   help="rerun only these rows (with --reuse: the other rows are kept from the reused JSON)")
     p.add_argument("--final-samples", type=int, default=500)
     p.add_argument("--reuse", help="a results JSON whose sections are kept (only the named ones are rerun)")
     p.add_argument("--out", default=str(RESULTS / "sharpening_rlhf_vs_dpo.json"))
@@ -166,8 +172,10 @@ def main(argv=None) -> dict:
         res.setdefault("seeds", {})
         for budget in args.budgets:
             b = BUDGETS[budget]
-            res["seeds"][budget] = {row: [run_one(budget, row, s, args.final_samples) for s in b["seeds"]]
-                                    for row in b["rows"]}
+            kept = res["seeds"].get(budget, {})
+            res["seeds"][budget] = {row: kept[row] if args.rows and row not in args.rows and row in kept else
+                                    [run_one(budget, row, s, args.final_samples) for s in b["seeds"]]
+                                    for row in b["rows"] if row in kept or not args.rows or row in args.rows}
     if "labels" in args.sections:
         res["labels"] = label_probe()
     first = next(iter(next(iter(res.get("seeds", {"": {"": [{"reward_base": math.nan}]}}).values())).values()))

@@ -167,8 +167,10 @@ class Toy2D(ToyWorld):
         if marks not in (None, "target", "reward"):
             raise ValueError(f"plot_samples: marks must be None, 'target' or 'reward', got {marks!r}")
         fig, axes = plt.subplots(1, len(panels), figsize=(max(2.9 * len(panels), 6.2), 4.0), squeeze=False)
-        lim = 1.8 * max(1.0, self.target_scale)
+        lim = 1.5 * self.radius * max(1.0, self.target_scale)
         base, most_lines = self.modes("base"), 1
+        # a subclass with its own reward or target data (docs/extending.md): its aim is not toy2d's modes to mark
+        own_reward, own_target = type(self).reward is not Toy2D.reward, type(self).data_for is not Toy2D.data_for
         for ax, (title, (x0, cond)) in zip(axes[0], panels.items()):
             x0, cond = x0.detach().cpu(), cond.cpu()
             for c in range(self.num_classes):
@@ -178,9 +180,11 @@ class Toy2D(ToyWorld):
             for k in range(8):  # the base modes, edged in the colour of the class that owns them
                 ax.scatter(base[k, 0], base[k, 1], s=70, facecolors="none", linewidths=1.2, zorder=3,
                            edgecolors=self.CLASS_COLOURS[k % 2])
-            if marks == "target":
+            if marks == "target" and not own_target:
                 m = self.modes("target")[list(self.target_keep)]
                 ax.scatter(m[:, 0], m[:, 1], s=55, marker="x", color="k", linewidths=1.4, zorder=4)
+            elif marks == "reward" and own_reward:
+                pass
             elif marks == "reward" and self.reward_kind == "modes":
                 m = base[list(PREFERRED)]
                 ax.scatter(m[:, 0], m[:, 1], s=150, marker="*", facecolors="none", edgecolors="crimson",
@@ -198,9 +202,13 @@ class Toy2D(ToyWorld):
                            label="modes of class 0"),
                     Line2D([], [], ls="", marker="o", ms=8, mfc="none", mec=self.CLASS_COLOURS[1],
                            label="modes of class 1 (class 2 owns all 8)")]
-        if marks == "target":
+        if marks == "target" and own_target:
+            handles.append(Line2D([], [], ls="", label=f"target: {type(self).__name__}'s own data (not marked)"))
+        elif marks == "target":
             handles.append(Line2D([], [], ls="", marker="x", ms=7, color="k", mew=1.4,
                                   label="target modes (the target split)"))
+        elif marks == "reward" and own_reward:
+            handles.append(Line2D([], [], ls="", label=f"reward: {type(self).__name__}.reward (not marked)"))
         elif marks == "reward":
             handles.append(Line2D([], [], ls="", marker="*" if self.reward_kind == "modes" else r"$\uparrow$", ms=11,
                                   mfc="none", mec="crimson", color="crimson",
