@@ -118,7 +118,8 @@ def label_probe(n_cond: int = 4096, batch: int = 256, seed: int = 0) -> dict:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"Command: `{res['command']}` ({res['date']}). Machine: {res['machine']}. Total {res['cpu_seconds']:.0f} "
+    lines = ["Commands: " + ", then ".join(f"`{c}`" for c in res["commands"]) + f" ({res['date']}). Machine: "
+             f"{res['machine']}. Total {res['cpu_seconds']:.0f} "
              "CPU s. toy2d, its default reward (soft membership of the upper modes, optimum 1); RLHF sharpening "
              "(`sharpening.py --variant rlhf`) at its defaults but for the columns named; reward and quality of "
              f"{res['final_samples']} fixed-seed 25-step DDIM samples of the tuned model; base reward "
@@ -163,8 +164,10 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     cpu = time.process_time()
     res = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
-    res.update(command="OMP_NUM_THREADS=1 python benchmarks/sharpening_rlhf_vs_dpo.py " + " ".join(argv or sys.argv[1:]),
-               date=time.strftime("%Y-%m-%d"), final_samples=args.final_samples,
+    command = "OMP_NUM_THREADS=1 python benchmarks/sharpening_rlhf_vs_dpo.py " + " ".join(
+        f"'{a}'" if " " in a else a for a in (argv or sys.argv[1:]))
+    earlier = res.pop("command", None)  # a results file written before commands were kept as a list
+    res.update(commands=res.get("commands", [earlier] if earlier else []) + [command], date=time.strftime("%Y-%m-%d"), final_samples=args.final_samples,
                machine=f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, "
                        f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}, load average "
                        f"{os.getloadavg()[0]:.1f} at the start")

@@ -35,9 +35,13 @@ class Toy2D(ToyWorld):
     # overlapping discs; a new mixture of positions the base model already draws, decided at the high-noise steps)
     default_target = dict(target_rotation=0.0, target_scale=1.0, target_keep=(0, 1, 2, 3))
     # settings for the options a command line does not set (harness.apply_world_defaults; a Config built in code
-    # sets every field): Eq. 5 with beta 7 on a 16-step training grid, the setting of benchmarks/pso_fig1.py
-    # (at the paper's beta 50 and N = 4 the 2-D toy does not move; docs/pso.md, "Claims on toy2d")
-    cli_defaults = {("pso", "pso"): {"beta": 7.0, "train_steps": 16}}
+    # sets every field), each chosen from a measurement (docs/toys.md, "World defaults"):
+    # * Eq. 5 with beta 7 on a 16-step training grid, the setting of benchmarks/pso_fig1.py (at the paper's beta 50
+    #   and N = 4 the 2-D toy does not move; docs/pso.md, "Claims on toy2d");
+    # * DI++ alpha_rew 0.2: the smallest alpha_rew of benchmarks/world_defaults.py's sweep whose reward gain is
+    #   visible (diff_instruct_pp.py's 0.1 hardly moves this toy).
+    cli_defaults = {("pso", "pso"): {"beta": 7.0, "train_steps": 16},
+                    ("diff_instruct_pp", "dipp"): {"reward_scale": 0.2}}
 
     def __init__(self, weights, target_rotation: float | None = None, target_scale: float | None = None,
                  target_keep: tuple[int, ...] | None = None, reward: str = "modes"):
