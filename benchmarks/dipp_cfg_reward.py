@@ -53,8 +53,8 @@ class CFGRewardWorld:
     """A world whose reward is DI++'s implicit CFG reward (3.5), estimated with one draw of (t, eps) per sample;
     everything else (metrics, data, base models) is the wrapped world's."""
 
-    def __init__(self, world, cfg: dipp.Config, seed: int):
-        self._world = world
+    def __init__(self, world, cfg: dipp.Config, seed: int, draws: int = 1):
+        self._world, self._draws = world, draws
         self._teacher = world.denoiser("teacher")
         self._pi = dipp.time_density(world.schedule, cfg.time_density, cfg.t_min, cfg.t_max)
         self._weighting = cfg.weighting
@@ -64,6 +64,10 @@ class CFGRewardWorld:
         return getattr(self._world, name)
 
     def reward(self, x0: torch.Tensor, cond) -> torch.Tensor:
+        """The mean of `draws` one-draw estimates (the same expectation; less variance with more draws)."""
+        return sum(self._one_draw(x0, cond) for _ in range(self._draws)) / self._draws
+
+    def _one_draw(self, x0: torch.Tensor, cond) -> torch.Tensor:
         sched = self._world.schedule
         t = dipp.sample_t(len(x0), self._gen, self._pi).to(x0.device)
         eps = torch.randn(x0.shape, generator=self._gen).to(x0.device)
@@ -79,13 +83,13 @@ class CFGRewardWorld:
         return common.reduce_dims(classifier * x_t)
 
 
-def run_one(label: str, seed: int, world, omega: float, explicit: bool) -> dict:
+def run_one(label: str, seed: int, world, omega: float, explicit: bool, draws: int = 1) -> dict:
     out = RUNS / f"{label}-s{seed}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = dipp.Config(seed=seed, out=str(out), progress=False, save_every=400,
                       reward_scale=(omega - 1.0) if explicit else 0.0, cfg_scale=1.0 if explicit else omega)
     cpu = time.process_time()
-    m = dipp.train(cfg, world=CFGRewardWorld(world, cfg, seed) if explicit else world)
+    m = dipp.train(cfg, world=CFGRewardWorld(world, cfg, seed, draws) if explicit else world)
     print(f"[bench] {label} seed {seed}: " + ", ".join(f"{k} {m[k + '_tuned']:.3f}" for k in KEYS)
           + f" ({time.process_time() - cpu:.0f} CPU s)", flush=True)
     return {k: m[k] for k in m if k.split("_")[0] in KEYS}
@@ -111,7 +115,8 @@ def ms(v: list[float]) -> str:
 def markdown(res: dict) -> str:
     runs = res["runs"]
     base = next(iter(runs.values()))[0]
-    lines = [f"Command: `{res['command']}` ({res['date']}). Machine: {res['machine']}. Total {res['cpu_seconds']:.0f} "
+    lines = ["Commands: " + ", then ".join(f"`{c}`" for c in res["commands"]) + f" ({res['date']}). Machine: "
+             f"{res['machine']}. Total {res['cpu_seconds']:.0f} "
              f"CPU s. toy2d, diff_instruct_pp.py's defaults (400 updates of batch 256, pi(t) uniform on [20, 980], "
              f"w(t) = sigma^2/alpha^2) but for the columns named; mean ± sd over seeds {res['seeds']} of 2000 "
              f"fixed-seed samples of the tuned generator. Base generator: "
@@ -120,16 +125,19 @@ def markdown(res: dict) -> str:
     for label, rs in runs.items():
         lines.append(f"| {label} | " + " | ".join(ms([r[k + "_tuned"] for r in rs]) for k in KEYS) + " |")
     lines += ["", "Pair differences, CFG reward − CFG teacher, per seed (mean ± sd over seeds), against the seed-to-seed "
-              "sd of the CFG-teacher run:", "", "| omega | " + " | ".join(f"{k}: difference / seed sd" for k in KEYS)
+              "sd of the CFG-teacher run:", "", "| pair | " + " | ".join(f"{k}: difference / seed sd" for k in KEYS)
               + " |", "|---|" + "---|" * len(KEYS)]
-    for omega in res["omegas"]:
-        a, b = runs[f"CFG teacher, omega {omega:g}"], runs[f"CFG reward, alpha_rew {omega - 1:g}"]
+    pairs = [(omega, f"CFG reward, alpha_rew {omega - 1:g}") for omega in res["omegas"]]
+    pairs += [(omega, label) for omega in res["omegas"] for label in runs
+              if label.startswith(f"CFG reward, alpha_rew {omega - 1:g}, ")]
+    for omega, label in pairs:
+        a, b = runs[f"CFG teacher, omega {omega:g}"], runs[label]
         cells = []
         for k in KEYS:
             d = [y[k + "_tuned"] - x[k + "_tuned"] for x, y in zip(a, b)]
             sd = torch.tensor([x[k + "_tuned"] for x in a], dtype=torch.float64).std()
             cells.append(f"{ms(d)} / {float(sd):.3f}")
-        lines.append(f"| {omega:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} vs omega {omega:g} | " + " | ".join(cells) + " |")
     lines += ["", "Figure: `benchmarks/results/dipp_cfg_reward.samples.png` (seed 0; base generator, then each pair)."]
     return "\n".join(lines) + "\n"
 
@@ -138,15 +146,27 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--omegas", type=float, nargs="+", default=[2.0, 4.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--draws", type=int, default=0, help="only add the rows 'CFG reward, alpha_rew omega - 1, DRAWS "
+                   "draws' (the reward averaged over DRAWS draws) to the --reuse results")
+    p.add_argument("--reuse", help="a results JSON whose rows are kept")
     p.add_argument("--out", default=str(RESULTS / "dipp_cfg_reward.json"))
     args = p.parse_args(argv)
     cpu = time.process_time()
     world = harness.load_world("toy2d")
-    res = {"command": "OMP_NUM_THREADS=1 python benchmarks/dipp_cfg_reward.py " + " ".join(argv or sys.argv[1:]),
-           "date": time.strftime("%Y-%m-%d"), "seeds": args.seeds, "omegas": args.omegas, "runs": {},
+    old = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
+    command = "OMP_NUM_THREADS=1 python benchmarks/dipp_cfg_reward.py " + " ".join(argv or sys.argv[1:])
+    res = {"commands": old.get("commands", [old["command"]] if "command" in old else []) + [command],
+           "date": time.strftime("%Y-%m-%d"), "seeds": args.seeds, "omegas": old.get("omegas", args.omegas),
+           "runs": old.get("runs", {}),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, "
                       f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}, load average "
                       f"{os.getloadavg()[0]:.1f} at the start"}
+    if args.draws:
+        for omega in args.omegas:
+            label = f"CFG reward, alpha_rew {omega - 1:g}, {args.draws} draws"
+            res["runs"][label] = [run_one(f"reward-{omega:g}-d{args.draws}", s, world, omega, True, args.draws)
+                                  for s in args.seeds]
+        return finish(res, args, cpu, None)
     res["runs"]["Diff-Instruct (omega 1, alpha_rew 0)"] = [run_one("di", s, world, 1.0, False) for s in args.seeds]
     panels = {"base generator": samples_of(world, None, args.seeds[0])}
     for omega in args.omegas:
@@ -154,11 +174,16 @@ def main(argv=None) -> dict:
             tag = f"{'reward' if explicit else 'teacher'}-{omega:g}"
             res["runs"][label] = [run_one(tag, s, world, omega, explicit) for s in args.seeds]
             panels[label] = samples_of(world, RUNS / f"{tag}-s{args.seeds[0]}", args.seeds[0])
-    res["cpu_seconds"] = time.process_time() - cpu
+    return finish(res, args, cpu, lambda path: world.plot_samples(panels, path))
+
+
+def finish(res: dict, args, cpu: float, plot) -> dict:
+    res["cpu_seconds"] = res.get("cpu_seconds", 0.0) + time.process_time() - cpu
     out = Path(args.out)
     out.write_text(json.dumps(res, indent=1))
     out.with_suffix(".md").write_text(markdown(res))
-    world.plot_samples(panels, out.with_suffix(".samples.png"))
+    if plot is not None:
+        plot(out.with_suffix(".samples.png"))
     print(markdown(res))
     return res
 

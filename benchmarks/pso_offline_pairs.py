@@ -15,6 +15,8 @@ same reward, then places them beside online PSO:
   teacher    the 1000-step teacher sampled with 25 deterministic DDIM steps (another model, good samples)
   generator  the one-step generator (another model, blurrier samples)
   blurred    data + N(0, 0.15^2) per coordinate (a model that puts mass between modes)
+  flipped    data pairs whose order is swapped for 30% of them: a labeler that agrees with the evaluation reward on
+             70% of pairs (the paper's offline labels are people's, its evaluation and online labels PickScore's)
 
 Each source is written once as a pairs file (runs/bench-pso-offline-pairs/pairs-<source>.pt, 16384 rows, winner =
 the higher reward) and used through `pso.py --variant offline --pairs FILE`; its own quality (share within 0.2 of a
@@ -43,7 +45,8 @@ import pso  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs" / "bench-pso-offline-pairs"
-SOURCES = ("data", "teacher", "generator", "blurred")
+SOURCES = ("data", "teacher", "generator", "blurred", "flipped")
+FLIP = 0.3  # "flipped": the share of data pairs whose order disagrees with the evaluation reward
 OFFLINE_BETAS = (10.0, 50.0, 250.0)
 ONLINE_BETAS = (1.0, 5.0, 25.0)
 PAIRS = 16384
@@ -51,7 +54,7 @@ PAIRS = 16384
 
 @torch.no_grad()
 def source_samples(world, source: str, cond: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    if source == "data":
+    if source in ("data", "flipped"):
         return world.data_for(cond, gen)
     if source == "blurred":
         return world.data_for(cond, gen) + 0.15 * torch.randn(len(cond), *world.shape, generator=gen)
@@ -69,6 +72,8 @@ def write_pairs(world, source: str, path: Path) -> dict:
     cond = world.conditions(PAIRS, gen)
     a, b = source_samples(world, source, cond, gen), source_samples(world, source, cond, gen)
     a_wins = (world.reward(a, cond) >= world.reward(b, cond))[:, None]
+    if source == "flipped":
+        a_wins = a_wins ^ (torch.rand(len(cond), 1, generator=gen) < FLIP)
     win, lose = torch.where(a_wins, a, b), torch.where(a_wins, b, a)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"win": win, "lose": lose, "cond": cond}, path)
@@ -97,7 +102,8 @@ def ms(runs: list[dict], key: str) -> str:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"Command: `{res['command']}` ({res['date']}). Machine: {res['machine']}. Total {res['cpu_seconds']:.0f} "
+    lines = ["Commands: " + ", then ".join(f"`{c}`" for c in res["commands"]) + f" ({res['date']}). Machine: "
+             f"{res['machine']}. Total {res['cpu_seconds']:.0f} "
              f"CPU s. toy2d, default reward (soft membership of the upper modes, optimum 1); 300 updates of batch 64, "
              f"lr 1e-3; mean ± sd over seeds {res['seeds']} of 1000 fixed-seed samples of the tuned model.", "",
              "**The pair sources** (16384 pairs each, winner = the higher reward; both samples of every pair scored)", "",
@@ -122,12 +128,16 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     p.add_argument("--no-online", action="store_true", help="skip the online rows")
+    p.add_argument("--reuse", help="a results JSON whose rows are kept (only the named sources / online are rerun)")
     p.add_argument("--out", default=str(RESULTS / "pso_offline_pairs.json"))
     args = p.parse_args(argv)
     cpu = time.process_time()
     world = harness.load_world("toy2d")
-    res = {"command": "OMP_NUM_THREADS=1 python benchmarks/pso_offline_pairs.py " + " ".join(argv or sys.argv[1:]),
-           "date": time.strftime("%Y-%m-%d"), "seeds": args.seeds, "sources": {}, "runs": {},
+    old = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
+    command = "OMP_NUM_THREADS=1 python benchmarks/pso_offline_pairs.py " + " ".join(argv or sys.argv[1:])
+    res = {"commands": old.get("commands", [old["command"]] if "command" in old else []) + [command],
+           "date": time.strftime("%Y-%m-%d"), "seeds": args.seeds, "sources": old.get("sources", {}),
+           "runs": old.get("runs", {}),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, "
                       f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}, load average "
                       f"{os.getloadavg()[0]:.1f} at the start"}
@@ -142,7 +152,9 @@ def main(argv=None) -> dict:
         for beta in ONLINE_BETAS:
             label = f"online, beta {beta:g}"
             res["runs"][label] = [run_one(label, dict(variant="online", beta=beta), s, world) for s in args.seeds]
-    res["cpu_seconds"] = time.process_time() - cpu
+    res["cpu_seconds"] = old.get("cpu_seconds", 0.0) + time.process_time() - cpu
+    online = {k: v for k, v in res["runs"].items() if k.startswith("online")}  # the online rows last
+    res["runs"] = {**{k: v for k, v in res["runs"].items() if k not in online}, **online}
     out = Path(args.out)
     out.write_text(json.dumps(res, indent=1))
     out.with_suffix(".md").write_text(markdown(res))

@@ -106,8 +106,10 @@ def label_probe(n_cond: int = 4096, batch: int = 256, seed: int = 0) -> dict:
             rec["t"] += [t_start] * batch
         t = torch.tensor(rec["t"])
         agree, gap, best = (torch.tensor(rec[k], dtype=torch.float64) for k in ("agree", "gap", "best_gap"))
+        tie = gap.abs() < 0.05  # pairs whose two samples the reward hardly tells apart
         row = {"conditions": len(t), "agree": float(agree.mean()), "true_gap": float(gap.mean()),
-               "oracle_gap": float(best.mean()), "share_of_oracle": float(gap.mean() / best.mean())}
+               "oracle_gap": float(best.mean()), "share_of_oracle": float(gap.mean() / best.mean()),
+               "near_ties": float(tie.double().mean()), "agree_without_near_ties": float(agree[~tie].mean())}
         for name, mask in (("t >= 500", t >= 500), ("t < 500", t < 500)):
             row[name] = {"conditions": int(mask.sum()), "agree": float(agree[mask].mean()),
                          "true_gap": float(gap[mask].mean())}
@@ -141,11 +143,12 @@ def markdown(res: dict) -> str:
         lines += ["**Labels at the base model** (4096 conditions; winner / loser chosen as Alg. 2 does, by the "
                   "trajectory score of Tweedie estimates; 'agree' = share of pairs whose winner sample has the higher "
                   "true reward R(x_0), ties 1/2; 'true gap' = mean R(x_0^w) - R(x_0^l); 'share' = true gap / mean "
-                  "largest gap among the n samples)", "",
-                  "| n, m | agree | true gap | share of the largest gap | agree, start t ≥ 500 | agree, start t < 500 |",
-                  "|---|---|---|---|---|---|"]
+                  "largest gap among the n samples; 'near ties' = share of pairs with |true gap| < 0.05)", "",
+                  "| n, m | agree | true gap | share of the largest gap | near ties | agree without near ties | "
+                  "agree, start t ≥ 500 | agree, start t < 500 |", "|---|---|---|---|---|---|---|---|"]
         for label, r in res["labels"].items():
             lines.append(f"| {label} | {r['agree']:.3f} | {r['true_gap']:.4f} | {r['share_of_oracle']:.2f} | "
+                         f"{r['near_ties']:.3f} | {r['agree_without_near_ties']:.3f} | "
                          f"{r['t >= 500']['agree']:.3f} ({r['t >= 500']['conditions']}) | "
                          f"{r['t < 500']['agree']:.3f} ({r['t < 500']['conditions']}) |")
         lines.append("")

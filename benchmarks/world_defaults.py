@@ -39,7 +39,7 @@ import pso  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs" / "bench-world-defaults"
 DIPP_ALPHAS = {"toy2d": [0.2, 0.3, 0.5], "flow2d": [0.02, 0.05]}
-PSO_BETAS = {"flow2d": [7.0, 20.0, 50.0]}
+PSO_BETAS = {"flow2d": [1.0, 2.0, 3.0, 7.0, 20.0, 50.0]}
 KEYS = ("reward", "quality", "distance", "sharpness", "transfer")
 
 
@@ -75,7 +75,8 @@ def ms(runs: list[dict], key: str, digits: int = 3) -> str:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"Command: `{res['command']}` ({res['date']}). Machine: {res['machine']}. Total {res['cpu_seconds']:.0f} "
+    lines = ["Commands: " + ", then ".join(f"`{c}`" for c in res["commands"]) + f" ({res['date']}). Machine: "
+             f"{res['machine']}. Total {res['cpu_seconds']:.0f} "
              f"CPU s. Mean ± sd over seeds {res['seeds']}.", ""]
     for world_name, rows in res.get("dipp", {}).items():
         first = next(iter(rows.values()))[0]
@@ -108,12 +109,16 @@ def main(argv=None) -> dict:
     p.add_argument("--sections", nargs="+", default=["dipp", "pso"], choices=["dipp", "pso"])
     p.add_argument("--worlds", nargs="+", default=["toy2d", "flow2d"], choices=["toy2d", "flow2d"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--betas", type=float, nargs="+", default=None, help="pso: only these beta (default: all); with "
+                   "--reuse the other rows are kept")
     p.add_argument("--reuse", help="a results JSON whose sections are kept (only the named ones are rerun)")
     p.add_argument("--out", default=str(RESULTS / "world_defaults.json"))
     args = p.parse_args(argv)
     cpu = time.process_time()
     res = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
-    res.update(command="OMP_NUM_THREADS=1 python benchmarks/world_defaults.py " + " ".join(argv or sys.argv[1:]),
+    command = "OMP_NUM_THREADS=1 python benchmarks/world_defaults.py " + " ".join(argv or sys.argv[1:])
+    earlier = res.pop("command", None)
+    res.update(commands=res.get("commands", [earlier] if earlier else []) + [command],
                date=time.strftime("%Y-%m-%d"), seeds=args.seeds,
                machine=f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, "
                        f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}, load average "
@@ -125,8 +130,9 @@ def main(argv=None) -> dict:
                                                  for a in DIPP_ALPHAS[name]}
     if "pso" in args.sections:
         for name in [w for w in args.worlds if w in PSO_BETAS]:
-            res.setdefault("pso", {})[name] = {f"{b:g}": [pso_run(name, worlds[name], b, s) for s in args.seeds]
-                                                for b in PSO_BETAS[name]}
+            kept = res.setdefault("pso", {}).get(name, {})
+            rows = {f"{b:g}": [pso_run(name, worlds[name], b, s) for s in args.seeds] for b in args.betas or PSO_BETAS[name]}
+            res["pso"][name] = dict(sorted({**kept, **rows}.items(), key=lambda kv: float(kv[0])))
     res["cpu_seconds"] = res.get("cpu_seconds", 0.0) * bool(args.reuse) + time.process_time() - cpu
     out = Path(args.out)
     out.write_text(json.dumps(res, indent=1))

@@ -131,7 +131,8 @@ def test_readme_test_command_is_the_one_ci_runs():
     assert command in (ROOT / "README.md").read_text()
 
 
-def test_readme_links_resolve():
-    text = (ROOT / "README.md").read_text()
-    missing = [t for t in re.findall(r"\]\(([^)#]+)", text) if not t.startswith("http") and not (ROOT / t).exists()]
-    assert not missing, f"README.md links to files that do not exist: {missing}"
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_links_resolve(doc):
+    links = re.findall(r"\]\(([^)#\s]+)", doc.read_text())
+    missing = [t for t in links if not t.startswith("http") and not (doc.parent / t).exists()]
+    assert not missing, f"{doc.name} links to files that do not exist: {missing}"
