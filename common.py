@@ -210,19 +210,69 @@ class FlowSchedule:
     """x_t = (1 - sigma_t) x_0 + sigma_t eps, the network predicts the velocity v = eps - x_0.
 
     Integer time t = 0..T-1 is diffusers' FlowMatchEulerDiscreteScheduler training timestep t + 1, so
-    sigma_t = shift * s / (1 + (shift - 1) * s) with s = (t + 1) / T (the scheduler's static shift; SD3: 3.0,
-    FLUX's resolution-dependent shift is a shift value too); t = -1 is the clean sample (sigma = 0). Conversions
-    (for a prediction v at x_t): x0_hat = x_t - sigma v, eps_hat = x_t + (1 - sigma) v, score = -eps_hat / sigma.
-    `alpha_sigma` returns (1 - sigma_t, sigma_t), so add_noise and the forward process read the same as DDPM's."""
+    sigma_t = shift * s / (1 + (shift - 1) * s) with s = (t + 1) / T (the scheduler's static shift; SD3: 3.0);
+    t = -1 is the clean sample (sigma = 0). `sigmas` replaces that table by one a scheduler computed (FLUX's
+    resolution-dependent shift: full/models.py builds it through the scheduler's own set_timesteps(mu=...));
+    `shift` is then the static shift that table equals (read off at s = 1/2). Conversions (for a prediction v at
+    x_t): x0_hat = x_t - sigma v, eps_hat = x_t + (1 - sigma) v, score = -eps_hat / sigma. `alpha_sigma` returns
+    (1 - sigma_t, sigma_t), so add_noise and the forward process read the same as DDPM's.
+
+    A pipeline samples on sigmas of its own (SD3's `set_timesteps(4)`: [1.0, 0.858, 0.602, 0.009] at shift 3) that
+    lie between the integer times' sigmas. `grid_times(sigmas)` gives each of them an integer time whose table
+    entry becomes that sigma exactly (the nearest time; docs/full.md "Sampling grids"), so a role's grid is a list
+    of integer times as everywhere else and sigma(t) at those times is the pipeline's value bit for bit."""
 
     prediction = "flow"
 
-    def __init__(self, shift: float = 1.0):
-        if not (math.isfinite(shift) and shift > 0):
-            raise ValueError(f"flow shift must be a finite number > 0, got {shift!r}")
-        self.name, self.shift = f"flow(shift={shift:g})", float(shift)
-        s = torch.arange(1, T + 1, dtype=torch.float32) / T  # the scheduler's float32 sigmas before the shift
-        self.sigmas = self.shift * s / (1 + (self.shift - 1) * s)
+    def __init__(self, shift: float = 1.0, sigmas: torch.Tensor | None = None):
+        if sigmas is None:
+            if not (math.isfinite(shift) and shift > 0):
+                raise ValueError(f"flow shift must be a finite number > 0, got {shift!r}")
+            s = torch.arange(1, T + 1, dtype=torch.float32) / T  # the scheduler's float32 sigmas before the shift
+            sigmas = shift * s / (1 + (shift - 1) * s)
+        else:
+            sigmas = torch.as_tensor(sigmas, dtype=torch.float32).clone()
+            if sigmas.shape != (T,) or not bool((sigmas[1:] > sigmas[:-1]).all()) or float(sigmas[0]) <= 0 \
+                    or float(sigmas[-1]) != 1.0:
+                raise ValueError(f"a flow schedule's sigma table must hold {T} increasing values in (0, 1] ending at "
+                                 f"1, got shape {tuple(sigmas.shape)} from {float(sigmas[0]):g} to "
+                                 f"{float(sigmas[-1]):g}")
+            mid = float(sigmas[T // 2 - 1])  # s = 1/2: sigma = shift / (1 + shift)
+            shift = mid / (1 - mid)
+        self.shift, self.sigmas = float(shift), sigmas
+        self.name = f"flow(shift={self.shift:g})"
+        self._base = sigmas.clone()  # the table before any grid was placed on it
+        self._placed: dict[int, float] = {}  # t -> a pipeline sigma that replaced the table's value there
+
+    def grid_times(self, sigmas: Sequence[float], where: str = "sampling grid") -> list[int]:
+        """Integer times carrying a sampler's sigmas (decreasing, in (0, 1], without the final 0) exactly: each sigma
+        takes the time whose table sigma is nearest (or the next one where that time already carries another grid's
+        different sigma), and that time's table entry becomes the sigma. The table stays strictly increasing, so
+        every other time keeps its meaning; a grid too fine for T times is an error naming `where`."""
+        sig = torch.as_tensor(list(sigmas), dtype=torch.float32)
+        if sig.ndim != 1 or len(sig) == 0 or bool((sig <= 0).any()) or bool((sig > 1).any()) or \
+                bool((sig[1:] >= sig[:-1]).any()):
+            raise ValueError(f"{where}: sigmas {sig.tolist()} must be strictly decreasing within (0, 1]")
+        times = []
+        for s in sig.tolist():
+            nearest = int((self._base - s).abs().argmin())
+            for t in sorted((nearest - 1, nearest, nearest + 1), key=lambda u: (abs(u - nearest), u)):
+                if self._fits(t, s) and (not times or t < times[-1]):
+                    break
+            else:
+                raise ValueError(f"{where}: sigma {s:.7g} has no free integer time near t = {nearest} (the grid is "
+                                 f"finer than the {T} training times, or another role's grid took them)")
+            if float(self.sigmas[t]) != s:
+                self.sigmas[t], self._placed[t] = s, s
+            times.append(t)
+        return times
+
+    def _fits(self, t: int, s: float) -> bool:
+        if not 0 <= t < T or (t in self._placed and self._placed[t] != s):
+            return False
+        below = float(self.sigmas[t - 1]) if t > 0 else 0.0
+        above = float(self.sigmas[t + 1]) if t < T - 1 else math.inf
+        return below < s < above or float(self.sigmas[t]) == s
 
     def sigma(self, t, like: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.as_tensor(t)
@@ -278,20 +328,30 @@ class FlowX0Renoise(FlowKernel):
 
 
 class FlowSDE(FlowKernel):
-    """A stochastic Euler step whose marginals are the ODE's (the SDE form Flow-GRPO samples with log-probs):
-    dx = [v - g^2/2 * score] dt + g dw, score = -eps_hat / sigma, g = eta sqrt(sigma / (1 - sigma)). With
+    """A stochastic Euler step whose marginals are the ODE's: Flow-GRPO's `sde_step_with_logprob` (Liu et al. 2025,
+    arXiv 2505.05470; its sampler github.com/yifan123/flow_grpo, flow_grpo/diffusers_patch/
+    sd3_sde_with_logprob.py), written from the formula, not from that code:
+    dx = [v - g^2/2 * score] dt + g dw with score = -eps_hat / sigma and g^2 = eta^2 sigma / (1 - sigma). With
     dt = sigma' - sigma < 0: mean = x + (v + g^2 / (2 sigma) eps_hat) dt, std = g sqrt(-dt). eta = 0 is
-    FlowMatchEulerDiscreteScheduler.step (x + dt v). At sigma = 1 the factor sigma / (1 - sigma) is taken at the
-    schedule's largest sigma below 1 (as Flow-GRPO's code does); the last step (sigma' = 0) is deterministic."""
+    FlowMatchEulerDiscreteScheduler.step (x + dt v).
+
+    Conventions (as ddpo-pytorch states its own; docs/full.md "The flow SDE"):
+    * eta here is Flow-GRPO's `noise_level` (its default 0.7).
+    * At sigma = 1, sigma / (1 - sigma) is infinite. Flow-GRPO divides by 1 - sigmas[1] there, the sampling
+      grid's second sigma: the next sigma of the only step that starts at 1, i.e. this step's sigma' (= sigma of
+      t_next). The numerator stays sigma = 1: g^2 = eta^2 / (1 - sigma'). (The largest training sigma below 1, used
+      before, gave ~100x that factor at shift 3 and a first step ~10x too noisy.)
+    * The last step (sigma' = 0) is deterministic here (x_0 = x0_hat, excluded from likelihoods as every kernel's
+      last step); Flow-GRPO samples it with std g sqrt(sigma) and scores it.
+    * Log-probabilities: Flow-GRPO averages over dimensions (gaussian_log_prob(..., reduce="mean"))."""
 
     name = "flow_sde"
 
     def step(self, x, v, t, t_next):
         s, s_next = self.sched.sigma(t, x), self.sched.sigma(t_next, x)
         dt = s_next - s
-        below_one = self.sched.sigmas[self.sched.sigmas < 1].max().to(s.device)
-        g2 = self.eta**2 * torch.where(s < 1, s, below_one) / (1 - torch.where(s < 1, s, below_one))
-        g2 = torch.where(s_next > 0, g2, torch.zeros_like(g2))
+        g2 = self.eta**2 * s / (1 - torch.where(s < 1, s, s_next))  # at sigma = 1: 1 / (1 - sigma')
+        g2 = torch.where(s_next > 0, g2, torch.zeros_like(g2))  # the last step is deterministic
         eps_hat = self.sched.eps_from_pred(x, v, t)
         mean = x + (v + g2 / (2 * s) * eps_hat) * dt
         return mean, (g2 * (-dt)).sqrt() * torch.ones_like(x)

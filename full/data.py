@@ -12,13 +12,25 @@ Sources (in a model spec's "prompts", "data" and "pairs"):
   "label_0"} (image paths relative to DIR), or {"dataset": "yuvalkirstain/pickapic_v2", "split": "train"} (image
   bytes in jpg_0 / jpg_1). label_0 = 1: image 0 preferred, 0: image 1 preferred, 0.5: a tie — ties are dropped as in
   the PSO paper (App. B.1: about 12% of Pick-a-Pic v2).
+* a subset of any `datasets` source: split slicing ("split": "train[:10000]", `datasets`' own syntax; the whole
+  split is still downloaded and converted first), or {"streaming": true, "rows": 10000, "shuffle_buffer": 1000,
+  "seed": 0}: the first `rows` rows of the split streamed through a shuffle buffer (IterableDataset.shuffle / take)
+  are written once to an Arrow file (Dataset.from_generator, cached) and read from there: only the shards those
+  rows come from are downloaded. The rows and bytes a source holds are said on stderr when it is opened.
 
 A row whose image cannot be read or decoded raises DataError naming the row and the file.
+
+`EmbeddingCache`: prompt embeddings on disk (one safetensors file per prompt in a folder keyed by the model) behind a
+bounded in-RAM LRU, so a T5-XXL-sized embedding per prompt never grows RAM with the number of prompts.
 """
 from __future__ import annotations
 
+import collections
+import hashlib
 import io
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -122,27 +134,82 @@ def _datasets():
 
 
 SOURCE_KEYS = ("name", "revision", "data_files", "data_dir", "cache_dir")
+STREAM_KEYS = ("streaming", "rows", "shuffle_buffer", "seed")
 
 
 def _hub_dataset(source: dict):
-    """A map-style `datasets` split: memory-mapped Arrow files on disk, so rows cost no RAM until they are read."""
+    """A map-style `datasets` split: memory-mapped Arrow files on disk, so rows cost no RAM until they are read.
+    With "streaming": the subset `_streamed_rows` wrote (rows are drawn at random, which needs a map-style set)."""
     datasets = _datasets()
-    if source.get("streaming"):
-        raise DataError(f"data source {source}: \"streaming\" is not supported (rows are drawn at random, which needs "
-                        "a map-style data set; it is memory-mapped from disk, so its size does not cost RAM)")
     kw = {k: v for k, v in source.items() if k in SOURCE_KEYS}
+    split = source.get("split", "train")
     try:
-        return datasets.load_dataset(source["dataset"], split=source.get("split", "train"), **kw)
+        if source.get("streaming"):
+            return _streamed_rows(source, kw)
+        return datasets.load_dataset(source["dataset"], split=split, **kw)
+    except DataError:
+        raise
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
-        raise DataError(f"cannot load the data set {source['dataset']!r} (split {source.get('split', 'train')!r}): "
+        raise DataError(f"cannot load the data set {source['dataset']!r} (split {split!r}): "
                         f"{type(e).__name__}: {e}") from e
 
 
-def _json_rows(path: Path, cache_dir=None):
-    """A .jsonl file as a map-style `datasets` table (Arrow cache on disk, not a list in RAM)."""
+def _stream_generator(dataset, split, rows, shuffle_buffer, seed, load_kw):
+    """The rows of a streamed subset (Dataset.from_generator's generator: its arguments are the cache key)."""
+    datasets = _datasets()
+    stream = datasets.load_dataset(dataset, split=split, streaming=True, **load_kw)
+    for name, feature in (stream.features or {}).items():  # images stay encoded bytes, as the map-style path keeps them
+        if isinstance(feature, datasets.Image):
+            stream = stream.cast_column(name, datasets.Image(decode=False))
+    yield from stream.shuffle(seed=seed, buffer_size=shuffle_buffer).take(rows)
+
+
+def _streamed_rows(source: dict, kw: dict):
+    """`rows` rows of a streamed split through a shuffle buffer, written once to an Arrow file (cached by the source
+    description) and opened map-style: only the shards those rows come from are downloaded."""
+    datasets = _datasets()
+    rows, buffer, seed = source.get("rows"), source.get("shuffle_buffer", 1000), source.get("seed", 0)
+    for key, value in (("rows", rows), ("shuffle_buffer", buffer), ("seed", seed)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
+            raise DataError(f"data source {source['dataset']!r}: \"streaming\" takes a subset and needs \"{key}\" "
+                            f"as an integer >= {0 if key == 'seed' else 1} (e.g. \"rows\": 10000, \"shuffle_buffer\": "
+                            f"1000, \"seed\": 0), found {value!r}")
+    load_kw = {k: v for k, v in kw.items() if k != "cache_dir"}
+    gen_kw = dict(dataset=source["dataset"], split=source.get("split", "train"), rows=rows, shuffle_buffer=buffer,
+                  seed=seed, load_kw=load_kw)
+    ds = datasets.Dataset.from_generator(_stream_generator, gen_kwargs=gen_kw, cache_dir=kw.get("cache_dir"))
+    if len(ds) < rows:
+        raise DataError(f"data source {source['dataset']!r} (split {gen_kw['split']!r}) streamed {len(ds)} rows, fewer "
+                        f"than \"rows\": {rows}")
+    return ds
+
+
+def size_line(what: str, ds, where: str, extra: str = "") -> str:
+    """'<what> <where>: N rows<extra>, X GiB in its Arrow files[, download Y GiB]' (said before the rows are used)."""
+    files = {f["filename"] for f in getattr(ds, "cache_files", [])}
+    size = sum(os.path.getsize(f) for f in files if os.path.exists(f))
+    download = getattr(getattr(ds, "info", None), "download_size", None)
+    return (f"{what} {where}: {len(ds):,} rows{extra}, {_bytes(size)} in its Arrow files"
+            + (f" (download {_bytes(download)})" if download else ""))
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _json_rows(path: Path, cache_dir=None, split: str = "train"):
+    """A .jsonl file as a map-style `datasets` table (Arrow cache on disk, not a list in RAM); `split` may slice it
+    ("train[:1000]")."""
     datasets = _datasets()
     try:
-        return datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
+        return datasets.load_dataset("json", data_files=str(path), split=split, cache_dir=cache_dir)
     except Exception as e:  # datasets wraps the JSON parser's error in its own; name the file
         raise DataError(f"{path} is not a JSON-lines file of objects (one {{...}} per line): "
                         f"{type(e).__name__}: {e}") from e
@@ -238,14 +305,15 @@ class PreferencePairs:
     (winner, loser). The rows stay in the data set's Arrow files (memory-mapped): only drawn rows are read, so
     memory does not grow with the number of pairs (Pick-a-Pic v2 train is ~1M pairs)."""
 
-    def __init__(self, source: dict):
+    def __init__(self, source: dict, log=say):
         self.source = source
         if "folder" in source:
             folder = Path(source["folder"]).expanduser()
             path = folder / source.get("file", "pairs.jsonl") if folder.is_dir() else folder
             if not path.is_file():
                 raise FileNotFoundError(f"preference pairs file {path} does not exist")
-            ds, self.where, self._root = _json_rows(path, source.get("cache_dir")), str(path), path.parent
+            ds, self.where = _json_rows(path, source.get("cache_dir"), source.get("split", "train")), str(path)
+            self._root = path.parent
         elif "dataset" in source:
             ds, self.where, self._root = _hub_dataset(source), source["dataset"], None
         else:
@@ -272,8 +340,12 @@ class PreferencePairs:
             return keep
 
         ds = ds.select_columns([self._cap, k0, k1, "label_0"])
+        subset = source.get("split", "train") + (f", streamed subset of {source['rows']:,} rows" if
+                                                 source.get("streaming") else "")
         ds = ds.filter(untied, input_columns=["label_0"], with_indices=True, batched=True, desc="dropping ties")
         self.ties = total - len(ds)
+        log(size_line("preference pairs", ds, f"{self.where} ({subset})",
+                      f" without ties ({total:,} read, {self.ties:,} ties dropped)"))
         if len(ds) == 0:
             raise DataError(f"preference pairs {self.where} hold no untied pair ({self.ties} ties dropped)")
         self._captions = ds.select_columns([self._cap])
@@ -304,6 +376,75 @@ class PreferencePairs:
         where = f"pair {j} ({row['caption']!r:.60}) of {self.where}"
         return (to_tensor(row["win"], resolution, f"{where} (preferred image)"),
                 to_tensor(row["lose"], resolution, f"{where} (rejected image)"))
+
+
+class EmbeddingCache:
+    """Prompt -> embedding tensors, on disk and in a bounded RAM cache.
+
+    Disk: `folder`/<hash of `key`>/<hash of the prompt>.safetensors (the tensors in order, the prompt in the file's
+    metadata so a hash collision is caught), written atomically (a temporary file renamed), so several processes and
+    later runs share it; `key` names everything an embedding depends on (the model, its dtype, the prompt length) and
+    is written beside the files (key.json). RAM: the most recently used embeddings up to `ram_bytes`; the rest are
+    read back from disk when drawn again."""
+
+    def __init__(self, folder: str | Path, key: dict, ram_bytes: int):
+        self.key = json.dumps(key, sort_keys=True, default=str)
+        self.dir = Path(folder).expanduser() / hashlib.sha256(self.key.encode()).hexdigest()[:20]
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot create the prompt-embedding cache {self.dir}: {e}; set \"embedding_cache\" in the "
+                            "model spec (or FEWSTEP_EMBEDDING_CACHE) to a writable folder") from e
+        meta = self.dir / "key.json"
+        if not meta.exists():
+            _atomic_write(meta, lambda p: Path(p).write_text(self.key))
+        self.ram_bytes, self.bytes = ram_bytes, 0
+        self.ram: collections.OrderedDict[str, tuple] = collections.OrderedDict()
+
+    def _path(self, text: str) -> Path:
+        return self.dir / f"{hashlib.sha256(text.encode()).hexdigest()[:40]}.safetensors"
+
+    def __contains__(self, text: str) -> bool:
+        return text in self.ram or self._path(text).is_file()
+
+    def get(self, text: str) -> tuple | None:
+        if text in self.ram:
+            self.ram.move_to_end(text)
+            return self.ram[text]
+        if not self._path(text).is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(self._path(text)), framework="pt") as f:
+            if (f.metadata() or {}).get("prompt") != text:
+                raise DataError(f"{self._path(text)} holds the embedding of another prompt (a hash collision or a "
+                                "foreign file): delete it")
+            rows = tuple(f.get_tensor(str(i)) for i in range(len(f.keys())))
+        self._keep(text, rows)
+        return rows
+
+    def put(self, text: str, rows: tuple) -> None:
+        from safetensors.torch import save_file
+
+        rows = tuple(r.detach().to("cpu").contiguous() for r in rows)
+        _atomic_write(self._path(text), lambda p: save_file({str(i): r for i, r in enumerate(rows)}, p,
+                                                            metadata={"prompt": text}))
+        self._keep(text, rows)
+
+    def _keep(self, text: str, rows: tuple) -> None:
+        if text in self.ram:
+            self.bytes -= sum(r.numel() * r.element_size() for r in self.ram.pop(text))
+        self.ram[text] = rows
+        self.bytes += sum(r.numel() * r.element_size() for r in rows)
+        while self.bytes > self.ram_bytes and len(self.ram) > 1:
+            _, old = self.ram.popitem(last=False)
+            self.bytes -= sum(r.numel() * r.element_size() for r in old)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
 
 
 def check_paths(spec) -> None:

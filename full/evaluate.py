@@ -6,7 +6,8 @@
 For each model (the base role, then each --lora / fully fine-tuned --unet folder) every prompt i is sampled from the
 seed `seed + i` with the role's own scheduler and grid (SDXL-Turbo: Euler ancestral, DMD2: LCMScheduler at [999,
 749, 499, 249], a teacher: --steps with --guidance), exactly as a user of the pipeline would; the same noise for
-every model. SD3 / FLUX roles sample with FlowMatchEulerDiscreteScheduler on the role's grid as sigmas: the Euler
+every model. SD3 / FLUX roles sample with FlowMatchEulerDiscreteScheduler on the role's grid (its pipeline's own
+sigmas, passed exactly to an unshifted copy of the scheduler: FullWorld.pipeline / pipeline_sigmas): the Euler
 step for a flow_sde teacher, its stochastic_sampling step (= the flow_x0_renoise MDP) for a few-step student /
 generator; FLUX's CFG is true_cfg_scale, a guidance-distilled FLUX gets the spec's embedded guidance. The scores are
 every reward the spec names (reward, quality, eval_rewards: PickScore, CLIP score, LAION aesthetic, ImageReward as
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-import common
 import harness
 
 
@@ -37,8 +37,8 @@ def sample_latents(world, pipe, prompts: list[str], seed: int, timesteps: list[i
         kw = dict(num_inference_steps=len(timesteps))
         if sampler == "x0_renoise":  # LCMScheduler takes the exact grid, e.g. [999, 749, 499, 249] or DMD2's [399]
             kw = dict(timesteps=list(timesteps))
-        elif sampler in ("flow_sde", "flow_x0_renoise"):  # flow pipelines take the grid as unshifted sigmas
-            kw = dict(sigmas=[(t + 1) / common.T for t in timesteps])
+        elif sampler in ("flow_sde", "flow_x0_renoise"):  # world.pipeline's unshifted scheduler: the exact sigmas
+            kw = dict(sigmas=world.pipeline_sigmas(timesteps))
         image_kw = dict(height=world.resolution, width=world.resolution)
         args = {"guidance_scale": guidance, **world.pipeline_embeds(chunk, guidance)}
         if world.kind == "flux":  # FluxPipeline: CFG is true_cfg_scale, guidance_scale the embedded guidance
@@ -75,7 +75,7 @@ def evaluate(model: str, loras: list[str], prompts_src: str | None, n: int, seed
     world = load_world(model, **({"precompute_embeddings": False} if prompts_src else {}))
     prompts = (load_prompts(prompts_src) if prompts_src else world.eval_prompts)[:n]
     sampler, grid = world.role_sampler(role)  # the spec's sampler and grid, validated, without loading a UNet
-    timesteps = common.few_step_timesteps(steps) if steps else grid
+    timesteps = world.role_sampler(role, steps=steps)[1] if steps else grid  # the role's pipeline grid at --steps
     pipe = world.pipeline(role)  # the role's UNet / transformer, loaded once
     folder = world.parts.net_folder  # unet, or transformer (SD3 / FLUX)
     base_unet = getattr(pipe, folder)

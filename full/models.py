@@ -11,13 +11,18 @@ methods' MDPs.
   LoRA) fused first through `pipeline.load_lora_weights` + `fuse_lora`.
 * `role_sampler`: the MDP kernel and grid of a role, checked against its scheduler: an SDXL-Turbo checkpoint
   (EulerAncestralDiscreteScheduler, "trailing") is the `euler_ancestral` MDP; DMD2 / LCM (LCMScheduler) is
-  `x0_renoise` at [999, 749, 499, 249]; a multi-step teacher is sampled with DDIM whatever its scheduler. A flow
+  `x0_renoise` (on its pipeline's grid: DMD2's card [999, 749, 499, 249], LCM-LoRA's LCMScheduler at 4 steps
+  [999, 759, 499, 259]); a multi-step teacher is sampled with DDIM (trailing) whatever its scheduler. A flow
   model (FlowMatchEulerDiscreteScheduler) has the flow kernels only: `flow_sde` for the teacher (eta = 0 is the
   scheduler's Euler step), `flow_x0_renoise` for few-step distilled students and generators. Anything else is an
   error that says how to fix the spec.
 * `schedule_name`: the scheduler config's betas must be one of common.SCHEDULES, eps-prediction, T = 1000.
-  `flow_shift`: the shift of a FlowMatchEulerDiscreteScheduler config (static, or FLUX's resolution-dependent
-  exp(mu)), refusing the options the flow kernels do not model.
+  `flow_schedule`: common.FlowSchedule of a FlowMatchEulerDiscreteScheduler config (static shift, or FLUX's
+  resolution-dependent one through diffusers' calculate_shift and set_timesteps(mu=...)), refusing the options the
+  flow kernels do not model.
+* `pipeline_grid`, `role_steps`: the grid a role's own pipeline samples on (its scheduler's set_timesteps through the
+  pipeline's retrieve_timesteps / calculate_shift; FLOW_PIPELINES holds how SD3 and FLUX differ) at the step
+  count of the model card (full/configs/pipelines.json) or the spec.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import common
@@ -189,13 +195,9 @@ def schedule_name(config: dict, where: str) -> str:
                      f"{config.get('beta_end')}) is none of {sorted(common.SCHEDULES)}")
 
 
-def flow_shift(config: dict, image_seq_len: int, where: str, max_shift_default: float = 1.15) -> float:
-    """The shift of FlowSchedule for a FlowMatchEulerDiscreteScheduler config: `shift` (SD3 / SD3.5: 3.0,
-    FLUX.1-schnell: 1.0), or with use_dynamic_shifting (FLUX.1-dev) the resolution-dependent one the pipelines
-    compute: mu linear in the image sequence length between (base_image_seq_len, base_shift) and
-    (max_image_seq_len, max_shift) (diffusers' calculate_shift), and time_shift_type "exponential" (exp(mu) /
-    (exp(mu) + 1/s - 1) = a static shift of exp(mu)) or "linear" (a shift of mu). The scheduler options the flow
-    kernels do not model are an error."""
+def check_flow_scheduler(config: dict, where: str) -> None:
+    """A FlowMatchEulerDiscreteScheduler config the flow kernels model: plain (optionally resolution-dependent)
+    shifted sigmas. The options that change them otherwise are an error saying what to set."""
     if config.get("num_train_timesteps", 1000) != common.T:
         raise ModelError(f"{where}: num_train_timesteps={config['num_train_timesteps']}, the methods assume {common.T}")
     # stochastic_sampling=true is allowed: its step is the flow_x0_renoise kernel, the sigmas are unchanged
@@ -206,31 +208,134 @@ def flow_shift(config: dict, image_seq_len: int, where: str, max_shift_default: 
     if config.get("shift_terminal"):
         raise ModelError(f"{where}: shift_terminal={config['shift_terminal']} (sigmas stretched to end above 0) is not "
                          "supported; set \"scheduler_config\": {\"shift_terminal\": null}")
-    if not config.get("use_dynamic_shifting"):
-        shift = config.get("shift", 1.0)
-    else:
+    if config.get("time_shift_type", "exponential") not in ("exponential", "linear"):
+        raise ModelError(f"{where}: time_shift_type {config['time_shift_type']!r} is neither 'exponential' nor "
+                         "'linear'")
+    if config.get("use_dynamic_shifting"):
+        lo, hi = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
         base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-        lo, hi = config.get("base_shift", 0.5), config.get("max_shift", max_shift_default)
-        if None in (lo, hi) or top == base:
+        if None in (lo, hi) or base == top:
             raise ModelError(f"{where}: use_dynamic_shifting needs base_shift, max_shift and base_image_seq_len != "
                              f"max_image_seq_len, found {lo}, {hi}, {base}, {top}")
-        m = (hi - lo) / (top - base)
-        mu = image_seq_len * m + (lo - m * base)  # diffusers' calculate_shift
-        kind = config.get("time_shift_type", "exponential")
-        if kind not in ("exponential", "linear"):
-            raise ModelError(f"{where}: time_shift_type {kind!r} is neither 'exponential' nor 'linear'")
-        shift = math.exp(mu) if kind == "exponential" else mu
-    if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+    shift = config.get("shift", 1.0)
+    if not config.get("use_dynamic_shifting") and not (
+            isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
         raise ModelError(f"{where}: the flow shift must be a number > 0, found {shift!r}")
-    return float(shift)
 
 
-def role_sampler(role: str, scheduler, sampler: str | None = None, timesteps: list[int] | None = None,
-                 where: str = "", flow: bool = False) -> tuple[str, list[int]]:
-    """(sampler, timesteps) of a role, checked against its scheduler (a scheduler that does not match the MDP is
-    an error). The teacher is a multi-step eps-model: DDIM with eta is exact for it whatever scheduler it ships.
+@dataclass(frozen=True)
+class FlowPipeline:
+    """How a flow pipeline class turns num_inference_steps into its sigmas (its __call__, "Prepare timesteps"): the
+    module whose calculate_shift / retrieve_timesteps it calls, the max_shift it assumes when the scheduler config
+    has none, and the unshifted sigmas it passes to set_timesteps (None: the scheduler's own linspace)."""
+
+    module: str
+    max_shift: float
+    sigmas: Any  # steps -> np.ndarray | None
+
+
+FLOW_PIPELINES = {  # one row per flow pipeline class (kind): the only place where their timestep code differs
+    "sd3": FlowPipeline("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3", 1.16, lambda n: None),
+    "flux": FlowPipeline("diffusers.pipelines.flux.pipeline_flux", 1.15,
+                         lambda n: np.linspace(1.0, 1 / n, n)),
+}
+# the pipeline module whose retrieve_timesteps an eps-model pipeline calls with num_inference_steps / timesteps
+EPS_PIPELINES = {"sdxl": "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
+                 "sd15": "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion"}
+
+
+def flow_mu(kind: str, config: dict, image_seq_len: int) -> float | None:
+    """The resolution-dependent shift parameter mu the pipeline passes to set_timesteps (diffusers' own
+    calculate_shift of the pipeline's module, with the pipeline's defaults); None without use_dynamic_shifting."""
+    if not config.get("use_dynamic_shifting"):
+        return None
+    import importlib
+
+    p = FLOW_PIPELINES[kind]
+    return importlib.import_module(p.module).calculate_shift(
+        image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5), config.get("max_shift", p.max_shift))
+
+
+def flow_schedule(kind: str, scheduler, image_seq_len: int, where: str) -> common.FlowSchedule:
+    """common.FlowSchedule of a flow model's FlowMatchEulerDiscreteScheduler: its static shift, or with
+    use_dynamic_shifting (FLUX.1-dev) the training sigmas the scheduler itself computes for this image size
+    (set_timesteps(sigmas=t/T, mu=flow_mu(...)): diffusers' time shift, not re-implemented)."""
+    config = scheduler.config
+    check_flow_scheduler(config, where)
+    mu = flow_mu(kind, config, image_seq_len)
+    if mu is None:
+        return common.FlowSchedule(float(config.get("shift", 1.0)))
+    sched = type(scheduler).from_config(config)
+    sched.set_timesteps(sigmas=torch.arange(common.T, 0, -1, dtype=torch.float32).div(common.T).numpy(), mu=mu)
+    return common.FlowSchedule(sigmas=sched.sigmas[:-1].flip(0))
+
+
+def pipeline_grid(kind: str, scheduler, steps: int | None, timesteps: list[int] | None = None,
+                  image_seq_len: int | None = None) -> list:
+    """The grid the model's own diffusers pipeline samples on at `steps` steps (or at the given `timesteps`, as
+    DMD2's card passes them), computed by the pipeline's own code path on a copy of `scheduler`: an eps-model's
+    retrieve_timesteps(scheduler, steps, timesteps=...) -> integer timesteps; a flow model's sigmas (without the
+    final 0) from its retrieve_timesteps with the pipeline's sigmas and calculate_shift mu (FLOW_PIPELINES)."""
+    import importlib
+
+    sched = type(scheduler).from_config(scheduler.config)
+    if kind in FLOW_PIPELINES:
+        p = FLOW_PIPELINES[kind]
+        sigmas = None if sched.config.get("use_flow_sigmas") else p.sigmas(steps)
+        mu = flow_mu(kind, sched.config, image_seq_len)
+        importlib.import_module(p.module).retrieve_timesteps(sched, steps, "cpu", sigmas=sigmas,
+                                                             **({} if mu is None else {"mu": mu}))
+        return sched.sigmas[:-1].tolist()
+    retrieve = importlib.import_module(EPS_PIPELINES[kind]).retrieve_timesteps
+    try:
+        ts, _ = retrieve(sched, None if timesteps else steps, "cpu", timesteps=list(timesteps) if timesteps else None)
+    except ValueError as e:  # a scheduler without custom timesteps
+        raise ModelError(f"{type(sched).__name__} cannot sample the timesteps {timesteps}: {e}") from e
+    return [int(t) for t in ts]
+
+
+# pipeline-level facts of the shipped checkpoints (their model cards' diffusers examples): full/configs/pipelines.json
+PIPELINE_FACTS = Path(__file__).resolve().parent / "configs" / "pipelines.json"
+# a role's number of sampling steps where no model card and no spec says: a few-step student 4 (PSO App. B.1:
+# N = 4), the teacher the methods' K = 25 (Sharpening's DDIM grid), a generator 1 (DI++)
+ROLE_STEPS = {"teacher": 25, "student": 4, "generator": 1}
+
+
+def pipeline_facts(*sources) -> dict:
+    """The facts entry of the first source (hub id) that has one in full/configs/pipelines.json, else {}."""
+    facts = json.loads(PIPELINE_FACTS.read_text())
+    for src in sources:
+        if isinstance(src, str) and src.rstrip("/") in facts:
+            return facts[src.rstrip("/")]
+    return {}
+
+
+def role_steps(spec: ModelSpec, role: str, rspec: RoleSpec | None = None) -> tuple[int, list[int] | None]:
+    """(number of steps, the card's explicit timesteps or None) a role samples with: the spec's "steps"; else the
+    card's timesteps (DMD2: per UNet file) or, for a student, the card's num_inference_steps; else ROLE_STEPS. The
+    teacher keeps the methods' 25 steps whatever its card says (Sharpening's K; the cards say 28-50)."""
+    rspec = rspec or spec.roles.get(role, RoleSpec())
+    facts = pipeline_facts(rspec.lora, rspec.unet, spec.base)
+    card = facts.get("timesteps")
+    if isinstance(card, dict):
+        card = card.get(rspec.unet_file)
+    if rspec.steps is not None:
+        return rspec.steps, None
+    if card and role != "teacher":
+        return len(card), list(card)
+    if role == "student" and "num_inference_steps" in facts:
+        return int(facts["num_inference_steps"]), None
+    return ROLE_STEPS[role], None
+
+
+def role_kernel(role: str, scheduler, sampler: str | None = None, where: str = "", flow: bool = False,
+                steps: int = 2) -> str:
+    """The MDP kernel of a role, checked against its scheduler (a scheduler that does not match the MDP is an
+    error). The teacher is a multi-step eps-model: DDIM with eta is exact for it whatever scheduler it ships.
     `flow`: a flow-matching model (SD3 / FLUX): FlowMatchEulerDiscreteScheduler and the flow kernels only — the
-    teacher flow_sde, a few-step student / generator flow_x0_renoise."""
+    teacher flow_sde, a few-step student / generator flow_x0_renoise. A one-step grid (`steps` 1) fits any
+    scheduler (x0 = f(noise))."""
     cls = type(scheduler).__name__
     where = where or f"role {role}"
     if flow:
@@ -258,8 +363,7 @@ def role_sampler(role: str, scheduler, sampler: str | None = None, timesteps: li
                          "model; choose one of x0_renoise, euler_ancestral, ddim")
     if sampler not in common.KERNELS:
         raise ModelError(f"{where}: unknown sampler {sampler!r}; choose one of {sorted(common.KERNELS)}")
-    timesteps = list(timesteps) if timesteps else list(DEFAULT_TIMESTEPS[role])
-    if sampler in SAMPLER_SCHEDULERS and len(timesteps) > 1:  # one step: x0 = f(noise), no scheduler involved
+    if sampler in SAMPLER_SCHEDULERS and steps > 1:  # one step: x0 = f(noise), no scheduler involved
         if cls not in SAMPLER_SCHEDULERS[sampler]:
             raise ModelError(f"{where}: the {sampler} MDP does not match the checkpoint's scheduler {cls} (it samples "
                              f"with {', '.join(sorted(SAMPLER_SCHEDULERS[sampler]))}); fix \"scheduler\" or \"sampler\" "
@@ -269,9 +373,66 @@ def role_sampler(role: str, scheduler, sampler: str | None = None, timesteps: li
             raise ModelError(f"{where}: EulerAncestralDiscreteScheduler with timestep_spacing={spacing!r}; the "
                              "euler_ancestral MDP starts at sigma_max at t=999 ('trailing', as SDXL-Turbo ships it). "
                              "Set \"scheduler_config\": {\"timestep_spacing\": \"trailing\"}")
+    return sampler
+
+
+# the scheduler whose set_timesteps gives an eps kernel's grid when the role's own scheduler is not that kernel's:
+# DDIM always on its trailing grid (a multi-step teacher, whatever it ships), x0-renoise on LCMScheduler's (a
+# one-step generator on a multi-step scheduler: LCM's 1-step grid starts at pure noise, t = 999)
+KERNEL_SCHEDULERS = {"ddim": ("DDIMScheduler", {"timestep_spacing": "trailing"}), "x0_renoise": ("LCMScheduler", {})}
+
+
+def kernel_scheduler(sampler: str, scheduler):
+    """The scheduler implementing `sampler` (KERNEL_SCHEDULERS), built from the role's scheduler config."""
+    if sampler not in KERNEL_SCHEDULERS or (sampler != "ddim" and type(scheduler).__name__ in
+                                            SAMPLER_SCHEDULERS.get(sampler, ())):
+        return scheduler
+    import diffusers
+
+    name, kw = KERNEL_SCHEDULERS[sampler]
+    return getattr(diffusers, name).from_config(scheduler.config, **kw)
+
+
+def role_sampler(role: str, scheduler, sampler: str | None = None, timesteps: list[int] | None = None,
+                 where: str = "", flow: bool = False) -> tuple[str, list[int]]:
+    """(sampler, timesteps) of a role, checked against its scheduler (role_kernel) and the grid's range.
+    Without `timesteps`: DEFAULT_TIMESTEPS (the world passes its role's pipeline grid instead)."""
+    timesteps = list(timesteps) if timesteps else list(DEFAULT_TIMESTEPS[role])
+    sampler = role_kernel(role, scheduler, sampler, where, flow, len(timesteps))
     if any(not 0 <= t < common.T for t in timesteps) or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
-        raise ModelError(f"{where}: timesteps {timesteps} must be strictly decreasing within [0, {common.T - 1}]")
+        raise ModelError(f"{where or f'role {role}'}: timesteps {timesteps} must be strictly decreasing within "
+                         f"[0, {common.T - 1}]")
     return sampler, timesteps
+
+
+def role_grid(spec: ModelSpec, role: str, kind: str, scheduler, sampler: str, image_seq_len: int | None = None,
+              schedule: common.FlowSchedule | None = None, steps: int | None = None) -> list[int]:
+    """The integer times a role samples on: the spec's explicit "timesteps", else its own pipeline's grid
+    (pipeline_grid) at its step count (role_steps, or `steps`): an eps-model's timesteps from the scheduler that
+    implements its kernel (kernel_scheduler), a flow model's sigmas placed on `schedule`'s times exactly
+    (FlowSchedule.grid_times)."""
+    rspec = spec.roles.get(role, RoleSpec())
+    if rspec.timesteps and steps is None:
+        return list(rspec.timesteps)
+    n, card = (steps, None) if steps is not None else role_steps(spec, role, rspec)
+    if kind in FLOW_PIPELINES:
+        sigmas = pipeline_grid(kind, scheduler, n, image_seq_len=image_seq_len)
+        return schedule.grid_times(sigmas, f"the {n}-step grid of role {role} of {spec.name or spec.base}")
+    return pipeline_grid(kind, kernel_scheduler(sampler, scheduler), n, card)
+
+
+def image_tokens(kind: str, side: int, net_config: dict) -> int:
+    """The image sequence length a flow pipeline's dynamic shift is computed from: latent side / patch, squared
+    (FLUX packs 2x2 latent patches; SD3 patchifies by its transformer's patch_size); 0 for a UNet."""
+    if kind not in FLOW_PIPELINES:
+        return 0
+    patch = LATENT_PATCH.get(kind) or net_config.get("patch_size", 1)
+    if side % patch:
+        raise ValueError(f"the latent side {side} is not a multiple of the {kind} patch size {patch}")
+    return (side // patch) ** 2
+
+
+LATENT_PATCH = {"flux": 2}  # FluxPipeline packs the latents into 2x2 patches (_pack_latents)
 
 
 @dataclass
@@ -352,15 +513,7 @@ def load_parts(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> PipelineP
     else:
         vae = _from_pretrained(diffusers.AutoencoderKL, spec.base, "the VAE", subfolder="vae", variant=spec.variant,
                                torch_dtype=vae_dtype, **kw)
-    encoders, tokenizers = [], []
-    for enc, tok in layout["text"]:
-        if (enc, tok) not in present:
-            encoders.append(None)
-            tokenizers.append(None)
-            continue
-        encoders.append(_from_pretrained(_component_class(index, enc, spec.base), spec.base, enc, subfolder=enc,
-                                         variant=spec.variant, torch_dtype=dtype, **kw))
-        tokenizers.append(_from_pretrained(_component_class(index, tok, spec.base), spec.base, tok, subfolder=tok, **kw))
+    encoders, tokenizers = load_text_parts(spec, index, kind, dtype)
     sched_name = index["scheduler"][1]
     if not hasattr(diffusers, sched_name or ""):
         raise ModelError(f"model_index.json of {spec.base!r}: scheduler class {sched_name!r} is not a diffusers class")
@@ -370,12 +523,30 @@ def load_parts(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> PipelineP
                          bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")))
 
 
-def role_scheduler(spec: ModelSpec, role: RoleSpec, parts: PipelineParts):
-    """The role's scheduler: its own pipeline's (when its UNet comes from one) or the base's, optionally replaced
-    by another class from the same config (DMD2: LCMScheduler over SDXL base's config)."""
+def load_text_parts(spec: ModelSpec, index: dict, kind: str, dtype: torch.dtype) -> tuple[list, list]:
+    """The text encoders (in `dtype`) and tokenizers of `spec.base`, in the pipeline's order (None where absent):
+    at start-up, and again when precompute_embeddings freed them and a data source's captions must be encoded."""
+    layout = KINDS[kind]
+    kw = dict(revision=spec.revision, random_weights=spec.random_weights)
+    encoders, tokenizers = [], []
+    for enc, tok in layout["text"]:
+        if enc in layout["optional"] and (not index.get(enc) or index[enc][0] is None):
+            encoders.append(None)
+            tokenizers.append(None)
+            continue
+        encoders.append(_from_pretrained(_component_class(index, enc, spec.base), spec.base, enc, subfolder=enc,
+                                         variant=spec.variant, torch_dtype=dtype, **kw))
+        tokenizers.append(_from_pretrained(_component_class(index, tok, spec.base), spec.base, tok, subfolder=tok,
+                                           **kw))
+    return encoders, tokenizers
+
+
+def role_scheduler(spec: ModelSpec, role: RoleSpec, base_scheduler):
+    """The role's scheduler: its own pipeline's (when its UNet comes from one) or the base's (`base_scheduler`),
+    optionally replaced by another class from the same config (DMD2: LCMScheduler over SDXL base's config)."""
     import diffusers
 
-    scheduler = parts.scheduler
+    scheduler = base_scheduler
     if role.unet and role.unet_file is None:
         local = _local(role.unet, "UNet source")
         if local is None or (local / "model_index.json").is_file():

@@ -6,6 +6,7 @@
         --split train --column caption --unique
     python -m full.prepare_data images data/dreambooth/dog --dataset diffusers/dog-example --caption "a photo of sks dog"
     python -m full.prepare_data pairs data/pickapic_small --dataset yuvalkirstain/pickapic_v2 --split train --limit 10000
+    python -m full.prepare_data embed full/specs/sdxl_dmd2.json pairs     # fill the prompt-embedding cache ahead
 
 `--dataset` is anything `datasets.load_dataset` takes: a hub id, a local folder, or a builder name ("parquet",
 "json", "imagefolder") with `--data-files`. Rows are streamed through in batches, so a large split is never held
@@ -169,11 +170,32 @@ def check(a) -> int:
     return 1 if missing else 0
 
 
+def embed(a) -> int:
+    """Encode the prompts and the named sources' captions into the on-disk embedding cache ahead of a run (what
+    precompute_embeddings would encode when the run opens them, here without any denoiser loaded)."""
+    import full
+
+    world = full.load_world(a.spec, precompute_embeddings=True)
+    for source in a.sources:
+        if source == "pairs":
+            world._pairs(None)
+        elif source.startswith("data."):
+            world._dataset(source[len("data."):])
+        else:
+            raise SystemExit(f"embed: unknown source {source!r}; name pairs or data.<split> "
+                             f"(this spec has data splits {sorted(world.spec.data)})")
+    print(f"prompt embeddings in {world.embeddings.dir}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="list the paths a model spec names and what is missing")
     c.add_argument("spec")
+    e = sub.add_parser("embed", help="encode a spec's prompts and the named sources' captions into the embedding cache")
+    e.add_argument("spec")
+    e.add_argument("sources", nargs="*", help="pairs and / or data.<split> (e.g. data.target)")
     for name, fn in (("prompts", prompts), ("images", images), ("pairs", pairs)):
         q = sub.add_parser(name)
         q.add_argument("out")
@@ -192,6 +214,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.command == "check":
         return check(a)
+    if a.command == "embed":
+        return embed(a)
     if a.command == "images" and a.column and not a.caption_column:
         a.caption_column = a.column
     a.fn(a)

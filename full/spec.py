@@ -47,7 +47,12 @@ class RoleSpec:
     scheduler: str | None = None  # diffusers scheduler class to use instead of the checkpoint's (e.g. LCMScheduler)
     scheduler_config: dict = field(default_factory=dict)  # overrides of its config (e.g. timestep_spacing)
     sampler: str | None = None  # MDP kernel; default: derived from the scheduler class
-    timesteps: list[int] | None = None  # sampling grid; default: 25-step (teacher), 4-step (student), [999]
+    # sampling grid: `steps` of the role's own pipeline (its scheduler's set_timesteps, as the pipeline calls it;
+    # full/models.py pipeline_grid); default: the model card's (full/configs/pipelines.json) for a student / DMD2's
+    # card timesteps, 25 for the teacher, 1 for the generator. `timesteps`: an explicit grid of integer times instead
+    # (a flow model's times index its training sigmas, not the pipeline's)
+    steps: int | None = None
+    timesteps: list[int] | None = None
 
 
 @dataclass
@@ -70,7 +75,10 @@ class ModelSpec:
     eval_prompts: Any = None  # evaluation prompts; default: the training prompts
     data: dict = field(default_factory=dict)  # split -> image-caption source (world.data)
     pairs: Any = None  # preference-pair source (world.preference_pairs)
-    precompute_embeddings: bool = False  # encode every prompt at start-up, then free the text encoders
+    precompute_embeddings: bool = False  # encode the prompts at start-up (a data source's captions when the run
+    # opens it), then free the text encoders
+    embedding_cache: str | None = None  # folder of the on-disk prompt-embedding cache (default: $FEWSTEP_EMBEDDING_CACHE
+    # or ~/.cache/fewstep-finetune/embeddings)
     negative_prompt: str = ""  # the null condition for CFG (SDXL: zeros when "" and force_zeros_for_empty_prompt)
     seed: int = 0  # seed of the LoRA initialisation (the same on every rank and every run)
     decode_batch: int = 4  # the most rows per sampling / evaluation / VAE-decode / reward call (world.decode_batch)
@@ -134,9 +142,13 @@ def from_dict(d: dict, root: Path | None = None, where: str = "model spec") -> M
             if r.get(k):
                 r[k] = resolve(r[k], root)
         roles[role] = _build(RoleSpec, r, f"{where}, role {role}")
-    for k in ("base", "vae", "prompts", "eval_prompts"):
+        if roles[role].steps is not None and (not isinstance(roles[role].steps, int) or roles[role].steps < 1
+                                              or roles[role].timesteps):
+            raise ValueError(f"{where}: role {role}: \"steps\" must be an integer >= 1 and not given with "
+                             f"\"timesteps\", found steps={roles[role].steps!r}, timesteps={roles[role].timesteps!r}")
+    for k in ("base", "vae", "prompts", "eval_prompts", "embedding_cache"):
         if isinstance(d.get(k), str):
-            d[k] = resolve(d[k], root, path=k in ("prompts", "eval_prompts"))
+            d[k] = resolve(d[k], root, path=k in ("prompts", "eval_prompts", "embedding_cache"))
     for k in ("reward", "quality"):
         d[k] = _resolve_reward(d.get(k, "clip"), root)
     d["eval_rewards"] = [_resolve_reward(r, root) for r in d.get("eval_rewards", [])]

@@ -13,11 +13,13 @@
 * `FullAccelerator`: accelerate's Accelerator; `adam_8bit` makes `prepare` swap a torch Adam/AdamW for
   bitsandbytes' AdamW8bit with the same hyperparameters. Its mixed precision is the spec's dtype, or accelerate's
   configuration when the spec names none (`accelerate launch --mixed_precision bf16`).
-* `FullWorld`: the schedule (common.Schedule, or common.FlowSchedule(shift) from a flow model's
-  FlowMatchEulerDiscreteScheduler config), prompts -> cached embeddings (condition dicts with a `prompt_id` row so
-  a reward can find the text),
+* `FullWorld`: the schedule (common.Schedule, or common.FlowSchedule from a flow model's
+  FlowMatchEulerDiscreteScheduler), every role's sampler and grid (its own pipeline's: models.role_grid; a flow
+  grid's sigmas placed exactly on integer times once, at start-up), prompts -> embeddings cached on disk behind a
+  bounded RAM cache (data.EmbeddingCache; condition dicts with a `prompt_id` row so a reward can find the text),
   VAE encode / decode (outside the caller's autocast, in the VAE's dtype), rewards on decoded images in chunks of
-  `decode_batch`, image-caption data, preference pairs and concept images as latents (a bounded latent cache),
+  `decode_batch`, image-caption data, preference pairs and concept images as latents (a bounded latent cache; each
+  source opened when the run first reads it),
   metrics, figures, LoRA export in the diffusers format (`pipe.load_lora_weights(dir)` loads it), and the paper's
   defaults for a run on a checkpoint (`method_defaults`).
 """
@@ -27,6 +29,7 @@ import collections
 import contextlib
 import functools
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -92,7 +95,8 @@ def _to(module, device, dtype):
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate's names
 LATENT_CACHE = 4096  # data latents kept (1 GiB at 1024^2); the rest are re-encoded when drawn again
-PRECOMPUTE_LIMIT = 20000  # prompt embeddings precompute_embeddings may hold (SDXL: 77 x 2048 each)
+PRECOMPUTE_LIMIT = 20000  # prompt embeddings precompute_embeddings may encode before training (per source opened)
+EMBED_RAM_BYTES = 1 << 30  # prompt embeddings kept in RAM (the rest on disk): 256 T5-XXL ones at 512 tokens
 
 
 def vae_dtype(dtype: torch.dtype, vae_config, fixed_vae: bool) -> torch.dtype:
@@ -283,50 +287,102 @@ class FullWorld:
         if self.resolution % self.vae_factor:
             raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE factor {self.vae_factor}")
         side = self.resolution // self.vae_factor
-        patch = 2 if self.kind == "flux" else self.net_config.get("patch_size", 1)  # FLUX packs 2x2 latent patches
-        if side % patch:
-            raise ValueError(f"resolution {self.resolution}: the latent side {side} is not a multiple of the "
-                             f"{self.kind} patch size {patch}; use a multiple of {patch * self.vae_factor}")
-        self.image_seq_len = (side // patch) ** 2  # what FLUX's resolution-dependent shift is computed from
+        try:  # what FLUX's resolution-dependent shift is computed from
+            self.image_seq_len = models.image_tokens(self.kind, side, self.net_config)
+        except ValueError as e:
+            raise ValueError(f"resolution {self.resolution}: {e}; use a multiple of the patch size x "
+                             f"{self.vae_factor}") from e
         self.shape = (self.vae.config.latent_channels, side, side)
-        expected = self.shape[0] * (4 if self.kind == "flux" else 1)  # FLUX's packed latents: 4 C channels
+        expected = self.shape[0] * models.LATENT_PATCH.get(self.kind, 1) ** 2  # FLUX's packed latents: 4 C channels
         if self.parts.flow and self.net_config.get("in_channels", expected) != expected:
             raise models.ModelError(f"{spec.base}: the transformer takes {self.net_config['in_channels']} input "
                                     f"channels, the VAE's {self.shape[0]}-channel latents need {expected}")
         self.guidance = self._guidance()
         self.schedule = self._schedule(self.parts.scheduler, f"scheduler of {spec.base}")
-        for role in spec.roles:  # every role's scheduler must match (fails now, not after an hour of training)
-            self._role_scheduler(role)
+        self._table = getattr(self.schedule, "sigmas", None)
+        self._table = None if self._table is None else self._table.clone()  # a flow table before grids are placed
+        # every role's scheduler must match and its grid is its pipeline's (fails now, not after an hour of
+        # training); a flow role's pipeline sigmas are placed on the schedule's integer times here, once
+        self._grids: dict[tuple, tuple[str, list[int]]] = {}
+        for role in ROLES:
+            try:
+                self.role_sampler(role)
+            except models.ModelError:
+                if role in spec.roles:
+                    raise  # a role this checkpoint cannot play (a student of SDXL base) fails when it is asked for
         self.prompts = data_lib.load_prompts(spec.prompts)
         self.eval_prompts = data_lib.load_prompts(spec.eval_prompts) if spec.eval_prompts else self.prompts
         self._texts: list[str] = []
         self._ids: dict[str, int] = {}
-        self._embeds: dict[int, tuple[torch.Tensor, ...]] = {}
+        # prompt embeddings: on disk (keyed by model + prompt) behind a bounded RAM cache (data.EmbeddingCache)
+        self.embeddings = data_lib.EmbeddingCache(self._embedding_folder(), self._embedding_key(), EMBED_RAM_BYTES)
         # VAE latents of data images, bounded: a data set of any size costs at most LATENT_CACHE latents
         self._latents: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
         self.denoisers: list[FullDenoiser] = []
         self._encoder_pipe = self._make_encoder_pipe()
         if spec.precompute_embeddings:
-            # + the negative prompt: the null condition of CFG is its encoding (SD1.5, SD3, FLUX's true CFG)
-            texts = self.prompts + self.eval_prompts + self._data_texts() + [self.spec.negative_prompt]
-            texts = list(dict.fromkeys(texts))
-            self._encode_ids([self._id(t) for t in texts])
+            # the text every run reads (+ the negative prompt: the null condition of CFG is its encoding in SD1.5, SD3,
+            # FLUX's true CFG); a data source's captions when the run opens it (_precompute in _dataset / _pairs)
+            self._precompute([self.spec.negative_prompt] + self.prompts + self.eval_prompts, "the prompts")
             self.free_text_encoders()
 
-    def _data_texts(self) -> list[str]:
-        """Every caption of the spec's data sets and pairs (what precompute_embeddings must encode), bounded."""
-        texts = []
-        for split, source in self.spec.data.items():
-            texts += self._dataset(split).captions()
-            texts += [source[k] for k in ("prompt", "class_prompt") if k in source]
-        if self.spec.pairs:
-            texts += self._pairs().captions()
-        unique = len(dict.fromkeys(texts))
-        if unique > PRECOMPUTE_LIMIT:
-            raise ValueError(f"precompute_embeddings would keep {unique} prompt embeddings of the data sets / pairs in "
-                             f"memory (more than {PRECOMPUTE_LIMIT}): set \"precompute_embeddings\": false in the "
-                             f"model spec of {self.name} (prompts are then encoded as they are drawn)")
-        return texts
+    def _precompute(self, texts: list[str], what: str) -> None:
+        """precompute_embeddings: encode the texts not in the embedding cache yet (with the text encoders loaded again
+        if they were freed), at most PRECOMPUTE_LIMIT of them: every one is a network pass before training and a file
+        on disk (T5-XXL at 512 tokens: 4 MiB)."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self.embeddings]
+        if len(missing) > PRECOMPUTE_LIMIT:
+            raise ValueError(f"precompute_embeddings would encode {len(missing):,} prompt embeddings of {what} before "
+                             f"training (more than {PRECOMPUTE_LIMIT:,}; {len(dict.fromkeys(texts)) - len(missing):,} "
+                             f"are in the cache {self.embeddings.dir} already): take a subset of the source "
+                             f"(\"split\": \"train[:10000]\", or \"streaming\": true with \"rows\"), or set "
+                             f"\"precompute_embeddings\": false in the model spec of {self.name} (the text encoders "
+                             "then stay loaded and prompts are encoded as they are drawn)")
+        if missing:
+            with self._text_encoders(what, len(missing)):
+                self._encode_texts(missing)
+
+    @contextlib.contextmanager
+    def _text_encoders(self, what: str, n: int):
+        """The text encoders for a batch of encoding: the loaded ones, or (after precompute_embeddings freed them)
+        loaded again for it and freed after, so a data source opened during the run gets its captions encoded."""
+        if self._encoder_pipe is not None:
+            yield
+            return
+        self._say(f"precompute_embeddings: loading the text encoders of {self.spec.base} again to encode {n:,} "
+                  f"captions of {what} (kept in {self.embeddings.dir}: a later run reads them from there)")
+        encoders, tokenizers = models.load_text_parts(self.spec, self.parts.index, self.kind, self.dtype)
+        for enc in encoders:
+            if enc is not None:
+                _to(enc, self.device, self.dtype).requires_grad_(False).eval()
+        self.parts.text_encoders, self.parts.tokenizers = encoders, tokenizers
+        self._encoder_pipe = self._make_encoder_pipe()
+        try:
+            yield
+        finally:
+            self.free_text_encoders()
+
+    def _say(self, line: str) -> None:
+        if self.accelerator.is_main_process:
+            data_lib.say(line)
+
+    def _embedding_folder(self) -> Path:
+        return Path(self.spec.embedding_cache or os.environ.get("FEWSTEP_EMBEDDING_CACHE")
+                    or Path.home() / ".cache" / "fewstep-finetune" / "embeddings")
+
+    def _embedding_key(self) -> dict:
+        """What a prompt's embedding depends on: the text encoders (the base, its revision / variant, or a local
+        folder with the modification times of its text-encoder files), their dtype and device type, the prompt
+        length, random weights."""
+        base = Path(self.spec.base).expanduser()
+        key = {"base": self.spec.base, "revision": self.spec.revision, "variant": self.spec.variant,
+               "kind": self.kind, "dtype": str(self.dtype), "device": self.device.type,
+               "max_sequence_length": self.max_sequence_length, "random_weights": self.spec.random_weights}
+        if base.is_dir():
+            key["base"] = str(base.resolve())
+            parts = [base / p for pair in models.KINDS[self.kind]["text"] for p in pair if (base / p).is_dir()]
+            key["files"] = {str(f.relative_to(base)): f.stat().st_mtime_ns for d in parts for f in sorted(d.iterdir())}
+        return key
 
     def method_defaults(self, method: str, variant: str) -> dict:
         """The paper's settings of `method` / `variant` for config fields the user did not set (the harness applies
@@ -337,15 +393,14 @@ class FullWorld:
 
     # ----------------------------------------------------------------------------------------- denoisers
     def _schedule(self, scheduler, where: str):
-        """common.Schedule of a DDPM scheduler config, or common.FlowSchedule(shift) of a flow model's
+        """common.Schedule of a DDPM scheduler config, or common.FlowSchedule of a flow model's
         FlowMatchEulerDiscreteScheduler (FLUX's dynamic shift at this world's image sequence length)."""
         if not self.parts.flow:
             return common.Schedule(models.schedule_name(scheduler.config, where))
         if type(scheduler).__name__ not in models.FLOW_SCHEDULERS:
             raise models.ModelError(f"{where}: a {self.kind} pipeline needs FlowMatchEulerDiscreteScheduler, found "
                                     f"{type(scheduler).__name__}")
-        max_shift = 1.16 if self.kind == "sd3" else 1.15  # the pipelines' defaults when the config has none
-        return common.FlowSchedule(models.flow_shift(scheduler.config, self.image_seq_len, where, max_shift))
+        return models.flow_schedule(self.kind, scheduler, self.image_seq_len, where)
 
     def _guidance(self) -> float | None:
         """The embedded guidance value of a guidance-distilled FLUX transformer (FLUX.1-dev: config guidance_embeds),
@@ -356,15 +411,20 @@ class FullWorld:
                                     f"{self.spec.base} "
                                     "has no guidance input (only guidance-distilled FLUX transformers, "
                                     "guidance_embeds=true, take one); remove it (CFG is the methods' cfg_scale)")
-        return (3.5 if self.spec.guidance is None else float(self.spec.guidance)) if embeds else None
+        if not embeds:
+            return None
+        card = models.pipeline_facts(self.spec.base).get("guidance_scale", 3.5)  # FluxPipeline's default: 3.5
+        return float(card if self.spec.guidance is None else self.spec.guidance)
 
     def _role_scheduler(self, role: str):
         rspec = self.spec.roles.get(role, RoleSpec())
-        sched = models.role_scheduler(self.spec, rspec, self.parts)
+        sched = models.role_scheduler(self.spec, rspec, self.parts.scheduler)
         where = f"scheduler of role {role}"
-        name = self._schedule(sched, where).name
-        if name != self.schedule.name:
-            raise models.ModelError(f"role {role} uses the {name} noise schedule but the base uses "
+        own = self._schedule(sched, where)
+        same = (own.name == self.schedule.name if self._table is None
+                else torch.equal(own.sigmas, self._table))
+        if not same:
+            raise models.ModelError(f"role {role} uses the {own.name} noise schedule but the base uses "
                                     f"{self.schedule.name}: every role must share one schedule")
         return sched
 
@@ -373,10 +433,12 @@ class FullWorld:
         if role not in ROLES:
             raise ValueError(f"unknown model role {role!r}; choose one of {list(ROLES)}")
         rspec = self.spec.roles.get(role, RoleSpec())
-        sched = self._role_scheduler(role)
         where = f"role {role} of {self.name}"
-        sampler, timesteps = models.role_sampler(role, sched, sampler or rspec.sampler, timesteps or rspec.timesteps,
-                                                 where, flow=self.parts.flow)
+        if timesteps:
+            sampler, timesteps = models.role_sampler(role, self._role_scheduler(role), sampler or rspec.sampler,
+                                                     timesteps, where, flow=self.parts.flow)
+        else:
+            sampler, timesteps = self.role_sampler(role, sampler)
         if train_full:  # the trained copy in fp32, the frozen reference in the weight dtype: two loads, no deepcopy
             unet = models.load_unet(self.spec, rspec, self.parts, where, torch.float32)
             reference = models.load_unet(self.spec, rspec, self.parts, where, self.dtype)
@@ -396,10 +458,12 @@ class FullWorld:
 
     @property
     def max_sequence_length(self) -> int | None:
-        """The T5 prompt length of SD3 / FLUX (spec max_sequence_length, else the pipeline's default)."""
+        """The T5 prompt length of SD3 / FLUX (spec max_sequence_length, else the model card's, else the pipeline's
+        default)."""
         if not self.parts.flow:
             return None
-        return self.spec.max_sequence_length or models.MAX_SEQUENCE_LENGTH[self.kind]
+        card = models.pipeline_facts(self.spec.base).get("max_sequence_length")
+        return self.spec.max_sequence_length or card or models.MAX_SEQUENCE_LENGTH[self.kind]
 
     def free_text_encoders(self) -> None:
         """After precomputing every prompt's embedding the text encoders are dropped (SDXL: ~1.6 GB)."""
@@ -418,42 +482,40 @@ class FullWorld:
         return [self.spec.negative_prompt if i < 0 else self._texts[i] for i in cond["prompt_id"].tolist()]
 
     @torch.no_grad()
-    def _encode_ids(self, ids: list[int], batch: int = 1) -> None:
-        """Encode the prompts not cached yet, `batch` at a time. One at a time by default: a BLAS matmul's result
-        for a row can depend on the batch it is in (SD3's CLIP text projection differs in the last bits), and a
-        prompt's embedding must not depend on which prompts were drawn with it, or a resumed run would not repeat
-        the uninterrupted one bit for bit."""
-        todo = [i for i in dict.fromkeys(ids) if i not in self._embeds]
+    def _encode_texts(self, texts: list[str]) -> None:
+        """Encode the prompts not in the embedding cache yet, one at a time: a BLAS matmul's result for a row can
+        depend on the batch it is in (SD3's CLIP text projection differs in the last bits), and a prompt's embedding
+        must not depend on which prompts were drawn with it, or a resumed run would not repeat the uninterrupted one
+        bit for bit."""
+        todo = [t for t in dict.fromkeys(texts) if t not in self.embeddings]
         if todo and self._encoder_pipe is None:
-            raise RuntimeError(f"prompt {self._texts[todo[0]]!r} was not precomputed and the text encoders were "
-                               "freed (precompute_embeddings): add it to the spec's prompts")
-        for k in range(0, len(todo), batch):
-            chunk = todo[k:k + batch]
-            texts = [self._texts[i] for i in chunk]
+            raise RuntimeError(f"prompt {todo[0]!r} was not precomputed and the text encoders were freed "
+                               "(precompute_embeddings): add it to the spec's prompts")
+        for text in todo:
             if self.kind == "flux":  # (prompt_embeds (T5), pooled_prompt_embeds (CLIP), text_ids)
-                out = self._encoder_pipe.encode_prompt(texts, device=self.device, num_images_per_prompt=1,
+                out = self._encoder_pipe.encode_prompt([text], device=self.device, num_images_per_prompt=1,
                                                        max_sequence_length=self.max_sequence_length)
                 embeds, pooled = out[0], out[1]
             else:  # (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
                 kw = ({"prompt_2": None, "prompt_3": None, "max_sequence_length": self.max_sequence_length}
                       if self.kind == "sd3" else {})
-                out = self._encoder_pipe.encode_prompt(texts, device=self.device, num_images_per_prompt=1,
+                out = self._encoder_pipe.encode_prompt([text], device=self.device, num_images_per_prompt=1,
                                                        do_classifier_free_guidance=False, **kw)
                 embeds, pooled = out[0], (out[2] if self.kind in ("sdxl", "sd3") else None)
-            for j, i in enumerate(chunk):
-                self._embeds[i] = (embeds[j].cpu(),) + ((pooled[j].cpu(),) if pooled is not None else ())
+            self.embeddings.put(text, (embeds[0],) + ((pooled[0],) if pooled is not None else ()))
+
+    def _rows(self, texts: list[str]) -> list[tuple[torch.Tensor, ...]]:
+        """The embedding rows of `texts` (encoded first where the cache has none)."""
+        self._encode_texts(texts)
+        return [self.embeddings.get(t) for t in texts]
 
     @functools.cached_property
     def _null_embeds(self) -> tuple[torch.Tensor, ...]:
         """The unconditional embedding for CFG, as the pipelines make it (SDXL: zeros for an empty negative; SD3:
         the encoded negative prompt, "" by default; FLUX's true-CFG negative likewise)."""
         if self.kind == "sdxl" and self.parts.force_zeros_for_empty_prompt and not self.spec.negative_prompt:
-            return tuple(torch.zeros_like(e) for e in self._embed_rows([self._id(self.prompts[0])]))
-        return self._embed_rows([self._id(self.spec.negative_prompt)])
-
-    def _embed_rows(self, ids: list[int]):
-        self._encode_ids(ids)
-        return self._embeds[ids[0]]
+            return tuple(torch.zeros_like(e) for e in self._rows([self.prompts[0]])[0])
+        return self._rows([self.spec.negative_prompt])[0]
 
     def _time_ids(self, n: int) -> torch.Tensor:
         """SDXL add_time_ids: (original size, crop top-left, target size) = (R, R, 0, 0, R, R)."""
@@ -464,9 +526,7 @@ class FullWorld:
         """Prompts -> condition dict on the world's device: {prompt_embeds, prompt_id} and SDXL's text_embeds +
         time_ids, SD3's pooled_projections, FLUX's pooled_projections [+ guidance] (txt_ids are zeros: the forward
         makes them)."""
-        ids = [self._id(t) for t in texts]
-        self._encode_ids(ids)
-        return self._cond([self._embeds[i] for i in ids], ids)
+        return self._cond(self._rows(texts), [self._id(t) for t in texts])
 
     def _cond(self, rows, ids) -> dict:
         cond = {"prompt_embeds": torch.stack([r[0] for r in rows]).to(self.device)}
@@ -527,19 +587,31 @@ class FullWorld:
         return z
 
     # ----------------------------------------------------------------------------------------- data
+    # A data source is opened (and validated) when the run first reads it, so a run never touches a source it does
+    # not use (online PSO never opens the pairs); with precompute_embeddings its captions are encoded then.
     @functools.lru_cache(maxsize=None)
     def _dataset(self, split: str) -> data_lib.ImageCaptions:
         if split not in self.spec.data:
             raise ValueError(f"this run needs data split {split!r}, which the model spec of {self.name} does not "
                              f"define: add \"data\": {{\"{split}\": {{\"folder\": ...}}}} (it has "
                              f"{sorted(self.spec.data) or 'none'})")
-        return data_lib.ImageCaptions(self.spec.data[split])
+        source = self.spec.data[split]
+        ds = data_lib.ImageCaptions(source)
+        self._say(f"data.{split}: {ds.where}: {len(ds):,} images")
+        if self.spec.precompute_embeddings:
+            self._precompute(ds.captions() + [source[k] for k in ("prompt", "class_prompt") if k in source],
+                             f"data.{split} ({ds.where})")
+        return ds
 
-    def data(self, n: int, generator: torch.Generator, split: str = "base") -> tuple[torch.Tensor, dict]:
+    def _data_latents(self, n: int, generator: torch.Generator, split: str) -> tuple[torch.Tensor, list[int]]:
         ds = self._dataset(split)
         idx = torch.randint(0, len(ds), (n,), generator=generator).tolist()
         x0 = torch.stack([self._latent((split, i), lambda i=i: ds.image(i, self.resolution)) for i in idx])
-        return x0.to(self.device), self.encode([ds.caption(i) for i in idx])
+        return x0.to(self.device), idx
+
+    def data(self, n: int, generator: torch.Generator, split: str = "base") -> tuple[torch.Tensor, dict]:
+        x0, idx = self._data_latents(n, generator, split)
+        return x0, self.encode([self._dataset(split).caption(i) for i in idx])
 
     @functools.lru_cache(maxsize=None)
     def _pairs(self, path: str | None = None) -> data_lib.PreferencePairs:
@@ -547,7 +619,10 @@ class FullWorld:
         if not source:
             raise ValueError(f"no preference pairs: the model spec of {self.name} has no \"pairs\" source "
                              "(a folder with pairs.jsonl, or {\"dataset\": \"yuvalkirstain/pickapic_v2\"})")
-        return data_lib.PreferencePairs(source)
+        pairs = data_lib.PreferencePairs(source, log=self._say)
+        if self.spec.precompute_embeddings:
+            self._precompute(pairs.captions(), f"the preference pairs ({pairs.where})")
+        return pairs
 
     def preference_pairs(self, n: int, generator: torch.Generator, path=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """World.preference_pairs: n (preferred, rejected, caption) rows of Pick-a-Pic-style pairs as latents."""
@@ -612,7 +687,7 @@ class FullWorld:
             return math.nan
         from toy.metrics import sliced_wasserstein
 
-        ref, _ = self.data(len(x0), torch.Generator().manual_seed(1234), split)
+        ref, _ = self._data_latents(len(x0), torch.Generator().manual_seed(1234), split)  # latents only
         pool = lambda x: F.adaptive_avg_pool2d(x.float().cpu(), min(8, x.shape[-1])).flatten(1)  # noqa: E731
         return sliced_wasserstein(pool(x0), pool(ref))
 
@@ -678,8 +753,10 @@ class FullWorld:
                  if self.kind == "sd15" else {})
         scheduler = self._role_scheduler(role)
         if p.flow:  # the pipeline's step is the role's MDP: Euler (flow_sde, eta 0) or x0-renoise (stochastic_sampling)
+            # and it takes the role's grid as its exact sigmas (`pipeline_sigmas`): no shift on top
             sampler, _ = self.role_sampler(role)
-            scheduler = type(scheduler).from_config(scheduler.config, stochastic_sampling=sampler == "flow_x0_renoise")
+            scheduler = type(scheduler).from_config(scheduler.config, stochastic_sampling=sampler == "flow_x0_renoise",
+                                                    shift=1.0, use_dynamic_shifting=False)
         return p.pipeline_class(vae=self.vae, **p.text_components(), **{p.net_folder: unet}, scheduler=scheduler,
                                 **extra)
 
@@ -702,8 +779,23 @@ class FullWorld:
                 kw["negative_pooled_prompt_embeds"] = null[pooled].to(self.dtype)
         return kw
 
-    def role_sampler(self, role: str) -> tuple[str, list[int]]:
-        """(sampler, timesteps) of a role from its spec and scheduler, without loading its UNet."""
-        rspec = self.spec.roles.get(role, RoleSpec())
-        return models.role_sampler(role, self._role_scheduler(role), rspec.sampler, rspec.timesteps,
-                                   f"role {role} of {self.name}", flow=self.parts.flow)
+    def role_sampler(self, role: str, sampler: str | None = None, steps: int | None = None) -> tuple[str, list[int]]:
+        """(sampler, timesteps) of a role from its spec and scheduler, without loading its UNet: its pipeline's
+        grid (`models.role_grid`), or that pipeline's grid at `steps` steps."""
+        if role not in ROLES:
+            raise ValueError(f"unknown model role {role!r}; choose one of {list(ROLES)}")
+        key = (role, sampler, steps)
+        if key not in self._grids:
+            rspec = self.spec.roles.get(role, RoleSpec())
+            sched, where = self._role_scheduler(role), f"role {role} of {self.name}"
+            n = len(rspec.timesteps) if rspec.timesteps and steps is None else (
+                steps or models.role_steps(self.spec, role, rspec)[0])
+            name = models.role_kernel(role, sched, sampler or rspec.sampler, where, self.parts.flow, n)
+            grid = models.role_grid(self.spec, role, self.kind, sched, name, self.image_seq_len, self.schedule, steps)
+            self._grids[key] = models.role_sampler(role, sched, name, grid, where, flow=self.parts.flow)
+        return self._grids[key]
+
+    def pipeline_sigmas(self, timesteps: list[int]) -> list[float]:
+        """A flow role's grid as the sigmas its pipeline (`pipeline(role)`, unshifted scheduler) takes: exactly the
+        schedule's sigma(t), so the pipeline samples where the methods do."""
+        return self.schedule.sigma(torch.tensor(list(timesteps))).tolist()

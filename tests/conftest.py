@@ -8,6 +8,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test downloads anything (set before huggingface_hub is imported)
+if "FEWSTEP_EMBEDDING_CACHE" not in os.environ:  # the full worlds' prompt-embedding cache: one temporary folder per
+    import atexit  # session (subprocess runs inherit it), never the user's ~/.cache
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="fewstep-embeddings-")
+    os.environ["FEWSTEP_EMBEDDING_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -89,6 +89,111 @@ def test_flow_sde_keeps_the_marginals_and_its_eta_zero_limit_is_the_ode():
     assert abs(float(x.std()) - s) > 0.1
 
 
+def flow_grpo_sde_step(x, v, sigmas, k, eta):
+    """Flow-GRPO's sde_step_with_logprob (github.com/yifan123/flow_grpo, flow_grpo/diffusers_patch/
+    sd3_sde_with_logprob.py, sde_type "sde"), re-derived from its published formula for step k of a grid `sigmas`
+    (the scheduler's, with the final 0): std_dev_t = noise_level sqrt(sigma / (1 - sigma*)), sigma* = sigmas[1]
+    where sigma == 1 else sigma; mean = x (1 + std_dev_t^2 dt / (2 sigma)) + v (1 + std_dev_t^2 (1 - sigma) /
+    (2 sigma)) dt; the step's std = std_dev_t sqrt(-dt); its log-prob averaged over dimensions."""
+    sig, sig_prev = float(sigmas[k]), float(sigmas[k + 1])
+    dt = sig_prev - sig
+    std_dev_t = eta * math.sqrt(sig / (1 - (float(sigmas[1]) if sig == 1 else sig)))
+    mean = x * (1 + std_dev_t**2 / (2 * sig) * dt) + v * (1 + std_dev_t**2 * (1 - sig) / (2 * sig)) * dt
+    std = std_dev_t * math.sqrt(-dt)
+
+    def log_prob(x_next):
+        lp = -((x_next - mean) ** 2) / (2 * std**2) - math.log(std) - math.log(math.sqrt(2 * math.pi))
+        return lp.flatten(1).mean(1)
+
+    return mean, std, log_prob
+
+
+def _pipeline_grid(sched, steps):
+    """SD3's grid: FlowMatchEulerDiscreteScheduler(shift=3).set_timesteps(steps), placed on the schedule's times."""
+    ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=sched.shift)
+    ref.set_timesteps(steps)
+    return sched.grid_times(ref.sigmas[:-1].tolist()) + [-1], ref.sigmas
+
+
+@pytest.mark.parametrize("grid", ["pipeline-10", "integer-25"])
+def test_flow_sde_is_flow_grpos_sde_step_at_shift_3(grid):
+    """Every step's mean, std and log-prob equal Flow-GRPO's formula on a shift-3 grid (SD3's own 10-step grid, or
+    the integer 25-step grid [999, 959, ..., 39]): the first step's sigma / (1 - sigma) is taken at the grid's second
+    sigma. The last step is deterministic here (x0_hat), sampled there."""
+    sched = common.FlowSchedule(3.0)
+    if grid == "pipeline-10":
+        times, sigmas = _pipeline_grid(sched, 10)
+    else:
+        times = common.few_step_timesteps(25) + [-1]
+        sigmas = sched.sigma(torch.tensor(times))
+    assert torch.equal(sched.sigma(torch.tensor(times)), sigmas.float())
+    eta = 0.7
+    kernel = common.make_kernel("flow_sde", sched, eta=eta)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    for k, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+        v = torch.randn(x.shape, generator=g)
+        mean, std = kernel.step(x, v, t, t_next)
+        if t_next == -1:  # the conventions differ only here
+            assert float(std.abs().max()) == 0.0 and torch.allclose(mean, x - float(sigmas[k]) * v, atol=1e-6)
+            break
+        ref_mean, ref_std, ref_log_prob = flow_grpo_sde_step(x, v, sigmas, k, eta)
+        assert torch.allclose(mean, ref_mean, atol=2e-5, rtol=1e-5), (k, float((mean - ref_mean).abs().max()))
+        assert torch.allclose(std, torch.full_like(x, ref_std), rtol=1e-5, atol=0), (k, float(std[0, 0, 0, 0]), ref_std)
+        x_next = mean + std * torch.randn(x.shape, generator=g)
+        lp = common.gaussian_log_prob(x_next, mean, std, reduce="mean")
+        assert torch.allclose(lp, ref_log_prob(x_next), atol=1e-4), (k, lp, ref_log_prob(x_next))
+        x = x_next
+    else:
+        raise AssertionError("the grid must end at the clean sample")
+
+
+def test_flow_sde_keeps_the_odes_end_distribution_on_few_steps_at_shift_3():
+    """SD3's 10-step grid at shift 3 in a 1-D Gaussian world with the exact velocity: the SDE (eta 0.7) ends where
+    the ODE does (both carry the grid's discretisation error). With sigma / (1 - sigma) of the first step taken at
+    the largest training sigma below 1 (factor ~3000 instead of ~25) the end std was 1.55 against the ODE's 0.27."""
+    sched = common.FlowSchedule(3.0)
+    times, _ = _pipeline_grid(sched, 10)
+    mu, s, velocity = gaussian_world()
+    ends = {}
+    for eta in (0.0, 0.7):
+        kernel = common.make_kernel("flow_sde", sched, eta=eta)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(200000, 1, generator=g)
+        for t, t_next in zip(times[:-1], times[1:]):
+            mean, std = kernel.step(x, velocity(x, sched.sigma(t, x)), t, t_next)
+            x = mean + std * torch.randn(x.shape, generator=g)
+        ends[eta] = float(x.mean()), float(x.std())
+    (m_ode, s_ode), (m_sde, s_sde) = ends[0.0], ends[0.7]
+    assert abs(m_sde - m_ode) < 0.01 and abs(s_sde - s_ode) < 0.1, ends
+    assert abs(m_ode - mu) < 0.01 and 0.2 < s_ode < s  # the ODE itself: Euler on 10 steps shrinks the std
+
+
+def test_grid_times_carry_a_pipelines_sigmas_exactly():
+    """SD3's 4-step sigmas [1.0, 0.858, 0.602, 0.0089] at shift 3 sit between integer times; grid_times places each
+    on the nearest time, where sigma(t) then is the scheduler's float32 value bit for bit; every other time keeps
+    its sigma and the table stays increasing. A second grid wanting a taken time with another sigma moves to the
+    next free one; a grid finer than the table is an error."""
+    sched = common.FlowSchedule(3.0)
+    before = sched.sigmas.clone()
+    ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    ref.set_timesteps(4)
+    times = sched.grid_times(ref.sigmas[:-1].tolist())
+    assert times == [999, 667, 334, 2]
+    assert torch.equal(sched.sigma(torch.tensor(times)), ref.sigmas[:-1])
+    assert [round(float(x), 3) for x in sched.sigma(torch.tensor(times))] == [1.0, 0.858, 0.602, 0.009]
+    changed = (sched.sigmas != before).nonzero().flatten().tolist()
+    assert set(changed) <= set(times) and len(changed) == 3  # sigma(999) = 1 was already the table's
+    assert bool((sched.sigmas[1:] > sched.sigmas[:-1]).all())
+    assert sched.grid_times(ref.sigmas[:-1].tolist()) == times  # placing the same grid again changes nothing
+    other = float(sched.sigmas[667]) + 1e-5  # another grid's sigma nearest to t = 667
+    assert sched.grid_times([other]) == [668] and float(sched.sigma(668)) == torch.tensor(other).item()
+    with pytest.raises(ValueError, match="no free integer time"):
+        sched.grid_times(torch.linspace(1.0, 0.5, 900).tolist())
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sched.grid_times([0.5, 0.7])
+
+
 def test_flow_x0_renoise_policy_and_its_deterministic_last_step():
     sched = common.FlowSchedule(3.0)
     kernel = common.make_kernel("flow_x0_renoise", sched)

@@ -16,7 +16,6 @@ from full import models, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GRID = [999, 749, 499, 249]
-SIGMAS = [(t + 1) / 1000 for t in GRID]  # the pipelines' own 4-step sigmas (FLUX: linspace(1, 1/4, 4))
 
 
 @pytest.fixture(scope="module")
@@ -38,34 +37,65 @@ def _pipe(kind, spec):
 
 
 # --- the schedule, the conditioning and the sampler are the pipelines' ---------------------------------------------
-def test_flow_worlds_read_the_shift_from_the_scheduler_config(worlds):
+def pipeline_sigmas_called(pipe, w, steps):
+    """The sigmas the pipeline's own __call__ feeds its transformer at `steps` steps (its timestep argument: SD3
+    sigma * 1000, FLUX sigma), captured with a forward pre-hook on the tiny pipeline saved with the world."""
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kw: seen.append(float(kw["timestep"].flatten()[0])), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe(**w.pipeline_embeds(["a red cube"]), num_inference_steps=steps, height=w.resolution,
+                 width=w.resolution, output_type="latent", **({"guidance_scale": 1.0} if w.kind == "sd3" else {}))
+    finally:
+        hook.remove()
+    scale = 1000.0 if w.kind == "sd3" else 1.0
+    return torch.tensor(seen) / scale
+
+
+def test_flow_worlds_take_the_schedule_and_every_roles_grid_from_their_pipeline(worlds, specs):
+    """The schedule is the scheduler's (FLUX.1-dev-like: its own training sigmas at diffusers' calculate_shift mu);
+    every role samples on the sigmas its pipeline calls the transformer with at the role's step count (student 4,
+    teacher 25, generator 1 here: tiny pipelines have no model card), carried exactly by integer times."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     assert worlds["sd3"].schedule.shift == 3.0 and worlds["flux_schnell"].schedule.shift == 1.0
-    w = worlds["flux"]  # FLUX.1-dev-like: use_dynamic_shifting, mu from the packed sequence length
-    sched = w.parts.scheduler
+    w = worlds["flux"]  # use_dynamic_shifting: mu from the packed sequence length
+    sched = type(w.parts.scheduler).from_config(w.parts.scheduler.config)
     seq = (w.shape[1] // 2) * (w.shape[2] // 2)
     mu = calculate_shift(seq, sched.config.base_image_seq_len, sched.config.max_image_seq_len,
                          sched.config.base_shift, sched.config.max_shift)
-    sched.set_timesteps(sigmas=SIGMAS, mu=mu)
-    assert torch.allclose(w.schedule.sigma(torch.tensor(GRID)), sched.sigmas[:-1], atol=1e-6, rtol=0)
+    sched.set_timesteps(sigmas=[(t + 1) / 1000 for t in range(999, -1, -1)], mu=mu)
+    unplaced = [t for t in range(1000) if t not in {u for r in ("teacher", "student", "generator")
+                                                    for u in w.role_sampler(r)[1]}]
+    assert torch.equal(w.schedule.sigma(torch.tensor(unplaced)), sched.sigmas.flip(0)[1:][unplaced])
     assert abs(w.schedule.shift - 1.0) > 0.1  # the test would not see a missing shift at shift 1
     for k in ("sd3", "flux", "flux_schnell"):
-        assert isinstance(worlds[k].schedule, common.FlowSchedule)
-        assert worlds[k].role_sampler("teacher")[0] == "flow_sde"
-        assert worlds[k].role_sampler("student") == ("flow_x0_renoise", GRID)
+        w = worlds[k]
+        assert isinstance(w.schedule, common.FlowSchedule)
+        pipe = _pipe(k, specs[k])
+        for role, sampler, steps in (("teacher", "flow_sde", 25), ("student", "flow_x0_renoise", 4),
+                                     ("generator", "flow_x0_renoise", 1)):
+            name, grid = w.role_sampler(role)
+            called = pipeline_sigmas_called(pipe, w, steps)
+            assert name == sampler and len(grid) == steps
+            assert torch.allclose(w.schedule.sigma(torch.tensor(grid)), called, atol=1e-6, rtol=0), (k, role)
+    # SD3 at shift 3, 4 steps: the pipeline's grid, not [999, 749, 499, 249] (sigmas [1.0, 0.9, 0.75, 0.5])
+    assert worlds["sd3"].role_sampler("student")[1] == [999, 667, 334, 2]
+    assert worlds["flux_schnell"].role_sampler("student")[1] == GRID  # shift 1: linspace(1, 1/4, 4)
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_world_sampling_is_the_diffusers_pipeline(kind, worlds, specs):
-    """The world's denoiser with the flow SDE at eta = 0 (the scheduler's Euler step) on the pipelines' 4-step
-    sigmas, from the same noise and the world's cached prompt embeddings, ends where the pipeline's own loop does:
-    the timestep scaling, the shift, FLUX's packing / ids and guidance input must all be the pipeline's."""
+    """The world's denoiser with the flow SDE at eta = 0 (the scheduler's Euler step) on the student's grid, from the
+    same noise and the world's cached prompt embeddings, ends where the pipeline's own loop does when it is called
+    with just num_inference_steps: its own grid, timestep scaling, shift, FLUX's packing / ids and guidance."""
     w = worlds[kind]
     den = w.denoiser("teacher", lora_rank=2)
+    _, grid = w.role_sampler("student")
     prompts = ["a red cube", "a blue sphere"]
     noise = torch.randn(2, *w.shape, generator=torch.Generator().manual_seed(3))
-    ours = common.sample(den, common.make_kernel("flow_sde", w.schedule, eta=0.0), noise, w.encode(prompts), GRID)
+    ours = common.sample(den, common.make_kernel("flow_sde", w.schedule, eta=0.0), noise, w.encode(prompts), grid)
     pipe = _pipe(kind, specs[kind])
     kw = w.pipeline_embeds(prompts)
     if kind == "flux":
@@ -76,7 +106,7 @@ def test_world_sampling_is_the_diffusers_pipeline(kind, worlds, specs):
     else:
         latents, kw["guidance_scale"] = noise, 1.0  # no CFG
     with torch.no_grad():
-        out = pipe(**kw, sigmas=SIGMAS, latents=latents, height=w.resolution, width=w.resolution,
+        out = pipe(**kw, num_inference_steps=len(grid), latents=latents, height=w.resolution, width=w.resolution,
                    output_type="latent").images
     if kind == "flux":
         out = FluxPipeline._unpack_latents(out, w.resolution, w.resolution, pipe.vae_scale_factor)
@@ -86,23 +116,25 @@ def test_world_sampling_is_the_diffusers_pipeline(kind, worlds, specs):
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
-def test_student_step_is_the_flow_match_euler_scheduler_step(kind, worlds):
-    """On the tiny transformer's own prediction: flow_sde at eta = 0 is FlowMatchEulerDiscreteScheduler.step, and
-    flow_x0_renoise with noise z is its stochastic_sampling step drawing the same z."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
+def test_student_step_is_the_flow_match_euler_scheduler_step(kind, worlds, specs):
+    """On the tiny transformer's own prediction along the student's grid: flow_sde at eta = 0 is
+    FlowMatchEulerDiscreteScheduler.step, and flow_x0_renoise with noise z is its stochastic_sampling step drawing the
+    same z (the scheduler set to the grid's sigmas as the pipeline's own set_timesteps makes them)."""
     w = worlds[kind]
     den = w.denoiser("student", lora_rank=2)
     assert den.sampler == "flow_x0_renoise"
+    grid = den.timesteps
     cond = w.encode(["a green cone", "a small house"])
-    mu = {"mu": float(torch.tensor(w.schedule.shift).log())} if w.parts.scheduler.config.use_dynamic_shifting else {}
     x = torch.randn(2, *w.shape, generator=torch.Generator().manual_seed(5))
+    pipe = _pipe(kind, specs[kind])
+    pipeline_sigmas_called(pipe, w, len(grid))  # leaves the pipeline's scheduler set as its own call sets it
     for stochastic, name in ((False, "flow_sde"), (True, "flow_x0_renoise")):
-        ref = FlowMatchEulerDiscreteScheduler.from_config(w.parts.scheduler.config, stochastic_sampling=stochastic)
-        ref.set_timesteps(sigmas=SIGMAS, **mu)
+        ref = type(pipe.scheduler).from_config(pipe.scheduler.config, stochastic_sampling=stochastic)
+        ref.sigmas, ref.timesteps = pipe.scheduler.sigmas.clone(), pipe.scheduler.timesteps.clone()
+        assert torch.equal(ref.sigmas[:-1], w.schedule.sigma(torch.tensor(grid)))
         kernel = common.make_kernel(name, w.schedule, eta=0.0)
         state = x
-        for k, (t, t_next) in enumerate(zip(GRID, GRID[1:] + [-1])):
+        for k, (t, t_next) in enumerate(zip(grid, grid[1:] + [-1])):
             with torch.no_grad():
                 v = den(state, t, cond)
             g = torch.Generator().manual_seed(10 + k)
@@ -112,6 +144,37 @@ def test_student_step_is_the_flow_match_euler_scheduler_step(kind, worlds):
             ours = mean + std * z
             assert torch.allclose(ours, expected, atol=1e-5), (name, k, float((ours - expected).abs().max()))
             state = expected
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_vae_decode_and_encode_are_the_pipelines(kind, worlds, specs, monkeypatch):
+    """world.decode is the end of the pipeline's own __call__ ((z / scaling_factor) + shift_factor, vae.decode; FLUX
+    unpacks first) on a VAE with a non-zero shift factor: the pipeline is run on given latents with a transformer that
+    predicts v = 0, so its Euler steps leave them as they are and it decodes exactly them. encode_images is the
+    img2img pipelines' encode ((posterior - shift_factor) x scaling_factor; FluxImg2ImgPipeline._encode_vae_image,
+    which StableDiffusion3Img2ImgPipeline.prepare_latents repeats) with the posterior mean for its sample."""
+    from diffusers import FluxImg2ImgPipeline, FluxPipeline
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    w = worlds[kind]
+    cfg = w.vae.config
+    assert cfg.shift_factor and cfg.scaling_factor != 1  # the tiny flow VAE: 0.0609, 1.5035 (SD3's real values)
+    pipe = _pipe(kind, specs[kind])
+    pipe.transformer.forward = lambda hidden_states, **kw: (torch.zeros_like(hidden_states),)
+    x0 = torch.randn(2, *w.shape, generator=torch.Generator().manual_seed(4))
+    latents = FluxPipeline._pack_latents(x0, 2, *w.shape) if kind == "flux" else x0
+    kw = w.pipeline_embeds(["a red cube", "a blue sphere"])
+    with torch.no_grad():
+        images = pipe(**kw, latents=latents, num_inference_steps=2, height=w.resolution, width=w.resolution,
+                      output_type="pt", **({"guidance_scale": 1.0} if kind == "sd3" else {})).images
+        ours = w.decode(x0)
+    assert images.shape == ours.shape
+    assert torch.allclose((ours + 1) / 2, images, atol=1e-5), float(((ours + 1) / 2 - images).abs().max())
+    image = ours.clone()
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    with torch.no_grad():
+        expected = FluxImg2ImgPipeline._encode_vae_image(pipe, image, torch.Generator())
+    assert torch.allclose(w.encode_images(image), expected, atol=1e-6)
 
 
 def test_flow_conditions_and_null_condition(worlds):
@@ -147,6 +210,9 @@ def test_flow_spec_errors_name_the_problem(specs, tmp_path):
         full.load_world(str(specs["sd3"]), roles={"student": {"sampler": "x0_renoise"}}).role_sampler("student")
     with pytest.raises(models.ModelError, match="needs FlowMatchEulerDiscreteScheduler"):
         full.load_world(str(specs["sd3"]), roles={"student": {"scheduler": "LCMScheduler"}})
+    with pytest.raises(models.ModelError, match="use_dynamic_shifting needs base_shift, max_shift"):
+        full.load_world(str(specs["sd3"]), roles={"student": {"scheduler_config": {"use_dynamic_shifting": True,
+                                                                                   "max_shift": None}}})
     with pytest.raises(models.ModelError, match="use_karras_sigmas"):
         full.load_world(str(specs["sd3"]), roles={"student": {"scheduler_config": {"use_karras_sigmas": True}}})
     with pytest.raises(ValueError, match="not a multiple of the flux patch size"):

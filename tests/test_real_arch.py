@@ -74,11 +74,11 @@ def test_sd35_transformer_configs_have_the_public_checkpoint_sizes(file):
 
 FLOW_PIPELINES = {  # hub id -> (pipeline class, transformer config, scheduler config, T5 part)
     "stabilityai/stable-diffusion-3.5-medium": ("StableDiffusion3Pipeline", "transformer_sd35_medium.json",
-                                                "scheduler_sd3.json", "text_encoder_3"),
+                                                "scheduler_sd35_medium.json", "text_encoder_3"),
     "stabilityai/stable-diffusion-3.5-large": ("StableDiffusion3Pipeline", "transformer_sd35_large.json",
-                                               "scheduler_sd3.json", "text_encoder_3"),
+                                               "scheduler_sd35_large.json", "text_encoder_3"),
     "stabilityai/stable-diffusion-3.5-large-turbo": ("StableDiffusion3Pipeline", "transformer_sd35_large.json",
-                                                     "scheduler_sd3.json", "text_encoder_3"),
+                                                     "scheduler_sd35_large_turbo.json", "text_encoder_3"),
     "black-forest-labs/FLUX.1-schnell": ("FluxPipeline", "transformer_flux_schnell.json",
                                          "scheduler_flux_schnell.json", "text_encoder_2"),
     "black-forest-labs/FLUX.1-dev": ("FluxPipeline", "transformer_flux_dev.json", "scheduler_flux_dev.json",
