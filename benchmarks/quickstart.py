@@ -57,6 +57,8 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, str]:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", action="store_true", help="also time the second command (the test suite)")
+    p.add_argument("--earlier", help="a JSON record of an earlier measurement of the same steps, kept beside this one "
+                   "(e.g. one taken by hand on an idle machine): {\"when\", \"how\", \"load_average\", \"steps\": {...}}")
     p.add_argument("--out", default=str(RESULTS / "quickstart.json"))
     args = p.parse_args(argv)
     if "OMP_NUM_THREADS" in os.environ:
@@ -65,6 +67,8 @@ def main(argv=None) -> dict:
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                     text=True).stdout.strip(), "start": state(), "steps": {}}
+    if args.earlier:
+        res["earlier"] = json.loads(args.earlier)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         venv = tmp / "venv"
@@ -107,6 +111,11 @@ def markdown(res: dict) -> str:
                                                else "") + ".", "", "| step | seconds |", "|---|---|"]
     lines += [f"| `{k}` | {v:.1f} |" for k, v in res["steps"].items()]
     lines += ["", f"First command (install + the three default runs): {res['first_command_seconds']:.0f} s."]
+    if "earlier" in res:
+        e = res["earlier"]
+        lines += ["", f"Earlier measurement ({e['when']}; {e['how']}; load average {e['load_average']} at the start): "
+                  + ", ".join(f"`{k}` {v:.1f} s" for k, v in e["steps"].items())
+                  + f"; first command {sum(e['steps'].values()):.0f} s."]
     if "second_command_seconds" in res:
         lines.append(f"Second command (install + the test suite, {res['tests_passed']} tests passed): "
                      f"{res['second_command_seconds'] / 60:.1f} min.")
