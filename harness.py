@@ -176,7 +176,7 @@ def _discover_backends() -> None:
 
 
 def load_world(model: str, **kw) -> World:
-    """`--model` of every method script: a toy world name (toy2d, flow2d, mnist) or a diffusers checkpoint / model spec for
+    """`--model` of every method script: a toy world (toy2d, flow2d, mnist) or a diffusers checkpoint / model spec for
     the full backend; the backends registered under the entry-point group `fewstep_finetune.worlds` decide."""
     _discover_backends()
     if not _BACKENDS:

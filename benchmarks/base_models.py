@@ -31,7 +31,7 @@ def evaluate(world, n: int, teacher_1000_n: int) -> dict[str, dict[str, float]]:
     noise = torch.randn(n, *world.shape, generator=gen)
     rows = {"data": world.metrics(world.data_for(cond, torch.Generator().manual_seed(7)), cond)}
     teacher = world.denoiser("teacher")
-    flow = world.schedule.prediction == "flow"  # flow2d: the teacher's flow SDE (eta 1 / 0), the flow x0-renoise student
+    flow = world.schedule.prediction == "flow"  # flow2d: the teacher's flow SDE (eta 1 / 0), its x0-renoise student
     ancestral = common.make_kernel(teacher.sampler, world.schedule, eta=1.0)
     k = teacher_1000_n
     rows[f"teacher, 1000 {'SDE (eta 1)' if flow else 'ancestral'} steps"] = world.metrics(

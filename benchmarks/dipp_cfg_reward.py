@@ -124,7 +124,8 @@ def markdown(res: dict) -> str:
              "| run | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
     for label, rs in runs.items():
         lines.append(f"| {label} | " + " | ".join(ms([r[k + "_tuned"] for r in rs]) for k in KEYS) + " |")
-    lines += ["", "Pair differences, CFG reward − CFG teacher, per seed (mean ± sd over seeds), against the seed-to-seed "
+    lines += ["", "Pair differences, CFG reward − CFG teacher, per seed (mean ± sd over seeds), against the "
+              "seed-to-seed "
               "sd of the CFG-teacher run:", "", "| pair | " + " | ".join(f"{k}: difference / seed sd" for k in KEYS)
               + " |", "|---|" + "---|" * len(KEYS)]
     pairs = [(omega, f"CFG reward, alpha_rew {omega - 1:g}") for omega in res["omegas"]]
@@ -170,7 +171,8 @@ def main(argv=None) -> dict:
     res["runs"]["Diff-Instruct (omega 1, alpha_rew 0)"] = [run_one("di", s, world, 1.0, False) for s in args.seeds]
     panels = {"base generator": samples_of(world, None, args.seeds[0])}
     for omega in args.omegas:
-        for explicit, label in ((False, f"CFG teacher, omega {omega:g}"), (True, f"CFG reward, alpha_rew {omega - 1:g}")):
+        for explicit, label in ((False, f"CFG teacher, omega {omega:g}"),
+                                (True, f"CFG reward, alpha_rew {omega - 1:g}")):
             tag = f"{'reward' if explicit else 'teacher'}-{omega:g}"
             res["runs"][label] = [run_one(tag, s, world, omega, explicit) for s in args.seeds]
             panels[label] = samples_of(world, RUNS / f"{tag}-s{args.seeds[0]}", args.seeds[0])

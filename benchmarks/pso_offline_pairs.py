@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -85,6 +86,7 @@ def write_pairs(world, source: str, path: Path) -> dict:
 
 def run_one(label: str, over: dict, seed: int, world) -> dict:
     out = RUNS / f"{label.replace(' ', '-').replace(',', '')}-s{seed}"
+    shutil.rmtree(out, ignore_errors=True)  # a rerun replaces its folder
     cfg = pso.Config(seed=seed, out=str(out), progress=False, save_every=300, **over)
     cpu = time.process_time()
     metrics, _ = pso.train(cfg, world=world)
@@ -106,7 +108,8 @@ def markdown(res: dict) -> str:
              f"{res['machine']}. Total {res['cpu_seconds']:.0f} "
              f"CPU s. toy2d, default reward (soft membership of the upper modes, optimum 1); 300 updates of batch 64, "
              f"lr 1e-3; mean ± sd over seeds {res['seeds']} of 1000 fixed-seed samples of the tuned model.", "",
-             "**The pair sources** (16384 pairs each, winner = the higher reward; both samples of every pair scored)", "",
+             "**The pair sources** (16384 pairs each, winner = the higher reward; both samples of every pair "
+             "scored)", "",
              "| source | quality | reward | distance to the data | reward of winners / losers |",
              "|---|---|---|---|---|"]
     for source, s in res["sources"].items():
@@ -116,7 +119,8 @@ def markdown(res: dict) -> str:
     lines += ["", f"**Offline PSO (Eq. 6) on each source, online PSO (Eq. 7) beside it** (base model: reward "
               f"{base['reward_base']:.3f}, quality {base['quality_base']:.3f} at 4 steps; "
               f"{base['reward_base_1step']:.3f}, {base['quality_base_1step']:.3f} at 1 step)", "",
-              "| run | reward, 4 steps | quality, 4 steps | reward, 1 step | quality, 1 step |", "|---|---|---|---|---|"]
+              "| run | reward, 4 steps | quality, 4 steps | reward, 1 step | quality, 1 step |",
+              "|---|---|---|---|---|"]
     for label, runs in res["runs"].items():
         lines.append(f"| {label} | {ms(runs, 'reward_tuned')} | {ms(runs, 'quality_tuned')} | "
                      f"{ms(runs, 'reward_tuned_1step')} | {ms(runs, 'quality_tuned_1step')} |")

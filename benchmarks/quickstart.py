@@ -1,6 +1,6 @@
 """Time the README's two commands as a user runs them, and record what else the machine was doing.
 
-    python benchmarks/quickstart.py            # the first command: install + pso.py + sharpening.py + diff_instruct_pp.py
+    python benchmarks/quickstart.py            # the first command: install, pso.py, sharpening.py, diff_instruct_pp.py
     python benchmarks/quickstart.py --suite    # ... and the second: install with [test] + python -m pytest -q
 
 Run it *without* OMP_NUM_THREADS (the README's commands use torch's default threads). The install step runs in a
@@ -58,12 +58,14 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", action="store_true", help="also time the second command (the test suite)")
     p.add_argument("--earlier", help="a JSON record of an earlier measurement of the same steps, kept beside this one "
-                   "(e.g. one taken by hand on an idle machine): {\"when\", \"how\", \"load_average\", \"steps\": {...}}")
+                   "(e.g. one taken by hand on an idle machine): "
+                   "{\"when\", \"how\", \"load_average\", \"steps\": {...}}")
     p.add_argument("--out", default=str(RESULTS / "quickstart.json"))
     args = p.parse_args(argv)
     if "OMP_NUM_THREADS" in os.environ:
         raise SystemExit("unset OMP_NUM_THREADS: the README's commands run with torch's default threads")
-    res = {"command": "python benchmarks/quickstart.py " + " ".join(argv or sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+    res = {"command": "python benchmarks/quickstart.py " + " ".join(argv or sys.argv[1:]),
+           "date": time.strftime("%Y-%m-%d"),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                     text=True).stdout.strip(), "start": state(), "steps": {}}
@@ -107,8 +109,9 @@ def markdown(res: dict) -> str:
 
     lines = [f"Command: `{res['command']}` ({res['date']}, commit {res['commit']}). Machine: {res['machine']}; torch's "
              f"default threads. At the start: {where(res['start'])}. After the first command: "
-             f"{where(res['after_first'])}" + (f". After the second: {where(res['after_second'])}" if "after_second" in res
-                                               else "") + ".", "", "| step | seconds |", "|---|---|"]
+             f"{where(res['after_first'])}"
+             + (f". After the second: {where(res['after_second'])}" if "after_second" in res else "") + ".", "",
+             "| step | seconds |", "|---|---|"]
     lines += [f"| `{k}` | {v:.1f} |" for k, v in res["steps"].items()]
     lines += ["", f"First command (install + the three default runs): {res['first_command_seconds']:.0f} s."]
     if "earlier" in res:

@@ -50,7 +50,8 @@ def main(argv=None) -> dict:
         kernel = common.make_kernel(den.sampler, world.schedule)
         x0 = pso.draw(den, kernel, world, cond, den.timesteps, seed, frozen=frozen)
         numbers[name] = {"transfer": world.transfer(x0), "sharpness": world.sharpness(x0)}
-        title = f"{name}, 4 steps\ntransfer {numbers[name]['transfer']:.2f} · sharpness {numbers[name]['sharpness']:.2f}"
+        n = numbers[name]
+        title = f"{name}, 4 steps\ntransfer {n['transfer']:.2f} · sharpness {n['sharpness']:.2f}"
         panels[title] = (x0, cond)
     world.plot_samples(panels, RESULTS / "readme_figure.png", marks="target")
     record = {"command": "OMP_NUM_THREADS=1 python benchmarks/readme_figure.py", "date": time.strftime("%Y-%m-%d"),

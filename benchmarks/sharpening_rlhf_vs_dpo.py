@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ def run_one(budget: str, row: str, seed: int, final_samples: int) -> dict:
     over = FACTORIAL[row]
     name = f"{budget.replace(' ', '')}-" + "-".join(f"{k}{v}" for k, v in over.items()) + f"-s{seed}"
     out = ROOT / "runs" / "bench-sharpening-rlhf-vs-dpo" / name
+    shutil.rmtree(out, ignore_errors=True)  # a rerun replaces its folder
     cfg = sharpening.Config(variant="rlhf", steps=b["steps"], batch=b["batch"], seed=seed, out=str(out),
                             final_samples=final_samples, eval_every=b["steps"], save_every=b["steps"],
                             progress=False, **over)
@@ -128,7 +130,8 @@ def markdown(res: dict) -> str:
              f"{res['reward_base']:.3f}.", ""]
     for budget, rows in res.get("seeds", {}).items():
         b = BUDGETS[budget]
-        lines += [f"**Seeds: {b['steps']} updates of batch {b['batch']}, seeds {b['seeds']}** (mean ± sd; se = sd/√seeds; "
+        lines += [f"**Seeds: {b['steps']} updates of batch {b['batch']}, seeds {b['seeds']}** "
+                  "(mean ± sd; se = sd/√seeds; "
                   "Welch's t of the reward against Diffusion-DPO, |t| < 2: not separated)", "",
                   "| row | reward | se | quality | t vs DPO |", "|---|---|---|---|---|"]
         dpo = [r["reward_tuned"] for r in rows[DPO]]
@@ -170,7 +173,8 @@ def main(argv=None) -> dict:
     command = "OMP_NUM_THREADS=1 python benchmarks/sharpening_rlhf_vs_dpo.py " + " ".join(
         f"'{a}'" if " " in a else a for a in (argv or sys.argv[1:]))
     earlier = res.pop("command", None)  # a results file written before commands were kept as a list
-    res.update(commands=res.get("commands", [earlier] if earlier else []) + [command], date=time.strftime("%Y-%m-%d"), final_samples=args.final_samples,
+    res.update(commands=res.get("commands", [earlier] if earlier else []) + [command],
+               date=time.strftime("%Y-%m-%d"), final_samples=args.final_samples,
                machine=f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, "
                        f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}, load average "
                        f"{os.getloadavg()[0]:.1f} at the start")

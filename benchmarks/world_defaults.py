@@ -98,7 +98,8 @@ def markdown(res: dict) -> str:
                   "with loss < 1e-6 | naive: transfer / sharpness |", "|---|---|---|---|---|---|---|"]
         for beta, runs in rows.items():
             lines.append(f"| {beta} | {ms(runs, 'transfer_tuned')} | {ms(runs, 'sharpness_tuned')} | "
-                         f"{ms(runs, 'sharpness_tuned_1step')} | {ms(runs, 'loss_last50', 4)} | {ms(runs, 'saturated', 2)} | "
+                         f"{ms(runs, 'sharpness_tuned_1step')} | {ms(runs, 'loss_last50', 4)} | "
+                         f"{ms(runs, 'saturated', 2)} | "
                          f"{ms(runs, 'transfer_naive')} / {ms(runs, 'sharpness_naive')} |")
         lines.append("")
     return "\n".join(lines)
@@ -131,7 +132,8 @@ def main(argv=None) -> dict:
     if "pso" in args.sections:
         for name in [w for w in args.worlds if w in PSO_BETAS]:
             kept = res.setdefault("pso", {}).get(name, {})
-            rows = {f"{b:g}": [pso_run(name, worlds[name], b, s) for s in args.seeds] for b in args.betas or PSO_BETAS[name]}
+            rows = {f"{b:g}": [pso_run(name, worlds[name], b, s) for s in args.seeds]
+                    for b in args.betas or PSO_BETAS[name]}
             res["pso"][name] = dict(sorted({**kept, **rows}.items(), key=lambda kv: float(kv[0])))
     res["cpu_seconds"] = res.get("cpu_seconds", 0.0) * bool(args.reuse) + time.process_time() - cpu
     out = Path(args.out)

@@ -110,8 +110,8 @@ def load_world(name: str, cache: str | Path | None = None, budget: str | None = 
     weights = _read(path, spec, world.base_model_shapes())
     if weights is None:
         _check_writable(path.parent, name)  # before the build, not after minutes of it
-        print(f"[toy] first use of {name}: building its base models once ({budget} budget; {build_estimate(name, budget)}"
-              f"), then cached in {path}", file=sys.stderr)
+        print(f"[toy] first use of {name}: building its base models once ({budget} budget; "
+              f"{build_estimate(name, budget)}), then cached in {path}", file=sys.stderr)
         weights = build_base_models(world, BUDGETS[name][budget], progress=progress)
         _write(path, weights, spec)
     return WORLDS[name](weights, **kw)

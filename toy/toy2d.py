@@ -219,6 +219,7 @@ class Toy2D(ToyWorld):
                                   label="rewarded modes (reward 'modes')" if self.reward_kind == "modes"
                                   else "reward = height y (unbounded)"))
         fig.legend(handles=handles, loc="lower center", ncol=2 if len(panels) < 3 else 3, fontsize=8, frameon=False)
-        fig.subplots_adjust(left=0.02, right=0.98, top=0.95 - 0.045 * most_lines, bottom=0.25 if len(panels) < 3 else 0.17, wspace=0.06)
+        fig.subplots_adjust(left=0.02, right=0.98, top=0.95 - 0.045 * most_lines,
+                            bottom=0.25 if len(panels) < 3 else 0.17, wspace=0.06)
         fig.savefig(Path(path), dpi=110)
         plt.close(fig)
