@@ -2,8 +2,11 @@
 
     python benchmarks/quickstart.py            # the first command: install, pso.py, sharpening.py, diff_instruct_pp.py
     python benchmarks/quickstart.py --suite    # ... and the second: install with [test] + python -m pytest -q
+    python benchmarks/quickstart.py --suite-only --reuse benchmarks/results/quickstart.json   # only the second
 
-Run it *without* OMP_NUM_THREADS (the README's commands use torch's default threads). The install step runs in a
+Run it without OMP_NUM_THREADS on an idle machine (the README's commands use torch's default threads); on a machine
+shared with other jobs, OMP_NUM_THREADS=1 (recorded with the result) avoids two torch threads per process fighting
+them for the cores. The install step runs in a
 throw-away virtual environment with the system's site packages (`python -m venv --system-site-packages`), so
 `pip install "torch==2.13.0" -e .` finds torch installed and times what a user with torch already installed waits
 for; the project is installed editable from this checkout into that environment only. The three scripts run in a
@@ -54,21 +57,38 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, str]:
     return seconds, p.stdout + p.stderr
 
 
+def record(cmd: str) -> dict:
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return {"command": (f"OMP_NUM_THREADS={threads} " if threads else "") + cmd,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "threads": f"OMP_NUM_THREADS={threads}" if threads else "torch's default threads",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                     text=True).stdout.strip(), "start": state(), "steps": {}}
+
+
+def upgrade(old: dict) -> dict:
+    """A results file written before the two commands were separate records: its one record is the first command."""
+    if "first" in old or "second" in old:
+        return old
+    first = {k: old[k] for k in ("command", "date", "machine", "commit", "start", "steps") if k in old}
+    first.update(seconds=old.get("first_command_seconds"), end=old.get("after_first"))
+    return {"first": first, **({"earlier": old["earlier"]} if "earlier" in old else {})}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", action="store_true", help="also time the second command (the test suite)")
-    p.add_argument("--earlier", help="a JSON record of an earlier measurement of the same steps, kept beside this one "
-                   "(e.g. one taken by hand on an idle machine): "
+    p.add_argument("--suite-only", action="store_true", help="time only the second command (the other records are "
+                   "kept from --reuse)")
+    p.add_argument("--earlier", help="a JSON record of an earlier measurement of the first command, kept beside this "
+                   "one (e.g. one taken by hand on an idle machine): "
                    "{\"when\", \"how\", \"load_average\", \"steps\": {...}}")
+    p.add_argument("--reuse", help="a results JSON whose records are kept (only what this call measures is replaced)")
     p.add_argument("--out", default=str(RESULTS / "quickstart.json"))
     args = p.parse_args(argv)
-    if "OMP_NUM_THREADS" in os.environ:
-        raise SystemExit("unset OMP_NUM_THREADS: the README's commands run with torch's default threads")
-    res = {"command": "python benchmarks/quickstart.py " + " ".join(argv or sys.argv[1:]),
-           "date": time.strftime("%Y-%m-%d"),
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                    text=True).stdout.strip(), "start": state(), "steps": {}}
+    cmd = "python benchmarks/quickstart.py " + " ".join(f"'{a}'" if " " in a else a for a in (argv or sys.argv[1:]))
+    res = upgrade(json.loads(Path(args.reuse).read_text())) if args.reuse else {}
     if args.earlier:
         res["earlier"] = json.loads(args.earlier)
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,26 +96,22 @@ def main(argv=None) -> dict:
         venv = tmp / "venv"
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
         py = str(venv / "bin" / "python")
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS")}
-        first = 0.0
-        s, _ = timed([py, "-m", "pip", "install", "-q", "torch==2.13.0", "-e", str(ROOT)], tmp, env)
-        res["steps"]["pip install \"torch==2.13.0\" -e ."] = s
-        first += s
-        for script in SCRIPTS:
-            s, _ = timed([py, str(ROOT / script)], tmp, env)
-            res["steps"][f"python {script}"] = s
-            first += s
-        res["first_command_seconds"] = first
-        res["after_first"] = state()
-        if args.suite:
-            s, _ = timed([py, "-m", "pip", "install", "-q", "torch==2.13.0", "-e", f"{ROOT}[test]"], tmp, env)
-            res["steps"]["pip install \"torch==2.13.0\" -e \".[test]\""] = s
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        if not args.suite_only:
+            r = res["first"] = record(cmd)
+            r["steps"]["pip install \"torch==2.13.0\" -e ."] = timed(
+                [py, "-m", "pip", "install", "-q", "torch==2.13.0", "-e", str(ROOT)], tmp, env)[0]
+            for script in SCRIPTS:
+                r["steps"][f"python {script}"] = timed([py, str(ROOT / script)], tmp, env)[0]
+            r.update(seconds=sum(r["steps"].values()), end=state())
+        if args.suite or args.suite_only:
+            r = res["second"] = record(cmd)
+            r["steps"]["pip install \"torch==2.13.0\" -e \".[test]\""] = timed(
+                [py, "-m", "pip", "install", "-q", "torch==2.13.0", "-e", f"{ROOT}[test]"], tmp, env)[0]
             t, out = timed([py, "-m", "pytest", "-q", "-p", "no:cacheprovider"], ROOT, env)
-            res["steps"]["python -m pytest -q"] = t
-            res["second_command_seconds"] = s + t
+            r["steps"]["python -m pytest -q"] = t
             m = re.search(r"(\d+) passed", out)
-            res["tests_passed"] = int(m.group(1)) if m else None
-            res["after_second"] = state()
+            r.update(seconds=sum(r["steps"].values()), end=state(), tests_passed=int(m.group(1)) if m else None)
     out = Path(args.out)
     out.write_text(json.dumps(res, indent=1))
     out.with_suffix(".md").write_text(markdown(res))
@@ -107,22 +123,26 @@ def markdown(res: dict) -> str:
     def where(s: dict) -> str:
         return f"load average {s['load_average']}, other busy processes: " + (", ".join(s["busy"]) or "none")
 
-    lines = [f"Command: `{res['command']}` ({res['date']}, commit {res['commit']}). Machine: {res['machine']}; torch's "
-             f"default threads. At the start: {where(res['start'])}. After the first command: "
-             f"{where(res['after_first'])}"
-             + (f". After the second: {where(res['after_second'])}" if "after_second" in res else "") + ".", "",
-             "| step | seconds |", "|---|---|"]
-    lines += [f"| `{k}` | {v:.1f} |" for k, v in res["steps"].items()]
-    lines += ["", f"First command (install + the three default runs): {res['first_command_seconds']:.0f} s."]
+    lines = []
+    for key, title in (("first", "First command (install + the three default runs)"),
+                       ("second", "Second command (install + the test suite)")):
+        if key not in res:
+            continue
+        r = res[key]
+        lines += [f"**{title}**: {r['seconds']:.0f} s" + (f", {r['tests_passed']} tests passed" if key == "second"
+                                                          else "") + ".",
+                  f"Command: `{r['command']}` ({r['date']}, commit {r['commit']}). Machine: {r['machine']}; "
+                  f"{r.get('threads', 'torch' + chr(39) + 's default threads')}. At the start: {where(r['start'])}. "
+                  f"At the end: {where(r['end'])}.", "",
+                  "| step | seconds |", "|---|---|"]
+        lines += [f"| `{k}` | {v:.1f} |" for k, v in r["steps"].items()]
+        lines.append("")
     if "earlier" in res:
         e = res["earlier"]
-        lines += ["", f"Earlier measurement ({e['when']}; {e['how']}; load average {e['load_average']} at the start): "
-                  + ", ".join(f"`{k}` {v:.1f} s" for k, v in e["steps"].items())
-                  + f"; first command {sum(e['steps'].values()):.0f} s."]
-    if "second_command_seconds" in res:
-        lines.append(f"Second command (install + the test suite, {res['tests_passed']} tests passed): "
-                     f"{res['second_command_seconds'] / 60:.1f} min.")
-    return "\n".join(lines) + "\n"
+        lines += [f"**First command, earlier measurement** ({e['when']}; {e['how']}; load average "
+                  f"{e['load_average']} at the start): " + ", ".join(f"`{k}` {v:.1f} s" for k, v in e["steps"].items())
+                  + f"; {sum(e['steps'].values()):.0f} s in all.", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
