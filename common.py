@@ -86,7 +86,7 @@ class Schedule:
 
 
 def few_step_timesteps(n: int, t_max: int = T) -> list[int]:
-    """t_n = n*T/N - 1 for n = N..1 ("trailing" spacing): N=4 -> [999, 749, 499, 249] (DESIGN section 3)."""
+    """t_n = n*T/N - 1 for n = N..1 ("trailing" spacing): N=4 -> [999, 749, 499, 249] (docs/design.md section 3)."""
     if n < 1:
         raise ValueError(f"number of steps must be >= 1, got {n}")
     return [round(k * t_max / n) - 1 for k in range(n, 0, -1)]
@@ -437,7 +437,10 @@ class World(Protocol):
     def data(self, n: int, generator: torch.Generator, split: str = "base") -> tuple[torch.Tensor, Cond]: ...
     def reward(self, x0: torch.Tensor, cond: Cond) -> torch.Tensor: ...
     def metrics(self, x0: torch.Tensor, cond: Cond, split: str = "base") -> dict[str, float]: ...
-    def plot_samples(self, panels: dict[str, tuple[torch.Tensor, Cond]], path: str | Path) -> None: ...
+    def plot_samples(self, panels: dict[str, tuple[torch.Tensor, Cond]], path: str | Path,
+                     marks: str | None = None) -> None:
+        """One figure of the panels {title: (x0, cond)}; `marks` = "target" (mark the target split) or "reward"
+        (mark what the reward prefers), what the run aims at; None marks neither."""
     def save_adapter(self, denoiser: Denoiser, path: str | Path) -> None: ...
 
     def preference_pairs(self, n: int, generator: torch.Generator, path: str | Path | None = None

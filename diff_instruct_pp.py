@@ -101,7 +101,8 @@ DI_CFG_SCALE = 4.5  # the paper's CFG teacher for Diff-Instruct pre-training (va
 
 @dataclass
 class Config(harness.RunConfig):
-    model: str = harness.arg("toy2d", "toy world (toy2d, mnist) or a diffusers checkpoint folder / hub id")
+    model: str = harness.arg("toy2d", "toy world: toy2d | flow2d | mnist (options after a colon, e.g. "
+                             "toy2d:reward=height), or a model spec / diffusers checkpoint for the full backend")
     variant: str = harness.arg("dipp", "dipp: align the one-step generator; di: Diff-Instruct pre-training from the "
                               "reference network (no reward)", choices=["dipp", "di"])
     steps: int = harness.arg(400, "generator updates")
@@ -185,7 +186,7 @@ def time_density(sched: common.Schedule, kind: str, t_min: int, t_max: int) -> t
     t = torch.arange(common.T)
     inside = (t >= t_min) & (t <= t_max)
     if kind == "uniform":
-        # pi(t) = U{t_min, ..., t_max}  (DESIGN section 6: uniform on [0.02 T, 0.98 T], as DMD2 / SiD)
+        # pi(t) = U{t_min, ..., t_max}  (docs/design.md section 6: uniform on [0.02 T, 0.98 T], as DMD2 / SiD)
         pi = inside.double()
     elif kind == "lognormal":
         # paper App. C (EDM, (C.5)): ln sigma ~ N(-2, 2^2), truncated to [sigma(t_min), sigma(t_max)] (rejection:
@@ -513,10 +514,11 @@ def train(cfg: Config, world=None) -> dict:
     panels = {base_name: (x0_base, eval_cond), label: (x0_tuned, eval_cond)}
     if ema is not None:
         panels[f"{label}, EMA {cfg.ema_decay:g}"] = (evaluated["ema"], eval_cond)
+    marks = "reward" if cfg.reward_scale > 0 else None  # the figure marks what the explicit reward prefers
     if ema is not None:  # adapter/ holds the EMA generator, the one the author's code evaluates and saves
         with ema.applied():
-            return run.finish(metrics, panels, CURVES, generator)
-    return run.finish(metrics, panels, CURVES, generator)
+            return run.finish(metrics, panels, CURVES, generator, marks=marks)
+    return run.finish(metrics, panels, CURVES, generator, marks=marks)
 
 
 def main(argv=None) -> dict:

@@ -213,7 +213,7 @@ def _discover_backends() -> None:
 
 
 def load_world(model: str, **kw) -> World:
-    """`--model` of every method script: a toy world name (toy2d, mnist) or a diffusers checkpoint / model spec for
+    """`--model` of every method script: a toy world (toy2d, flow2d, mnist) or a diffusers checkpoint / model spec for
     the full backend; the backends registered under the entry-point group `fewstep_finetune.worlds` decide."""
     _discover_backends()
     if not _BACKENDS:
@@ -902,19 +902,21 @@ class Run:
 
     # ------------------------------------------------------------------------------------------- end
     def finish(self, metrics: dict, panels: dict | None = None, curves: Sequence[tuple[str, str]] = (),
-               adapter: Any = None, names: dict[str, str] | None = None, quiet: bool = False) -> dict:
-        """metrics.json, samples.png (world.plot_samples of `panels`), curves.png (`curves`: (log column, title),
-        with the base model's value as a reference line), figures.safetensors (what both are drawn from), the
-        adapter export (world.save_adapter), trackers closed, the summary table printed (`names`: see `summary`;
-        `quiet`: not printed, e.g. for a baseline run whose rows the main run's table shows), the folder unlocked.
-        A tuned model's metric that is not finite (or beyond GROWTH x the base model's) stops first."""
+               adapter: Any = None, names: dict[str, str] | None = None, quiet: bool = False,
+               marks: str | None = None) -> dict:
+        """metrics.json, samples.png (world.plot_samples of `panels`, marking `marks`: "target" or "reward", what the
+        run aims at), curves.png (`curves`: (log column, title), with the base model's value as a reference line),
+        figures.safetensors (what both are drawn from), the adapter export (world.save_adapter), trackers closed, the
+        summary table printed (`names`: see `summary`; `quiet`: not printed, e.g. for a baseline run whose rows the
+        main run's table shows), the folder unlocked. A tuned model's metric that is not finite (or beyond GROWTH x
+        the base model's) stops first."""
         if self.main:
             if problem := final_metric_problem(metrics):
                 self._stop(f"{problem} after update {self.cfg.steps}; metrics.json was not written")
             save_figure_data(self.path / "figures.safetensors", panels or {}, curves)
             if panels:
                 with naming(self.path / "samples.png"):
-                    self.world.plot_samples(panels, self.path / "samples.png")
+                    self.world.plot_samples(panels, self.path / "samples.png", marks=marks)
             if curves:
                 plot_curves(self.read_log(), self.path / "curves.png", curves, metrics)
             if adapter is not None:

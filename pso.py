@@ -1,7 +1,8 @@
 """Pairwise Sample Optimization (PSO) for few-step (timestep-distilled) diffusion models.
 
 Paper: Miao, Yang, Lin, Wang, Liu, Wang, Qiu, "Tuning Timestep-Distilled Diffusion Model Using Pairwise Sample
-Optimization" (2024), `shared/papers/pso_paper.txt`. Official code: ZichenMiao/Pairwise_Sample_Optimization.
+Optimization", arXiv 2410.03190 (ICLR 2025); equations as this project states them: docs/design.md section 4.
+Official code: ZichenMiao/Pairwise_Sample_Optimization.
 
 PSO fine-tunes a distilled model (SDXL-DMD2 / LCM with the x0-renoise sampler, SDXL-Turbo with Euler ancestral)
 by raising the trajectory likelihood of a *target* sample over a *reference* sample of the same condition, both
@@ -150,7 +151,8 @@ FREE = ("eval_every", "eval_samples", "naive_baseline", "baselines")
 
 @dataclasses.dataclass
 class Config(harness.RunConfig):
-    model: str = harness.arg("toy2d", "toy world (toy2d | mnist) or a diffusers checkpoint for the full backend")
+    model: str = harness.arg("toy2d", "toy world: toy2d | flow2d | mnist (options after a colon, e.g. "
+                             "toy2d:reward=height), or a model spec / diffusers checkpoint for the full backend")
     variant: str = harness.arg("pso", "objective: pso (Eq. 5), offline (Eq. 6), online (Eq. 7), customize (App. B.3), "
                               "naive (Fig. 1b baseline); the practitioners' baselines: base-transfer (LoRA trained on "
                               "the base / teacher, used on the student), dedistill (LoRA trained over a merged "
@@ -732,7 +734,8 @@ def train(cfg: Config, world=None, baselines=None, quiet=False):
               ("eval_reward", "reward (eval)"), ("eval_quality", "quality (eval)")]
     names = {"base": "base", **{b: b for b in baselines or {}}, "tuned": cfg.variant}
     run.finish(metrics, panels, [c for c in curves if cfg.variant not in PLAIN_LOSS or c[0] != "margin"],
-               adapter=tuned, names=names, quiet=quiet)
+               adapter=tuned, names=names, quiet=quiet,
+               marks="target" if split == "target" else "reward")
     if cfg.variant == "dedistill-adapter" and run.main:  # A, kept apart: --dedistill-adapter merges it from here
         from safetensors.torch import save_file
 

@@ -2,7 +2,7 @@
 
 Paper: Y. Tian et al., "Diffusion-Sharpening: Fine-tuning Diffusion Models with Denoising Trajectory
 Sharpening", arXiv 2502.12146 (2025); official code: github.com/Gen-Verse/Diffusion-Sharpening.
-The paper copy in shared/papers/ lost its equations; docs/design.md section 5 restores the ones used here.
+The equations used here, with the paper's numbers, are written out in docs/design.md section 5.
 Measured results: docs/sharpening.md (made by benchmarks/sharpening.py).
 
     python sharpening.py                               # SFT sharpening on toy2d
@@ -118,7 +118,8 @@ import harness
 
 @dataclasses.dataclass
 class Config(harness.RunConfig):
-    model: str = harness.arg("toy2d", "toy world (toy2d, mnist) or a diffusers checkpoint for the full backend")
+    model: str = harness.arg("toy2d", "toy world: toy2d | flow2d | mnist (options after a colon, e.g. "
+                             "toy2d:reward=height), or a model spec / diffusers checkpoint for the full backend")
     variant: str = harness.arg("sft", "sft = Alg. 1 (data pairs), rlhf = Alg. 2 (prompts only)",
                               choices=["sft", "rlhf"])
     n: int = harness.arg(3, "candidate noises per condition (paper Table 2: 3); sft n=1 with m=1 is standard "
@@ -487,7 +488,7 @@ def train(cfg: Config, world=None) -> dict:
                   f"sharpening {cfg.variant}, n={cfg.n} m={cfg.m}": (x_tuned, final_cond)}
         curves = [("loss", "loss"), ("reward", "reward of the training trajectories / samples"),
                   ("eval_reward", "reward of fixed-seed samples")]
-        run.finish(result, panels, curves, den)
+        run.finish(result, panels, curves, den, marks="reward")
     return result
 
 

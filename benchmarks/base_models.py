@@ -31,22 +31,23 @@ def evaluate(world, n: int, teacher_1000_n: int) -> dict[str, dict[str, float]]:
     noise = torch.randn(n, *world.shape, generator=gen)
     rows = {"data": world.metrics(world.data_for(cond, torch.Generator().manual_seed(7)), cond)}
     teacher = world.denoiser("teacher")
-    ddpm = common.make_kernel("ddim", world.schedule, eta=1.0)
+    flow = world.schedule.prediction == "flow"  # flow2d: the teacher's flow SDE (eta 1 / 0), its x0-renoise student
+    ancestral = common.make_kernel(teacher.sampler, world.schedule, eta=1.0)
     k = teacher_1000_n
-    rows["teacher, 1000 ancestral steps"] = world.metrics(
-        common.sample(teacher, ddpm, noise[:k], cond[:k], list(range(999, -1, -1)), gen), cond[:k])
-    rows["teacher, 25 DDIM steps"] = world.metrics(
-        common.sample(teacher, common.make_kernel("ddim", world.schedule, eta=0.0), noise, cond, teacher.timesteps,
-                      gen), cond)
-    for sampler in ("x0_renoise", "euler_ancestral"):
+    rows[f"teacher, 1000 {'SDE (eta 1)' if flow else 'ancestral'} steps"] = world.metrics(
+        common.sample(teacher, ancestral, noise[:k], cond[:k], list(range(999, -1, -1)), gen), cond[:k])
+    rows[f"teacher, 25 {'Euler (eta 0)' if flow else 'DDIM'} steps"] = world.metrics(
+        common.sample(teacher, common.make_kernel(teacher.sampler, world.schedule, eta=0.0), noise, cond,
+                      teacher.timesteps, gen), cond)
+    for sampler in (world.denoiser("student").sampler,) if flow else ("x0_renoise", "euler_ancestral"):
         student = world.denoiser("student", sampler=sampler)
         kernel = common.make_kernel(sampler, world.schedule)
         rows[f"student, 4 steps {sampler}"] = world.metrics(
             common.sample(student, kernel, noise, cond, student.timesteps, gen), cond)
     generator = world.denoiser("generator")
     rows["generator, 1 step"] = world.metrics(
-        common.sample(generator, common.make_kernel("x0_renoise", world.schedule), noise, cond, generator.timesteps,
-                      gen), cond)
+        common.sample(generator, common.make_kernel(generator.sampler, world.schedule), noise, cond,
+                      generator.timesteps, gen), cond)
     return rows
 
 

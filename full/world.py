@@ -687,8 +687,9 @@ class FullWorld:
 
     # ----------------------------------------------------------------------------------------- outputs
     @torch.no_grad()
-    def plot_samples(self, panels: dict, path, columns: int = 6) -> None:
-        """One row per panel (base, tuned, ...), the first `columns` samples of each, with their prompts."""
+    def plot_samples(self, panels: dict, path, marks: str | None = None, columns: int = 6) -> None:
+        """One row per panel (base, tuned, ...), the first `columns` samples of each, with their prompts. `marks`
+        ("target" / "reward") is accepted for the interface; real images have nothing to mark."""
         import matplotlib
 
         matplotlib.use("Agg")

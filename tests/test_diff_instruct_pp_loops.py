@@ -305,7 +305,7 @@ class GaussWorld:
         err = torch.stack([(x0[cond == c].mean(0) - self.M[c]).norm() for c in (0, 1)]).mean()
         return {"reward": float(x0[:, 1].mean()), "quality": float(-err), "distance": float(err)}
 
-    def plot_samples(self, panels, path):
+    def plot_samples(self, panels, path, marks=None):
         open(path, "wb").write(b"")
 
     def save_adapter(self, den, path):

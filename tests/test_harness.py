@@ -46,7 +46,7 @@ class StubWorld:
         self._defaults = defaults
         self.plotted = []
 
-    def plot_samples(self, panels, path):
+    def plot_samples(self, panels, path, marks=None):
         self.plotted.append(path)
         open(path, "wb").write(b"png")
 

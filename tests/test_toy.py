@@ -200,9 +200,8 @@ def test_toy2d_target_and_reward_options_are_checked(toy2d_tiny):
     from toy.flow2d import Flow2D
     from toy.toy2d import Toy2D
 
-    flow = Flow2D(toy2d_tiny.weights)  # toy2d's target ("half"), reward and Eq. 5 defaults
+    flow = Flow2D(toy2d_tiny.weights)  # toy2d's target ("half") and reward; its own defaults (test_figures_and_defaults)
     assert (flow.target_rotation, flow.target_keep, flow.reward_kind) == (0.0, (0, 1, 2, 3), "modes")
-    assert flow.method_defaults("pso", "pso") == Toy2D.cli_defaults[("pso", "pso")]
     assert toy2d_tiny.method_defaults("pso", "pso") == Toy2D.cli_defaults[("pso", "pso")]
     assert toy2d_tiny.method_defaults("pso", "online") == {} and toy2d_tiny.method_defaults("sharpening", "") == {}
 

@@ -51,6 +51,19 @@ BUDGETS = {
 VERSION = 1  # bump when a net or the training recipe changes: old cache files are then ignored
 
 
+def add_world(cls, budgets: dict | None = None, options: dict | None = None) -> None:
+    """Make a world class of your own loadable like the shipped ones (docs/extending.md): `load_world(cls.name)` then
+    builds its base models on first use with `budgets` (default: toy2d's, {"full": ..., "tiny": ...}) and caches them
+    under its own name; `options` are its `--model name:key=value` choices (default: its parent world's)."""
+    parent = next((n for n, c in WORLDS.items() if issubclass(cls, c)), None)
+    if not getattr(cls, "name", None) or cls.name in WORLDS and WORLDS[cls.name] is not cls:
+        raise ValueError(f"add_world: {cls.__name__} needs a class attribute `name` not taken by another world "
+                         f"(taken: {sorted(WORLDS)})")
+    WORLDS[cls.name] = cls
+    BUDGETS[cls.name] = budgets or BUDGETS["toy2d"]
+    MODEL_OPTIONS[cls.name] = options if options is not None else MODEL_OPTIONS.get(parent, {})
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep-finetune")).expanduser()
 
@@ -97,10 +110,29 @@ def load_world(name: str, cache: str | Path | None = None, budget: str | None = 
     weights = _read(path, spec, world.base_model_shapes())
     if weights is None:
         _check_writable(path.parent, name)  # before the build, not after minutes of it
-        print(f"[toy] building the {name} base models ({budget} budget) -> {path}", file=sys.stderr)
+        print(f"[toy] first use of {name}: building its base models once ({budget} budget; "
+              f"{build_estimate(name, budget)}), then cached in {path}", file=sys.stderr)
         weights = build_base_models(world, BUDGETS[name][budget], progress=progress)
         _write(path, weights, spec)
     return WORLDS[name](weights, **kw)
+
+
+BASE_MODEL_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "base_models.json"
+
+
+def build_estimate(name: str, budget: str, results: Path = BASE_MODEL_RESULTS) -> str:
+    """How long the first build takes, as measured by benchmarks/base_models.py (its results file), for the message
+    printed before a build; without a measurement for this world and budget, a plain hint."""
+    if budget == "tiny":
+        return "seconds"
+    try:
+        record = json.loads(Path(results).read_text())[name]
+        minutes = record["build_seconds"] / 60
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a few minutes on a laptop CPU"
+    load = record.get("load_average_at_start")
+    return (f"{minutes:.1f} min when measured on {record.get('machine', 'a 2-core CPU')}"
+            + (f" at load {load}" if load is not None else "") + ", benchmarks/results/base_models.md")
 
 
 def content_hash(flat: dict[str, torch.Tensor]) -> str:

@@ -1,4 +1,4 @@
-"""python -m toy [--model toy2d|mnist] [--out DIR]: build (or load) a world's base models and draw their samples.
+"""python -m toy [--model toy2d|flow2d|mnist] [--out DIR]: build (or load) a world's base models and draw their samples.
 
 Writes DIR/samples.png (data, teacher 25 DDIM steps, 4-step student, one-step generator, same seeds) and
 DIR/metrics.json. The method scripts (pso.py, sharpening.py, diff_instruct_pp.py) start from these models."""

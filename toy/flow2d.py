@@ -15,7 +15,11 @@ from .toy2d import Toy2D
 
 
 class Flow2D(Toy2D):
-    name = "flow2d"  # toy2d's target split ("half"), rewards and command-line defaults for Eq. 5
+    name = "flow2d"  # toy2d's target split ("half") and rewards
+    # its own command-line defaults, measured by benchmarks/world_defaults.py (docs/toys.md, "World defaults"):
+    # toy2d's Eq. 5 beta 7 saturates its loss here; DI++'s alpha_rew is the smallest with a visible reward gain
+    cli_defaults = {("pso", "pso"): {"beta": 2.0, "train_steps": 16},
+                    ("diff_instruct_pp", "dipp"): {"reward_scale": 0.05}}
     shift = 3.0
     ode_sampler = "flow_sde"
     roles = {  # role -> (sampler, timesteps)

@@ -161,13 +161,24 @@ class MNIST(ToyWorld):
             "bold_share": float((bold > 0).float().mean()),
         }
 
-    def plot_samples(self, panels, path, split=None, per_panel: int = 40):
+    REWARD_TEXT = {"logprob": "reward: log-probability of the classifier's bold head",
+                   "prob": "reward: probability of the classifier's bold head",
+                   "logit": "reward: the bold head's logit (unbounded)"}
+
+    def plot_samples(self, panels, path, marks: str | None = None, per_panel: int = 40):
+        """World.plot_samples: the first `per_panel` samples of each panel in rows of ten; with the evaluation
+        conditions (0, 1, ..., 9, 0, ...) each column is one conditioned digit. `marks` names under the panels what
+        the run aims at: "target" (the bold-digit split) or "reward" (what the reward prefers)."""
+        import textwrap
+
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 1.6 * per_panel / 40 * 2.2),
+        if marks not in (None, "target", "reward"):
+            raise ValueError(f"plot_samples: marks must be None, 'target' or 'reward', got {marks!r}")
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 1.6 * per_panel / 40 * 2.2 + 0.5),
                                  squeeze=False)
         for ax, (title, (x0, cond)) in zip(axes[0], panels.items()):
             x = x0[:per_panel].detach().cpu().clamp(-1, 1).add(1).div(2)
@@ -175,7 +186,15 @@ class MNIST(ToyWorld):
             x = torch.cat([x, torch.zeros(rows * 10 - len(x), *x.shape[1:])])
             grid = x.reshape(rows, 10, 28, 28).permute(0, 2, 1, 3).reshape(rows * 28, 10 * 28)
             ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
-            ax.set(title=title, xticks=[], yticks=[])
-        fig.tight_layout()
+            ax.set_title("\n".join(w for line in title.split("\n") for w in textwrap.wrap(line, 30)), fontsize=9)
+            ax.set(xticks=[], yticks=[])
+            digits = cond[:10].tolist()
+            if digits == list(range(len(digits))):
+                ax.set_xlabel("columns: conditioned digit 0-9", fontsize=7)
+        note = {"target": "target: bold digits (the target split: strokes dilated 3x3)",
+                "reward": self.REWARD_TEXT[self.reward_kind] + ": it prefers bold strokes"}.get(marks)
+        if note:
+            fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=8)
+        fig.tight_layout(rect=(0, 0.06 if note else 0, 1, 1))
         fig.savefig(Path(path), dpi=110)
         plt.close(fig)

@@ -35,9 +35,13 @@ class Toy2D(ToyWorld):
     # overlapping discs; a new mixture of positions the base model already draws, decided at the high-noise steps)
     default_target = dict(target_rotation=0.0, target_scale=1.0, target_keep=(0, 1, 2, 3))
     # settings for the options a command line does not set (harness.apply_world_defaults; a Config built in code
-    # sets every field): Eq. 5 with beta 7 on a 16-step training grid, the setting of benchmarks/pso_fig1.py
-    # (at the paper's beta 50 and N = 4 the 2-D toy does not move; docs/pso.md, "Claims on toy2d")
-    cli_defaults = {("pso", "pso"): {"beta": 7.0, "train_steps": 16}}
+    # sets every field), each chosen from a measurement (docs/toys.md, "World defaults"):
+    # * Eq. 5 with beta 7 on a 16-step training grid, the setting of benchmarks/pso_fig1.py (at the paper's beta 50
+    #   and N = 4 the 2-D toy does not move; docs/pso.md, "Claims on toy2d");
+    # * DI++ alpha_rew 0.2: the smallest alpha_rew of benchmarks/world_defaults.py's sweep whose reward gain is
+    #   visible (diff_instruct_pp.py's 0.1 hardly moves this toy).
+    cli_defaults = {("pso", "pso"): {"beta": 7.0, "train_steps": 16},
+                    ("diff_instruct_pp", "dipp"): {"reward_scale": 0.2}}
 
     def __init__(self, weights, target_rotation: float | None = None, target_scale: float | None = None,
                  target_keep: tuple[int, ...] | None = None, reward: str = "modes"):
@@ -149,25 +153,73 @@ class Toy2D(ToyWorld):
             "sharpness": self.sharpness(x0),
         }
 
-    def plot_samples(self, panels, path, split: str | None = None) -> None:
+    CLASS_COLOURS = ("tab:blue", "tab:orange", "tab:green")  # samples of class 0, 1, 2
+
+    def plot_samples(self, panels, path, marks: str | None = None) -> None:
+        """World.plot_samples: one scatter per panel, samples coloured by their class; the ring's modes as circles
+        (blue: class 0's, orange: class 1's; class 2 owns all eight); `marks` adds what the run aims at: "target"
+        (x: the modes of the target split) or "reward" (stars: the modes the default reward prefers; with the height
+        reward an arrow). A legend under the panels says what every mark and colour means."""
+        import textwrap
+
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
 
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+        if marks not in (None, "target", "reward"):
+            raise ValueError(f"plot_samples: marks must be None, 'target' or 'reward', got {marks!r}")
+        fig, axes = plt.subplots(1, len(panels), figsize=(max(2.9 * len(panels), 6.2), 4.0), squeeze=False)
+        lim = 1.5 * self.radius * max(1.0, self.target_scale)
+        base, most_lines = self.modes("base"), 1
+        # a subclass with its own reward or target data (docs/extending.md): its aim is not toy2d's modes to mark
+        own_reward, own_target = type(self).reward is not Toy2D.reward, type(self).data_for is not Toy2D.data_for
         for ax, (title, (x0, cond)) in zip(axes[0], panels.items()):
-            for s, marker in (("base", "o"), ("target", "x")):
-                if split in (None, s):
-                    m = self.modes(s) if s == "base" else self.modes(s)[list(self.target_keep)]
-                    ax.scatter(m[:, 0], m[:, 1], s=60, marker=marker, facecolors="none" if marker == "o" else None,
-                               edgecolors="k" if marker == "o" else None, c=None if marker == "o" else "k",
-                               linewidths=0.8, zorder=3)
-            x0 = x0.detach().cpu()
-            ax.scatter(x0[:, 0], x0[:, 1], s=3, c=cond.cpu(), cmap="viridis", vmin=0, vmax=self.num_classes,
-                       alpha=0.5)
-            lim = 1.8 * max(1.0, self.target_scale)
-            ax.set(title=title, xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
-        fig.tight_layout()
+            x0, cond = x0.detach().cpu(), cond.cpu()
+            for c in range(self.num_classes):
+                keep = cond == c
+                ax.scatter(x0[keep, 0].clamp(-lim, lim), x0[keep, 1].clamp(-lim, lim), s=3, alpha=0.45,
+                           color=self.CLASS_COLOURS[c], linewidths=0)
+            for k in range(8):  # the base modes, edged in the colour of the class that owns them
+                ax.scatter(base[k, 0], base[k, 1], s=70, facecolors="none", linewidths=1.2, zorder=3,
+                           edgecolors=self.CLASS_COLOURS[k % 2])
+            if marks == "target" and not own_target:
+                m = self.modes("target")[list(self.target_keep)]
+                ax.scatter(m[:, 0], m[:, 1], s=55, marker="x", color="k", linewidths=1.4, zorder=4)
+            elif marks == "reward" and own_reward:
+                pass
+            elif marks == "reward" and self.reward_kind == "modes":
+                m = base[list(PREFERRED)]
+                ax.scatter(m[:, 0], m[:, 1], s=150, marker="*", facecolors="none", edgecolors="crimson",
+                           linewidths=1.2, zorder=4)
+            elif marks == "reward":
+                ax.annotate("", xy=(-0.8 * lim, 0.9 * lim), xytext=(-0.8 * lim, 0.3 * lim),
+                            arrowprops=dict(arrowstyle="->", color="crimson", lw=1.5))
+            wrapped = [w for line in title.split("\n") for w in textwrap.wrap(line, 34)]
+            most_lines = max(most_lines, len(wrapped))
+            ax.set_title("\n".join(wrapped), fontsize=9)
+            ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
+        handles = [Line2D([], [], ls="", marker="o", ms=5, color=self.CLASS_COLOURS[c], label=label) for c, label in
+                   enumerate(("class 0 samples", "class 1 samples", "class 2 samples"))]
+        handles += [Line2D([], [], ls="", marker="o", ms=8, mfc="none", mec=self.CLASS_COLOURS[0],
+                           label="modes of class 0"),
+                    Line2D([], [], ls="", marker="o", ms=8, mfc="none", mec=self.CLASS_COLOURS[1],
+                           label="modes of class 1 (class 2 owns all 8)")]
+        if marks == "target" and own_target:
+            handles.append(Line2D([], [], ls="", label=f"target: {type(self).__name__}'s own data (not marked)"))
+        elif marks == "target":
+            handles.append(Line2D([], [], ls="", marker="x", ms=7, color="k", mew=1.4,
+                                  label="target modes (the target split)"))
+        elif marks == "reward" and own_reward:
+            handles.append(Line2D([], [], ls="", label=f"reward: {type(self).__name__}.reward (not marked)"))
+        elif marks == "reward":
+            handles.append(Line2D([], [], ls="", marker="*" if self.reward_kind == "modes" else r"$\uparrow$", ms=11,
+                                  mfc="none", mec="crimson", color="crimson",
+                                  label="rewarded modes (reward 'modes')" if self.reward_kind == "modes"
+                                  else "reward = height y (unbounded)"))
+        fig.legend(handles=handles, loc="lower center", ncol=2 if len(panels) < 3 else 3, fontsize=8, frameon=False)
+        fig.subplots_adjust(left=0.02, right=0.98, top=0.95 - 0.045 * most_lines,
+                            bottom=0.25 if len(panels) < 3 else 0.17, wspace=0.06)
         fig.savefig(Path(path), dpi=110)
         plt.close(fig)
