@@ -913,7 +913,7 @@ class Run:
         if self.main:
             if problem := final_metric_problem(metrics):
                 self._stop(f"{problem} after update {self.cfg.steps}; metrics.json was not written")
-            save_figure_data(self.path / "figures.safetensors", panels or {}, curves)
+            save_figure_data(self.path / "figures.safetensors", panels or {}, curves, marks)
             if panels:
                 with naming(self.path / "samples.png"):
                     self.world.plot_samples(panels, self.path / "samples.png", marks=marks)
@@ -1039,9 +1039,9 @@ FIGURE_BYTES = 1 << 20  # rows of x0 kept per panel: at least 8, at most 1 MiB (
 # digits, the full world's 6 images are what the figures show)
 
 
-def save_figure_data(path: Path, panels: dict, curves: Sequence[tuple[str, str]]) -> None:
-    """figures.safetensors: each panel's samples and conditions (the rows its figure shows) and the curves' columns
-    and titles, so `python -m harness replot` draws the same figures again."""
+def save_figure_data(path: Path, panels: dict, curves: Sequence[tuple[str, str]], marks: str | None = None) -> None:
+    """figures.safetensors: each panel's samples and conditions (the rows its figure shows), the curves' columns
+    and titles and the samples' `marks`, so `python -m harness replot` draws the same figures again."""
     from safetensors.torch import save
 
     tensors, meta = {}, []
@@ -1055,11 +1055,12 @@ def save_figure_data(path: Path, panels: dict, curves: Sequence[tuple[str, str]]
                             if kind == "dict" else {})
         tensors |= {f"{i}.{k}": v[:n].detach().cpu().clone().contiguous() for k, v in parts.items()}
         meta.append([i, title, kind])
-    write_bytes_durable(path, save(tensors, metadata={"panels": json.dumps(meta), "curves": json.dumps(list(curves))}))
+    write_bytes_durable(path, save(tensors, metadata={"panels": json.dumps(meta), "curves": json.dumps(list(curves)),
+                                                  "marks": json.dumps(marks)}))
 
 
-def load_figure_data(path: Path) -> tuple[dict, list[tuple[str, str]]]:
-    """(panels, curves) as save_figure_data wrote them."""
+def load_figure_data(path: Path) -> tuple[dict, list[tuple[str, str]], str | None]:
+    """(panels, curves, marks) as save_figure_data wrote them (marks None in a file saved before it had them)."""
     from safetensors import safe_open
 
     try:
@@ -1070,7 +1071,7 @@ def load_figure_data(path: Path) -> tuple[dict, list[tuple[str, str]]]:
             cond = (tensors[f"{i}.cond"] if kind == "tensor" else None if kind == "none" else
                     {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{i}.cond.")})
             panels[title] = (tensors[f"{i}.x"], cond)
-        return panels, [tuple(c) for c in json.loads(meta["curves"])]
+        return panels, [tuple(c) for c in json.loads(meta["curves"])], json.loads(meta.get("marks", "null"))
     except Exception as e:
         raise ValueError(f"figure data {path} cannot be read ({type(e).__name__}: {e}); it is damaged") from None
 
@@ -1178,7 +1179,8 @@ def replot(run: str | Path, out: str | Path | None = None) -> list[Path]:
     config, rows, metrics, curves = _saved_run(run)
     dest = Path(out) if out else run
     dest.mkdir(parents=True, exist_ok=True)
-    panels = load_figure_data(run / "figures.safetensors")[0] if (run / "figures.safetensors").exists() else {}
+    panels, _, marks = (load_figure_data(run / "figures.safetensors") if (run / "figures.safetensors").exists()
+                        else ({}, [], None))
     written = []
     if dest == run:
         lock_folder(run)
@@ -1188,7 +1190,7 @@ def replot(run: str | Path, out: str | Path | None = None) -> list[Path]:
             written.append(dest / "curves.png")
         if panels:
             with naming(dest / "samples.png"):
-                load_world(config["model"]).plot_samples(panels, dest / "samples.png")
+                load_world(config["model"]).plot_samples(panels, dest / "samples.png", marks=marks)
             written.append(dest / "samples.png")
     finally:
         if dest == run:

@@ -257,9 +257,9 @@ def test_figure_data_keeps_the_rows_a_figure_shows(tmp_path):
     panels = {"a": (torch.randn(1000, 2), torch.randint(0, 3, (1000,))),
               "b": (torch.randn(50, 4, 128, 128), {"ids": torch.arange(50), "emb": torch.randn(50, 77, 8)}),
               "c": (torch.randn(5, 4), None)}
-    harness.save_figure_data(tmp_path / "f.safetensors", panels, [("loss", "the loss")])
-    loaded, curves = harness.load_figure_data(tmp_path / "f.safetensors")
-    assert curves == [("loss", "the loss")] and list(loaded) == ["a", "b", "c"]
+    harness.save_figure_data(tmp_path / "f.safetensors", panels, [("loss", "the loss")], "target")
+    loaded, curves, marks = harness.load_figure_data(tmp_path / "f.safetensors")
+    assert curves == [("loss", "the loss")] and list(loaded) == ["a", "b", "c"] and marks == "target"
     assert torch.equal(loaded["a"][0], panels["a"][0]) and torch.equal(loaded["a"][1], panels["a"][1])
     assert len(loaded["b"][0]) == 8 and torch.equal(loaded["b"][1]["emb"], panels["b"][1]["emb"][:8])  # 256 KiB a row
     assert loaded["c"][1] is None and torch.equal(loaded["c"][0], panels["c"][0])
