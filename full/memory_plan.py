@@ -667,7 +667,7 @@ def plan_setting(name: str, checkpointing: bool, training: str | None = None, ba
     the larger ones from affine_peaks; the evaluation and start-up do not depend on the batch)."""
     import common
 
-    from . import architectures
+    from . import architectures, models
     from .spec import RoleSpec
 
     module, cfg, s = method_config(name, training)
@@ -745,9 +745,18 @@ def plan_setting(name: str, checkpointing: bool, training: str | None = None, ba
                 update_peaks[b] = base + max(traces[b], default=0)
             del traces[1]
             more = [b for b in batches if b not in update_peaks]
+            try:
+                larger, batch = affine_peaks(traces, more), 4  # (the NFEs below: of the update at batch 4)
+            except ValueError:  # ops per row (Z-Image's transformer takes a list of images): count each directly
+                larger = {}
+                for b in more:
+                    sim.rows = sim.grad_rows = 0
+                    counter.start_trace()
+                    update(sim, c, b, opts)
+                    larger[b] = max([x - base for x in counter.stop_trace()], default=0)
+                    batch = b
             update_peaks = {**{b: update_peaks[b] for b in batches if b in update_peaks},
-                            **{b: base + p for b, p in affine_peaks(traces, more).items()}}
-            batch = 4
+                            **{b: base + p for b, p in larger.items()}}
         nfe, grad_nfe = sim.rows / batch, sim.grad_rows / batch
         counter.reset_peak()
         evaluate(sim, c, decode_batch)

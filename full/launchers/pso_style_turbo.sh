@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # pso-style-turbo: pso.py with sdxl_turbo.json. PSO App. B.2: Eq. 5 on Pokemon, r=16, beta 50, batch 8, lr 1e-5, 3k steps.
-# Usage: bash full/launchers/pso_style_turbo.sh [--num-processes N] [--gpu-memory 24|80] [--model SPEC] [--dry-run] [-- METHOD ARGS]
+# Usage: bash full/launchers/pso_style_turbo.sh [--num-processes N] [--gpu-memory GB] [--rehearse] [--model SPEC] [--dry-run] [-- METHOD ARGS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 exec python -m full.launch pso-style-turbo "$@"
