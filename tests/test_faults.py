@@ -188,7 +188,7 @@ def test_the_benchmarks_replace_the_runs_they_measure_again(tmp_path, monkeypatc
     they pass --overwrite (the harness then replaces only a run's own files)."""
     from full import bench, launch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.append(str(ROOT / "benchmarks"))
     import report
 
     seen = []

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.append(str(ROOT / "benchmarks"))  # after the root: benchmarks/pso.py must not shadow pso.py
 import report  # noqa: E402
 
 
@@ -160,7 +160,7 @@ def test_flow2d_rows_run_in_child_processes_with_counted_nfes_and_a_frontier(tmp
 
 def test_readme_has_a_generated_block_for_every_toy_world():
     """update_readme.py fills these blocks from benchmarks/results/report.<world>.md."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.append(str(ROOT / "benchmarks"))
     import update_readme
 
     blocks = {m["src"] for m in update_readme.BLOCK.finditer((ROOT / "README.md").read_text())}
