@@ -297,24 +297,28 @@ def bench(name: str, model: str | None, steps: int, batch: int | None, overrides
         return {**row, "error": f"the memory plan refuses it on {processes} x {gpu:g} GB: {str(e).splitlines()[0]}"}
     spec, tmp = spec_with(model or str(launch.SPECS / s.spec), overrides)
     try:
-        small = ["--steps", str(steps), "--out", str(run), "--save-every", str(10**9), "--batch", str(b),
-                 *launch.SMALL_RUN[s.script], *extra]
+        # --overwrite: a second measurement replaces the run (the harness refuses a run folder otherwise)
+        small = ["--steps", str(steps), "--out", str(run), "--overwrite", "--save-every", str(10**9),
+                 "--batch", str(b), *launch.SMALL_RUN[s.script], *extra]
         try:
             cmd = launch.command(name, processes, launcher, spec, small, gpu_memory=gpu)
         except ValueError as e:
             return {**row, "error": str(e)}
         script = str(launch.ROOT / s.script)
         at = cmd.index(script)
-        prefix = run / "bench-worker"
+        aux = out / f"{run.name}.bench"  # the bench's own files, beside the run folder (which holds the run's only)
+        prefix = aux / "bench-worker"
         cmd = [*cmd[:at], "-m", "full.bench", "--worker", str(prefix), *(["--unit"] if processes == 1 else []),
                *(["--shallow-parts"] if shallow_parts else []), script, *cmd[at + 1:]]
-        run.mkdir(parents=True, exist_ok=True)
+        aux.mkdir(parents=True, exist_ok=True)
+        for old in aux.glob("bench-worker.rank*.json"):  # a previous measurement's
+            old.unlink()
         env = {**os.environ, launch.PROCESSES_ENV: str(processes), "PYTHONPATH": os.pathsep.join(
             [str(launch.ROOT), os.environ.get("PYTHONPATH", "")])}
         if launcher == "torchrun" and not _cuda():
             env["ACCELERATE_USE_CPU"] = "1"
         tick = time.perf_counter()
-        with open(run / "bench-output.txt", "w") as log:
+        with open(aux / "output.txt", "w") as log:
             try:
                 rc = subprocess.run(cmd, cwd=launch.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     timeout=timeout).returncode
@@ -322,12 +326,12 @@ def bench(name: str, model: str | None, steps: int, batch: int | None, overrides
                 rc = f"timeout after {timeout:g} s"
         row.update(command=cmd, wall_s=time.perf_counter() - tick)
         if rc != 0:
-            tail = [line for line in (run / "bench-output.txt").read_text().splitlines() if line.strip()][-3:]
+            tail = [line for line in (aux / "output.txt").read_text().splitlines() if line.strip()][-3:]
             return {**row, "error": f"exit {rc}: " + " | ".join(tail)[-600:]}
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-    ranks = [json.loads(f.read_text()) for f in sorted(run.glob("bench-worker.rank*.json"))]
+    ranks = [json.loads(f.read_text()) for f in sorted(aux.glob("bench-worker.rank*.json"))]
     with open(run / "log.csv") as f:
         log = list(csv.DictReader(f))
     seconds = [float(r["seconds"]) for r in log]
@@ -420,6 +424,10 @@ def main(argv=None):
         except json.JSONDecodeError:
             overrides[k] = v
     launcher = a.launcher or ("python" if a.num_processes == 1 else "accelerate")
+    if a.model:  # the user's input: an error now, not a failed row per setting
+        from .spec import load_spec
+
+        load_spec(a.model)
     out = Path(a.out or tempfile.mkdtemp(prefix="fewstep-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -197,7 +197,7 @@ def test_the_benchmarks_replace_the_runs_they_measure_again(tmp_path, monkeypatc
         pass
 
     def stop(*args, **kw):
-        seen.append(args[-1] if isinstance(args[-1], list) else args[0])
+        seen.append(next((a for a in reversed(args) if isinstance(a, list)), args[0]))  # the argument list
         raise Stop
 
     monkeypatch.setattr(report.subprocess, "Popen", stop)

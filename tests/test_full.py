@@ -435,7 +435,9 @@ def test_fsdp_settings_launch_with_the_shipped_fsdp_config_accelerate_accepts():
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
     fsdp = sorted(n for n, s in launch.SETTINGS.items() if s.fsdp)
-    assert fsdp == ["dipp-sd35-large-turbo", "pso-online-flux-schnell"]
+    assert fsdp == ["dipp-sd35-large-turbo", "pso-base-transfer-zimage-turbo", "pso-dedistill-zimage-turbo",
+                    "pso-online-flux-schnell", "pso-online-zimage-turbo", "pso-style-zimage-turbo",
+                    "sharpening-rlhf-zimage"]  # the >= 6 B transformers (FLUX.1, SD3.5-large, Z-Image)
     for name in fsdp:
         cmd = launch.command(name, num_processes=8, cuda=True)
         assert cmd[cmd.index("--config_file") + 1] == str(launch.ACCELERATE_FSDP) and "--multi_gpu" not in cmd

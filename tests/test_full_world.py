@@ -36,14 +36,19 @@ def write_spec(xl_spec, name, **changes):
 
 @pytest.fixture
 def fresh_accelerate():
-    """accelerate's state is a process-wide singleton: start and leave it empty so a test may pick its precision."""
-    from accelerate.state import AcceleratorState, GradientState
+    """accelerate's state is a process-wide singleton: start empty so a test may pick its precision, and put back the
+    state it found (the session's toy worlds hold Accelerators that read it)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
 
+    saved = [(cls, dict(cls._shared_state)) for cls in (PartialState, AcceleratorState, GradientState)]
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    for cls, state in saved:
+        cls._shared_state.clear()
+        cls._shared_state.update(state)
 
 
 # --------------------------------------------------------------------------------------------- the trained module

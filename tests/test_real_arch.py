@@ -307,6 +307,9 @@ def test_planned_update_makes_the_nfes_the_method_states(name, monkeypatch):
         ns["grid"] = own
         stated = module.nfe_per_update(cfg, len(own), len(own))
         sim.add_unet("student", cfg.lora_rank, train_full)
+        ns["trained_role"] = module.TRAINED_ROLE.get(cfg.variant, "student")  # base transfer trains the teacher
+        if ns["trained_role"] != "student":
+            sim.add_unet(ns["trained_role"], cfg.lora_rank, train_full)
     elif method == "sharpening":
         ns["grid"] = memory_plan.role_grid(spec, "teacher", spec.roles.get("teacher", RoleSpec()))
         sim.add_unet("teacher", cfg.lora_rank, train_full)
@@ -423,7 +426,7 @@ def test_affine_peaks_equal_the_direct_counts_at_larger_batches(monkeypatch):
                 patch_size=8), projection_dim=16))
         sim.rewards = {"reward": ("clip", clip.requires_grad_(False))}
         opts = {"student": memory_plan.adamw(sim.trainable("student"))}
-        cfg = SimpleNamespace(variant=variant, grid=[999, 749, 499, 249], one_timestep=False)
+        cfg = SimpleNamespace(variant=variant, grid=[999, 749, 499, 249], one_timestep=False, trained_role="student")
         traces, direct = {}, {}
         with memory_plan.counting(torch.bfloat16) as c:
             memory_plan.init_states(opts["student"], sim.trainable("student"))

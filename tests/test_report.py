@@ -158,12 +158,12 @@ def test_flow2d_rows_run_in_child_processes_with_counted_nfes_and_a_frontier(tmp
     assert (tmp_path / "results" / "report.flow2d.frontier.png").is_file()
 
 
-def test_readme_has_a_generated_block_for_every_toy_world():
-    """update_readme.py fills these blocks from benchmarks/results/report.<world>.md."""
+def test_the_report_page_has_a_generated_block_for_every_toy_world():
+    """update_readme.py fills these blocks of docs/report.md from benchmarks/results/report.<world>.md."""
     sys.path.append(str(ROOT / "benchmarks"))
     import update_readme
 
-    blocks = {m["src"] for m in update_readme.BLOCK.finditer((ROOT / "README.md").read_text())}
+    blocks = {m["src"] for m in update_readme.BLOCK.finditer((ROOT / "docs" / "report.md").read_text())}
     for world in report.TOY_WORLDS:
         assert f"benchmarks/results/report.{world}.md" in blocks, world
     text, missing = update_readme.fill("<!-- generated: benchmarks/results/report.flow2d.md -->\nold\n"
