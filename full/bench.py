@@ -392,8 +392,8 @@ def main(argv=None):
     import harness
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("settings", nargs="*", choices=sorted(launch.SETTINGS), metavar="SETTING",
-                   help=f"launcher settings: {', '.join(launch.SETTINGS)}")
+    # no `choices` here: argparse checks an empty list against them (python < 3.12), so --cpu-overhead alone failed
+    p.add_argument("settings", nargs="*", metavar="SETTING", help=f"launcher settings: {', '.join(launch.SETTINGS)}")
     p.add_argument("--all", action="store_true", help="every launcher setting")
     p.add_argument("--cpu-overhead", action="store_true", help="CPU_ROWS on the CPU (see the module docstring)")
     p.add_argument("--random-weights", action="store_true",
@@ -416,6 +416,9 @@ def main(argv=None):
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model-spec overrides (JSON values)")
     p.add_argument("--out", default="", help="folder for the runs and bench.json (default: a temporary folder)")
     a = p.parse_args(argv)
+    unknown = [n for n in a.settings if n not in launch.SETTINGS]
+    if unknown:
+        p.error(f"unknown setting(s) {unknown}; choose from {sorted(launch.SETTINGS)}")
     overrides = {}
     for kv in a.set:
         k, _, v = kv.partition("=")

@@ -638,3 +638,20 @@ def test_random_weight_rewards_have_the_real_backbones():
     assert score.shape == (1,) and torch.isfinite(score).all()
     with pytest.raises(ValueError, match="imagereward"):
         rewards.load_reward("imagereward", random_weights=True)
+
+
+def test_cpu_overhead_alone_benches_each_cpu_row_on_its_rehearsal_data(tmp_path, monkeypatch):
+    """`python -m full.bench --cpu-overhead` (no setting named) runs every CPU_ROWS setting on the rehearsal's
+    synthetic data with shallow text encoders and rewards, its flags and spec overrides passed on."""
+    from full import bench, rehearse
+
+    made, benched = [], []
+    monkeypatch.setattr(rehearse, "rehearsal_spec", lambda spec, folder, rows, resolution: (
+        made.append((spec.rsplit("/", 1)[-1], rows, resolution)) or (folder / "spec.json", None)))
+    monkeypatch.setattr(bench, "bench", lambda name, spec, steps, batch, overrides, out, *a, **kw: (
+        benched.append((name, overrides, kw)) or {"setting": name, "processes": 1, "error": "not run here"}))
+    bench.main(["--cpu-overhead", "--out", str(tmp_path)])
+    assert [b[0] for b in benched] == [r[0] for r in bench.CPU_ROWS]
+    assert all(kw["shallow_parts"] and o["precompute_embeddings"] is False for _, o, kw in benched)
+    assert benched[-1][1]["roles"] == {"teacher": {"steps": 4}} and all(m[1:] == (100, 128) for m in made)
+    assert json.loads((tmp_path / "bench.json").read_text())[0]["setting"] == "pso-online-dmd2"
