@@ -23,6 +23,23 @@ STUB = str(ROOT / "tests" / "stub_run.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FEWSTEP_TOY_BUDGET": "tiny"}
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT at its default and unblocked, whatever the test process inherited (a child
+    started with SIGINT ignored or blocked never sees the Ctrl-C the test sends)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
+def _interrupted(proc: subprocess.Popen, timeout: float = 120.0) -> str:
+    """Ctrl-C to `proc`; its stderr once it has exited (killed, with what it printed, if it does not)."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"no exit {timeout:g} s after Ctrl-C; stderr: {proc.communicate()[1][-3000:]}") from None
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
     end = time.monotonic() + timeout
     while not path.exists():
@@ -34,10 +51,10 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> Non
 def test_ctrl_c_says_what_was_saved_and_the_resume_command_continues_the_run(tmp_path):
     out = tmp_path / "run"
     cmd = [STUB, "--out", str(out), "--save-every", "3", "--no-progress"]
-    p = subprocess.Popen([sys.executable, *cmd], stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    p = subprocess.Popen([sys.executable, *cmd], stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path,
+                         preexec_fn=_default_sigint)
     _wait_for(out / "checkpoint-3", p)
-    p.send_signal(signal.SIGINT)
-    err = p.communicate(timeout=60)[1]
+    err = _interrupted(p)
     assert p.returncode == 130 and "Traceback" not in err, err
     line = err.strip().splitlines()[-1]
     m = re.fullmatch(rf"interrupted: {re.escape(str(out))} keeps checkpoint-(\d+) \(update (\d+) of 1000; it was at "
@@ -46,10 +63,9 @@ def test_ctrl_c_says_what_was_saved_and_the_resume_command_continues_the_run(tmp
     assert m[4] == shlex.join(["python", *cmd, "--resume"])
     # the printed command continues from that checkpoint
     again = subprocess.Popen([sys.executable, *shlex.split(m[4])[1:]], stderr=subprocess.PIPE, text=True, env=ENV,
-                             cwd=tmp_path)
+                             cwd=tmp_path, preexec_fn=_default_sigint)
     _wait_for(out / f"checkpoint-{int(m[1]) + 3}", again)
-    again.send_signal(signal.SIGINT)
-    err = again.communicate(timeout=60)[1]
+    err = _interrupted(again)
     assert again.returncode == 130 and f"resumed {out} from checkpoint-{m[1]} (update {m[1]})" in err, err
 
 
@@ -60,10 +76,10 @@ def test_ctrl_c_in_pso_py_names_the_naive_runs_checkpoint_and_the_command_resume
     out = tmp_path / "run"
     cmd = [str(ROOT / "pso.py"), "--out", str(out), "--steps", "100000", "--save-every", "2", "--eval-every", "1000",
            "--no-progress"]
-    p = subprocess.Popen([sys.executable, *cmd], stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    p = subprocess.Popen([sys.executable, *cmd], stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path,
+                         preexec_fn=_default_sigint)
     _wait_for(out / "naive" / "checkpoint-4", p, timeout=300)
-    p.send_signal(signal.SIGINT)
-    err = p.communicate(timeout=120)[1]
+    err = _interrupted(p)
     line = err.strip().splitlines()[-1]
     assert p.returncode == 130 and "Traceback" not in err, err
     assert re.fullmatch(rf"interrupted: {re.escape(str(out / 'naive'))} keeps checkpoint-\d+ \(update \d+ of 100000; it "
