@@ -49,6 +49,14 @@ DEFAULT_PROMPTS = [  # a small built-in list so a checkpoint runs with no prompt
 ]
 
 
+# Hub data sets that are gone: a spec naming one fails at its first download, after the models were loaded; checked
+# with the spec's paths instead (check_paths), naming the replacement.
+REMOVED_DATASETS = {
+    "lambdalabs/pokemon-blip-captions": "taken down from the Hugging Face Hub in 2024 (diffusers issue #7879); "
+                                        "lambdalabs/naruto-blip-captions has the same columns (image, text), 1,221 rows",
+}
+
+
 class DataError(ValueError):
     """A data row or file that cannot be read, with its location."""
 
@@ -482,6 +490,10 @@ def check_paths(spec) -> None:
             v = getattr(r, k)
             if isinstance(v, str) and Path(v).is_absolute():
                 need(f"roles.{role}.{k}", v, "path")
+    for key, src in [(f"data.{split}", src) for split, src in (spec.data or {}).items()] + [("pairs", spec.pairs)]:
+        if isinstance(src, dict) and src.get("dataset") in REMOVED_DATASETS:
+            raise DataError(f"the model spec {spec.name or spec.base}: {key}.dataset {src['dataset']!r} was "
+                            f"{REMOVED_DATASETS[src['dataset']]}; name another data set there (nothing was loaded)")
     if missing:
         raise FileNotFoundError(f"the model spec {spec.name or spec.base} names paths that do not exist:\n  "
                                 + "\n  ".join(missing)

@@ -62,26 +62,38 @@ STORED_DTYPE = {
     "stabilityai/stable-diffusion-3.5-large-turbo": "bf16",
     "black-forest-labs/FLUX.1-schnell": "bf16", "black-forest-labs/FLUX.1-dev": "bf16",
     "yuvalkirstain/PickScore_v1": "fp32", "openai/clip-vit-large-patch14": "fp32",
+    "Tongyi-MAI/Z-Image-Turbo": "bf16", "Tongyi-MAI/Z-Image": "bf16",
+    "black-forest-labs/FLUX.2-klein-4B": "bf16", "black-forest-labs/FLUX.2-klein-base-4B": "bf16",
+    "black-forest-labs/FLUX.2-klein-9B": "bf16", "black-forest-labs/FLUX.2-klein-base-9B": "bf16",
 }
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-# Data sets: the size their dataset card states, where this project has read it. Pick-a-Pic v2's card was not
-# consulted: v1's card (yuvalkirstain/pickapic_v1) lists 583,747 train rows in 193,273,338,802 bytes, and v2
-# extends v1, so expect more.
-DATASET_CARDS = {"yuvalkirstain/pickapic_v1": "583,747 train rows, 193.3 GB (its dataset card)"}
-UNKNOWN_DATASET = {"yuvalkirstain/pickapic_v2": "unknown here (its card was not read offline); v1's card lists "
-                                                "583,747 train rows in 193.3 GB for the train split, v2 extends v1"}
+# Data sets: the size their dataset card states, where this project has read it (the rows a synthetic copy gets).
+DATASET_CARDS = {
+    "yuvalkirstain/pickapic_v2": "train split 322.0 GB (its card's num_bytes: 322,022,952,127); ~959k rows (the row "
+                                 "count of its image-less copy yuvalkirstain/pickapic_v2_no_images)",
+    "lambdalabs/naruto-blip-captions": "1,221 train rows, 0.70 GB in 2 parquet files (its dataset_infos.json)",
+}
+CARD_ROWS = {"lambdalabs/naruto-blip-captions": 1221}
+CAPTION_ROWS = 1000  # rows of a synthetic image-caption set whose card this project has not read
+# Prompt tokens of the rehearsal's text encoders (a flow family's T5 / Qwen3; the CLIP encoders keep their 77): with
+# precompute_embeddings every caption of an opened data set is one text-encoder pass before the first update, at
+# the pipeline's 256-512 tokens ~2 s each on a 2-core CPU even at depth 1 (FLUX.2's Qwen3), and one file in the
+# embedding cache (FLUX.2 klein 4B: 512 x 7680 values). The report scales what the rehearsal wrote to the real length.
+TOKENS = 32
 # the reward models the reward names load (full/rewards.py DEFAULTS) and the config that sizes them
 REWARD_MODELS = {"clip": ("openai/clip-vit-large-patch14", "reward_clip_vit_l14.json"),
                  "aesthetic": ("openai/clip-vit-large-patch14", "reward_clip_vit_l14.json"),
                  "pickscore": ("yuvalkirstain/PickScore_v1", "reward_clip_vit_h14.json"),
                  "imagereward": ("THUDM/ImageReward", None)}
 ROLES = {"pso.py": ("student",), "sharpening.py": ("teacher",), "diff_instruct_pp.py": ("generator", "teacher")}
+# a variant that builds a role more (pso.py's TRAINED_ROLE: base transfer trains its LoRA on the base, the teacher)
+VARIANT_ROLES = {("pso.py", "base-transfer"): ("teacher",)}
 DEPTH = 1  # blocks per stack of the rehearsal's random-weight networks
 RESOLUTION = 64  # image side of the rehearsal's update (8x8 latents): every shipped kind's patch size divides it
 
 
 # ----------------------------------------------------------------------------------------------- downloads
-def downloads(spec, script: str) -> list[dict]:
+def downloads(spec, script: str, variant: str | None = None) -> list[dict]:
     """What a run of `script` on `spec` reads from the hub: one row per checkpoint part (source, part, parameters
     from the shipped config on the meta device, stored dtype, GB; None where unknown)."""
     import diffusers
@@ -105,7 +117,7 @@ def downloads(spec, script: str) -> list[dict]:
     index = architectures.model_index(spec.base)
     e = architectures.entry(spec.base)
     net = "transformer" if "transformer" in index else "unet"
-    for role in ROLES[script]:
+    for role in ROLES[script] + VARIANT_ROLES.get((script, variant), ()):
         r = spec.roles.get(role)
         if r is not None and r.unet_file:
             dtype = "fp16" if "fp16" in r.unet_file else "fp32" if "fp32" in r.unet_file else None
@@ -147,8 +159,7 @@ def data_sources(spec) -> list[tuple[str, dict]]:
 def dataset_size(source: dict) -> str:
     if "dataset" not in source:
         return f"a local folder ({source.get('folder')})"
-    name = source["dataset"]
-    return DATASET_CARDS.get(name) or UNKNOWN_DATASET.get(name) or "unknown (no dataset card read for it)"
+    return DATASET_CARDS.get(source["dataset"]) or "unknown (no dataset card read for it)"
 
 
 # ----------------------------------------------------------------------------------------------- synthetic data
@@ -227,7 +238,7 @@ def write_pickapic(folder: Path, rows: int, rows_per_file: int = 25_000, row_gro
 
 def write_image_captions(folder: Path, rows: int, image_column: str = "image", caption_column: str = "text",
                          seed: int = 0) -> list[Path]:
-    """A `datasets` image-caption set's layout (lambdalabs/pokemon-blip-captions: an Image feature and a text
+    """A `datasets` image-caption set's layout (lambdalabs/naruto-blip-captions: an Image feature and a text
     column) as one parquet file with the datasets features metadata."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -259,13 +270,25 @@ def synthetic_source(key: str, source: dict, root: Path, rows: int) -> dict:
                                                           "cache_dir", "name", "revision", "data_dir")}
     if key == "pairs":
         files = write_pickapic(folder, rows)
-    elif "dataset" in source:
-        files = write_image_captions(folder, min(rows, 10_000), source.get("image_column", "image"),
-                                     source.get("caption_column", "text"))
+    elif "dataset" in source:  # the real set's rows: every caption is encoded before training (precompute)
+        files = write_image_captions(folder, CARD_ROWS.get(source["dataset"], CAPTION_ROWS),
+                                     source.get("image_column", "image"), source.get("caption_column", "text"))
     else:
         return {**keep, "folder": str(write_image_folder(folder))}
     return {**keep, "dataset": "parquet", "data_files": {"train": [str(f) for f in files]}, "split": "train",
             "cache_dir": str(root / "datasets-cache")}
+
+
+def prompt_tokens(spec) -> int | None:
+    """The prompt length of the spec's flow-family text encoder as the run uses it (full/world.py
+    max_sequence_length); None for the CLIP-only UNet families."""
+    from . import architectures, models
+
+    fam = models.family(models.PIPELINES[architectures.model_index(spec.base)["_class_name"]])
+    if not fam.max_sequence_length:
+        return None
+    return spec.max_sequence_length or models.pipeline_facts(spec.base).get("max_sequence_length") or \
+        fam.max_sequence_length
 
 
 def rehearsal_spec(spec_file: str, root: Path, rows: int, resolution: int = RESOLUTION) -> tuple[Path, list[str]]:
@@ -300,6 +323,16 @@ def rehearsal_spec(spec_file: str, root: Path, rows: int, resolution: int = RESO
         d["text_encoder_out_layers"] = [min(k, DEPTH) for k in fam.text_encoder_out_layers]
         notes.append(f"text_encoder_out_layers: {list(fam.text_encoder_out_layers)} read from a {DEPTH}-layer text "
                      f"encoder as {d['text_encoder_out_layers']} (the real run reads the pipeline's)")
+    for key, src in data_sources(spec):
+        if "dataset" in src and key != "pairs":
+            rows_here = CARD_ROWS.get(src["dataset"])
+            notes.append(f"{key}: {rows_here:,} rows, as its card states" if rows_here else
+                         f"{key}: {CAPTION_ROWS:,} rows (its card was not read here)")
+    real = prompt_tokens(spec)
+    if real:  # see TOKENS
+        d["max_sequence_length"] = min(real, TOKENS)
+        notes.append(f"max_sequence_length: {d['max_sequence_length']} prompt tokens (the real run: {real}); the "
+                     "embedding cache's size is scaled to the real length below")
     for role in d.get("roles", {}).values():  # a relative role source (a folder) is relative to the shipped spec
         for k in ("unet", "transformer", "lora"):
             if isinstance(role, dict) and role.get(k) and not Path(role[k]).is_absolute() and Path(
@@ -308,6 +341,27 @@ def rehearsal_spec(spec_file: str, root: Path, rows: int, resolution: int = RESO
     path = root / "spec.json"
     path.write_text(json.dumps(d, indent=1))
     return path, notes
+
+
+def embedding_cache_size(folder: Path, tokens: int | None, real_tokens: int | None, nbytes: int) -> tuple[int, float, float]:
+    """(prompt embeddings in the cache under `folder`, their bytes here, bytes at the real run's prompt length and
+    dtype): a tensor whose first axis is the rehearsal's `tokens` grows to `real_tokens` rows."""
+    from safetensors import safe_open
+
+    n, here, real = 0, 0.0, 0.0
+    for f in Path(folder).rglob("*.safetensors"):
+        n += 1
+        here += f.stat().st_size
+        with safe_open(str(f), framework="pt") as t:
+            for k in t.keys():
+                shape = t.get_slice(k).get_shape()
+                count = 1
+                for d in shape:
+                    count *= d
+                if tokens and real_tokens and shape and shape[0] == tokens:
+                    count = count // tokens * real_tokens
+                real += count * nbytes
+    return n, here, real
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -436,7 +490,7 @@ def rehearse(name: str, gpu_memory: float = 80, num_processes: int = 1, model: s
         _print("memory plan", ["not planned: the plan covers the setting's shipped spec and training mode "
                                "(python -m full.bench measures another)"])
     # 3. downloads
-    rows_dl = downloads(spec, s.script)
+    rows_dl = downloads(spec, s.script, launch.method_variant(s)[1])
     total = sum(r["gb"] for r in rows_dl if r["gb"] is not None)
     lines = [f"{r['source']} {r['part']}: " + (f"{r['parameters'] / 1e9:.2f} B parameters" if r["parameters"] else
                                                  "parameters not in the configs")
@@ -474,8 +528,19 @@ def rehearse(name: str, gpu_memory: float = 80, num_processes: int = 1, model: s
                 o["source"] == src for o in result["opened"])) or "-"),
             "log.csv: " + ", ".join(f"{k}={v}" for k, v in row.items() if v != ""),
             f"RSS {before[0]:.0f} MB before the data, {after[0]:.0f} MB after the run, peak {after[1]:.0f} MB"])
+        rspec = load_spec(str(spec_path))
+        tokens = prompt_tokens(spec)
+        n, here, real = embedding_cache_size(root / "embeddings", rspec.max_sequence_length, tokens,
+                                             BYTES.get(spec.dtype or "fp32", 4))
+        _print("prompt embeddings", [
+            f"{n:,} encoded ({here / 1e6:.0f} MB here, fp32, {rspec.max_sequence_length or 'CLIP'} tokens); "
+            f"the real run: ~{real / 1e9:.2f} GB in its embedding cache ({spec.dtype or 'fp32'}"
+            + (f", {tokens} tokens" if tokens else "") + ")"
+            + (", all before the first update (precompute_embeddings)" if spec.precompute_embeddings else
+               ", as prompts are drawn")])
         report.update(run={k: result[k] for k in ("seconds", "log", "argv", "roles", "schedule", "opened")},
-                      rss_mb={"before": before[0], "after": after[0], "peak": after[1]}, notes=notes)
+                      rss_mb={"before": before[0], "after": after[0], "peak": after[1]}, notes=notes,
+                      embeddings={"count": n, "bytes_here": here, "bytes_real": real})
     finally:
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -5,7 +5,9 @@ against the diffusers pipelines, LoRA export into `load_lora_weights`, the rewar
 logits, preference pairs with ties dropped, and the launcher settings. The end-to-end method runs, resume and the
 2-process run are in tests/test_full_runs.py."""
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +58,23 @@ def test_a_model_path_that_does_not_exist_is_named(tmp_path):
         harness.load_world(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="model spec file .*missing.json.* does not exist"):
         harness.load_world(str(tmp_path / "missing.json"))
+
+
+def test_a_data_set_taken_off_the_hub_is_named_before_anything_loads(xl_spec, tmp_path, monkeypatch):
+    spec = json.loads(xl_spec.read_text())
+    spec["data"] = {"target": {"dataset": "lambdalabs/pokemon-blip-captions"}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    monkeypatch.setattr(models, "load_parts", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(data_lib.DataError, match=r"data.target.dataset 'lambdalabs/pokemon-blip-captions'.*taken down"
+                                             r".*naruto-blip-captions"):
+        full.load_world(str(tmp_path / "spec.json"))
+
+
+def test_no_shipped_spec_names_a_data_set_taken_off_the_hub():
+    from full.data import REMOVED_DATASETS
+
+    for f in sorted((Path(full.__file__).parent / "specs").glob("*.json")):
+        assert not set(REMOVED_DATASETS) & set(re.findall(r'"([\w.-]+/[\w.-]+)"', f.read_text())), f.name
 
 
 def test_a_pipeline_without_unet_names_the_missing_unet(xl_spec, tmp_path):

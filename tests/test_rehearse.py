@@ -151,7 +151,14 @@ def test_downloads_are_counted_from_the_configs_in_the_weight_files_dtype():
     dipp = rehearse.downloads(load_spec(str(launch.SPECS / "sd_turbo_dipp.json")), "diff_instruct_pp.py")
     assert {r["part"] for r in dipp if r["source"] == "THUDM/ImageReward"} and all(
         r["gb"] is None for r in dipp if r["source"] == "THUDM/ImageReward")  # no config: size unknown, said
-    assert "unknown" in rehearse.dataset_size({"dataset": "yuvalkirstain/pickapic_v2"})
+    assert "322.0 GB" in rehearse.dataset_size({"dataset": "yuvalkirstain/pickapic_v2"})
+    assert "unknown" in rehearse.dataset_size({"dataset": "someone/their-own-set"})
+    klein = load_spec(str(launch.SPECS / "flux2_klein.json"))  # base transfer trains on the base: its transformer too
+    moved = {(r["source"], r["part"]): r for r in rehearse.downloads(klein, "pso.py", "base-transfer")}
+    base = moved[("black-forest-labs/FLUX.2-klein-base-4B", "transformer")]
+    assert base["note"] == "teacher" and base["dtype"] == "bf16" and round(base["gb"], 1) == 7.8
+    assert ("black-forest-labs/FLUX.2-klein-base-4B", "transformer") not in {
+        (r["source"], r["part"]) for r in rehearse.downloads(klein, "pso.py", "online")}
 
 
 # --------------------------------------------------------------------------------------------- synthetic data
@@ -172,6 +179,27 @@ def test_synthetic_pairs_have_pickapic_v2s_columns_and_read_like_the_real_ones(t
     table = pq.read_table(files[0], columns=["label_0", "jpg_0", "jpg_1"]).to_pylist()
     first = next(r for r in table if r["label_0"] == 0.0)  # the preferred image is put first
     assert first["jpg_1"] != first["jpg_0"]
+
+
+def test_rehearsal_spec_reads_the_real_sets_rows_and_scales_the_embedding_cache_to_the_real_length(tmp_path):
+    import pyarrow.parquet as pq
+    import torch
+    from safetensors.torch import save_file
+
+    spec_path, notes = rehearse.rehearsal_spec(str(launch.SPECS / "flux2_klein.json"), tmp_path, 100)
+    d = json.loads(spec_path.read_text())
+    assert d["max_sequence_length"] == rehearse.TOKENS and rehearse.prompt_tokens(load_spec(
+        str(launch.SPECS / "flux2_klein.json"))) == 512  # the pipeline's; the rehearsal's is shorter, and said
+    assert any("max_sequence_length: 32" in n and "512" in n for n in notes)
+    target = d["data"]["target"]["data_files"]["train"]
+    assert sum(pq.ParquetFile(f).metadata.num_rows for f in target) == 1221  # naruto-blip-captions' card
+    assert rehearse.prompt_tokens(load_spec(str(launch.SPECS / "sdxl_turbo.json"))) is None  # CLIP only: no cut
+    cache = tmp_path / "cache" / "key"
+    cache.mkdir(parents=True)
+    for i in range(3):  # FLUX.2's prompt_embeds [tokens, 3 x 2560] and a per-prompt vector that does not scale
+        save_file({"0": torch.zeros(32, 7680), "1": torch.zeros(768)}, str(cache / f"{i}.safetensors"))
+    n, here, real = rehearse.embedding_cache_size(tmp_path / "cache", 32, 512, 2)
+    assert n == 3 and here > 3 * 32 * 7680 * 4 and real == 3 * (512 * 7680 + 768) * 2
 
 
 @pytest.mark.slow
@@ -220,7 +248,8 @@ def test_every_setting_rehearses_on_the_cpu(name, tmp_path):
     """`python -m full.launch SETTING --rehearse` (80 GB, one process): the command, the memory plan computed now,
     the downloads, 100k synthetic pairs where the spec names pairs, and one update + evaluation at depth 1."""
     report = tmp_path / "report.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}  # (every core: a rehearsal that
+    # precomputes a data set's captions spends minutes in its text encoder)
     p = subprocess.run([sys.executable, "-m", "full.rehearse", name, "--gpu-memory", "80", "--keep",
                         str(tmp_path / "work"), "--json", str(report)], env=env, cwd=ROOT, capture_output=True,
                        text=True, timeout=3600)
@@ -230,3 +259,6 @@ def test_every_setting_rehearses_on_the_cpu(name, tmp_path):
     assert r["fits"] and defaults.fits(r["plan"]["peak_gib"], 80) and r["download_gb"] > 1
     row = r["run"]["log"][-1]
     assert int(row["step"]) == 1 and float(row["nfe"]) == r["plan"]["stated_nfe"]
+    assert r["embeddings"]["count"] > 0 and r["embeddings"]["bytes_real"] > 0
+    for o in r["run"]["opened"]:  # a data set the card sizes is rehearsed at that size (1,221 naruto rows)
+        assert o["kind"] != "ImageCaptions" or "folder" in o["source"] or o["rows"] == 1221, o
