@@ -136,3 +136,28 @@ def test_links_resolve(doc):
     links = re.findall(r"\]\(([^)#\s]+)", doc.read_text())
     missing = [t for t in links if not t.startswith("http") and not (doc.parent / t).exists()]
     assert not missing, f"{doc.name} links to files that do not exist: {missing}"
+
+
+def test_a_non_editable_install_carries_every_file_of_the_packages():
+    """`pip install .` (not -e) installs what pyproject.toml names: every tracked file under full/ and toy/ must be a
+    module of a package it finds or match a package-data pattern (the families, configs and FSDP config were not)."""
+    import fnmatch
+    import tomllib
+
+    st = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    include = st["packages"]["find"]["include"]
+    data = st.get("package-data", {})
+    missed = []
+    for f in tracked_files():
+        rel = f.relative_to(ROOT)
+        if rel.parts[0] not in ("full", "toy") or "__pycache__" in rel.parts:
+            continue
+        package = ".".join(rel.parts[:-1])
+        if f.suffix == ".py":
+            ok = (f.parent / "__init__.py").exists() and any(fnmatch.fnmatch(package, p) for p in include)
+        else:
+            top = rel.parts[0]
+            ok = any(fnmatch.fnmatch(str(rel.relative_to(top)), p) for p in data.get(top, []))
+        if not ok:
+            missed.append(str(rel))
+    assert not missed, f"pyproject.toml does not install: {missed}"
