@@ -20,15 +20,18 @@ in its order, with everything real but the weights:
    (DATASET_CARDS), else "unknown".
 4. **Data**: each data source the spec names is replaced by a synthetic one in the same layout in a temporary
    folder: Pick-a-Pic v2's parquet columns for preference pairs (`rows` rows of small JPEGs in several files and
-   row groups), an image + text parquet for a `datasets` image-caption set, a folder of images for a folder, text
-   files for the prompt lists. They are read through the same code as the real ones (`datasets.load_dataset` of
+   row groups), an image + text parquet for a `datasets` image-caption set with the rows its card states
+   (CARD_ROWS), a folder of images for a folder, text files for the prompt lists. They are read through the same code as the real ones (`datasets.load_dataset` of
    the parquet files, full/data.py); the process's RSS before and after says what the data cost.
 5. **Run**: the method's own `main` for one update and a two-sample evaluation, on the setting's spec with random
    weights (full/architectures.py) built at depth 1 (`architectures.depth`: every width, token count, scheduler
    and condition real, one block per stack), at `resolution` pixels, fp32 on this machine's CPU (or its GPU), one
    process. Everything the run does before and during its first update runs: argument checks, spec and path
    checks, the real scheduler configs and the roles' samplers and grids, the LoRA, the data sources it opens,
-   the update, the evaluation, the checkpoint, the adapter export.
+   the update, the evaluation, the checkpoint, the adapter export. A flow family's T5 / Qwen3 encoder reads TOKENS
+   prompt tokens (the pipeline's 256-512 would make precomputing a data set's captions take an hour here).
+6. **Prompt embeddings**: how many the run wrote to its embedding cache and their size at the real prompt length
+   and dtype (with precompute_embeddings, all of them before the first update).
 
 ImageReward has no offline configuration: a spec that names it is rehearsed with a random CLIP ViT-L/14 in its
 place (the memory plan's stand-in), and the rehearsal says so. What is not rehearsed: the real weights (a NaN in a
