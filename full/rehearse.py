@@ -376,6 +376,16 @@ def rss_mb() -> tuple[float, float]:
     return psutil.Process().memory_info().rss / 2**20, peak
 
 
+def small_run(name: str, out: Path) -> list[str]:
+    """The options that make a setting's run one update and a two-sample evaluation (after the setting's own: the
+    last value of a flag wins)."""
+    s = launch.SETTINGS[name]
+    small = ["--steps", "1", "--batch", "1", "--out", str(out), "--save-every", "1", *launch.SMALL_RUN[s.script]]
+    if "--adapter-steps" in s.args:  # de-distill: the adapter A is trained first (3000 updates in the setting)
+        small += ["--adapter-steps", "1"]
+    return small
+
+
 def run_update(name: str, spec_path: Path, out: Path, extra: list[str]) -> dict:
     """The method's main: one update, a two-sample evaluation, at depth DEPTH. Returns log row, NFEs, seconds."""
     import csv
@@ -384,8 +394,7 @@ def run_update(name: str, spec_path: Path, out: Path, extra: list[str]) -> dict:
     from . import architectures
 
     s = launch.SETTINGS[name]
-    small = ["--steps", "1", "--batch", "1", "--out", str(out), "--save-every", "1", *launch.SMALL_RUN[s.script]]
-    script, argv = launch.method_argv(name, str(spec_path), 1, [*small, *extra])
+    script, argv = launch.method_argv(name, str(spec_path), 1, [*small_run(name, out), *extra])
     sys.path.insert(0, str(script.parent))
     method = importlib.import_module(script.stem)
     import harness

@@ -181,6 +181,16 @@ def test_synthetic_pairs_have_pickapic_v2s_columns_and_read_like_the_real_ones(t
     assert first["jpg_1"] != first["jpg_0"]
 
 
+@pytest.mark.parametrize("name", sorted(launch.SETTINGS))
+def test_the_rehearsal_runs_one_update_of_everything_a_setting_counts_in_updates(name, tmp_path):
+    """Every `--...-steps` count and evaluation size of the setting is overridden: the de-distill settings' 3000
+    adapter updates made their rehearsal run for hours."""
+    _, argv = launch.method_argv(name, "spec.json", 1, rehearse.small_run(name, tmp_path))
+    last = {flag: argv[len(argv) - 1 - argv[::-1].index(flag) + 1] for flag in argv if flag.startswith("--")
+            and (flag.endswith("-steps") or flag.endswith("-samples")) and flag != "--gradient-accumulation-steps"}
+    assert last and all(int(v) <= 2 for v in last.values()), last
+
+
 def test_rehearsal_spec_reads_the_real_sets_rows_and_scales_the_embedding_cache_to_the_real_length(tmp_path):
     import pyarrow.parquet as pq
     import torch
