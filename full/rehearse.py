@@ -393,7 +393,6 @@ def run_update(name: str, spec_path: Path, out: Path, extra: list[str]) -> dict:
 
     from . import architectures
 
-    s = launch.SETTINGS[name]
     script, argv = launch.method_argv(name, str(spec_path), 1, [*small_run(name, out), *extra])
     sys.path.insert(0, str(script.parent))
     method = importlib.import_module(script.stem)
