@@ -9,7 +9,7 @@
 Each setting runs as the launcher runs it (full/launch.py's command: `python`, `accelerate launch` or `torchrun`,
 `--num-processes` processes, FSDP2 for the FSDP settings with several), the method script replaced by this module's
 worker (`-m full.bench --worker`), which runs the method's own `main` for `--steps` updates with small evaluation
-sizes (launch.SMALL_RUN) and records, per process:
+sizes (launch.small_run) and records, per process:
 
 * memory: torch.cuda.max_memory_allocated AND max_memory_reserved (what the caching allocator holds: fragmentation
   makes it larger, and it is what runs out), split at the optimizer steps (torch.optim's global step hooks) into
@@ -299,7 +299,7 @@ def bench(name: str, model: str | None, steps: int, batch: int | None, overrides
     try:
         # --overwrite: a second measurement replaces the run (the harness refuses a run folder otherwise)
         small = ["--steps", str(steps), "--out", str(run), "--overwrite", "--save-every", str(10**9),
-                 "--batch", str(b), *launch.SMALL_RUN[s.script], *extra]
+                 "--batch", str(b), *launch.small_run(name), *extra]
         try:
             cmd = launch.command(name, processes, launcher, spec, small, gpu_memory=gpu)
         except ValueError as e:

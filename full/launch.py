@@ -177,6 +177,13 @@ SMALL_RUN = {"pso.py": ["--eval-samples", "2", "--eval-every", "100000", "--refe
              "diff_instruct_pp.py": ["--eval-samples", "2"]}
 
 
+def small_run(name: str) -> list[str]:
+    """SMALL_RUN for a setting, and one update of a stage it trains before its own updates (the de-distill settings'
+    adapter A: 3000 updates in the setting)."""
+    s = SETTINGS[name]
+    return [*SMALL_RUN[s.script], *(["--adapter-steps", "1"] if "--adapter-steps" in s.args else [])]
+
+
 # Not paper hyperparameters: evaluation sizes and checkpoint cadence scaled for 1024^2 sampling (the methods' defaults
 # are sized for the toys). The paper metrics of a finished run come from full/evaluate.py.
 RUNTIME = {"pso.py": ["--eval-samples", "256", "--eval-every", "500", "--save-every", "250"],

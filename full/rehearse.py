@@ -379,11 +379,7 @@ def rss_mb() -> tuple[float, float]:
 def small_run(name: str, out: Path) -> list[str]:
     """The options that make a setting's run one update and a two-sample evaluation (after the setting's own: the
     last value of a flag wins)."""
-    s = launch.SETTINGS[name]
-    small = ["--steps", "1", "--batch", "1", "--out", str(out), "--save-every", "1", *launch.SMALL_RUN[s.script]]
-    if "--adapter-steps" in s.args:  # de-distill: the adapter A is trained first (3000 updates in the setting)
-        small += ["--adapter-steps", "1"]
-    return small
+    return ["--steps", "1", "--batch", "1", "--out", str(out), "--save-every", "1", *launch.small_run(name)]
 
 
 def run_update(name: str, spec_path: Path, out: Path, extra: list[str]) -> dict:
