@@ -83,6 +83,7 @@ CAPTION_ROWS = 1000  # rows of a synthetic image-caption set whose card this pro
 # the pipeline's 256-512 tokens ~2 s each on a 2-core CPU even at depth 1 (FLUX.2's Qwen3), and one file in the
 # embedding cache (FLUX.2 klein 4B: 512 x 7680 values). The report scales what the rehearsal wrote to the real length.
 TOKENS = 32
+PROMPTS = 64  # the synthetic prompt list's length (the spec's prompts and eval_prompts)
 # the reward models the reward names load (full/rewards.py DEFAULTS) and the config that sizes them
 REWARD_MODELS = {"clip": ("openai/clip-vit-large-patch14", "reward_clip_vit_l14.json"),
                  "aesthetic": ("openai/clip-vit-large-patch14", "reward_clip_vit_l14.json"),
@@ -304,7 +305,7 @@ def rehearsal_spec(spec_file: str, root: Path, rows: int, resolution: int = RESO
     d = json.loads(Path(spec_file).read_text()) if Path(spec_file).suffix == ".json" else {"base": spec.base}
     notes = []
     prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(caption(k) for k in range(64)) + "\n")
+    prompts.write_text("\n".join(caption(k) for k in range(PROMPTS)) + "\n")
     d.update(random_weights=True, dtype="fp32", resolution=resolution, decode_batch=1, prompts=str(prompts),
              eval_prompts=str(prompts), embedding_cache=str(root / "embeddings"))  # (random encoders' embeddings
     # stay out of the user's cache)
@@ -539,12 +540,13 @@ def rehearse(name: str, gpu_memory: float = 80, num_processes: int = 1, model: s
         tokens = prompt_tokens(spec)
         n, here, real = embedding_cache_size(root / "embeddings", rspec.max_sequence_length, tokens,
                                              BYTES.get(spec.dtype or "fp32", 4))
-        _print("prompt embeddings", [
-            f"{n:,} encoded ({here / 1e6:.0f} MB here, fp32, {rspec.max_sequence_length or 'CLIP'} tokens); "
-            f"the real run: ~{real / 1e9:.2f} GB in its embedding cache ({spec.dtype or 'fp32'}"
-            + (f", {tokens} tokens" if tokens else "") + ")"
-            + (", all before the first update (precompute_embeddings)" if spec.precompute_embeddings else
-               ", as prompts are drawn")])
+        _print("prompt embeddings (the embedding cache)", [
+            f"{n:,} encoded: the opened data sets' captions and {PROMPTS} synthetic prompts ({here / 1e6:.0f} MB here, "
+            f"fp32, {rspec.max_sequence_length or 77} tokens)",
+            f"the real run: ~{real / max(n, 1) / 1e6:.2f} MB each ({spec.dtype or 'fp32'}"
+            + (f", {tokens} tokens" if tokens else "") + f"), ~{real / 1e9:.2f} GB for these {n:,} (your prompt "
+            "lists add theirs), " + ("all written before the first update (precompute_embeddings)"
+                                     if spec.precompute_embeddings else "written as prompts are drawn")])
         report.update(run={k: result[k] for k in ("seconds", "log", "argv", "roles", "schedule", "opened")},
                       rss_mb={"before": before[0], "after": after[0], "peak": after[1]}, notes=notes,
                       embeddings={"count": n, "bytes_here": here, "bytes_real": real})
