@@ -2,6 +2,7 @@
 
     python benchmarks/rehearsal.py                       # all settings, one after the other (1-12 min each here)
     python benchmarks/rehearsal.py pso-online-turbo ...  # some of them
+    python benchmarks/rehearsal.py --encoder-cost        # FLUX.2 klein's text encoder per caption, 512 vs 32 tokens
     python benchmarks/rehearsal.py --collect DIR         # the report.json files a run of the slow tests left in DIR:
                                                          # python -m pytest -m slow tests/test_rehearse.py -k every_setting
                                                          # --basetemp DIR
@@ -79,13 +80,44 @@ def markdown(rows: list[dict], command: str, when: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def encoder_cost(spec_name: str = "flux2_klein.json", texts: int = 8) -> dict:
+    """Seconds per caption of the spec's text encoder at depth 1 on this CPU, at the pipeline's prompt length and at
+    the rehearsal's (full/rehearse.py TOKENS): what precompute_embeddings costs a rehearsal per caption."""
+    import torch
+
+    from full import architectures, launch, load_world, rehearse
+    from full.spec import load_spec
+
+    out = {"spec": spec_name, "texts": texts, "threads": torch.get_num_threads()}
+    real = rehearse.prompt_tokens(load_spec(str(launch.SPECS / spec_name)))
+    for tokens in (real, rehearse.TOKENS):
+        with tempfile.TemporaryDirectory() as tmp:
+            path, _ = rehearse.rehearsal_spec(str(launch.SPECS / spec_name), Path(tmp), 10)
+            with architectures.depth(rehearse.DEPTH):
+                world = load_world(str(path), precompute_embeddings=False, max_sequence_length=tokens)
+            world.encode([rehearse.caption(10_000)])  # warm-up
+            tick = time.perf_counter()
+            world.encode([rehearse.caption(10_001 + k) for k in range(texts)])
+            out[f"s_per_caption_{tokens}_tokens"] = (time.perf_counter() - tick) / texts
+            del world
+    return out
+
+
 def main(argv=None) -> int:
     from full import launch
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("settings", nargs="*", help="default: every setting in full/launch.py")
     p.add_argument("--collect", help="read the slow test's reports from this pytest --basetemp folder")
+    p.add_argument("--encoder-cost", action="store_true", help="only time FLUX.2 klein's text encoder per caption at "
+                                                               "512 and at the rehearsal's tokens (rehearsal_encoder.json)")
     a = p.parse_args(argv)
+    if a.encoder_cost:
+        cost = {"when": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), **encoder_cost()}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "rehearsal_encoder.json").write_text(json.dumps(cost, indent=1))
+        print(json.dumps(cost, indent=1))
+        return 0
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()

@@ -9,6 +9,7 @@ time, ~1-4 minutes each)."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -272,3 +273,5 @@ def test_every_setting_rehearses_on_the_cpu(name, tmp_path):
     assert r["embeddings"]["count"] > 0 and r["embeddings"]["bytes_real"] > 0
     for o in r["run"]["opened"]:  # a data set the card sizes is rehearsed at that size (1,221 naruto rows)
         assert o["kind"] != "ImageCaptions" or "folder" in o["source"] or o["rows"] == 1221, o
+    shutil.rmtree(tmp_path / "work")  # kept for a failure only: 100k pairs, their Arrow cache and the embedding
+    # cache take 1-3 GB a setting (42 GB for all 26), and pytest keeps its last three runs' folders
