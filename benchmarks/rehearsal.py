@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("settings", nargs="*", help="default: every setting in full/launch.py")
     p.add_argument("--collect", help="read the slow test's reports from this pytest --basetemp folder")
+    p.add_argument("--ran-on", help="with --collect: the commit(s) the reports were made on, as text (default: HEAD)")
     p.add_argument("--encoder-cost", action="store_true", help="only time FLUX.2 klein's text encoder per caption at "
                                                                "512 and at the rehearsal's tokens (rehearsal_encoder.json)")
     a = p.parse_args(argv)
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
     if a.collect:
         reports = collect(Path(a.collect))
         command = "python -m pytest -m slow tests/test_rehearse.py -k every_setting"
+        commit = a.ran_on or commit
     else:
         names = a.settings or sorted(launch.SETTINGS)
         with tempfile.TemporaryDirectory() as tmp:
