@@ -24,6 +24,15 @@ if "FEWSTEP_EMBEDDING_CACHE" not in os.environ:  # the full worlds' prompt-embed
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """The slow tests run one at a time, whatever -n pyproject.toml adds for the fast suite: each needs up to ~19 GB
+    of RAM (benchmarks/results/rehearsal.md) and both cores."""
+    expr = config.getoption("markexpr", "") or ""
+    if "slow" in expr and "not slow" not in expr and hasattr(config.option, "numprocesses"):
+        config.option.numprocesses, config.option.dist = 0, "no"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

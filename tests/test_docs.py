@@ -161,3 +161,14 @@ def test_a_non_editable_install_carries_every_file_of_the_packages():
         if not ok:
             missed.append(str(rel))
     assert not missed, f"pyproject.toml does not install: {missed}"
+
+
+def test_the_fast_suite_runs_in_two_workers_and_the_slow_tests_in_one_process():
+    """pyproject.toml's `-n 2` for the fast suite; tests/conftest.py turns it off under `-m slow` (up to 19 GB each)."""
+    def header(*args):
+        p = subprocess.run([sys.executable, "-m", "pytest", "tests/test_docs.py", "-k", "readme_is_one_screen",
+                            "-p", "no:cacheprovider", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        return p.stdout
+
+    assert "2 workers" in header()
+    assert "workers" not in header("-m", "slow")
