@@ -8,7 +8,7 @@
                                                          # --basetemp DIR
 
 Each setting runs as `python -m full.rehearse SETTING --gpu-memory 80 --json REPORT` (one process, the launcher's
-per-GPU batch for an 80 GB GPU). Run nothing else beside it: the largest rehearsal holds ~10 GB of RAM.
+per-GPU batch for an 80 GB GPU). Run nothing else beside it: the largest rehearsals hold ~19 GB of RAM (rehearsal.md's peak RSS column).
 
 Writes benchmarks/results/rehearsal.{json,md}: per setting, whether it passed, the per-GPU batch, the planned peak,
 the NFEs of the update (= the stated count), the data sets it opened with their rows, the prompt embeddings it wrote
@@ -113,13 +113,13 @@ def main(argv=None) -> int:
     p.add_argument("--encoder-cost", action="store_true", help="only time FLUX.2 klein's text encoder per caption at "
                                                                "512 and at the rehearsal's tokens (rehearsal_encoder.json)")
     a = p.parse_args(argv)
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     if a.encoder_cost:
-        cost = {"when": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), **encoder_cost()}
+        cost = {"when": when, **encoder_cost()}
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "rehearsal_encoder.json").write_text(json.dumps(cost, indent=1))
         print(json.dumps(cost, indent=1))
         return 0
-    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     if a.collect:

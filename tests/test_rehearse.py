@@ -5,7 +5,7 @@ downloads, the synthetic data in Pick-a-Pic v2's layout and its memory.
 Fast: the launcher's decisions from the generated plan table, the downloads from the shipped configs, the data
 layout, the CPU-mode refusals. Slow (-m slow): the data's memory at 10k vs 100k rows (two processes), and
 `python -m full.launch SETTING --rehearse` for every shipped setting (one update at depth 1 on the CPU, one at a
-time, ~1-4 minutes each)."""
+time: 0.5-13 minutes and 4-19 GB of RAM each, benchmarks/results/rehearsal.md)."""
 import json
 import os
 import re
